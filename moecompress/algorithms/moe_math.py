@@ -1,0 +1,69 @@
+"""The computation of gated expert MLPs, batched over experts, from plain 2-D weights.
+
+An expert is ``y = W_down (act(W_gate x + b_gate) * (W_up x + b_up)) + b_down`` (Shazeer 2020,
+arXiv:2002.05202); an MoE layer sums the top-k experts' outputs weighted by the routing weights
+(Fedus et al. 2022). Weights follow nn.Linear's ``[O, C]`` convention whatever the storage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.activations import ACT2FN
+
+from moecompress.types import Activation
+
+__all__ = ["ExpertWeights", "expert_forward", "glu", "moe_combine", "routed_outputs"]
+
+
+@dataclass
+class ExpertWeights:
+    """Stacked expert weights: gate/up ``[E, I, H]``, down ``[E, H, I]``; optional biases ``[E, I]``/``[E, H]``."""
+
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+    gate_bias: torch.Tensor | None = None
+    up_bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate.shape[0]
+
+
+def glu(gate: torch.Tensor, up: torch.Tensor, act: Activation) -> torch.Tensor:
+    """Combine gate and up pre-activations (same shape ``[..., I]``)."""
+    if act.kind == "clamped_swiglu":
+        g = gate.clamp(max=act.limit)
+        u = up.clamp(min=-act.limit, max=act.limit)
+        return (u + 1) * g * torch.sigmoid(g * act.alpha)
+    return ACT2FN[act.fn](gate) * up
+
+
+def expert_forward(x: torch.Tensor, w: ExpertWeights, e: int, act: Activation) -> torch.Tensor:
+    """Expert ``e`` on tokens ``x [N, H] -> [N, H]``."""
+    g = torch.nn.functional.linear(x, w.gate[e], None if w.gate_bias is None else w.gate_bias[e])
+    u = torch.nn.functional.linear(x, w.up[e], None if w.up_bias is None else w.up_bias[e])
+    return torch.nn.functional.linear(glu(g, u, act), w.down[e], None if w.down_bias is None else w.down_bias[e])
+
+
+def routed_outputs(x: torch.Tensor, index: torch.Tensor, w: ExpertWeights, act: Activation) -> torch.Tensor:
+    """Unweighted output of every (token, slot) pair's chosen expert. ``x [T, H]``, ``index [T, K]`` -> ``[T, K, H]``.
+
+    Runs each expert only on the tokens routed to it.
+    """
+    T, K = index.shape
+    out = x.new_zeros(T, K, x.shape[-1])
+    flat = index.reshape(-1)  # [T*K]
+    for e in torch.unique(flat).tolist():
+        pos = (flat == e).nonzero().squeeze(-1)  # positions in [T*K]
+        tok = pos // K
+        out.view(T * K, -1)[pos] = expert_forward(x[tok], w, e, act).to(out.dtype)
+    return out
+
+
+def moe_combine(outputs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted sum over slots: ``[T, K, H]`` x ``[T, K]`` -> ``[T, H]``."""
+    return (outputs * weights.to(outputs.dtype).unsqueeze(-1)).sum(dim=1)

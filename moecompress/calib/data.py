@@ -1,0 +1,184 @@
+"""Per-task text: the bundled ``calib_data/`` corpus or the user's own files, tokenized into windows.
+
+Bundled tasks live in ``calib_data/<task>/{calib,eval}.jsonl`` (one ``{"text", "task"}`` document per
+line; the two splits never share a chapter, file, problem, section or conversation block). A user
+file is given per task as ``TASK=PATH``: ``.jsonl`` with a ``text`` field per line, or plain text
+(``.txt`` or anything else), read as one document. A user file serves both calibration and evaluation.
+
+Windows: a task's documents are joined in file order, separated by the tokenizer's EOS token, and cut
+into consecutive non-overlapping windows of ``seq_len`` tokens. Asking for ``n`` windows takes a
+seeded random subset (kept in stream order), so the same seed gives the same tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moecompress.errors import MoecompressError
+
+__all__ = [
+    "SPLITS",
+    "TaskData",
+    "bundled_tasks",
+    "data_root",
+    "parse_data_specs",
+    "read_documents",
+    "resolve_tasks",
+    "task_windows",
+    "token_windows",
+]
+
+SPLITS = ("calib", "eval")
+
+
+def data_root() -> Path:
+    """Directory of the bundled corpus: ``$MOECOMPRESS_DATA``, else ``calib_data/`` beside the package."""
+    env = os.environ.get("MOECOMPRESS_DATA")
+    candidates = [Path(env)] if env else []
+    here = Path(__file__).resolve().parent.parent  # moecompress/
+    candidates += [here / "calib_data", here.parent / "calib_data"]
+    for c in candidates:
+        if c.is_dir():
+            return c
+    raise MoecompressError(
+        "the bundled calib_data/ directory was not found",
+        "run from a checkout installed with `pip install -e .`, or set MOECOMPRESS_DATA to its path",
+    )
+
+
+def bundled_tasks() -> list[str]:
+    root = data_root()
+    return sorted(p.name for p in root.iterdir() if (p / "calib.jsonl").is_file())
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """Where one task's text comes from: a user file, or the bundled corpus when ``path`` is None."""
+
+    task: str
+    path: Path | None = None
+
+    def documents(self, split: str) -> list[str]:
+        return read_documents(self.task, split, self.path)
+
+
+def parse_data_specs(specs: Sequence[str] | None) -> dict[str, Path]:
+    """Parse ``["math=path.jsonl", ...]`` into ``{"math": Path(...)}``, checking each file exists."""
+    out: dict[str, Path] = {}
+    for spec in specs or []:
+        task, sep, path = spec.partition("=")
+        task = task.strip()
+        if not sep or not task or not path:
+            raise MoecompressError(f"bad --data value {spec!r}", "write it as TASK=PATH, e.g. --data math=problems.jsonl")
+        if task in out:
+            raise MoecompressError(f"task {task!r} is given twice in --data", "give one file per task")
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise MoecompressError(f"data file {str(p)!r} for task {task!r} does not exist", "check the path")
+        out[task] = p
+    return out
+
+
+def resolve_tasks(tasks: Sequence[str] | None, data: Mapping[str, Path] | None = None) -> list[TaskData]:
+    """Tasks to use: user files first, then bundled tasks by name; no names means every bundled task
+    (or only the user's files when some were given)."""
+    data = dict(data or {})
+    names = list(tasks) if tasks else (list(data) or bundled_tasks())
+    known = set(bundled_tasks())
+    out = []
+    for name in names:
+        if name in data:
+            out.append(TaskData(name, data[name]))
+        elif name in known:
+            out.append(TaskData(name))
+        else:
+            raise MoecompressError(
+                f"unknown task {name!r}",
+                f"use one of the bundled tasks ({', '.join(sorted(known))}) or give a file with --data {name}=PATH",
+            )
+    for name in data:
+        if name not in names:
+            out.append(TaskData(name, data[name]))
+    return out
+
+
+def read_documents(task: str, split: str = "calib", path: Path | None = None) -> list[str]:
+    """Documents of one task. ``path=None`` reads the bundled split; a user file ignores ``split``."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if path is None:
+        path = data_root() / task / f"{split}.jsonl"
+        if not path.is_file():
+            raise MoecompressError(f"no bundled data for task {task!r}", f"give a file with --data {task}=PATH")
+    try:
+        raw = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise MoecompressError(f"cannot read data file {str(path)!r} ({e.__class__.__name__})",
+                               "give a readable UTF-8 .jsonl or .txt file") from None
+    if str(path).endswith(".jsonl"):
+        docs = []
+        for i, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise MoecompressError(f"line {i} of {str(path)!r} is not valid JSON",
+                                       'write one {"text": ...} object per line') from None
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise MoecompressError(f"line {i} of {str(path)!r} has no string 'text' field",
+                                       'write one {"text": ...} object per line')
+            if row["text"].strip():
+                docs.append(row["text"])
+    else:
+        docs = [raw] if raw.strip() else []
+    if not docs:
+        raise MoecompressError(f"data file {str(path)!r} for task {task!r} is empty", "give a file with some text")
+    return docs
+
+
+def token_windows(
+    tokenizer, documents: Sequence[str], seq_len: int, n: int | None = None, seed: int = 0
+) -> torch.Tensor:
+    """Tokenize, join with EOS and cut into ``[N, seq_len]`` windows; ``n`` picks a seeded subset.
+
+    Raises a `MoecompressError` when the text is shorter than one window or than ``n`` windows.
+    """
+    if seq_len < 2:
+        raise MoecompressError(f"sequence length {seq_len} is too short", "use at least 2 tokens")
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for doc in documents:
+        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            ids.append(eos)
+    total = len(ids) // seq_len
+    if total == 0 or (n is not None and n > total):
+        raise MoecompressError(
+            f"the text has {len(ids)} tokens, enough for {total} windows of {seq_len} but {n or 1} were asked",
+            "give more text, or lower --samples / --seq-len",
+        )
+    windows = torch.tensor(ids[: total * seq_len], dtype=torch.long).view(total, seq_len)  # [N, S]
+    if n is not None and n < total:
+        g = torch.Generator().manual_seed(seed)
+        pick = torch.randperm(total, generator=g)[:n].sort().values
+        windows = windows[pick]
+    return windows
+
+
+def task_windows(
+    tokenizer,
+    tasks: Sequence[TaskData],
+    split: str,
+    seq_len: int,
+    n: int | None = None,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """``{task: [N, seq_len] token ids}`` for each task, in the order given."""
+    return {t.task: token_windows(tokenizer, t.documents(split), seq_len, n, seed) for t in tasks}

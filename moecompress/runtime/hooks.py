@@ -1,0 +1,80 @@
+"""Forward hooks as context managers (always removed), and routing capture.
+
+`capture_routing` records, per MoE layer, exactly what the model used: the router's raw logits
+(from the router's output) and the top-k indices and weights the experts module received (from its
+input), so it is right for every family's routing rule without re-implementing it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from moecompress.models.base import MoEArch
+
+__all__ = ["RoutingTrace", "capture_routing", "hooks"]
+
+
+@contextlib.contextmanager
+def hooks(handles: list) -> Iterator[None]:
+    """Remove every hook handle in ``handles`` on exit, even on error."""
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        handles.clear()
+
+
+@dataclass
+class RoutingTrace:
+    """One MoE layer's routing over all captured tokens, in call order."""
+
+    logits: list[torch.Tensor] = field(default_factory=list)  # each [T, E]
+    index: list[torch.Tensor] = field(default_factory=list)  # each [T, K]
+    weights: list[torch.Tensor] = field(default_factory=list)  # each [T, K]
+    inputs: list[torch.Tensor] = field(default_factory=list)  # each [T, H] (only with keep_inputs)
+
+    def cat(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(logits [T, E], index [T, K], weights [T, K])`` over every call."""
+        return torch.cat(self.logits), torch.cat(self.index), torch.cat(self.weights)
+
+
+def _experts_args(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    names = ("hidden_states", "top_k_index", "top_k_weights")
+    vals = list(args) + [kwargs.get(n) for n in names[len(args):]]
+    if len(vals) < 3 and "router_indices" in kwargs:  # gpt-oss names them differently
+        vals = [vals[0], kwargs["router_indices"], kwargs["routing_weights"]]
+    return vals[0], vals[1], vals[2]
+
+
+@contextlib.contextmanager
+def capture_routing(model: nn.Module, arch: MoEArch, keep_inputs: bool = False) -> Iterator[dict[int, RoutingTrace]]:
+    """Record routing of every MoE layer during the forwards run inside the block.
+
+    Yields ``{layer index: RoutingTrace}``, filled as the model runs. Tensors are detached CPU copies.
+    """
+    traces: dict[int, RoutingTrace] = {}
+    handles: list = []
+    for view in arch.moe_blocks(model):
+        trace = traces[view.index] = RoutingTrace()
+
+        def on_router(mod, args, out, trace=trace):
+            logits = out[0] if isinstance(out, tuple) else out
+            trace.logits.append(logits.detach().reshape(-1, logits.shape[-1]).float().cpu())
+
+        def on_experts(mod, args, kwargs, trace=trace):
+            x, index, weights = _experts_args(args, kwargs)
+            trace.index.append(index.detach().reshape(-1, index.shape[-1]).cpu())
+            trace.weights.append(weights.detach().reshape(-1, weights.shape[-1]).float().cpu())
+            if keep_inputs:
+                trace.inputs.append(x.detach().reshape(-1, x.shape[-1]).cpu())
+
+        handles.append(view.router.register_forward_hook(on_router))
+        handles.append(view.experts.module.register_forward_pre_hook(on_experts, with_kwargs=True))
+    with hooks(handles):
+        yield traces

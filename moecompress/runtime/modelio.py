@@ -1,0 +1,148 @@
+"""Load and save models: local Hugging Face directories, the bundled demo model, and ``tiny:<type>`` ids.
+
+Nothing here touches the network: loads are ``local_files_only``. A model spec is:
+  * ``None`` / ``"demo"``: the bundled demo MoE (``moecompress/assets/demo-moe``);
+  * ``"tiny:<model_type>"``: a seeded random tiny model of a registered family (tests, smoke runs);
+  * a path to a directory with ``config.json`` and safetensors weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from moecompress.errors import MoecompressError
+from moecompress.models import MoEArch, find_arch
+
+__all__ = ["DEMO_MODEL", "LoadedModel", "load_config", "load_model", "model_label", "save_model", "tiny_tokenizer"]
+
+log = logging.getLogger(__name__)
+DEMO_MODEL = Path(__file__).resolve().parent.parent / "assets" / "demo-moe"
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: object | None
+    arch: MoEArch
+    source: str  # what the user asked for ("demo", "tiny:mixtral", or a path)
+    path: Path | None  # the directory it came from (None for tiny models)
+    disk_dtype: torch.dtype  # dtype of the weights on disk, used again when saving
+
+
+def model_label(spec: str | None) -> str:
+    return "demo" if spec in (None, "", "demo") else str(spec)
+
+
+def _model_dir(spec: str | None) -> Path:
+    if spec in (None, "", "demo"):
+        if not (DEMO_MODEL / "config.json").is_file():
+            raise MoecompressError("the bundled demo model is missing from this install",
+                                   "reinstall moecompress, or run scripts/train_demo_model.py")
+        return DEMO_MODEL
+    path = Path(str(spec)).expanduser()
+    if not path.exists():
+        raise MoecompressError(
+            f"model path {str(spec)!r} does not exist",
+            "give a local Hugging Face model directory (config.json + *.safetensors); hub downloads are off",
+        )
+    if not (path / "config.json").is_file():
+        raise MoecompressError(f"{str(spec)!r} has no config.json", "give a Hugging Face model directory")
+    return path
+
+
+def load_config(spec: str | None):
+    """The config of a model spec (no weights read), with a clear error for unknown model types."""
+    if spec and str(spec).startswith("tiny:"):
+        from moecompress.testing import tiny_config
+
+        try:
+            return tiny_config(str(spec)[5:])
+        except KeyError:
+            raise MoecompressError(f"no tiny model {spec!r}", "use tiny:<model_type> of a registered family") from None
+    path = _model_dir(spec)
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    except (ValueError, KeyError) as e:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type", "?")
+        raise MoecompressError(
+            f"unknown architecture {model_type!r} in {str(path)!r} (transformers cannot build it: {str(e)[:80]})",
+            "use a transformers 5 model type, or add an adapter (see 'Adding an architecture' in README.md)",
+        ) from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise MoecompressError(f"cannot read {str(path / 'config.json')!r} ({e.__class__.__name__})",
+                               "repair or re-save the model directory") from None
+
+
+def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a model for compression on CPU in ``dtype`` (eager experts: the fast CPU path)."""
+    config = load_config(spec)
+    arch = find_arch(config)  # fails early (before reading weights) on dense / unknown models
+    if spec and str(spec).startswith("tiny:"):
+        from moecompress.testing import tiny_moe
+
+        model = tiny_moe(str(spec)[5:])
+        return LoadedModel(model, tiny_tokenizer(), arch, str(spec), None, torch.float32)
+    path = _model_dir(spec)
+    disk_dtype = getattr(config, "dtype", None) or torch.float32
+    if isinstance(disk_dtype, str):
+        disk_dtype = getattr(torch, disk_dtype)
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, local_files_only=True, output_loading_info=True, experts_implementation="eager")
+    except Exception as e:  # corrupt or truncated safetensors, missing shards, ...
+        raise MoecompressError(f"cannot load the weights in {str(path)!r} ({e.__class__.__name__}: {str(e)[:120]})",
+                               "check that the safetensors files are complete, or re-save the model") from None
+    bad = list(info.get("missing_keys", [])) + [str(k) for k in info.get("mismatched_keys", [])]
+    if bad:
+        raise MoecompressError(f"{str(path)!r} lacks weights the model needs ({len(bad)}, e.g. {bad[0]})",
+                               "the checkpoint does not match its config.json; re-save it")
+    model.eval()
+    tokenizer = None
+    if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return LoadedModel(model, tokenizer, arch, model_label(spec), path, disk_dtype)
+
+
+def save_model(loaded: LoadedModel, out_dir: Path, dtype: torch.dtype | None = None) -> None:
+    """Write a standard HF directory that plain ``AutoModelForCausalLM.from_pretrained`` loads.
+
+    Weights are written in ``dtype`` (default: the dtype they had on disk). Every config key in the
+    adapter's ``num_experts_keys`` is written (Qwen3-MoE needs both spellings for older readers).
+    """
+    model, arch = loaded.model, loaded.arch
+    dtype = dtype or loaded.disk_dtype
+    compute_dtype = next(model.parameters()).dtype
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.to(dtype)
+    try:
+        model.save_pretrained(out_dir)
+    finally:
+        model.to(compute_dtype)
+    cfg_path = out_dir / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    n = arch.num_experts(model.config)
+    for key in arch.num_experts_keys:
+        cfg[key] = n
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    if loaded.tokenizer is not None:
+        loaded.tokenizer.save_pretrained(out_dir)
+
+
+def tiny_tokenizer():
+    """A byte-level tokenizer with no merges (256 byte tokens + ``<|endoftext|>`` = id 256) for tiny models."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|endoftext|>"])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
