@@ -94,6 +94,7 @@ class FusedExperts(ExpertView):
         return slice(0, half) if proj == Proj.GATE else slice(half, None)
 
     def stacked(self, proj: Proj) -> torch.Tensor:
+        proj = Proj(proj)
         if proj == Proj.DOWN:
             w = getattr(self.module, self.DOWN)
             return w.transpose(1, 2) if self.transposed else w  # [E, H, I]
@@ -104,6 +105,7 @@ class FusedExperts(ExpertView):
 
     @torch.no_grad()
     def set_stacked(self, proj: Proj, w: torch.Tensor) -> None:
+        proj = Proj(proj)
         if proj == Proj.DOWN:
             p = getattr(self.module, self.DOWN)
             p.copy_(w.transpose(1, 2) if self.transposed else w)
@@ -115,6 +117,7 @@ class FusedExperts(ExpertView):
             p[:, self._gate_up_cols(proj, p.shape[1])] = w.to(p.dtype)
 
     def bias(self, proj: Proj) -> torch.Tensor | None:
+        proj = Proj(proj)
         if not self.has_bias:
             return None
         if proj == Proj.DOWN:
@@ -153,7 +156,7 @@ class ListExperts(ExpertView):
         return len(self.mlps)
 
     def _linear(self, e: int, proj: Proj) -> nn.Linear:
-        return getattr(self.mlps[e], self.names[proj])
+        return getattr(self.mlps[e], self.names[Proj(proj)])
 
     def weight(self, e: int, proj: Proj) -> torch.Tensor:
         return self._linear(e, proj).weight

@@ -11,8 +11,16 @@ from moecompress.registry import Registry
 __all__ = ["ARCHS", "find_arch", "register_arch"]
 
 ARCHS: Registry[MoEArch] = Registry("architecture")
-# Config keys that mean "this model routes tokens to experts", to tell an unknown MoE from a dense model.
-_EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "num_experts_per_tok")
+
+
+def _has_experts(cfg: dict) -> bool:
+    """Any (nested) config key naming experts with a count above 1: tells an unknown MoE from a dense model."""
+    for k, v in cfg.items():
+        if isinstance(v, dict) and _has_experts(v):
+            return True
+        if "expert" in str(k) and isinstance(v, int) and not isinstance(v, bool) and v > 1:
+            return True
+    return False
 
 
 def register_arch(arch: MoEArch) -> MoEArch:
@@ -26,7 +34,7 @@ def find_arch(config: PretrainedConfig) -> MoEArch:
     model_type = getattr(config, "model_type", None) or "unknown"
     if model_type not in ARCHS:
         cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-        if any(isinstance(cfg.get(k), int) and cfg.get(k) > 1 for k in _EXPERT_KEYS):
+        if _has_experts(cfg):
             raise MoecompressError(
                 f"unknown MoE architecture {model_type!r}",
                 f"add moecompress/models/{model_type}.py and a tiny config in moecompress/testing.py "

@@ -1,0 +1,3 @@
+from moecompress.cli import app
+
+app(prog_name="moecompress")

@@ -1,0 +1,113 @@
+"""Recipes: a YAML file listing stages in order, validated in full (unknown keys are errors) before any
+model is loaded.
+
+Example::
+
+    name: demo-drop-two
+    model: null                    # null = the bundled demo model; or a local HF directory, or tiny:<type>
+    calibration: {tasks: [prose, code], samples: 32, seq_len: 256, seed: 0}
+    stages:
+      - stage: keep_experts
+        drop: {all: [6, 7]}
+    output: out/demo-drop-two
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from moecompress.errors import MoecompressError
+from moecompress.stages import STAGES, StageConfig
+
+__all__ = ["CalibrationConfig", "Recipe", "load_recipe", "one_line"]
+
+
+class CalibrationConfig(BaseModel):
+    """Text the stages calibrate on: bundled tasks by name and/or the user's files per task."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    tasks: list[str] | None = None  # None = every bundled task (or only the --data tasks when given)
+    data: dict[str, str] = Field(default_factory=dict)  # task -> .jsonl / .txt path
+    samples: int = Field(64, ge=1)  # windows per task
+    seq_len: int = Field(256, ge=2)
+    seed: int = 0
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str | None = None
+    model: str | None = None
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    stages: list[StageConfig] = Field(min_length=1)
+    output: str | None = None
+
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _stages(cls, value: Any) -> list[StageConfig]:
+        if not isinstance(value, list):
+            raise ValueError("'stages' must be a list of '- stage: NAME' entries")
+        out = []
+        for i, item in enumerate(value):
+            if isinstance(item, StageConfig):
+                out.append(item)
+                continue
+            if not isinstance(item, dict) or "stage" not in item:
+                raise ValueError(f"stages[{i}] needs a 'stage: NAME' key")
+            if item["stage"] not in STAGES:
+                raise ValueError(f"stages[{i}]: unknown stage {item['stage']!r} (known: {', '.join(STAGES.names())})")
+            try:
+                out.append(STAGES.get(item["stage"]).config.model_validate(item))
+            except ValidationError as e:
+                raise ValueError(f"stages[{i}] ({item['stage']}): {one_line(e)}") from None
+        return out
+
+
+def one_line(err: ValidationError) -> str:
+    """The first validation problem (unknown keys first: they explain the rest) as one readable line."""
+    errors = err.errors()
+    e = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])
+    where = ".".join(str(p) for p in e["loc"])
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "extra_forbidden":
+        return f"unknown key {where!r}"
+    if msg.startswith("stages["):  # already located by the stages validator
+        return msg
+    return f"{where}: {msg}" if where else msg
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe file; any problem is a one-line `MoecompressError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise MoecompressError(f"recipe {str(path)!r} does not exist", "check the path (recipes/ has examples)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise MoecompressError(f"recipe {str(path)!r} is not valid YAML{where}", "fix the syntax") from None
+    if not isinstance(data, dict):
+        raise MoecompressError(f"recipe {str(path)!r} is not a mapping", "write 'stages:' and friends at top level")
+    return validate_recipe(data, str(path))
+
+
+def validate_recipe(data: dict[str, Any], label: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise MoecompressError(f"{label}: {one_line(e)}", _hint(e)) from None
+
+
+def _hint(err: ValidationError) -> str:
+    text = one_line(err)
+    if "unknown key" in text:
+        if text.startswith("stages["):
+            return "remove or rename it (`moecompress list` shows every stage's keys)"
+        return f"top-level keys are: {', '.join(Recipe.model_fields)}"
+    if "unknown stage" in text:
+        return "use a registered stage (`moecompress list`)"
+    return "see the example recipes in recipes/"

@@ -1,0 +1,64 @@
+"""What a stage is: a strict, frozen pydantic config plus one ``run(ctx, cfg)`` function, registered by name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from moecompress.progress import Progress
+from moecompress.registry import Registry
+
+__all__ = ["STAGES", "StageConfig", "StageContext", "StageSpec", "register_stage"]
+
+
+class StageContext(Protocol):
+    """What a stage receives (``moecompress.context.Context`` implements it, one layer up)."""
+
+    model: Any
+    arch: Any
+    tokenizer: Any
+    artifacts: dict[str, Any]
+    out_dir: Path
+    progress: Progress
+
+    def windows(self, split: str = "calib", samples: int | None = None, seq_len: int | None = None,
+                tasks: list[str] | None = None) -> dict[str, torch.Tensor]: ...
+
+
+class StageConfig(BaseModel):
+    """Base of every stage config: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    stage: str
+
+    def check(self, config: Any, arch: Any) -> None:
+        """Cross-check against the model's config (before any weight is read). Raise MoecompressError."""
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    config: type[StageConfig]
+    run: Callable[[StageContext, StageConfig], dict[str, Any] | None]  # returns the stage's summary for the report
+    modifies_model: bool  # the pipeline saves the model when any stage that ran modifies it
+    summary: str  # one line for `moecompress list`
+
+
+STAGES: Registry[StageSpec] = Registry("stage")
+
+
+def register_stage(config: type[StageConfig], *, modifies_model: bool) -> Callable:
+    """Decorator for a stage's run function; the name is the default of the config's ``stage`` field."""
+    name = config.model_fields["stage"].default
+
+    def deco(fn: Callable) -> Callable:
+        doc = (fn.__doc__ or config.__doc__ or name).strip().splitlines()[0]
+        STAGES.add(name, StageSpec(name, config, fn, modifies_model, doc))
+        return fn
+
+    return deco

@@ -1,0 +1,124 @@
+"""The CLI through Typer's CliRunner: the commands work, and bad input is one line with exit status != 0."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from moecompress.cli import app
+from moecompress.models import ARCHS
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def one_line_error(result, *needles):
+    assert result.exit_code != 0, result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error:")
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+def test_help_and_version():
+    r = invoke("--help")
+    assert r.exit_code == 0 and "list" in r.output and "run" in r.output
+    assert invoke("--version").output.startswith("moecompress ")
+
+
+def test_list_shows_every_family_and_stage():
+    r = invoke("list")
+    assert r.exit_code == 0, r.output
+    for name in ARCHS.names():
+        assert name in r.output
+    assert "keep_experts" in r.output and "prose" in r.output
+
+
+@pytest.mark.parametrize("spec", ["tiny:deepseek_v3", "tiny:gpt_oss"])
+def test_info_on_tiny_models(spec):
+    r = invoke("info", spec)
+    assert r.exit_code == 0, r.output
+    assert "experts_per_layer" in r.output and "params_routed_experts" in r.output
+
+
+def test_run_recipe_writes_a_loadable_checkpoint(tmp_path):
+    out = tmp_path / "o"
+    r = invoke("run", "recipes/_smoke/tiny_keep.yaml", "-o", out)
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "moecompress.json").read_text())
+    assert report["kept_experts"] == {"1": [0, 1, 2, 4, 5, 6], "2": [1, 2, 3, 5, 6, 7]}
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.n_routed_experts == 6
+    assert not list(tmp_path.glob(".o.tmp-*"))
+    # an existing output is refused without --force, and replaced with it
+    one_line_error(invoke("run", "recipes/_smoke/tiny_keep.yaml", "-o", out), "already exists", "--force")
+    assert invoke("run", "recipes/_smoke/tiny_keep.yaml", "-o", out, "--force").exit_code == 0
+
+
+def test_missing_model_path(tmp_path):
+    one_line_error(invoke("info", tmp_path / "nope"), "does not exist", "local Hugging Face model directory")
+
+
+def _save_config(path: Path, model_type: str, **kw):
+    cfg = AutoConfig.for_model(model_type, **kw)
+    path.mkdir(parents=True)
+    cfg.save_pretrained(path)
+    return path
+
+
+def test_dense_model_is_refused(tmp_path):
+    d = tmp_path / "llama"
+    cfg = AutoConfig.for_model("llama", num_hidden_layers=1, hidden_size=32, intermediate_size=64,
+                               num_attention_heads=2, num_key_value_heads=2, vocab_size=64)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
+    one_line_error(invoke("info", d), "'llama' is a dense model, not a Mixture-of-Experts")
+
+
+def test_unknown_moe_architecture_names_the_file_to_add(tmp_path):
+    d = _save_config(tmp_path / "dbrx", "dbrx")
+    one_line_error(invoke("info", d), "unknown MoE architecture 'dbrx'", "moecompress/models/dbrx.py")
+
+
+def test_architecture_transformers_does_not_know(tmp_path):
+    d = tmp_path / "weird"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "weird_moe", "num_experts": 8}))
+    one_line_error(invoke("info", d), "unknown architecture 'weird_moe'")
+
+
+def test_recipe_with_unknown_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stages:\n  - stage: keep_experts\n    drop: {all: [7]}\n    dorp: 1\n")
+    one_line_error(invoke("run", bad, "-m", "tiny:mixtral", "-o", tmp_path / "o"), "unknown key 'dorp'")
+    bad.write_text("stages:\n  - stage: keep_experts\n    drop: {all: [7]}\nmodle: x\n")
+    one_line_error(invoke("run", bad, "-o", tmp_path / "o"), "unknown key 'modle'")
+    assert not (tmp_path / "o").exists()
+
+
+def test_impossible_budget_fails_before_loading(tmp_path):
+    r = tmp_path / "r.yaml"
+    r.write_text("stages:\n  - stage: keep_experts\n    keep: {all: [3]}\n")
+    one_line_error(invoke("run", r, "-m", "tiny:mixtral", "-o", tmp_path / "o"), "top_k is 2", "at least 2")
+    assert not (tmp_path / "o").exists()
+
+
+def test_corrupt_weights(tmp_path):
+    d = tmp_path / "m"
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "mixtral", num_hidden_layers=1, hidden_size=32, intermediate_size=16, num_attention_heads=2,
+        num_key_value_heads=2, vocab_size=64, num_local_experts=4))
+    model.save_pretrained(d)
+    w = d / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    r = tmp_path / "r.yaml"
+    r.write_text("stages:\n  - stage: keep_experts\n    drop: {all: [3]}\n")
+    one_line_error(invoke("run", r, "-m", d, "-o", tmp_path / "o"), "cannot load the weights")
+    assert not (tmp_path / "o").exists()
