@@ -135,6 +135,157 @@ def run(
         success(f"wrote {result.output} (report: {result.output / 'moecompress.json'})")
 
 
+TasksOpt = Annotated[Optional[str], typer.Option("--tasks", help="Comma-separated bundled tasks "
+                                                 "(default: all, or only the --data tasks).")]
+DataOpt = Annotated[Optional[list[str]], typer.Option(
+    "--data", help="TASK=PATH (.jsonl with a 'text' field per line, or plain text), repeatable.")]
+
+
+def _calibration(tasks: str | None, data: list[str] | None, samples: int, seq_len: int, seed: int) -> dict:
+    from moecompress.calib import parse_data_specs
+
+    return {"tasks": [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None,
+            "data": {k: str(v) for k, v in parse_data_specs(data).items()},
+            "samples": samples, "seq_len": seq_len, "seed": seed}
+
+
+@app.command()
+def profile(
+    model: ModelArg = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Profile directory to write.")] = ...,
+    tasks: TasksOpt = None,
+    data: DataOpt = None,
+    samples: Annotated[int, typer.Option(help="Calibration windows per task.")] = 64,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per window.")] = 256,
+    seed: Annotated[int, typer.Option(help="Seed for choosing windows.")] = 0,
+    tcess_k: Annotated[Optional[int], typer.Option("--tcess-k", help="TCESS top-k (default: the model's).")] = None,
+    tcess_r: Annotated[float, typer.Option("--tcess-r", help="TCESS confidence threshold r.")] = 0.0,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Also write PNG heatmaps into this directory.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
+) -> None:
+    """Profile per-task expert activation: counts, gate sums, TCESS, REAP, EAN, super experts."""
+    with handled():
+        from moecompress.formats.profile import Profile
+        from moecompress.pipeline import run as run_pipeline
+        from moecompress.recipe import validate_recipe
+
+        recipe = validate_recipe({
+            "model": model, "calibration": _calibration(tasks, data, samples, seq_len, seed),
+            "stages": [{"stage": "profile", "tcess_k": tcess_k, "tcess_r": tcess_r, "batch_size": batch_size}]},
+            "profile")
+        if plot is not None and plot.exists() and not plot.is_dir():
+            raise MoecompressError(f"--plot {str(plot)!r} is a file", "give a directory")
+        result = run_pipeline(recipe, output=output, force=force, progress=RichProgress())
+        prof = Profile.load(result.output)
+        summ = prof.summary
+        rows = []
+        for t, d in summ["tasks"].items():
+            for layer, v in d["layers"].items():
+                rows.append([t, layer, " ".join(f"{e}:{s:.0%}" for e, s in v["most_used"]),
+                             " ".join(f"{e}:{s:.1%}" for e, s in v["least_used"]), f"{v['entropy']:.2f}"])
+        print_table("Most and least used experts (expert:share of top-k picks)",
+                    ["task", "layer", "most used", "least used", "entropy"], rows)
+        if summ.get("js_divergence_mean_per_layer"):
+            print_table("Routing difference between tasks", ["MoE layer", "mean JS divergence (bits)"],
+                        [[layer, v] for layer, v in zip(prof.model["moe_layers"], summ["js_divergence_mean_per_layer"])])
+        if summ["super_experts"]:
+            console.print(f"super experts (layer, expert), protected when pruning: {summ['super_experts']}")
+        console.print(f"{sum(prof.tokens.values()):,} tokens in {summ['seconds']:.1f} s "
+                      f"({summ['tokens_per_second']:,.0f} tokens/s)")
+        if plot is not None:
+            from moecompress.eval.plots import plot_profile
+
+            for p in plot_profile(prof, plot):
+                console.print(f"wrote {p}")
+        success(f"wrote {result.output} (profile.json, profile.safetensors)")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: ModelArg = None,
+    baseline: Annotated[Optional[str], typer.Option(
+        "--baseline", "-b", help="Model to compare with (default: the original recorded in the model's "
+                                 "moecompress.json, if any).")] = None,
+    no_baseline: Annotated[bool, typer.Option("--no-baseline", help="Evaluate the model alone.")] = False,
+    tasks: TasksOpt = None,
+    data: DataOpt = None,
+    samples: Annotated[int, typer.Option(help="Held-out windows per task (0 = all).")] = 64,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per window.")] = 256,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the full report here.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --json file.")] = False,
+) -> None:
+    """Evaluate on held-out text, side by side with a baseline: perplexity, KL, agreement, size, speed."""
+    with handled():
+        import json
+
+        from moecompress.pipeline import run as run_pipeline
+        from moecompress.recipe import validate_recipe
+        from moecompress.runtime.modelio import read_sidecar
+
+        if json_path is not None and json_path.exists() and not force:
+            raise MoecompressError(f"{str(json_path)!r} already exists", "choose another --json, or pass --force")
+        base = None if no_baseline else baseline
+        if base is None and not no_baseline and model not in (None, "demo") and not str(model).startswith("tiny:"):
+            side = read_sidecar(Path(model)) if Path(model).is_dir() else None
+            base = "original" if side and side.get("source_model") else None
+        recipe = validate_recipe({
+            "model": model, "calibration": _calibration(tasks, data, samples, seq_len, 0),
+            "stages": [{"stage": "evaluate", "baseline": base, "samples": samples, "batch_size": batch_size}]}, "eval")
+        result = run_pipeline(recipe, progress=RichProgress())
+        report = result.report["stages"][0]["result"]
+        _print_eval(report)
+        if json_path is not None:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps(report, indent=1) + "\n")
+            success(f"wrote {json_path}")
+
+
+def _print_eval(r: dict) -> None:
+    base = r.get("baseline")
+    cols = ["task", "windows", "ppl"]
+    if base:
+        cols = ["task", "n", "ppl base", "ppl", "change [95% CI]", "KL", "token agree", "route J (min)", "route top1"]
+    rows = []
+    for t, d in r["tasks"].items():
+        if not base:
+            rows.append([t, d["windows"], f"{d['ppl']:.2f}"])
+            continue
+        lo, hi = d["nll_diff_ci95"]
+        ra, rt = d.get("routing_agreement"), d.get("routing_top1_agreement")
+        rows.append([t, d["windows"], f"{base['tasks'][t]['ppl']:.2f}", f"{d['ppl']:.2f}",
+                     f"{d['ppl_ratio'] - 1:+.1%} [{_pct(lo)},{_pct(hi)}]", f"{d['kl']:.3f}",
+                     f"{d['top1_agreement']:.1%}",
+                     "-" if ra is None else f"{sum(ra) / len(ra):.2f} ({min(ra):.2f})",
+                     "-" if rt is None else f"{sum(rt) / len(rt):.2f}"])
+    title = f"Held-out evaluation: {_short(r['model'])}" + (f" vs {_short(base['model'])}" if base else "")
+    print_table(title, cols, rows)
+    size_rows = [[_short(r["model"]), _mb(r["size_bytes"]), r["params"], f"{r['bits_per_param']:.2f}",
+                  _mb(r["peak_memory_bytes"]), f"{r['tokens_per_second']:,.0f}"]]
+    if base:
+        size_rows.append([_short(base["model"]), _mb(base["size_bytes"]), base["params"],
+                          f"{base['bits_per_param']:.2f}", "-", "-"])
+    print_table("Size and speed", ["model", "size", "params", "bits/param", "peak memory", "tokens/s"], size_rows)
+    if r.get("routing_note"):
+        console.print(r["routing_note"])
+
+
+def _short(label: str) -> str:
+    parts = Path(label).parts
+    return "demo" if label.endswith("assets/demo-moe") else str(Path(*parts[-2:])) if len(parts) > 2 else label
+
+
+def _pct(nll_diff: float) -> str:
+    import math
+
+    return f"{math.exp(nll_diff) - 1:+.1%}"
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
 def _summary(result: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in result.items() if not isinstance(v, (dict, list)))[:200]
 

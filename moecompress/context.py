@@ -21,7 +21,7 @@ __all__ = ["Context"]
 class Context:
     loaded: LoadedModel
     calibration: CalibrationConfig
-    out_dir: Path  # the run's temporary output directory (renamed into place at the end)
+    out_dir: Path | None  # the run's temporary output directory (renamed into place at the end), if any
     progress: Progress = field(default_factory=NullProgress)
     artifacts: dict[str, Any] = field(default_factory=dict)  # handed from stage to stage (profile -> prune, ...)
     _windows: dict[tuple, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
@@ -43,7 +43,10 @@ class Context:
 
     def windows(self, split: str = "calib", samples: int | None = None, seq_len: int | None = None,
                 tasks: list[str] | None = None) -> dict[str, torch.Tensor]:
-        """``{task: [N, S] token ids}`` for the recipe's calibration tasks (cached per arguments)."""
+        """``{task: [N, S] token ids}`` for the recipe's calibration tasks (cached per arguments).
+
+        ``samples`` windows per task (default: the recipe's); 0 means every window of the split.
+        """
         c = self.calibration
         seq_len = seq_len or c.seq_len
         limit = getattr(self.model.config, "max_position_embeddings", None)
@@ -54,5 +57,5 @@ class Context:
         if key not in self._windows:
             data = {k: Path(v) for k, v in c.data.items()}
             chosen = resolve_tasks(tasks or c.tasks, data)
-            self._windows[key] = task_windows(self.tokenizer, chosen, split, seq_len, key[1], c.seed)
+            self._windows[key] = task_windows(self.tokenizer, chosen, split, seq_len, key[1] or None, c.seed)
         return self._windows[key]

@@ -22,18 +22,17 @@ from moecompress.errors import MoecompressError
 from moecompress.models import find_arch
 from moecompress.progress import NullProgress, Progress
 from moecompress.recipe import Recipe
-from moecompress.runtime.modelio import load_config, load_model, model_label, save_model
+from moecompress.runtime.modelio import SIDECAR, load_config, load_model, model_label, save_model
 from moecompress.stages import STAGES
 
 __all__ = ["RunResult", "check_output", "run"]
 
 log = logging.getLogger(__name__)
-SIDECAR = "moecompress.json"
 
 
 @dataclass
 class RunResult:
-    output: Path
+    output: Path | None
     report: dict[str, Any] = field(default_factory=dict)
 
 
@@ -61,51 +60,66 @@ def _finish(tmp: Path, out: Path) -> None:
 
 def run(recipe: Recipe, *, model: str | None = None, output: str | Path | None = None, force: bool = False,
         progress: Progress | None = None) -> RunResult:
-    """Run ``recipe``; ``model`` / ``output`` override the recipe's. Raises `MoecompressError` on bad input."""
+    """Run ``recipe``; ``model`` / ``output`` override the recipe's. Raises `MoecompressError` on bad input.
+
+    A recipe whose stages only report (``evaluate``) may run without an output directory.
+    """
     spec = model if model is not None else recipe.model
-    out = check_output(output if output is not None else recipe.output, force)
+    specs = [STAGES.get(c.stage) for c in recipe.stages]
+    wants_output = any(s.modifies_model or s.writes_output for s in specs)
+    target = output if output is not None else recipe.output
+    out = check_output(target, force) if (wants_output or target) else None
     calib = recipe.calibration
     parse_data_specs([f"{k}={v}" for k, v in calib.data.items()])  # files exist
     resolve_tasks(calib.tasks, {k: Path(v) for k, v in calib.data.items()})  # task names are known
     config = load_config(spec)
     arch = find_arch(config)
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit and calib.seq_len > limit and any(s.uses_text for s in specs):
+        raise MoecompressError(f"sequence length {calib.seq_len} is above the model's limit of {limit} tokens",
+                               f"use --seq-len {limit} or less")
     for cfg in recipe.stages:  # cross-checks against the model before any weight is read
         cfg.check(config, arch)
     progress = progress or NullProgress()
     t0 = time.time()
     loaded = load_model(spec)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = None
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
     try:
         ctx = Context(loaded, recipe.calibration, tmp, progress)
         stages = []
-        for cfg in recipe.stages:
-            stage = STAGES.get(cfg.stage)
+        for cfg, stage in zip(recipe.stages, specs):
             s0 = time.time()
             log.info("stage %s", cfg.stage)
             summary = stage.run(ctx, cfg) or {}
+            if stage.modifies_model:
+                ctx.artifacts["model_modified"] = True
             stages.append({"stage": cfg.stage, "config": cfg.model_dump(mode="json"),
                            "seconds": round(time.time() - s0, 2), "result": summary})
-        wrote_model = any(STAGES.get(c.stage).modifies_model for c in recipe.stages)
-        if wrote_model:
-            save_model(loaded, tmp)
+        wrote_model = any(s.modifies_model for s in specs)
         report = {
             "moecompress_version": __version__,
             "source_model": model_label(spec) if loaded.path is None else str(loaded.path),
             "architecture": arch.name,
             "recipe": recipe.model_dump(mode="json"),
             "stages": stages,
-            "model_written": wrote_model,
+            "model_written": wrote_model and tmp is not None,
             "seconds": round(time.time() - t0, 2),
         }
         if "kept_experts" in ctx.artifacts:
             report["kept_experts"] = {str(k): v for k, v in ctx.artifacts["kept_experts"].items()}
-        (tmp / SIDECAR).write_text(json.dumps(report, indent=2) + "\n")
-        _finish(tmp, out)
+        if tmp is not None:
+            if wrote_model:
+                save_model(loaded, tmp)
+            (tmp / SIDECAR).write_text(json.dumps(report, indent=2) + "\n")
+            _finish(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return RunResult(out, report)

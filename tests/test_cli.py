@@ -122,3 +122,38 @@ def test_corrupt_weights(tmp_path):
     r.write_text("stages:\n  - stage: keep_experts\n    drop: {all: [3]}\n")
     one_line_error(invoke("run", r, "-m", d, "-o", tmp_path / "o"), "cannot load the weights")
     assert not (tmp_path / "o").exists()
+
+
+def test_profile_then_eval_on_tiny(tmp_path):
+    prof = tmp_path / "prof"
+    r = invoke("profile", "tiny:olmoe", "--tasks", "prose,math", "--samples", 2, "--seq-len", 32, "-o", prof,
+               "--plot", tmp_path / "png")
+    assert r.exit_code == 0, r.output
+    assert (prof / "profile.json").is_file() and (prof / "profile.safetensors").is_file()
+    assert (tmp_path / "png" / "expert_usage.png").stat().st_size > 1000
+    assert "Most and least used experts" in r.output and "tokens/s" in r.output
+    out = tmp_path / "e.json"
+    r = invoke("eval", "tiny:olmoe", "--baseline", "tiny:olmoe", "--tasks", "prose", "--samples", 2,
+               "--seq-len", 32, "--json", out)
+    assert r.exit_code == 0, r.output
+    report = json.loads(out.read_text())
+    assert report["tasks"]["prose"]["kl"] < 1e-6 and report["tasks"]["prose"]["top1_agreement"] == 1.0
+    one_line_error(invoke("eval", "tiny:olmoe", "--tasks", "prose", "--samples", 2, "--seq-len", 32, "--json", out),
+                   "already exists")
+
+
+def test_profile_bad_inputs(tmp_path):
+    base = ["profile", "tiny:mixtral", "--samples", 2, "--seq-len", 32, "-o", tmp_path / "p"]
+    one_line_error(invoke(*base, "--tasks", "poetry"), "unknown task 'poetry'", "--data poetry=PATH")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    one_line_error(invoke(*base, "--data", f"mine={empty}"), "is empty")
+    binary = tmp_path / "bin.txt"
+    binary.write_bytes(b"\xff\xfe\xfa" * 10)
+    one_line_error(invoke(*base, "--data", f"mine={binary}"), "cannot read")
+    one_line_error(invoke(*base, "--data", f"mine={tmp_path / 'missing.txt'}"), "does not exist")
+    one_line_error(invoke("profile", "--seq-len", 4096, "-o", tmp_path / "p"), "above the model's limit of 512")
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    one_line_error(invoke(*base, "--data", f"mine={short}", "--tasks", "mine"), "enough for 0 windows")
+    assert not (tmp_path / "p").exists()

@@ -14,7 +14,7 @@ from transformers.activations import ACT2FN
 
 from moecompress.types import Activation
 
-__all__ = ["ExpertWeights", "expert_forward", "glu", "moe_combine", "routed_outputs"]
+__all__ = ["ExpertWeights", "expert_forward", "glu", "moe_combine", "routed_output_stats", "routed_outputs"]
 
 
 @dataclass
@@ -67,3 +67,26 @@ def routed_outputs(x: torch.Tensor, index: torch.Tensor, w: ExpertWeights, act: 
 def moe_combine(outputs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Weighted sum over slots: ``[T, K, H]`` x ``[T, K]`` -> ``[T, H]``."""
     return (outputs * weights.to(outputs.dtype).unsqueeze(-1)).sum(dim=1)
+
+
+def routed_output_stats(
+    x: torch.Tensor, index: torch.Tensor, w: ExpertWeights, act: Activation
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per routed (token, slot): ``||f_e(x)||_2``, ``max |act(gate) * up|`` and ``max |f_e(x)|``, each ``[T, K]``.
+
+    Runs each expert only on its routed tokens and keeps no ``[T, K, H]`` tensor.
+    """
+    T, K = index.shape
+    norm, act_max, out_max = (x.new_zeros(T * K, dtype=torch.float32) for _ in range(3))
+    flat = index.reshape(-1)
+    for e in torch.unique(flat).tolist():
+        pos = (flat == e).nonzero().squeeze(-1)
+        xe = x[pos // K]
+        g = torch.nn.functional.linear(xe, w.gate[e], None if w.gate_bias is None else w.gate_bias[e])
+        u = torch.nn.functional.linear(xe, w.up[e], None if w.up_bias is None else w.up_bias[e])
+        h = glu(g, u, act)  # [n, I]
+        y = torch.nn.functional.linear(h, w.down[e], None if w.down_bias is None else w.down_bias[e])
+        norm[pos] = y.float().norm(dim=-1)
+        act_max[pos] = h.float().abs().amax(dim=-1)
+        out_max[pos] = y.float().abs().amax(dim=-1)
+    return norm.view(T, K), act_max.view(T, K), out_max.view(T, K)

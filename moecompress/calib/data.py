@@ -155,7 +155,7 @@ def token_windows(
     eos = tokenizer.eos_token_id
     ids: list[int] = []
     for doc in documents:
-        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+        ids.extend(tokenizer(doc, add_special_tokens=False, verbose=False)["input_ids"])
         if eos is not None:
             ids.append(eos)
     total = len(ids) // seq_len

@@ -11,4 +11,5 @@ GRANITEMOE = register_arch(MoEArch(
     routing=lambda cfg, i: Routing("topk_softmax", cfg.num_experts_per_tok, fp32=True),
     moe_block="block_sparse_moe",
     router="router",
+    logits_divisor_key="logits_scaling",
 ))

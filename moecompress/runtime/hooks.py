@@ -8,7 +8,7 @@ input), so it is right for every family's routing rule without re-implementing i
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -52,27 +52,51 @@ def _experts_args(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor
     return vals[0], vals[1], vals[2]
 
 
-@contextlib.contextmanager
-def capture_routing(model: nn.Module, arch: MoEArch, keep_inputs: bool = False) -> Iterator[dict[int, RoutingTrace]]:
-    """Record routing of every MoE layer during the forwards run inside the block.
+RouteCallback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
-    Yields ``{layer index: RoutingTrace}``, filled as the model runs. Tensors are detached CPU copies.
+
+@contextlib.contextmanager
+def capture_routing(
+    model: nn.Module,
+    arch: MoEArch,
+    keep_inputs: bool = False,
+    layers: Sequence[int] | None = None,
+    on_route: RouteCallback | None = None,
+    store: bool = True,
+) -> Iterator[dict[int, RoutingTrace]]:
+    """Record routing of the MoE layers (all, or ``layers``) during the forwards run inside the block.
+
+    Yields ``{layer index: RoutingTrace}``, filled as the model runs (detached CPU copies; nothing is
+    kept when ``store=False``). ``on_route(layer, x [T, H], logits [T, E], index [T, K], weights [T, K])``
+    is called once per block call, when the experts receive their tokens, so a caller can reduce each
+    call to statistics instead of keeping every token.
     """
     traces: dict[int, RoutingTrace] = {}
     handles: list = []
     for view in arch.moe_blocks(model):
+        if layers is not None and view.index not in layers:
+            continue
         trace = traces[view.index] = RoutingTrace()
+        last: dict[str, torch.Tensor] = {}
 
-        def on_router(mod, args, out, trace=trace):
+        def on_router(mod, args, out, last=last):
             logits = out[0] if isinstance(out, tuple) else out
-            trace.logits.append(logits.detach().reshape(-1, logits.shape[-1]).float().cpu())
+            last["logits"] = logits.detach().reshape(-1, logits.shape[-1]).float()
 
-        def on_experts(mod, args, kwargs, trace=trace):
+        def on_experts(mod, args, kwargs, trace=trace, last=last, layer=view.index):
             x, index, weights = _experts_args(args, kwargs)
-            trace.index.append(index.detach().reshape(-1, index.shape[-1]).cpu())
-            trace.weights.append(weights.detach().reshape(-1, weights.shape[-1]).float().cpu())
-            if keep_inputs:
-                trace.inputs.append(x.detach().reshape(-1, x.shape[-1]).cpu())
+            x = x.detach().reshape(-1, x.shape[-1])
+            index = index.detach().reshape(-1, index.shape[-1])
+            weights = weights.detach().reshape(-1, weights.shape[-1]).float()
+            logits = last.pop("logits")
+            if on_route is not None:
+                on_route(layer, x, logits, index, weights)
+            if store:
+                trace.logits.append(logits.cpu())
+                trace.index.append(index.cpu())
+                trace.weights.append(weights.cpu())
+                if keep_inputs:
+                    trace.inputs.append(x.cpu())
 
         handles.append(view.router.register_forward_hook(on_router))
         handles.append(view.experts.module.register_forward_pre_hook(on_experts, with_kwargs=True))

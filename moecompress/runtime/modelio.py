@@ -19,10 +19,23 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from moecompress.errors import MoecompressError
 from moecompress.models import MoEArch, find_arch
 
-__all__ = ["DEMO_MODEL", "LoadedModel", "load_config", "load_model", "model_label", "save_model", "tiny_tokenizer"]
+__all__ = ["DEMO_MODEL", "SIDECAR", "LoadedModel", "load_config", "load_model", "model_label", "read_sidecar",
+           "save_model", "tiny_tokenizer"]
 
 log = logging.getLogger(__name__)
 DEMO_MODEL = Path(__file__).resolve().parent.parent / "assets" / "demo-moe"
+SIDECAR = "moecompress.json"  # what moecompress did to a directory it wrote (provenance, kept experts, ...)
+
+
+def read_sidecar(path: Path | None) -> dict | None:
+    """The ``moecompress.json`` of a directory moecompress wrote, or None."""
+    f = Path(path) / SIDECAR if path is not None else None
+    if f is None or not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError):
+        raise MoecompressError(f"{str(f)!r} is corrupt", "re-create the directory with moecompress") from None
 
 
 @dataclass

@@ -23,7 +23,7 @@ class StageContext(Protocol):
     arch: Any
     tokenizer: Any
     artifacts: dict[str, Any]
-    out_dir: Path
+    out_dir: Path | None
     progress: Progress
 
     def windows(self, split: str = "calib", samples: int | None = None, seq_len: int | None = None,
@@ -47,18 +47,21 @@ class StageSpec:
     run: Callable[[StageContext, StageConfig], dict[str, Any] | None]  # returns the stage's summary for the report
     modifies_model: bool  # the pipeline saves the model when any stage that ran modifies it
     summary: str  # one line for `moecompress list`
+    writes_output: bool = True  # False: the stage only reports (an output directory is optional)
+    uses_text: bool = False  # reads calibration / evaluation windows (their length is checked up front)
 
 
 STAGES: Registry[StageSpec] = Registry("stage")
 
 
-def register_stage(config: type[StageConfig], *, modifies_model: bool) -> Callable:
+def register_stage(config: type[StageConfig], *, modifies_model: bool, writes_output: bool = True,
+                   uses_text: bool = False) -> Callable:
     """Decorator for a stage's run function; the name is the default of the config's ``stage`` field."""
     name = config.model_fields["stage"].default
 
     def deco(fn: Callable) -> Callable:
         doc = (fn.__doc__ or config.__doc__ or name).strip().splitlines()[0]
-        STAGES.add(name, StageSpec(name, config, fn, modifies_model, doc))
+        STAGES.add(name, StageSpec(name, config, fn, modifies_model, doc, writes_output, uses_text))
         return fn
 
     return deco

@@ -1,0 +1,138 @@
+"""Profile per-task expert activation in one pass, one decoder layer at a time.
+
+For every calibration task, MoE layer and routed expert: routed-token and top-1 counts, summed gate
+weights, TCESS (raw-logit and probability variants), REAP and EAN sums, and the largest activations
+(super-expert guard); see ``algorithms/expert_scores``. Only routed tokens run through each expert.
+The statistics are budget-free sums written to ``profile.json`` + ``profile.safetensors``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from moecompress.algorithms.expert_scores import STATS, js_divergence, routing_statistics, super_experts
+from moecompress.algorithms.moe_math import routed_output_stats
+from moecompress.errors import MoecompressError
+from moecompress.formats.profile import Profile
+from moecompress.models.identity import model_identity
+from moecompress.runtime.hooks import capture_routing
+from moecompress.runtime.sequential import SequentialRunner
+from moecompress.stages.base import StageConfig, StageContext, register_stage
+
+__all__ = ["ProfileConfig", "profile_summary"]
+
+
+class ProfileConfig(StageConfig):
+    """Collect per-task routing statistics (the recipe's calibration tasks, samples and length).
+
+    Example recipe entry::
+
+        - stage: profile
+          tcess_k: 2          # TCESS's top-k (default: the model's top-k)
+          tcess_r: 0.0        # TCESS's confidence threshold on the softmax of the top-k logits
+    """
+
+    stage: Literal["profile"] = "profile"
+    tcess_k: int | None = Field(None, ge=1)
+    tcess_r: float = Field(0.0, ge=0.0, le=1.0)
+    batch_size: int = Field(8, ge=1)
+
+    def check(self, config: Any, arch: Any) -> None:
+        if self.tcess_k is not None and self.tcess_k > arch.num_experts(config):
+            raise MoecompressError(f"tcess_k={self.tcess_k} is above the {arch.num_experts(config)} experts",
+                                   "lower --tcess-k")
+
+
+def profile_summary(profile: Profile, top: int = 3) -> dict[str, Any]:
+    """Most and least used experts per task and layer, usage entropy, task-vs-task JS divergence."""
+    layers = profile.model["moe_layers"]
+    out: dict[str, Any] = {"tasks": {}, "js_divergence": {}}
+    freqs = {}
+    for t in profile.tasks:
+        f = profile.stats[t]["count"] / profile.stats[t]["count"].sum(-1, keepdim=True)  # [L, E] shares
+        freqs[t] = f
+        ent = -(f * f.clamp(min=1e-12).log()).sum(-1) / torch.log(torch.tensor(float(f.shape[-1])))
+        out["tasks"][t] = {
+            "tokens": profile.tokens[t],
+            "layers": {str(layer): {
+                "most_used": [[int(e), round(float(f[j, e]), 4)] for e in f[j].argsort(descending=True)[:top]],
+                "least_used": [[int(e), round(float(f[j, e]), 4)] for e in f[j].argsort()[:top]],
+                "entropy": round(float(ent[j]), 4)} for j, layer in enumerate(layers)},
+        }
+    tasks = profile.tasks
+    per_layer = torch.zeros(len(layers))
+    pairs = 0
+    for a in range(len(tasks)):
+        for b in range(a + 1, len(tasks)):
+            jsd = js_divergence(freqs[tasks[a]], freqs[tasks[b]])  # [L]
+            out["js_divergence"][f"{tasks[a]}|{tasks[b]}"] = [round(float(v), 4) for v in jsd]
+            per_layer += jsd.float()
+            pairs += 1
+    if pairs:
+        out["js_divergence_mean_per_layer"] = [round(float(v), 4) for v in per_layer / pairs]
+    combined, _ = profile.combined()
+    flags = super_experts(combined["act_max"])
+    out["super_experts"] = [[layers[j], int(e)] for j, e in flags.nonzero().tolist()]
+    return out
+
+
+@register_stage(ProfileConfig, modifies_model=False, uses_text=True)
+def run(ctx: StageContext, cfg: ProfileConfig) -> dict[str, Any]:
+    """Profile per-task expert activation (TCESS, frequency, REAP, EAN, super experts) in one pass."""
+    model, arch = ctx.model, ctx.arch
+    windows = ctx.windows("calib")
+    batches = [(task, w[i:i + cfg.batch_size]) for task, w in windows.items() for i in range(0, len(w), cfg.batch_size)]
+    layers = arch.moe_layer_indices(model.config)
+    E = arch.num_experts(model.config)
+    views = {v.index: v for v in arch.moe_blocks(model)}
+    tcess_k = cfg.tcess_k or views[layers[0]].routing.top_k
+    acc = {t: {s: torch.zeros(len(layers), E, dtype=torch.float64) for s in STATS} for t in windows}
+    tokens = {t: int(w.numel()) for t, w in windows.items()}
+    total = sum(tokens.values())
+    t0 = time.time()
+    runner = SequentialRunner(model, arch, [x for _, x in batches])
+    call = {"b": 0}
+
+    def on_route(layer: int, x, logits, index, weights) -> None:
+        view, j = views[layer], layers.index(layer)
+        task = batches[call["b"]][0]
+        call["b"] += 1
+        probs = logits.sigmoid() if view.routing.score == "sigmoid" else logits.softmax(dim=-1)
+        with torch.no_grad():
+            norm, act_max, out_max = routed_output_stats(x, index, view.experts.weights(), view.activation)
+        stats = routing_statistics(logits, probs, index, weights, norm, act_max, out_max, tcess_k, cfg.tcess_r)
+        for s, v in stats.items():
+            acc[task][s][j] = torch.maximum(acc[task][s][j], v) if s.endswith("_max") else acc[task][s][j] + v
+
+    with ctx.progress.task("profiling", total=total * runner.num_layers) as bar:
+        for i in range(runner.num_layers):
+            call["b"] = 0
+            if i in views:
+                with capture_routing(model, arch, layers=[i], on_route=on_route, store=False):
+                    runner.run_layer(i)
+            else:
+                runner.run_layer(i)
+            done = (i + 1) * total
+            bar.advance(total, rate=f"{done / max(time.time() - t0, 1e-9):,.0f} tok·layer/s")
+    seconds = time.time() - t0
+    rule = views[layers[0]].routing
+    profile = Profile(
+        model=model_identity(model, arch), stats=acc, tokens=tokens,
+        settings={"samples": {t: len(w) for t, w in windows.items()}, "seq_len": int(next(iter(windows.values())).shape[1]),
+                  "tcess_k": tcess_k, "tcess_r": cfg.tcess_r, "router_scoring": rule.score,
+                  "tcess_note": "tcess = raw router logits (PreMoe); tcess_prob = routing probabilities "
+                                "(softmax, or sigmoid for sigmoid routers)"},
+    )
+    profile.summary = profile_summary(profile)
+    profile.summary["seconds"] = round(seconds, 2)
+    profile.summary["tokens_per_second"] = round(total / seconds, 1)
+    profile.save(ctx.out_dir)
+    ctx.artifacts["profile"] = profile
+    return {"tasks": list(windows), "tokens": total, "seconds": round(seconds, 2),
+            "tokens_per_second": round(total / seconds, 1),
+            "js_divergence_mean_per_layer": profile.summary.get("js_divergence_mean_per_layer"),
+            "super_experts": profile.summary["super_experts"]}

@@ -1,0 +1,40 @@
+import pytest
+import torch
+
+from moecompress.algorithms.expert_scores import expert_scores, js_divergence, routing_statistics, super_experts
+
+
+def test_js_divergence_bounds():
+    p = torch.tensor([[0.5, 0.5, 0.0, 0.0]])
+    assert float(js_divergence(p, p)) == 0.0
+    assert abs(float(js_divergence(p, torch.tensor([[0.0, 0.0, 0.5, 0.5]]))) - 1.0) < 1e-12
+    q = torch.tensor([[0.25, 0.25, 0.25, 0.25]])
+    assert 0 < float(js_divergence(p, q)) < 1 and torch.allclose(js_divergence(p, q), js_divergence(q, p))
+
+
+def test_super_experts_flag_outliers_in_early_layers_only():
+    act = torch.ones(8, 16)
+    act[1, 3] = 500.0
+    act[7, 2] = 900.0  # last quarter of layers: not looked at
+    flags = super_experts(act)
+    assert flags.nonzero().tolist() == [[1, 3]]
+
+
+def test_statistics_of_a_hand_made_layer():
+    logits = torch.tensor([[2.0, 1.0, -1.0], [0.0, 3.0, 1.0]])
+    probs = logits.softmax(-1)
+    index = torch.tensor([[0, 1], [1, 2]])
+    weights = torch.tensor([[0.7, 0.3], [0.6, 0.4]])
+    norm = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    s = routing_statistics(logits, probs, index, weights, norm, norm, norm, tcess_k=1)
+    assert s["count"].tolist() == [1, 2, 1] and s["top1"].tolist() == [1, 1, 0]
+    assert torch.allclose(s["gate_sum"], torch.tensor([0.7, 0.9, 0.4], dtype=torch.float64))
+    assert torch.allclose(s["tcess_logit"], torch.tensor([2.0, 3.0, 0.0], dtype=torch.float64))
+    assert torch.allclose(s["reap_sum"], torch.tensor([0.7, 0.6 + 1.8, 1.6], dtype=torch.float64))
+    assert s["act_max"].tolist() == [1.0, 3.0, 4.0]
+    freq = expert_scores({k: v[None] for k, v in s.items()}, 2, "frequency")[0]
+    assert freq.tolist() == [0.5, 1.0, 0.5]
+    reap = expert_scores({k: v[None] for k, v in s.items()}, 2, "reap")[0]
+    assert torch.allclose(reap, torch.tensor([0.7, 1.2, 1.6], dtype=torch.float64))
+    with pytest.raises(ValueError):
+        expert_scores({k: v[None] for k, v in s.items()}, 2, "nonsense")
