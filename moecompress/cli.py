@@ -201,6 +201,143 @@ def profile(
         success(f"wrote {result.output} (profile.json, profile.safetensors)")
 
 
+@app.command()
+def prune(
+    model: ModelArg = None,
+    profile_dir: Annotated[Path, typer.Option("--profile", "-p", help="Profile directory of this model.")] = ...,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Pruned model directory to write.")] = ...,
+    task: Annotated[Optional[list[str]], typer.Option("--task", help="Task(s) to keep experts for (repeatable, "
+                                                       "or comma-separated); default: every task in the profile.")] = None,
+    keep: Annotated[Optional[int], typer.Option("--keep", help="Experts to keep per layer.")] = None,
+    keep_ratio: Annotated[Optional[float], typer.Option("--keep-ratio", help="Share of experts to keep.")] = None,
+    cumulative: Annotated[Optional[float], typer.Option(
+        "--cumulative", help="Keep experts until this share of the score is covered (per-layer counts).")] = None,
+    score: Annotated[str, typer.Option("--score", help="tcess | tcess_prob | frequency | reap | ean | gate | random")] = "tcess",
+    seed: Annotated[int, typer.Option(help="Seed (score random, router recalibration).")] = 0,
+    protect_super: Annotated[bool, typer.Option("--protect-super/--no-protect-super",
+                                                help="Always keep super experts.")] = True,
+    uneven: Annotated[str, typer.Option(help="With --cumulative: 'fill' pads layers with the next-best experts; "
+                                             "'mask' with never-chosen ones (routers with a bias only).")] = "fill",
+    regroup: Annotated[bool, typer.Option("--regroup", help="Group-limited routers: allow uneven groups by "
+                                                            "rewriting the routing to one group.")] = False,
+    recalibrate_router: Annotated[bool, typer.Option("--recalibrate-router", help="Distil the routers towards the "
+                                                     "original model's next-token distribution afterwards.")] = False,
+    recalibrate_steps: Annotated[int, typer.Option("--recalibrate-steps")] = 100,
+    samples: Annotated[int, typer.Option(help="Calibration windows per task for --recalibrate-router.")] = 32,
+    seq_len: Annotated[int, typer.Option("--seq-len")] = 256,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
+) -> None:
+    """Keep the best experts per layer for some tasks (PEP) and write a standard HF checkpoint."""
+    with handled():
+        from moecompress.pipeline import run as run_pipeline
+        from moecompress.recipe import validate_recipe
+
+        tasks = [t.strip() for item in task or [] for t in item.split(",") if t.strip()] or None
+        stage = {"stage": "prune", "profile": str(profile_dir), "tasks": tasks, "keep": keep, "keep_ratio": keep_ratio,
+                 "cumulative": cumulative, "score": score, "seed": seed, "protect_super": protect_super,
+                 "uneven": uneven, "regroup": regroup, "recalibrate_router": recalibrate_router,
+                 "recalibrate_steps": recalibrate_steps}
+        recipe = validate_recipe({"model": model, "stages": [stage],
+                                  "calibration": _calibration(",".join(tasks) if tasks else None, None, samples,
+                                                              seq_len, seed)}, "prune")
+        result = run_pipeline(recipe, output=output, force=force, progress=RichProgress())
+        r = result.report["stages"][0]["result"]
+        rows = [[layer, " ".join(map(str, ids)), f"{cov:.1%}"]
+                for (layer, ids), cov in zip(r["kept_experts"].items(), r["score_coverage_per_layer"])]
+        print_table(f"Kept {r['experts_after']} of {r['experts_before']} experts per layer by {r['score']} "
+                    f"for {', '.join(r['tasks'])}", ["layer", "kept experts (original ids)", "score covered"], rows)
+        if r["needed_per_layer"]:
+            console.print(f"cumulative coverage needs {r['needed_per_layer']} experts per layer")
+        if r["router_recalibration"]:
+            kd = r["router_recalibration"]
+            console.print(f"router recalibration: KL {kd['kl_before']:.4f} -> {kd['kl_after']:.4f}")
+        console.print(f"parameters {r['params_before']:,} -> {r['params_after']:,} "
+                      f"({r['params_after'] / r['params_before']:.1%})")
+        success(f"wrote {result.output} (loads with plain transformers; provenance in moecompress.json)")
+
+
+@app.command()
+def patterns(
+    model: ModelArg = None,
+    profile_dir: Annotated[Path, typer.Option("--profile", "-p", help="Profile directory of this model.")] = ...,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Pattern store directory to write.")] = ...,
+    score: Annotated[str, typer.Option(help="Score that ranks each task's experts.")] = "tcess",
+    signature_layers: Annotated[int, typer.Option("--signature-layers", help="MoE layers in a routing signature.")] = 2,
+    samples: Annotated[int, typer.Option(help="Calibration windows per task for the distance thresholds.")] = 64,
+    seq_len: Annotated[int, typer.Option("--seq-len")] = 256,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
+) -> None:
+    """Store one routing pattern per profiled task for task-adaptive expert retrieval (TAER)."""
+    with handled():
+        from moecompress.taer import build_patterns
+
+        r = build_patterns(model, profile_dir, output, score=score, signature_layers=signature_layers,
+                           samples=samples, seq_len=seq_len, force=force)
+        print_table("Patterns", ["task", "fallback distance (q99 of its own windows)"],
+                    [[t, f"{v:.4f}"] for t, v in r["threshold"].items()])
+        console.print(f"signature: mean router logits of MoE layers {r['signature_layers']}; calibration windows "
+                      f"matched to their own task: {r['accuracy']:.1%} of {r['windows']}")
+        success(f"wrote {r['output']}")
+
+
+@app.command()
+def retrieve(
+    model: ModelArg = None,
+    store: Annotated[Path, typer.Option("--store", "-s", help="Pattern store from `moecompress patterns`.")] = ...,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Pruned model directory to write.")] = ...,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", help="The query text.")] = None,
+    prompt_file: Annotated[Optional[Path], typer.Option("--prompt-file", help="Read the query from a file.")] = None,
+    keep: Annotated[Optional[int], typer.Option("--keep", help="Experts to keep per layer.")] = None,
+    keep_ratio: Annotated[Optional[float], typer.Option("--keep-ratio", help="Share of experts to keep.")] = None,
+    max_distance: Annotated[Optional[float], typer.Option(
+        "--max-distance", help="Fall back to the generalist pattern beyond this distance (default: per task, "
+                               "from the store).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
+) -> None:
+    """Match a prompt to the nearest task pattern and build that task's pruned model, reading only kept experts."""
+    with handled():
+        from moecompress.taer import retrieve as run_retrieve
+
+        if (prompt is None) == (prompt_file is None):
+            raise MoecompressError("give exactly one of --prompt or --prompt-file", "e.g. --prompt 'Solve x^2 = 4'")
+        if prompt_file is not None:
+            try:
+                prompt = prompt_file.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise MoecompressError(f"cannot read {str(prompt_file)!r} ({e.__class__.__name__})",
+                                       "give a UTF-8 text file") from None
+        r = run_retrieve(model, store, output, prompt=prompt, keep=keep, keep_ratio=keep_ratio,
+                         max_distance=max_distance, force=force)
+        print_table("Distance from the prompt to each task pattern (cosine)", ["task", "distance"],
+                    [[t, f"{d:.4f}"] for t, d in sorted(r["distances"].items(), key=lambda kv: kv[1])])
+        if r["fallback_to_generalist"]:
+            console.print(f"[yellow]the prompt is far from every pattern (nearest: {r['nearest_task']}, "
+                          f"{r['distance']:.3f} > {r['threshold']:.3f}): using the generalist pattern[/]")
+        else:
+            console.print(f"matched task: [bold]{r['matched_task']}[/] (distance {r['distance']:.4f}, "
+                          f"threshold {r['threshold']:.4f}), in {r['match_seconds']:.2f} s")
+        console.print(f"kept {r['experts_after']} of {r['experts_before']} experts per layer; read "
+                      f"{r['expert_bytes_read'] / 1e6:.2f} MB of {r['expert_bytes_total'] / 1e6:.2f} MB of expert "
+                      f"weights ({r['expert_bytes_read_share']:.1%}), {r['bytes_read_total'] / 1e6:.2f} MB in all")
+        success(f"wrote {output}")
+
+
+@app.command()
+def generate(
+    model: ModelArg = None,
+    prompt: Annotated[str, typer.Option("--prompt", help="Text to continue.")] = ...,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 40,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Generate text from any model directory moecompress writes (or the demo model)."""
+    with handled():
+        from moecompress.runtime.modelio import generate_text
+
+        console.print(generate_text(model, prompt, max_new_tokens, temperature, seed), soft_wrap=True, markup=False,
+                      highlight=False)
+
+
 @app.command("eval")
 def eval_cmd(
     model: ModelArg = None,

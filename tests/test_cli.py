@@ -157,3 +157,57 @@ def test_profile_bad_inputs(tmp_path):
     short.write_text("too short")
     one_line_error(invoke(*base, "--data", f"mine={short}", "--tasks", "mine"), "enough for 0 windows")
     assert not (tmp_path / "p").exists()
+
+
+def _tiny_dir(tmp_path, family="mixtral", seed=0):
+    from moecompress.models import find_arch
+    from moecompress.runtime.modelio import LoadedModel, save_model, tiny_tokenizer
+    from moecompress.testing import tiny_moe
+
+    m = tiny_moe(family, seed=seed)
+    d = tmp_path / f"{family}{seed}"
+    save_model(LoadedModel(m, tiny_tokenizer(), find_arch(m.config), family, None, torch.float32), d)
+    return d
+
+
+def test_prune_patterns_retrieve_generate(tmp_path):
+    d = _tiny_dir(tmp_path)
+    prof = tmp_path / "prof"
+    small = ["--samples", 2, "--seq-len", 32]
+    assert invoke("profile", d, "--tasks", "prose,code", *small, "-o", prof).exit_code == 0
+    r = invoke("prune", d, "-p", prof, "--task", "code", "--keep-ratio", 0.5, "--score", "reap", "-o", tmp_path / "pr")
+    assert r.exit_code == 0, r.output
+    assert "Kept 4 of 8 experts" in r.output
+    side = json.loads((tmp_path / "pr" / "moecompress.json").read_text())
+    assert len(side["kept_experts"]["0"]) == 4
+    r = invoke("eval", tmp_path / "pr", "--tasks", "code", *small)  # baseline = the recorded original
+    assert r.exit_code == 0, r.output
+    assert "route J" in r.output
+    r = invoke("patterns", d, "-p", prof, *small, "-o", tmp_path / "store")
+    assert r.exit_code == 0, r.output
+    r = invoke("retrieve", d, "-s", tmp_path / "store", "--keep", 4, "--prompt", "def f(x):\n    return x\n" * 3,
+               "--max-distance", 10, "-o", tmp_path / "ret")
+    assert r.exit_code == 0, r.output
+    assert "matched task" in r.output and "of expert weights" in r.output
+    r = invoke("generate", tmp_path / "ret", "--prompt", "hello", "--max-new-tokens", 3)
+    assert r.exit_code == 0 and r.output.startswith("hello")
+
+
+def test_prune_bad_inputs(tmp_path):
+    d = _tiny_dir(tmp_path)
+    other = _tiny_dir(tmp_path, seed=9)
+    prof = tmp_path / "prof"
+    assert invoke("profile", d, "--tasks", "prose", "--samples", 2, "--seq-len", 32, "-o", prof).exit_code == 0
+    out = tmp_path / "o"
+    one_line_error(invoke("prune", other, "-p", prof, "--keep", 4, "-o", out),
+                   "profile was taken on another model (router weights differ)", "moecompress profile")
+    one_line_error(invoke("prune", d, "-p", prof, "--task", "math", "--keep", 4, "-o", out),
+                   "task 'math' is not in the profile")
+    one_line_error(invoke("prune", d, "-p", prof, "--keep", 1, "-o", out), "top_k is 2", "keep at least 2")
+    one_line_error(invoke("prune", d, "-p", tmp_path / "nothing", "--keep", 4, "-o", out), "no profile")
+    one_line_error(invoke("prune", d, "-p", prof, "--keep", 4, "--keep-ratio", 0.5, "-o", out), "exactly one budget")
+    assert not out.exists() and not list(tmp_path.glob(".o.*"))
+    assert invoke("prune", d, "-p", prof, "--keep", 4, "-o", out).exit_code == 0
+    one_line_error(invoke("prune", d, "-p", prof, "--keep", 4, "-o", out), "already exists", "--force")
+    one_line_error(invoke("retrieve", d, "-s", tmp_path / "none", "--keep", 4, "-o", tmp_path / "r"),
+                   "exactly one of --prompt or --prompt-file")

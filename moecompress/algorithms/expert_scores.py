@@ -26,7 +26,8 @@ import torch
 
 __all__ = ["SCORES", "STATS", "expert_scores", "js_divergence", "routing_statistics", "super_experts"]
 
-STATS = ("count", "top1", "gate_sum", "tcess_logit", "tcess_prob", "reap_sum", "ean_sum", "act_max", "out_max")
+STATS = ("count", "top1", "gate_sum", "tcess_logit", "tcess_prob", "reap_sum", "ean_sum", "act_max", "out_max",
+         "logit_sum")
 SCORES = ("tcess", "tcess_prob", "frequency", "reap", "ean", "gate", "random")
 
 
@@ -73,6 +74,7 @@ def routing_statistics(
         "ean_sum": _scatter_sum(index, out_norm, E),
         "act_max": _scatter_max(index, act_max, E),
         "out_max": _scatter_max(index, out_max, E),
+        "logit_sum": logits.double().sum(0),  # mean router logits = a task's routing signature (TAER)
     }
 
 

@@ -11,7 +11,7 @@ import torch
 from moecompress.errors import MoecompressError
 from moecompress.models.base import MoEArch
 
-__all__ = ["check_identity", "model_identity"]
+__all__ = ["check_identity", "identity_from_parts", "model_identity"]
 
 # Config keys that do not change what the model computes.
 _VOLATILE = {"transformers_version", "dtype", "torch_dtype", "_name_or_path", "use_cache", "output_router_logits",
@@ -24,23 +24,28 @@ def _config_hash(config) -> str:
 
 
 @torch.no_grad()
-def model_identity(model, arch: MoEArch) -> dict[str, Any]:
-    """Architecture, expert layout, a hash of the config and a hash of every router's weights."""
+def identity_from_parts(config, arch: MoEArch, router_weights: list[torch.Tensor]) -> dict[str, Any]:
+    """Identity from a config and the MoE layers' router weights ``[E, H]`` (in layer order)."""
     h = hashlib.sha256()
-    for view in arch.moe_blocks(model):
+    for w in router_weights:
         # bf16 rounding makes the hash the same whether the model was loaded in bf16 or fp32
-        h.update(view.router_weight.detach().to(torch.bfloat16).float().cpu().numpy().tobytes())
-    rule = arch.moe_blocks(model)[0].routing
+        h.update(w.detach().to(torch.bfloat16).float().cpu().numpy().tobytes())
+    layers = arch.moe_layer_indices(config)
     return {
         "architecture": arch.name,
-        "model_type": model.config.model_type,
-        "num_experts": arch.num_experts(model.config),
-        "moe_layers": arch.moe_layer_indices(model.config),
-        "top_k": rule.top_k,
-        "hidden_size": model.config.hidden_size,
-        "config_hash": _config_hash(model.config),
+        "model_type": config.model_type,
+        "num_experts": arch.num_experts(config),
+        "moe_layers": layers,
+        "top_k": arch.routing(config, layers[0]).top_k,
+        "hidden_size": config.hidden_size,
+        "config_hash": _config_hash(config),
         "router_hash": h.hexdigest()[:16],
     }
+
+
+def model_identity(model, arch: MoEArch) -> dict[str, Any]:
+    """Architecture, expert layout, a hash of the config and a hash of every router's weights."""
+    return identity_from_parts(model.config, arch, [v.router_weight for v in arch.moe_blocks(model)])
 
 
 def check_identity(recorded: dict[str, Any], current: dict[str, Any], what: str, fix: str) -> None:

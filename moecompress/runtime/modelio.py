@@ -19,8 +19,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from moecompress.errors import MoecompressError
 from moecompress.models import MoEArch, find_arch
 
-__all__ = ["DEMO_MODEL", "SIDECAR", "LoadedModel", "load_config", "load_model", "model_label", "read_sidecar",
-           "save_model", "tiny_tokenizer"]
+__all__ = ["DEMO_MODEL", "SIDECAR", "LoadedModel", "generate_text", "load_config", "load_model", "model_label",
+           "read_sidecar", "save_model", "tiny_tokenizer"]
 
 log = logging.getLogger(__name__)
 DEMO_MODEL = Path(__file__).resolve().parent.parent / "assets" / "demo-moe"
@@ -146,6 +146,24 @@ def save_model(loaded: LoadedModel, out_dir: Path, dtype: torch.dtype | None = N
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     if loaded.tokenizer is not None:
         loaded.tokenizer.save_pretrained(out_dir)
+
+
+def generate_text(spec: str | None, prompt: str, max_new_tokens: int = 40, temperature: float = 0.0,
+                  seed: int = 0) -> str:
+    """Continue ``prompt`` with a model spec (greedy when ``temperature`` is 0); returns prompt + continuation."""
+    loaded = load_model(spec)
+    if loaded.tokenizer is None:
+        raise MoecompressError(f"model {loaded.source!r} has no tokenizer", "save its tokenizer files with it")
+    if not prompt:
+        raise MoecompressError("the prompt is empty", "give some text with --prompt")
+    ids = loaded.tokenizer(prompt, return_tensors="pt").input_ids
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        out = loaded.model.generate(
+            ids, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+            temperature=temperature if temperature > 0 else None, top_k=None, top_p=None,
+            pad_token_id=loaded.tokenizer.pad_token_id or loaded.tokenizer.eos_token_id)
+    return loaded.tokenizer.decode(out[0], skip_special_tokens=True)
 
 
 def tiny_tokenizer():

@@ -1,0 +1,173 @@
+"""Expert pruning from a profile (PreMoe's PEP; Pei et al. 2025, arXiv:2505.17639).
+
+Per MoE layer, keep the best experts for the chosen tasks by the chosen score (TCESS, frequency, REAP,
+EAN, gate, random), protecting super experts; structural surgery through the adapters, so the result
+is a standard checkpoint plain transformers loads. Optionally recalibrate the routers by distillation.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from moecompress.algorithms.expert_scores import SCORES, super_experts
+from moecompress.algorithms.pruning import cumulative_counts, select_experts
+from moecompress.errors import MoecompressError
+from moecompress.formats.profile import Profile
+from moecompress.models.identity import check_identity, model_identity
+from moecompress.models.surgery import keep_experts
+from moecompress.runtime.router_kd import recalibrate_routers, teacher_targets
+from moecompress.stages.base import StageConfig, StageContext, register_stage
+
+__all__ = ["PruneConfig"]
+
+Score = Literal["tcess", "tcess_prob", "frequency", "reap", "ean", "gate", "random"]
+assert set(Score.__args__) == set(SCORES)
+
+
+class PruneConfig(StageConfig):
+    """Keep the best experts per layer for some tasks, by a profile's scores.
+
+    Example recipe entry::
+
+        - stage: prune
+          profile: out/demo-profile   # or omit after a `profile` stage in the same recipe
+          tasks: [math]               # omit for every task in the profile
+          keep_ratio: 0.5             # or keep: 4, or cumulative: 0.9
+          score: tcess
+    """
+
+    stage: Literal["prune"] = "prune"
+    profile: str | None = None
+    tasks: list[str] | None = None
+    keep: int | None = Field(None, ge=1)
+    keep_ratio: float | None = Field(None, gt=0.0, le=1.0)
+    cumulative: float | None = Field(None, gt=0.0, le=1.0)
+    score: Score = "tcess"
+    seed: int = 0  # for score: random
+    protect_super: bool = True
+    uneven: Literal["fill", "mask"] = "fill"  # cumulative: pad layers with next-best experts, or with dead ones
+    regroup: bool = False
+    recalibrate_router: bool = False
+    recalibrate_steps: int = Field(100, ge=1)
+    recalibrate_lr: float = Field(1e-3, gt=0.0)
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> PruneConfig:
+        if sum(x is not None for x in (self.keep, self.keep_ratio, self.cumulative)) != 1:
+            raise ValueError("give exactly one budget: keep, keep_ratio or cumulative")
+        if self.cumulative is not None and self.score in ("tcess", "random"):
+            raise ValueError(f"cumulative coverage needs a non-negative score, not {self.score!r}: "
+                             "use tcess_prob, frequency, reap, ean or gate")
+        return self
+
+    def count(self, num_experts: int) -> int | None:
+        if self.keep is not None:
+            return self.keep
+        if self.keep_ratio is not None:
+            return max(1, round(self.keep_ratio * num_experts))
+        return None
+
+    def check(self, config: Any, arch: Any) -> None:
+        E = arch.num_experts(config)
+        rule = arch.routing(config, arch.moe_layer_indices(config)[0])
+        n = self.count(E)
+        if n is None:
+            return
+        what = f"--keep {self.keep}" if self.keep is not None else f"--keep-ratio {self.keep_ratio}"
+        if n > E:
+            raise MoecompressError(f"{what} keeps more than the model's {E} experts", f"keep at most {E}")
+        if n < rule.top_k:
+            raise MoecompressError(
+                f"{what} keeps {n} of {E} experts but top_k is {rule.top_k}",
+                f"keep at least {rule.top_k} (--keep {rule.top_k} or --keep-ratio {math.ceil(rule.top_k / E * 100) / 100})")
+        if rule.group_score and rule.n_group > 1 and not self.regroup and n % rule.n_group:
+            raise MoecompressError(
+                f"{what} keeps {n} experts, not a multiple of the {rule.n_group} routing groups",
+                f"keep a multiple of {rule.n_group}, or pass --regroup")
+
+
+def _resolve_profile(ctx: StageContext, cfg: PruneConfig) -> Profile:
+    if cfg.profile is not None:
+        return Profile.load(cfg.profile)
+    if "profile" in ctx.artifacts:
+        return ctx.artifacts["profile"]
+    raise MoecompressError("prune needs a profile", "pass --profile DIR (from `moecompress profile`)")
+
+
+@register_stage(PruneConfig, modifies_model=True)
+def run(ctx: StageContext, cfg: PruneConfig) -> dict[str, Any]:
+    """Keep the best experts per layer for given tasks by a profile score (TCESS, frequency, REAP, ...)."""
+    model, arch = ctx.model, ctx.arch
+    profile = _resolve_profile(ctx, cfg)
+    check_identity(profile.model, model_identity(model, arch), "the profile",
+                   "profile this model first: moecompress profile MODEL -o PROFILE")
+    tasks = cfg.tasks or profile.tasks
+    scores = profile.scores(cfg.score, tasks, cfg.seed)  # [L, E]; raises for unknown tasks
+    stats, _ = profile.combined(tasks)
+    layers = arch.moe_layer_indices(model.config)
+    E = arch.num_experts(model.config)
+    rule = arch.moe_blocks(model)[0].routing
+    groups = rule.n_group if rule.group_score and not cfg.regroup else 1
+    protect = super_experts(stats["act_max"]) if cfg.protect_super else None
+    needed = None
+    n = cfg.count(E)
+    if n is None:  # cumulative: per-layer counts, rounded up to whole groups
+        needed = [max(rule.top_k, c) for c in cumulative_counts(scores, cfg.cumulative, rule.top_k)]
+        needed = [min(E, math.ceil(c / groups) * groups) for c in needed]
+        n = max(needed)
+    selection = select_experts(scores, n, protect, groups)
+    dead: dict[int, list[int]] = {}
+    if needed is not None and cfg.uneven == "mask":
+        if arch.router_bias is None and arch.correction_bias is None:
+            raise MoecompressError(
+                f"{arch.name} routers have no bias, so a layer cannot hold never-chosen padding experts",
+                "use uneven=fill (pad with the next-best experts) or a uniform --keep / --keep-ratio")
+        own = select_experts(scores, needed, protect, groups)
+        for j, (ids, mine) in enumerate(zip(selection, own)):
+            dead[layers[j]] = [pos for pos, e in enumerate(ids) if e not in set(mine)]
+    targets = None
+    if cfg.recalibrate_router:
+        targets = teacher_targets(model, torch.cat(list(ctx.windows("calib").values())))
+    params_before = sum(p.numel() for p in model.parameters())
+    plan = keep_experts(model, arch, {layer: ids for layer, ids in zip(layers, selection)}, regroup=cfg.regroup)
+    if dead:
+        _mask_dead(model, arch, dead)
+    kd = None
+    if targets is not None:
+        kd = recalibrate_routers(model, arch, targets, cfg.recalibrate_steps, cfg.recalibrate_lr,
+                                 progress=ctx.progress, seed=cfg.seed)
+    ctx.artifacts["kept_experts"] = plan
+    positive = scores.clamp(min=0)
+    coverage = [float(positive[j, ids].sum() / positive[j].sum()) if positive[j].sum() > 0 else 1.0
+                for j, ids in enumerate(selection)]
+    return {
+        "profile": str(profile.path) if profile.path else "(this recipe)", "tasks": tasks, "score": cfg.score,
+        "score_note": {"tcess": "PreMoe TCESS on raw router logits", "tcess_prob": "TCESS on routing probabilities"
+                       }.get(cfg.score, cfg.score),
+        "experts_before": E, "experts_after": n, "params_before": params_before,
+        "params_after": sum(p.numel() for p in model.parameters()),
+        "needed_per_layer": needed, "dead_padding": {str(k): v for k, v in dead.items()} or None,
+        "score_coverage_per_layer": [round(c, 4) for c in coverage],
+        "protected_super_experts": [] if protect is None else
+        [[layers[j], e] for j, e in protect.nonzero().tolist()],
+        "kept_experts": {str(k): v for k, v in plan.items()}, "router_recalibration": kd,
+    }
+
+
+@torch.no_grad()
+def _mask_dead(model, arch, dead: dict[int, list[int]]) -> None:
+    """Make padding experts unreachable: a -1e4 router or correction bias, zero weights."""
+    for view in arch.moe_blocks(model):
+        pos = dead.get(view.index)
+        if not pos:
+            continue
+        bias = view.correction_bias if view.correction_bias is not None else view.router_bias
+        bias.view(-1)[pos] = -1e4
+        for proj in ("gate", "up", "down"):
+            w = view.experts.stacked(proj).clone()
+            w[pos] = 0
+            view.experts.set_stacked(proj, w)
