@@ -113,6 +113,7 @@ def run(recipe: Recipe, *, model: str | None = None, output: str | Path | None =
         }
         if "kept_experts" in ctx.artifacts:
             report["kept_experts"] = {str(k): v for k, v in ctx.artifacts["kept_experts"].items()}
+        report.update(ctx.artifacts.get("sidecar", {}))  # what stages record for loaders (quantization, ...)
         if tmp is not None:
             if wrote_model:
                 save_model(loaded, tmp)

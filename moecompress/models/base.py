@@ -61,6 +61,7 @@ class MoEArch:
     shared_experts: str | None = None  # in the block: an MLP with gate_proj/up_proj/down_proj
     shared_gate: str | None = None  # in the block: Linear(H, 1); output scaled by sigmoid
     pre_moe_norm: str = "post_attention_layernorm"  # in the decoder layer
+    pre_attn_norm: str = "input_layernorm"  # in the decoder layer: the norm whose output attention reads
     final_norm: str = "model.norm"  # in the CausalLM, before the LM head
     logits_divisor_key: str | None = None  # config key the LM head's logits are divided by (Granite)
     group_keys: tuple[str, str] | None = None  # config keys (n_group, topk_group) if routing can be group-limited

@@ -16,7 +16,7 @@ from torch import nn
 
 from moecompress.models.base import MoEArch
 
-__all__ = ["RoutingTrace", "capture_routing", "hooks"]
+__all__ = ["RoutingTrace", "capture_routing", "experts_call_args", "hooks"]
 
 
 @contextlib.contextmanager
@@ -44,11 +44,12 @@ class RoutingTrace:
         return torch.cat(self.logits), torch.cat(self.index), torch.cat(self.weights)
 
 
-def _experts_args(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def experts_call_args(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(hidden [T, H], top-k index [T, K], top-k weights [T, K])`` of an experts-module call, positional or
+    keyword (gpt-oss names them ``router_indices`` / ``routing_weights``)."""
     names = ("hidden_states", "top_k_index", "top_k_weights")
-    vals = list(args) + [kwargs.get(n) for n in names[len(args):]]
-    if len(vals) < 3 and "router_indices" in kwargs:  # gpt-oss names them differently
-        vals = [vals[0], kwargs["router_indices"], kwargs["routing_weights"]]
+    alt = {"top_k_index": "router_indices", "top_k_weights": "routing_weights"}
+    vals = list(args[:3]) + [kwargs.get(n, kwargs.get(alt.get(n, ""))) for n in names[len(args):]]
     return vals[0], vals[1], vals[2]
 
 
@@ -84,7 +85,7 @@ def capture_routing(
             last["logits"] = logits.detach().reshape(-1, logits.shape[-1]).float()
 
         def on_experts(mod, args, kwargs, trace=trace, last=last, layer=view.index):
-            x, index, weights = _experts_args(args, kwargs)
+            x, index, weights = experts_call_args(args, kwargs)
             x = x.detach().reshape(-1, x.shape[-1])
             index = index.detach().reshape(-1, index.shape[-1])
             weights = weights.detach().reshape(-1, weights.shape[-1]).float()

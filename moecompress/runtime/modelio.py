@@ -116,6 +116,13 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32) -> L
         raise MoecompressError(f"{str(path)!r} lacks weights the model needs ({len(bad)}, e.g. {bad[0]})",
                                "the checkpoint does not match its config.json; re-save it")
     model.eval()
+    side = read_sidecar(path) or {}
+    acts = (side.get("quantization") or {}).get("activations")
+    if acts:  # the checkpoint was quantized with simulated activation quantization: keep simulating it
+        from moecompress.nn.act_quant import ActQuant, install_act_quant
+
+        install_act_quant(model, arch, ActQuant(acts["bits"], acts.get("clip_ratio", 1.0), acts.get("symmetric", True),
+                                                acts.get("router", False)))
     tokenizer = None
     if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)

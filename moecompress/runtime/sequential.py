@@ -65,15 +65,21 @@ class SequentialRunner:
         return len(self.layers)
 
     @torch.no_grad()
-    def run_layer(self, i: int) -> None:
-        """Replace the stored hidden states by layer ``i``'s outputs (layers must run in order)."""
+    def run_layer(self, i: int, store: bool = True, before_batch=None) -> None:
+        """Run every batch through layer ``i`` (layers must run in order). ``store=True`` replaces the stored
+        hidden states by the outputs and moves on to the next layer; ``store=False`` only runs the layer
+        (a calibration pass whose hooks collect statistics). ``before_batch(b)`` is called before batch b."""
         if i != self.next_layer:
             raise RuntimeError(f"layer {i} run out of order (next is {self.next_layer})")
         layer = self.layers[i]
         for b, h in enumerate(self.hidden):
+            if before_batch is not None:
+                before_batch(b)
             out = layer(h, **self.kwargs[i][b])
-            self.hidden[b] = out[0] if isinstance(out, tuple) else out
-        self.next_layer += 1
+            if store:
+                self.hidden[b] = out[0] if isinstance(out, tuple) else out
+        if store:
+            self.next_layer += 1
 
     @torch.no_grad()
     def logits(self, b: int) -> torch.Tensor:

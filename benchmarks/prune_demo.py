@@ -1,0 +1,139 @@
+#!/usr/bin/env python
+"""Expert pruning and retrieval on the demo model, on held-out text.
+
+Pruning (random: geometric mean of the perplexity ratios over seeds 0-4): one profile of every bundled task (64 calibration windows x 256 tokens per task). For each
+task, keep ratio (75 %, 50 %, 25 % of 8 experts = 6, 4, 2) and score, the ``prune`` stage runs on a
+fresh copy of the model with that task's profile (task-specific) and with all tasks' profile (all-task);
+each pruned model is scored on the held-out windows of every task (``--windows`` per task). Cells are
+perplexity ratios against the unpruned model.
+
+Retrieval: a pattern store built from the same profile (``moecompress patterns`` defaults); every
+held-out 256-token window is matched to a task with the routing probe (first two MoE layers only);
+accuracy, time per match, and bytes read by ``retrieve`` at each keep ratio.
+
+Usage::
+
+    python benchmarks/prune_demo.py        # about 15 minutes on 2 cores; writes benchmarks/results/prune_demo.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from moecompress.calib import bundled_tasks, read_documents, token_windows
+from moecompress.context import Context
+from moecompress.eval.perplexity import score_windows
+from moecompress.formats.patterns import PatternStore
+from moecompress.pipeline import run
+from moecompress.recipe import CalibrationConfig, validate_recipe
+from moecompress.runtime.checkpoint_io import CheckpointReader, classify
+from moecompress.runtime.modelio import DEMO_MODEL, LoadedModel, load_model
+from moecompress.runtime.prompt_routing import RoutingProbe, cosine_distance
+from moecompress.stages import STAGES
+from moecompress.stages.prune import PruneConfig
+from moecompress.taer import build_patterns, retrieve
+
+ROOT = Path(__file__).resolve().parents[1]
+SCORES = ["tcess", "tcess_prob", "frequency", "reap", "ean", "random"]
+RATIOS = [0.75, 0.5, 0.25]
+
+
+def ppl_table(model, windows) -> dict[str, float]:
+    return {t: score_windows(model, w).mean_nll for t, w in windows.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--windows", type=int, default=48, help="held-out windows per task for perplexity")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "prune_demo.json")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    tasks = bundled_tasks()
+    work = Path(tempfile.mkdtemp())
+    t0 = time.time()
+    run(validate_recipe({"calibration": {"samples": 64, "seq_len": 256}, "stages": [{"stage": "profile"}]}),
+        output=work / "profile")
+    base = load_model()
+    tok = base.tokenizer
+    windows = {}
+    for t in tasks:  # up to --windows held-out windows per task (chat has 36 in all)
+        every = token_windows(tok, read_documents(t, "eval"), 256)
+        windows[t] = every if len(every) <= args.windows else token_windows(
+            tok, read_documents(t, "eval"), 256, n=args.windows, seed=0)
+    base_nll = ppl_table(base.model, windows)
+    results = {"windows_per_task": args.windows, "base_ppl": {t: float(torch.tensor(v).exp()) for t, v in base_nll.items()},
+               "pruning": []}
+    def pruned_nll(ratio: float, score: str, target: str, seed: int = 0) -> dict[str, float]:
+        model = copy.deepcopy(base.model)
+        loaded = LoadedModel(model, tok, base.arch, "demo", DEMO_MODEL, base.disk_dtype)
+        cfg = PruneConfig(profile=str(work / "profile"), tasks=None if target == "all" else [target],
+                          keep_ratio=ratio, score=score, seed=seed)
+        STAGES.get("prune").run(Context(loaded, CalibrationConfig(), None), cfg)
+        return ppl_table(model, windows)
+
+    for ratio in RATIOS:
+        for score in SCORES:
+            if score == "random":  # task-independent: the mean over 5 seeds, once per ratio
+                runs = [pruned_nll(ratio, score, "all", seed) for seed in range(5)]
+                nll = {t: sum(r[t] for r in runs) / len(runs) for t in tasks}
+                targets = [("-", nll)]
+            else:
+                targets = [(target, pruned_nll(ratio, score, target)) for target in tasks + ["all"]]
+            for target, nll in targets:
+                row = {"keep_ratio": ratio, "score": score, "profile_tasks": target,
+                       "ppl_ratio": {t: float(torch.tensor(nll[t] - base_nll[t]).exp()) for t in tasks}}
+                results["pruning"].append(row)
+                print(json.dumps(row), flush=True)
+    results["pruning_seconds"] = round(time.time() - t0, 1)
+
+    # ---------------------------------------------------------------- retrieval
+    build_patterns(None, work / "profile", work / "store")
+    store = PatternStore.load(work / "store")
+    config = base.model.config
+    reader = CheckpointReader(DEMO_MODEL)
+    probe = RoutingProbe(reader, classify(reader, config, base.arch), config, base.arch, store.signature_layers)
+    names = list(store.patterns)
+    cents = torch.tensor([store.patterns[t]["signature"] for t in names])
+    per_task, hits, fallbacks, total = {}, 0, 0, 0
+    for j, t in enumerate(names):
+        ev = token_windows(tok, read_documents(t, "eval"), 256)
+        d = cosine_distance(probe.signatures(ev), cents)
+        best = d.argmin(1)
+        ok = int((best == j).sum())
+        fb = int(sum(float(d[i, b]) > store.threshold[names[b]] for i, b in enumerate(best.tolist())))
+        per_task[t] = {"windows": len(ev), "accuracy": ok / len(ev), "fallbacks": fb}
+        hits, fallbacks, total = hits + ok, fallbacks + fb, total + len(ev)
+    one = token_windows(tok, read_documents("math", "eval"), 256, n=40, seed=1)
+    t1 = time.time()
+    for i in range(len(one)):
+        d = cosine_distance(probe.signatures(one[i:i + 1]), cents)
+    per_match = (time.time() - t1) / len(one)
+    reads = {}
+    prompt = read_documents("math", "eval")[0][:1500]
+    for ratio in RATIOS:
+        out = work / f"ret-{ratio}"
+        r = retrieve(None, work / "store", out, prompt=prompt, keep_ratio=ratio)
+        reads[str(ratio)] = {"expert_bytes_read_share": r["expert_bytes_read_share"], "matched": r["matched_task"],
+                             "expert_bytes_read": r["expert_bytes_read"], "expert_bytes_total": r["expert_bytes_total"],
+                             "bytes_read_total": r["bytes_read_total"]}
+        shutil.rmtree(out)
+    results["retrieval"] = {"signature_layers": store.signature_layers, "accuracy": hits / total, "windows": total,
+                            "fallbacks": fallbacks, "per_task": per_task, "seconds_per_match": per_match,
+                            "bytes": reads, "thresholds": store.threshold}
+    results["seconds"] = round(time.time() - t0, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(results["retrieval"], indent=1))
+
+
+if __name__ == "__main__":
+    main()

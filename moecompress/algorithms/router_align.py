@@ -1,0 +1,80 @@
+"""Router-logit alignment for a quantized router (EAQuant's routing-consistency alignment, arXiv:2506.13329,
+after OSTQuant's KL-Top loss, arXiv:2501.13987).
+
+Quantizing the router changes which experts win. Each router row (expert) gets its own clipping ratio,
+chosen by coordinate descent to minimise ``KL(p || q)`` restricted to the original top-k experts, where
+``p`` and ``q`` are the routing probabilities of the original and quantized router on calibration
+inputs (both over all experts, not renormalised on the top-k).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moecompress.algorithms.quant_grid import QuantGrid, dequantize, find_params, quantize_codes
+
+__all__ = ["align_router", "topk_kl", "topk_agreement"]
+
+
+def _probs(logits: torch.Tensor, score: str) -> torch.Tensor:
+    if score == "sigmoid":
+        s = logits.float().sigmoid()
+        return s / s.sum(-1, keepdim=True)
+    return logits.float().softmax(-1)
+
+
+def topk_kl(ref_logits: torch.Tensor, logits: torch.Tensor, k: int, score: str = "softmax") -> torch.Tensor:
+    """Mean over tokens of ``sum_{e in topk(ref)} p_e (log p_e - log q_e)``. ``[T, E]`` x ``[T, E]`` -> scalar."""
+    p, q = _probs(ref_logits, score), _probs(logits, score)
+    idx = ref_logits.topk(k, dim=-1).indices
+    pk, qk = p.gather(-1, idx), q.gather(-1, idx).clamp(min=1e-12)
+    return (pk * (pk.clamp(min=1e-12).log() - qk.log())).sum(-1).mean()
+
+
+def topk_agreement(ref_logits: torch.Tensor, logits: torch.Tensor, k: int) -> float:
+    """Share of tokens whose top-k expert set is unchanged."""
+    a = ref_logits.topk(k, dim=-1).indices.sort(-1).values
+    b = logits.topk(k, dim=-1).indices.sort(-1).values
+    return float((a == b).all(-1).float().mean())
+
+
+@torch.no_grad()
+def align_router(W: torch.Tensor, X: torch.Tensor, bits: int, k: int, score: str = "softmax",
+                 bias: torch.Tensor | None = None, ratios: torch.Tensor | None = None,
+                 sweeps: int = 2) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """Quantize router ``W [E, H]`` per row (asymmetric, ``bits``) with a clip ratio per row minimising the
+    top-k KL on inputs ``X [T, H]``. Returns ``(W_hat [E, H], ratio per row [E], report)``."""
+    E, H = W.shape
+    ratios = ratios if ratios is not None else torch.linspace(1.0, 0.35, 66)
+    grid = QuantGrid(bits, -1, symmetric=False, clip_search=False)
+    Wf, Xf = W.float(), X.float()
+    ref = Xf @ Wf.T + (0 if bias is None else bias.float())
+
+    def quant(r: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:  # clip ratio per row
+        w = Wf if rows is None else Wf[rows]
+        lo, hi = w.amin(1) * r, w.amax(1) * r
+        scale, zero = find_params(torch.stack([lo, hi], dim=1), grid)  # range [r*min, r*max] per row
+        return dequantize(quantize_codes(w, scale, zero, grid.maxq), scale, zero)
+
+    best = torch.ones(E)
+    Wq = quant(best)
+    logits = Xf @ Wq.T + (0 if bias is None else bias.float())
+    before = float(topk_kl(ref, logits, k, score))
+    agree_before = topk_agreement(ref, logits, k)
+    current = before
+    for _ in range(sweeps):
+        for e in range(E):
+            row_best, row_loss = best[e].item(), current
+            for r in ratios.tolist():
+                row = quant(torch.tensor([r]), torch.tensor([e]))[0]
+                logits_try = logits.clone()
+                logits_try[:, e] = Xf @ row + (0 if bias is None else bias[e].float())
+                loss = float(topk_kl(ref, logits_try, k, score))
+                if loss < row_loss - 1e-12:
+                    row_best, row_loss = r, loss
+            best[e] = row_best
+            Wq = quant(best)
+            logits = Xf @ Wq.T + (0 if bias is None else bias.float())
+            current = float(topk_kl(ref, logits, k, score))
+    return Wq.to(W.dtype), best, {"kl_before": before, "kl_after": current, "topk_agreement_before": agree_before,
+                                  "topk_agreement_after": topk_agreement(ref, logits, k)}

@@ -1,0 +1,1 @@
+"""Runtime modules: activation fake-quantization (and packed weights, later)."""

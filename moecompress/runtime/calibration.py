@@ -1,0 +1,186 @@
+"""Calibration statistics of one decoder layer, collected with hooks while the layer runs.
+
+* Every ``nn.Linear`` outside the routed experts and the router (attention, dense and shared MLPs): the
+  input Hessian ``sum x x^T`` (shared experts: weighted by their sigmoid gate, as MoEQuant does), the
+  per-channel input max, and which norm's output it reads (so smoothing can fold into that norm).
+* Routed experts, per expert: the gate-weighted Hessian of its routed inputs ``sum_t g_t x_t x_t^T``
+  (MoEQuant's affinity-guided Hessian), the same for the down-projection input (computed from the
+  routed tokens), routed-token counts, per-channel maxima of both inputs; plus, kept apart, the same
+  sums over *near-miss* tokens (the expert ranked k+1..k+m, weighted by its routing probability) and
+  over *reserve* batches, which only experts short of tokens use (EAQuant's calibration balance).
+* The router's input: per-channel max over all tokens and a token sample (for router alignment and the
+  smoothing-strength search).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from moecompress.algorithms.moe_math import glu
+from moecompress.models.base import MoEBlockView
+from moecompress.runtime.hooks import experts_call_args
+
+__all__ = ["ExpertStats", "LayerStats", "LinearStats", "collect"]
+
+
+@dataclass
+class LinearStats:
+    H: torch.Tensor  # [C, C]
+    act_max: torch.Tensor  # [C]
+    tokens: int = 0
+    source: str | None = None  # "attn_norm" / "moe_norm" when it reads that norm's output directly
+
+
+@dataclass
+class ExpertStats:
+    H: torch.Tensor  # [E, C, C] gate-weighted, routed tokens (base batches)
+    H_down: torch.Tensor  # [E, I, I]
+    count: torch.Tensor  # [E] routed tokens (base batches)
+    gate_sum: torch.Tensor  # [E]
+    act_max: torch.Tensor  # [E, C] over routed tokens
+    h_max: torch.Tensor  # [E, I]
+    near_H: torch.Tensor  # [E, C, C] near-miss tokens, weighted by routing probability
+    near_H_down: torch.Tensor
+    near_count: torch.Tensor  # [E]
+    res_H: torch.Tensor  # [E, C, C] reserve batches (routed)
+    res_H_down: torch.Tensor
+    res_count: torch.Tensor  # [E]
+    router_act_max: torch.Tensor  # [C] over all tokens
+    sample: list[torch.Tensor] = field(default_factory=list)  # router inputs [n, C]
+    sample_logits: list[torch.Tensor] = field(default_factory=list)  # their router logits [n, E]
+
+    @classmethod
+    def empty(cls, E: int, C: int, I: int) -> ExpertStats:
+        z = torch.zeros
+        return cls(z(E, C, C), z(E, I, I), z(E), z(E), z(E, C), z(E, I), z(E, C, C), z(E, I, I), z(E),
+                   z(E, C, C), z(E, I, I), z(E), z(C))
+
+
+@dataclass
+class LayerStats:
+    linears: dict[str, LinearStats] = field(default_factory=dict)  # by module name inside the layer
+    experts: ExpertStats | None = None
+    reserve: bool = False  # set by the caller while reserve batches run
+    sample_tokens: int = 2048
+
+
+def _accumulate(stats: LinearStats, x: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+    x = x.reshape(-1, x.shape[-1]).float()
+    xw = x if weight is None else x * weight.reshape(-1, 1).float().sqrt()
+    stats.H += xw.T @ xw
+    stats.act_max = torch.maximum(stats.act_max, x.abs().amax(0))
+    stats.tokens += x.shape[0]
+
+
+def _expert_step(st: ExpertStats, view: MoEBlockView, x: torch.Tensor, logits: torch.Tensor, index: torch.Tensor,
+                 weights: torch.Tensor, near_miss: int, reserve: bool, sample_tokens: int) -> None:
+    x = x.float()
+    E = st.count.shape[0]
+    K = index.shape[1]
+    w = view.experts.weights()
+    act = view.activation
+    st.router_act_max = torch.maximum(st.router_act_max, x.abs().amax(0))
+    if not reserve and sum(len(s) for s in st.sample) < sample_tokens:
+        st.sample.append(x[: sample_tokens].clone())
+        st.sample_logits.append(logits[: sample_tokens].float().clone())
+    probs = logits.float().sigmoid() if view.routing.score == "sigmoid" else logits.float().softmax(-1)
+    order = logits.float().argsort(dim=-1, descending=True)  # [T, E] experts by logit
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(E).expand_as(order))  # [T, E] rank of each expert
+    for e in range(E):
+        routed = (index == e)  # [T, K]
+        tok = routed.any(1).nonzero().squeeze(-1)
+        near = torch.zeros(0, dtype=torch.long)
+        if near_miss and not reserve:
+            near = ((rank[:, e] >= K) & (rank[:, e] < K + near_miss) & ~routed.any(1)).nonzero().squeeze(-1)
+        for sel, weight, target in ((tok, (weights * routed).sum(1), "routed"), (near, probs[:, e], "near")):
+            if len(sel) == 0:
+                continue
+            xs, g = x[sel], weight[sel].float()
+            xw = xs * g.sqrt()[:, None]
+            gg = nn.functional.linear(xs, w.gate[e].float(), None if w.gate_bias is None else w.gate_bias[e].float())
+            uu = nn.functional.linear(xs, w.up[e].float(), None if w.up_bias is None else w.up_bias[e].float())
+            h = glu(gg, uu, act)
+            hw = h * g.sqrt()[:, None]
+            if target == "near":
+                st.near_H[e] += xw.T @ xw
+                st.near_H_down[e] += hw.T @ hw
+                st.near_count[e] += len(sel)
+            elif reserve:
+                st.res_H[e] += xw.T @ xw
+                st.res_H_down[e] += hw.T @ hw
+                st.res_count[e] += len(sel)
+            else:
+                st.H[e] += xw.T @ xw
+                st.H_down[e] += hw.T @ hw
+                st.count[e] += len(sel)
+                st.gate_sum[e] += float(g.sum())
+                st.act_max[e] = torch.maximum(st.act_max[e], xs.abs().amax(0))
+                st.h_max[e] = torch.maximum(st.h_max[e], h.abs().amax(0))
+
+
+@contextlib.contextmanager
+def collect(layer: nn.Module, views: list[MoEBlockView], attn_norm: nn.Module | None, near_miss: int = 2,
+            sample_tokens: int = 2048) -> Iterator[LayerStats]:
+    """Hooks that fill a `LayerStats` while ``layer`` runs; removed on exit."""
+    stats = LayerStats(sample_tokens=sample_tokens)
+    handles: list = []
+    norm_out: dict[str, int] = {}
+    skip: set[int] = set()
+    shared_linears: set[int] = set()
+    shared_gate_value: dict[str, torch.Tensor] = {}  # per-token sigmoid(shared gate) of the current call
+    for v in views:
+        skip.update({id(v.router), id(v.experts.module)})
+        if v.shared_gate is not None:
+            skip.add(id(v.shared_gate))
+            shared_linears.update(id(m) for m in v.shared.module.modules())
+            handles.append(v.shared.module.register_forward_pre_hook(
+                lambda m, a, g=v.shared_gate: shared_gate_value.__setitem__("w", torch.sigmoid(g(a[0])).detach())))
+        C = v.router_weight.shape[1]
+        E, I = v.num_experts, v.experts.stacked("down").shape[2]
+        stats.experts = ExpertStats.empty(E, C, I)
+    for tag, norm in (("attn_norm", attn_norm), ("moe_norm", views[0].pre_moe_norm if views else None)):
+        if norm is not None:
+            handles.append(norm.register_forward_hook(
+                lambda m, a, out, tag=tag: norm_out.__setitem__(tag, out.data_ptr())))
+    experts_params = {id(p) for v in views for p in v.experts.module.parameters()}
+    for name, m in layer.named_modules():
+        if not isinstance(m, nn.Linear) or id(m) in skip or id(m.weight) in experts_params:
+            continue
+
+        def pre(mod, args, name=name):
+            x = args[0]
+            st = stats.linears.get(name)
+            if st is None:
+                C = x.shape[-1]
+                src = next((t for t, p in norm_out.items() if p == x.data_ptr()), None)
+                st = stats.linears[name] = LinearStats(torch.zeros(C, C), torch.zeros(C), 0, src)
+            if stats.reserve:
+                return
+            weight = shared_gate_value.get("w") if id(mod) in shared_linears else None
+            _accumulate(st, x, weight)
+
+        handles.append(m.register_forward_pre_hook(pre))
+    for v in views:
+        last: dict[str, torch.Tensor] = {}
+        handles.append(v.router.register_forward_hook(
+            lambda m, a, out, last=last: last.__setitem__("logits", (out[0] if isinstance(out, tuple) else out).detach())))
+
+        def on_experts(mod, args, kwargs, v=v, last=last):
+            x, index, weights = experts_call_args(args, kwargs)
+            logits = last.pop("logits").reshape(-1, v.num_experts)
+            with torch.no_grad():
+                _expert_step(stats.experts, v, x.reshape(-1, x.shape[-1]), logits, index.reshape(-1, index.shape[-1]),
+                             weights.reshape(-1, weights.shape[-1]).float(), near_miss, stats.reserve,
+                             stats.sample_tokens)
+
+        handles.append(v.experts.module.register_forward_pre_hook(on_experts, with_kwargs=True))
+    try:
+        yield stats
+    finally:
+        for h in handles:
+            h.remove()

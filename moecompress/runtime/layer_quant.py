@@ -1,0 +1,187 @@
+"""Quantizing one decoder layer from its calibration statistics: smoothing folds, linears, experts, router.
+
+Everything works through the adapter views; statistics come from `runtime.calibration`. Smoothing is
+folded exactly (the full-precision function is unchanged) and the collected Hessians are transformed to
+match (``x' = x / s`` gives ``H' = H / (s s^T)``), so statistics are collected once per layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from moecompress.algorithms.gptq import gptq_quantize
+from moecompress.algorithms.quant_grid import QuantGrid, rtn_quantize
+from moecompress.algorithms.router_align import align_router
+from moecompress.algorithms.smooth import aggregate_scales, down_outlier_scales, smooth_scales
+from moecompress.formats.quant_record import QuantRecord
+from moecompress.models.base import MoEBlockView
+from moecompress.runtime.calibration import LayerStats
+
+__all__ = ["QuantOptions", "quantize_experts", "quantize_linears", "quantize_router", "smooth_layer"]
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    grid: QuantGrid
+    method: str = "gptq"  # or "rtn"
+    act_order: bool = True
+    damp: float = 0.01
+    block_size: int = 128
+
+
+def _quantize(W: torch.Tensor, H: torch.Tensor | None, opt: QuantOptions):
+    if opt.method == "rtn" or H is None:
+        return rtn_quantize(W, opt.grid)
+    return gptq_quantize(W, H, opt.grid, block_size=opt.block_size, damp=opt.damp, act_order=opt.act_order)
+
+
+@torch.no_grad()
+def _scale_norm(norm: nn.Module, s: torch.Tensor) -> None:
+    norm.weight.div_(s.to(norm.weight.dtype))
+    if getattr(norm, "bias", None) is not None:
+        norm.bias.div_(s.to(norm.bias.dtype))
+
+
+@torch.no_grad()
+def smooth_layer(layer: nn.Module, views: list[MoEBlockView], stats: LayerStats, attn_norm: nn.Module | None,
+                 alpha: float, aggregate: str, router_term: bool, attention: bool, down: bool) -> dict[str, torch.Tensor]:
+    """Fold SmoothQuant / EAQuant smoothing into the layer and its statistics; returns the vectors used."""
+    used: dict[str, torch.Tensor] = {}
+    modules = dict(layer.named_modules())
+    if attention and attn_norm is not None and getattr(attn_norm, "weight", None) is not None:
+        consumers = [n for n, st in stats.linears.items() if st.source == "attn_norm"]
+        if consumers:
+            act = torch.stack([stats.linears[n].act_max for n in consumers]).amax(0)
+            wmax = torch.stack([modules[n].weight.abs().amax(0).float() for n in consumers]).amax(0)
+            s = smooth_scales(act, wmax, alpha)
+            _scale_norm(attn_norm, s)
+            for n in consumers:
+                modules[n].weight.mul_(s.to(modules[n].weight.dtype))
+                st = stats.linears[n]
+                st.H /= s[:, None] * s[None, :]
+                st.act_max /= s
+            used["attn"] = s
+    for v in views:
+        ex = stats.experts
+        gate, up = v.experts.stacked("gate").float(), v.experts.stacked("up").float()  # [E, I, H]
+        w_max = torch.maximum(gate.abs().amax(1), up.abs().amax(1))  # [E, H]
+        per_expert = smooth_scales(ex.act_max, w_max, alpha)
+        per_expert[ex.count == 0] = 0  # experts without tokens do not vote
+        if bool((ex.count == 0).all()):
+            continue
+        weights = ex.count if aggregate == "freq" else ex.gate_sum
+        rterm = smooth_scales(ex.router_act_max, v.router_weight.abs().amax(0).float(), alpha) if router_term else None
+        s = aggregate_scales(per_expert, aggregate, weights, rterm).clamp(min=1e-5)
+        s = torch.where(ex.router_act_max > 0, s, torch.ones_like(s))
+        _scale_norm(v.pre_moe_norm, s)
+        v.router_weight.mul_(s.to(v.router_weight.dtype))
+        for proj, w in (("gate", gate), ("up", up)):
+            v.experts.set_stacked(proj, w * s)
+        if v.shared is not None:
+            for proj in ("gate", "up"):
+                v.shared.set_stacked(proj, v.shared.stacked(proj).float() * s)
+        if v.shared_gate is not None:
+            v.shared_gate.weight.mul_(s.to(v.shared_gate.weight.dtype))
+        for st in stats.linears.values():
+            if st.source == "moe_norm":
+                st.H /= s[:, None] * s[None, :]
+                st.act_max /= s
+        ss = s[:, None] * s[None, :]
+        for H in (ex.H, ex.near_H, ex.res_H):
+            H /= ss
+        ex.act_max /= s
+        ex.router_act_max /= s
+        ex.sample = [x / s for x in ex.sample]
+        used["moe"] = s
+        if down and v.activation.kind == "glu":  # act(g) * u is linear in u: fold 1/s into up rows
+            sd = down_outlier_scales(ex.h_max)  # [E, I]
+            if bool((sd != 1).any()):
+                v.experts.set_stacked("up", v.experts.stacked("up").float() / sd[:, :, None])
+                b = v.experts.bias("up")
+                if b is not None:
+                    b.div_(sd.to(b.dtype))
+                v.experts.set_stacked("down", v.experts.stacked("down").float() * sd[:, None, :])
+                sds = sd[:, :, None] * sd[:, None, :]
+                for H in (ex.H_down, ex.near_H_down, ex.res_H_down):
+                    H /= sds
+                ex.h_max /= sd
+                used["down"] = sd
+    return used
+
+
+@torch.no_grad()
+def quantize_linears(layer: nn.Module, stats: LayerStats, opt: QuantOptions, record: QuantRecord,
+                     prefix: str) -> dict[str, Any]:
+    """GPTQ (or RTN) every collected linear of the layer with its own Hessian."""
+    modules = dict(layer.named_modules())
+    out = {}
+    for name, st in stats.linears.items():
+        lin = modules[name]
+        res = _quantize(lin.weight.detach().float()[None], st.H[None] if st.tokens else None, opt)
+        lin.weight.copy_(res.weight[0].to(lin.weight.dtype))
+        record.add(f"{prefix}.{name}", res.codes, res.scales, res.zeros)
+        out[name] = {"tokens": st.tokens, "method": opt.method if st.tokens else "rtn"}
+    return out
+
+
+@torch.no_grad()
+def quantize_experts(view: MoEBlockView, stats: LayerStats, opt: QuantOptions, record: QuantRecord, prefix: str,
+                     balance: bool, n_min: float) -> dict[str, Any]:
+    """GPTQ all experts of the block at once ([E, O, C] with [E, C, C] Hessians), with calibration balance:
+    an expert short of ``n_min`` routed tokens is topped up from reserve batches, then near-miss tokens,
+    else falls back to RTN (clip search). Experts with no token at all always fall back to RTN."""
+    ex = stats.experts
+    E = view.num_experts
+    H, Hd, n = ex.H.clone(), ex.H_down.clone(), ex.count.clone()
+    reserve_used, near_used, fallback = [], [], []
+    for e in range(E):
+        if balance and n[e] < n_min and ex.res_count[e] > 0:
+            H[e] += ex.res_H[e]
+            Hd[e] += ex.res_H_down[e]
+            n[e] += ex.res_count[e]
+            reserve_used.append(e)
+        if balance and n[e] < n_min and ex.near_count[e] > 0:
+            H[e] += ex.near_H[e]
+            Hd[e] += ex.near_H_down[e]
+            n[e] += ex.near_count[e]
+            near_used.append(e)
+        if n[e] == 0 or (balance and n[e] < n_min):
+            H[e] = 0  # an all-zero Hessian is the identity in gptq_quantize: RTN with clip search
+            Hd[e] = 0
+            fallback.append(e)
+    gate, up = view.experts.stacked("gate").float(), view.experts.stacked("up").float()
+    I = gate.shape[1]
+    res = _quantize(torch.cat([gate, up], dim=1), H, opt)  # gate and up share their input
+    view.experts.set_stacked("gate", res.weight[:, :I])
+    view.experts.set_stacked("up", res.weight[:, I:])
+    record.add(f"{prefix}.experts:gate", res.codes[:, :I], res.scales[:, :I], res.zeros[:, :I])
+    record.add(f"{prefix}.experts:up", res.codes[:, I:], res.scales[:, I:], res.zeros[:, I:])
+    res = _quantize(view.experts.stacked("down").float(), Hd, opt)
+    view.experts.set_stacked("down", res.weight)
+    record.add(f"{prefix}.experts:down", res.codes, res.scales, res.zeros)
+    return {"routed_tokens": [int(c) for c in ex.count], "tokens_used": [int(c) for c in n], "min_tokens": n_min,
+            "topped_up_reserve": reserve_used, "topped_up_near_miss": near_used, "rtn_fallback": fallback}
+
+
+@torch.no_grad()
+def quantize_router(view: MoEBlockView, stats: LayerStats, bits: int, align: bool, record: QuantRecord,
+                    prefix: str) -> dict[str, Any]:
+    """Quantize the router per row (asymmetric); with ``align``, search each row's clip ratio to minimise
+    the top-k KL of routing probabilities on calibration inputs."""
+    W = view.router_weight
+    X = torch.cat(stats.experts.sample) if stats.experts.sample else torch.zeros(0, W.shape[1])
+    rule = view.routing
+    score = "sigmoid" if rule.score == "sigmoid" else "softmax"
+    if align and len(X):
+        Wq, ratios, rep = align_router(W.detach(), X, bits, rule.top_k, score, view.router_bias)
+    else:
+        res = rtn_quantize(W.detach().float()[None], QuantGrid(bits, -1, False, True))
+        Wq, rep = res.weight[0], {}
+    W.copy_(Wq.to(W.dtype))
+    res = rtn_quantize(W.detach().float()[None], QuantGrid(bits, -1, False, False))  # codes of the chosen grid
+    record.add(f"{prefix}.router", res.codes, res.scales, res.zeros)
+    return {"bits": bits, "aligned": bool(align and len(X)), **rep}

@@ -1,0 +1,97 @@
+"""Quantization math invariants: GPTQ <= RTN on the same Hessian, identity Hessian = RTN, grids, smoothing,
+router alignment."""
+
+import pytest
+import torch
+
+from moecompress.algorithms.gptq import gptq_quantize, proxy_loss
+from moecompress.algorithms.quant_grid import QuantGrid, fake_quant_tokens, rtn_quantize
+from moecompress.algorithms.router_align import align_router
+from moecompress.algorithms.smooth import aggregate_scales, down_outlier_scales, smooth_scales
+
+GRIDS = [QuantGrid(4, 32), QuantGrid(3, -1, symmetric=True), QuantGrid(2, 16), QuantGrid(8, 64, clip_search=False)]
+
+
+def _problem(seed, E=3, O=24, C=64, T=200):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(E, O, C, generator=g) * 0.1
+    X = torch.randn(E, T, C, generator=g) * (torch.rand(C, generator=g) * 4)
+    return W, torch.einsum("etc,etd->ecd", X, X)
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=str)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gptq_error_at_most_rtn_error(grid, seed):
+    W, H = _problem(seed)
+    rtn = rtn_quantize(W, grid)
+    for act_order in (True, False):
+        gptq = gptq_quantize(W, H, grid, act_order=act_order, block_size=16)
+        assert torch.all(proxy_loss(W, gptq.weight, H) <= proxy_loss(W, rtn.weight, H) * (1 + 1e-6))
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=str)
+def test_identity_hessian_reproduces_rtn(grid):
+    W, _ = _problem(3)
+    eye = torch.eye(W.shape[2]).expand(W.shape[0], -1, -1).clone()
+    g, r = gptq_quantize(W, eye, grid, act_order=False, damp=0.0), rtn_quantize(W, grid)
+    assert torch.equal(g.codes, r.codes) and torch.allclose(g.weight, r.weight)
+    zero = gptq_quantize(W, torch.zeros_like(eye), grid)  # no tokens at all: RTN too
+    assert torch.equal(zero.codes, r.codes)
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=str)
+def test_codes_scales_zeros_rebuild_the_weights(grid):
+    W, H = _problem(4)
+    res = gptq_quantize(W, H, grid)
+    E, O, C = W.shape
+    G = res.scales.shape[-1]
+    assert res.codes.dtype == torch.uint8 and int(res.codes.max()) <= grid.maxq
+    rebuilt = ((res.codes.float().view(E, O, G, C // G) - res.zeros[..., None]) * res.scales[..., None]).view(E, O, C)
+    assert torch.allclose(rebuilt, res.weight, atol=1e-6)
+
+
+def test_clip_search_lowers_rtn_error():
+    W, _ = _problem(5)
+    W[:, :, 0] *= 20  # an outlier column
+    plain = rtn_quantize(W, QuantGrid(3, -1, clip_search=False))
+    clipped = rtn_quantize(W, QuantGrid(3, -1, clip_search=True))
+    assert (clipped.weight - W).abs().pow(2.4).sum() < (plain.weight - W).abs().pow(2.4).sum()
+
+
+def test_group_size_must_divide():
+    W, _ = _problem(6, C=60)
+    with pytest.raises(ValueError, match="does not divide"):
+        rtn_quantize(W, QuantGrid(4, 32))
+
+
+def test_activation_fake_quant():
+    x = torch.randn(5, 64)
+    assert torch.allclose(fake_quant_tokens(x, 16), x, atol=1e-3)
+    q4 = fake_quant_tokens(x, 4)
+    assert all(len(torch.unique(r)) <= 16 for r in q4)
+    qa = fake_quant_tokens(x, 4, 0.9, symmetric=False)
+    assert (qa - x).abs().mean() < (x.abs().mean())
+
+
+def test_smoothing_math():
+    act = torch.tensor([10.0, 1.0, 0.0])
+    w = torch.tensor([1.0, 1.0, 1.0])
+    s = smooth_scales(act, w, 0.5)
+    assert torch.allclose(s, torch.tensor([10 ** 0.5, 1.0, 1.0]))
+    per = torch.tensor([[1.0, 4.0], [3.0, 2.0]])
+    assert aggregate_scales(per).tolist() == [3.0, 4.0]
+    assert torch.allclose(aggregate_scales(per, "freq", torch.tensor([3.0, 1.0])), torch.tensor([1.5, 3.5]))
+    assert aggregate_scales(per, "max", router=torch.tensor([5.0, 0.0])).tolist() == [5.0, 4.0]
+    h = torch.ones(2, 20)
+    h[0, 3] = 50.0
+    sd = down_outlier_scales(h)
+    assert sd[0, 3] > 1 and (sd[0, :3] == 1).all() and (sd[1] == 1).all()
+
+
+def test_router_alignment_lowers_kl():
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(8, 32, generator=g)
+    W[:, 5] *= 10
+    X = torch.randn(400, 32, generator=g)
+    _, ratios, rep = align_router(W, X, 3, 2)
+    assert rep["kl_after"] < rep["kl_before"] and ratios.shape == (8,)

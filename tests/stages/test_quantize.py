@@ -1,0 +1,141 @@
+"""The quantize stage: smoothing is function-preserving, every expert is quantized, every adapter works."""
+
+import json
+
+import pytest
+import torch
+
+from moecompress.algorithms.router_align import topk_kl
+from moecompress.context import Context
+from moecompress.errors import MoecompressError
+from moecompress.formats.quant_record import QuantRecord
+from moecompress.models import find_arch
+from moecompress.pipeline import run
+from moecompress.recipe import CalibrationConfig, validate_recipe
+from moecompress.runtime.calibration import collect
+from moecompress.runtime.layer_quant import quantize_router, smooth_layer
+from moecompress.runtime.modelio import LoadedModel, load_model, tiny_tokenizer
+from moecompress.runtime.sequential import SequentialRunner
+from moecompress.stages import STAGES
+from moecompress.stages.quantize import QuantizeConfig
+from moecompress.testing import FAMILY, tiny_config, tiny_moe
+
+
+def _ctx(model, tmp_path, samples=2, seq_len=32):
+    loaded = LoadedModel(model, tiny_tokenizer(), find_arch(model.config), "tiny", None, torch.float32)
+    return Context(loaded, CalibrationConfig(tasks=["prose", "code"], samples=samples, seq_len=seq_len), tmp_path)
+
+
+def _layer_stats(model, arch, i):
+    runner = SequentialRunner(model, arch, [torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))])
+    for j in range(i):
+        runner.run_layer(j)
+    layer = runner.layers[i]
+    views = [arch.block(model, i)]
+    with collect(layer, views, getattr(layer, arch.pre_attn_norm)) as stats:
+        runner.run_layer(i, store=False)
+    return runner, layer, views, stats
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss", "phimoe"])
+@torch.no_grad()
+def test_smoothing_fold_leaves_the_unquantized_function_unchanged(family):
+    model = tiny_moe(family)
+    arch = find_arch(model.config)
+    i = arch.moe_layer_indices(model.config)[0]
+    runner, layer, views, stats = _layer_stats(model, arch, i)
+    h, kw = runner.hidden[0], runner.kwargs[i][0]
+    before = layer(h, **kw)
+    used = smooth_layer(layer, views, stats, getattr(layer, arch.pre_attn_norm), 0.6, "max", True, True, True)
+    assert "moe" in used and "attn" in used and (used["moe"] != 1).any()
+    after = layer(h, **kw)
+    before, after = (x[0] if isinstance(x, tuple) else x for x in (before, after))
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_router_alignment_lowers_router_kl():
+    model = tiny_moe("mixtral")
+    arch = find_arch(model.config)
+    _, _, views, stats = _layer_stats(model, arch, 0)
+    v = views[0]
+    X = torch.cat(stats.experts.sample)
+    ref = X @ v.router_weight.T.clone()
+    W0 = v.router_weight.clone()
+    plain = quantize_router(v, stats, 3, False, QuantRecord(), "p")
+    kl_plain = float(topk_kl(ref, X @ v.router_weight.T, 2))
+    v.router_weight.copy_(W0)
+    aligned = quantize_router(v, stats, 3, True, QuantRecord(), "p")
+    kl_aligned = float(topk_kl(ref, X @ v.router_weight.T, 2))
+    assert aligned["aligned"] and not plain["aligned"]
+    assert kl_aligned <= kl_plain and aligned["kl_after"] <= aligned["kl_before"]
+
+
+@torch.no_grad()
+def test_every_expert_is_quantized_even_with_tiny_calibration(tmp_path):
+    model = tiny_moe("mixtral", hot_experts=(0, 1))  # the other experts get almost no tokens
+    ctx = _ctx(model, tmp_path, samples=1, seq_len=8)
+    result = STAGES.get("quantize").run(ctx, QuantizeConfig(scheme="w4a16", group_size=8))
+    record = QuantRecord.load(tmp_path)
+    arch = ctx.arch
+    for view in arch.moe_blocks(model):
+        layer = result["layers"][str(view.index)]["experts"]
+        assert len(layer["rtn_fallback"]) > 0  # reported, never silent
+        for proj in ("gate", "up", "down"):
+            name = f"model.layers.{view.index}.mlp.experts:{proj}"
+            deq = record.dequantize(name, 8)
+            assert deq.shape[0] == 8  # all experts present
+            torch.testing.assert_close(view.experts.stacked(proj).float(), deq, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY))
+def test_quantize_runs_on_every_adapter(family, tmp_path):
+    model = tiny_moe(family)
+    ctx = _ctx(model, tmp_path)
+    scheme = "w4a4" if family in ("qwen2_moe", "deepseek_v3", "gpt_oss") else "w4a16"
+    x = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        ref = model(input_ids=x).logits
+    result = STAGES.get("quantize").run(ctx, QuantizeConfig(scheme=scheme, group_size=8, router_bits=8))
+    with torch.no_grad():
+        out = model(input_ids=x).logits
+    assert torch.isfinite(out).all() and not torch.equal(out, ref)
+    assert (out - ref).abs().mean() < ref.abs().mean()  # quantized, not destroyed
+    assert all(a > 0.5 for a in result["routing_topk_agreement_calib"])
+    assert len(QuantRecord.load(tmp_path).weights()) > 3
+
+
+def test_group_size_must_divide_every_width():
+    cfg = tiny_config("mixtral")  # expert width 24
+    with pytest.raises(MoecompressError, match="group size 16 does not divide the input width 24 .*--group-size 8"):
+        QuantizeConfig(scheme="w4a16", group_size=16).check(cfg, find_arch(cfg))
+    QuantizeConfig(scheme="w4a16", group_size=8).check(cfg, find_arch(cfg))
+    QuantizeConfig(scheme="w4a4").check(cfg, find_arch(cfg))  # per channel
+
+
+def test_quantized_directory_reloads_with_activation_quantization(tmp_path):
+    r = validate_recipe({"model": "tiny:olmoe", "calibration": {"tasks": ["prose"], "samples": 2, "seq_len": 32},
+                         "stages": [{"stage": "quantize", "scheme": "w4a4", "group_size": 8}]})
+    run(r, output=tmp_path / "q")
+    side = json.loads((tmp_path / "q" / "moecompress.json").read_text())
+    assert side["quantization"]["activations"]["bits"] == 4
+    loaded = load_model(str(tmp_path / "q"))
+    x = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        simulated = loaded.model(input_ids=x).logits
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert not torch.allclose(plain(input_ids=x).logits, simulated)  # A4 is simulated on load
+
+
+def test_calibration_text_too_short(tmp_path):
+    f = tmp_path / "tiny.txt"
+    f.write_text("just a few words")
+    r = validate_recipe({"model": "tiny:mixtral", "calibration": {"tasks": ["mine"], "data": {"mine": str(f)},
+                                                                  "samples": 4, "seq_len": 32},
+                         "stages": [{"stage": "quantize", "scheme": "w4a16", "group_size": 8}]})
+    with pytest.raises(MoecompressError, match="enough for 0 windows"):
+        run(r, output=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
