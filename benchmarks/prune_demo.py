@@ -54,6 +54,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--windows", type=int, default=48, help="held-out windows per task for perplexity")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "prune_demo.json")
+    ap.add_argument("--retrieval-only", action="store_true", help="rerun only the retrieval part, keeping the "
+                    "pruning results already in --out")
     args = ap.parse_args()
     torch.set_num_threads(2)
     tasks = bundled_tasks()
@@ -68,9 +70,14 @@ def main() -> None:
         every = token_windows(tok, read_documents(t, "eval"), 256)
         windows[t] = every if len(every) <= args.windows else token_windows(
             tok, read_documents(t, "eval"), 256, n=args.windows, seed=0)
-    base_nll = ppl_table(base.model, windows)
-    results = {"windows_per_task": args.windows, "base_ppl": {t: float(torch.tensor(v).exp()) for t, v in base_nll.items()},
-               "pruning": []}
+    if args.retrieval_only:
+        results = json.loads(args.out.read_text())
+        RATIOS_RUN: list[float] = []
+    else:
+        base_nll = ppl_table(base.model, windows)
+        results = {"windows_per_task": args.windows,
+                   "base_ppl": {t: float(torch.tensor(v).exp()) for t, v in base_nll.items()}, "pruning": []}
+        RATIOS_RUN = RATIOS
     def pruned_nll(ratio: float, score: str, target: str, seed: int = 0) -> dict[str, float]:
         model = copy.deepcopy(base.model)
         loaded = LoadedModel(model, tok, base.arch, "demo", DEMO_MODEL, base.disk_dtype)
@@ -79,7 +86,7 @@ def main() -> None:
         STAGES.get("prune").run(Context(loaded, CalibrationConfig(), None), cfg)
         return ppl_table(model, windows)
 
-    for ratio in RATIOS:
+    for ratio in RATIOS_RUN:
         for score in SCORES:
             if score == "random":  # task-independent: the mean over 5 seeds, once per ratio
                 runs = [pruned_nll(ratio, score, "all", seed) for seed in range(5)]
@@ -92,7 +99,8 @@ def main() -> None:
                        "ppl_ratio": {t: float(torch.tensor(nll[t] - base_nll[t]).exp()) for t in tasks}}
                 results["pruning"].append(row)
                 print(json.dumps(row), flush=True)
-    results["pruning_seconds"] = round(time.time() - t0, 1)
+    if not args.retrieval_only:
+        results["pruning_seconds"] = round(time.time() - t0, 1)
 
     # ---------------------------------------------------------------- retrieval
     build_patterns(None, work / "profile", work / "store")
@@ -112,6 +120,7 @@ def main() -> None:
         per_task[t] = {"windows": len(ev), "accuracy": ok / len(ev), "fallbacks": fb}
         hits, fallbacks, total = hits + ok, fallbacks + fb, total + len(ev)
     one = token_windows(tok, read_documents("math", "eval"), 256, n=40, seed=1)
+    probe.signatures(one[:1])  # warm-up
     t1 = time.time()
     for i in range(len(one)):
         d = cosine_distance(probe.signatures(one[i:i + 1]), cents)

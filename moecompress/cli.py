@@ -130,9 +130,11 @@ def run(
                 "data": {**r.calibration.data, **files}})
             r = r.model_copy(update={"calibration": calib})
         result = run_pipeline(r, model=model, output=output, force=force, progress=RichProgress())
-        rows = [[s["stage"], f"{s['seconds']:.1f}", _summary(s["result"])] for s in result.report["stages"]]
-        print_table(f"{r.name or recipe.name}", ["stage", "seconds", "result"], rows)
-        success(f"wrote {result.output} (report: {result.output / 'moecompress.json'})")
+        for s in result.report["stages"]:
+            console.print(f"[bold]{s['stage']}[/] ({s['seconds']:.1f} s)")
+            SHOW.get(s["stage"], _show_generic)(s["result"])
+        if result.output is not None:
+            success(f"wrote {result.output} (report: {result.output / 'moecompress.json'})")
 
 
 TasksOpt = Annotated[Optional[str], typer.Option("--tasks", help="Comma-separated bundled tasks "
@@ -241,18 +243,7 @@ def prune(
                                   "calibration": _calibration(",".join(tasks) if tasks else None, None, samples,
                                                               seq_len, seed)}, "prune")
         result = run_pipeline(recipe, output=output, force=force, progress=RichProgress())
-        r = result.report["stages"][0]["result"]
-        rows = [[layer, " ".join(map(str, ids)), f"{cov:.1%}"]
-                for (layer, ids), cov in zip(r["kept_experts"].items(), r["score_coverage_per_layer"])]
-        print_table(f"Kept {r['experts_after']} of {r['experts_before']} experts per layer by {r['score']} "
-                    f"for {', '.join(r['tasks'])}", ["layer", "kept experts (original ids)", "score covered"], rows)
-        if r["needed_per_layer"]:
-            console.print(f"cumulative coverage needs {r['needed_per_layer']} experts per layer")
-        if r["router_recalibration"]:
-            kd = r["router_recalibration"]
-            console.print(f"router recalibration: KL {kd['kl_before']:.4f} -> {kd['kl_after']:.4f}")
-        console.print(f"parameters {r['params_before']:,} -> {r['params_after']:,} "
-                      f"({r['params_after'] / r['params_before']:.1%})")
+        _show_prune(result.report["stages"][0]["result"])
         success(f"wrote {result.output} (loads with plain transformers; provenance in moecompress.json)")
 
 
@@ -383,7 +374,7 @@ def _print_eval(r: dict) -> None:
     base = r.get("baseline")
     cols = ["task", "windows", "ppl"]
     if base:
-        cols = ["task", "n", "ppl base", "ppl", "change [95% CI]", "KL", "token agree", "route J (min)", "route top1"]
+        cols = ["task", "n", "ppl base", "ppl", "change ±95%", "KL", "token agree", "route J (min)", "route top1"]
     rows = []
     for t, d in r["tasks"].items():
         if not base:
@@ -392,7 +383,7 @@ def _print_eval(r: dict) -> None:
         lo, hi = d["nll_diff_ci95"]
         ra, rt = d.get("routing_agreement"), d.get("routing_top1_agreement")
         rows.append([t, d["windows"], f"{base['tasks'][t]['ppl']:.2f}", f"{d['ppl']:.2f}",
-                     f"{d['ppl_ratio'] - 1:+.1%} [{_pct(lo)},{_pct(hi)}]", f"{d['kl']:.3f}",
+                     f"{d['ppl_ratio'] - 1:+.1%}±{_half(lo, hi)}", f"{d['kl']:.3f}",
                      f"{d['top1_agreement']:.1%}",
                      "-" if ra is None else f"{sum(ra) / len(ra):.2f} ({min(ra):.2f})",
                      "-" if rt is None else f"{sum(rt) / len(rt):.2f}"])
@@ -413,18 +404,60 @@ def _short(label: str) -> str:
     return "demo" if label.endswith("assets/demo-moe") else str(Path(*parts[-2:])) if len(parts) > 2 else label
 
 
-def _pct(nll_diff: float) -> str:
+def _half(lo: float, hi: float) -> str:
+    """Half-width, in percentage points, of a 95 % interval on the log-perplexity difference."""
     import math
 
-    return f"{math.exp(nll_diff) - 1:+.1%}"
+    return f"{(math.exp(hi) - math.exp(lo)) / 2 * 100:.1f}"
 
 
 def _mb(n: int) -> str:
     return f"{n / 1e6:.2f} MB"
 
 
-def _summary(result: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in result.items() if not isinstance(v, (dict, list)))[:200]
+def _show_generic(result: dict) -> None:
+    console.print(", ".join(f"{k}={v}" for k, v in result.items() if not isinstance(v, (dict, list))), soft_wrap=True)
+
+
+def _show_profile(r: dict) -> None:
+    console.print(f"profiled {r['tokens']:,} tokens of {', '.join(r['tasks'])} at {r['tokens_per_second']:,.0f} "
+                  f"tokens/s; mean JS divergence between tasks per layer: {r['js_divergence_mean_per_layer']}; "
+                  f"super experts: {r['super_experts'] or 'none'}", soft_wrap=True)
+
+
+def _show_prune(r: dict) -> None:
+    rows = [[layer, " ".join(map(str, ids)), f"{cov:.1%}"]
+            for (layer, ids), cov in zip(r["kept_experts"].items(), r["score_coverage_per_layer"])]
+    print_table(f"Kept {r['experts_after']} of {r['experts_before']} experts per layer by {r['score']} "
+                f"for {', '.join(r['tasks'])}", ["layer", "kept experts (original ids)", "score covered"], rows)
+    if r.get("needed_per_layer"):
+        console.print(f"cumulative coverage needs {r['needed_per_layer']} experts per layer")
+    if r.get("router_recalibration"):
+        kd = r["router_recalibration"]
+        console.print(f"router recalibration: KL {kd['kl_before']:.4f} -> {kd['kl_after']:.4f}")
+    console.print(f"parameters {r['params_before']:,} -> {r['params_after']:,} "
+                  f"({r['params_after'] / r['params_before']:.1%})")
+
+
+def _show_keep(r: dict) -> None:
+    console.print(f"experts {r['experts_before']} -> {r['experts_after']} per layer; parameters "
+                  f"{r['params_before']:,} -> {r['params_after']:,}")
+
+
+def _show_quantize(r: dict) -> None:
+    acts = r["activations"]
+    w = r["weights"]
+    console.print(f"{r['scheme']}: {w['bits']}-bit weights ({w['method']}, group {w['group_size']}), "
+                  f"{'activations ' + str(acts['bits']) + '-bit per token' if acts else 'activations unquantized'}"
+                  f"{', smoothing' if r['smooth'] else ''}{', router ' + str(r['router_bits']) + '-bit' if r['router_bits'] else ''}"
+                  f"; {r['calibration_windows']} calibration windows in {r['seconds']:.1f} s", soft_wrap=True)
+    print_table("Per MoE layer", ["layer", "top-k routing agreement (calibration)", "experts on RTN fallback"],
+                [[k, f"{a:.1%}", r["rtn_fallback_experts_per_layer"].get(k, 0)]
+                 for k, a in zip(r["rtn_fallback_experts_per_layer"], r["routing_topk_agreement_calib"])])
+
+
+SHOW = {"profile": _show_profile, "prune": _show_prune, "keep_experts": _show_keep, "quantize": _show_quantize,
+        "evaluate": lambda r: _print_eval(r)}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,7 +12,7 @@ LEVEL = {
     "models": 1, "formats": 1, "calib": 1,
     "runtime": 2, "eval": 2, "nn": 2, "testing": 2,
     "stages": 3,
-    "pipeline": 4, "recipe": 4, "context": 4,
+    "pipeline": 4, "recipe": 4, "context": 4, "taer": 4,
     "cli": 5, "console": 5, "__main__": 5, "__init__": 5,
 }
 

@@ -22,7 +22,8 @@ def test_readme_main_command_and_python_examples(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     for block in re.findall(r"```python\n(.*?)```", README, re.S):
         exec(compile(block, "README.md", "exec"), {})
-    assert (tmp_path / "out" / "demo-6e" / "moecompress.json").is_file()
+    side = (tmp_path / "out" / "demo-math" / "moecompress.json").read_text()
+    assert '"kept_experts"' in side and (tmp_path / "out" / "demo-6e" / "moecompress.json").is_file()
 
 
 def test_readme_test_command_is_what_ci_runs():

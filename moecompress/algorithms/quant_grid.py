@@ -4,7 +4,8 @@ Weights ``[..., O, C]`` are split along C into groups of ``group_size`` (``-1``:
 Each group gets a scale and, when asymmetric, a zero point: ``q = clamp(round(w / s) + z, 0, 2^b - 1)``,
 ``w_hat = (q - z) * s`` (GPTQ's convention, Frantar et al. 2022, arXiv:2210.17323). Symmetric grids fix
 ``z = 2^(b-1)`` (so codes are still unsigned). The MSE clip search (as in GPTQ's ``mse`` option) shrinks
-the range by factors ``1, 0.99, ..., 0.2`` per group and keeps the one with the least ``|w - w_hat|^2.4``.
+the range per group and keeps the factor with the least ``|w - w_hat|^2.4``: a coarse pass over
+``1.00, 0.95, ..., 0.20``, then the neighbourhood of the best factor in steps of 0.01.
 """
 
 from __future__ import annotations
@@ -74,13 +75,22 @@ def find_params(w: torch.Tensor, grid: QuantGrid) -> tuple[torch.Tensor, torch.T
     if not grid.clip_search:
         return scale, zero
     best = torch.full_like(scale, float("inf"))
-    for i in range(81):  # shrink factors 1.00 .. 0.20
-        p = 1 - i / 100
+    factor = torch.ones_like(scale)
+
+    def trial(p: torch.Tensor) -> None:
+        nonlocal best, scale, zero, factor
         s, z = _params(p * xmin, p * xmax, grid.maxq, grid.symmetric)
         err = (dequantize(quantize_codes(w, s, z, grid.maxq), s, z) - w).abs().pow(2.4).sum(dim=-1, keepdim=True)
         better = err < best
         best = torch.where(better, err, best)
         scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
+        factor = torch.where(better, p, factor)
+
+    for i in range(17):  # 1.00 .. 0.20 in steps of 0.05
+        trial(torch.full_like(scale, 1 - 0.05 * i))
+    coarse = factor.clone()
+    for d in (-4, -3, -2, -1, 1, 2, 3, 4):  # refine around each group's best in steps of 0.01
+        trial((coarse + 0.01 * d).clamp(0.2, 1.0))
     return scale, zero
 
 

@@ -78,7 +78,8 @@ def model_size(loaded: LoadedModel, modified: bool = False) -> dict[str, Any]:
         how = "files"
     else:
         per = torch.empty(0, dtype=loaded.disk_dtype).element_size()
-        size = sum(p.numel() for p in loaded.model.state_dict().values()) * per
+        unique = {t.data_ptr(): t for t in loaded.model.state_dict().values()}  # tied weights are stored once
+        size = sum(t.numel() for t in unique.values()) * per
         how = f"estimated ({loaded.disk_dtype})"
     return {"size_bytes": size, "size_source": how, "params": params, "bits_per_param": 8 * size / max(1, params)}
 
@@ -183,7 +184,8 @@ def evaluate_models(
             tasks_out[task] = entry
     unique = {t.data_ptr(): t for t in model.state_dict().values()}  # tied weights count once
     weights = sum(t.numel() * t.element_size() for t in unique.values())
-    report: dict[str, Any] = {"model": candidate.source, "tasks": tasks_out, **model_size(candidate, candidate_modified),
+    label = f"{candidate.source} (compressed in this run)" if candidate_modified else candidate.source
+    report: dict[str, Any] = {"model": label, "tasks": tasks_out, **model_size(candidate, candidate_modified),
                               "memory_weights_bytes": weights, "memory_activations_peak_bytes": mem.bytes,
                               "peak_memory_bytes": weights + mem.bytes,
                               "tokens_per_second": n_tokens / max(seconds, 1e-9), "moe_layers": layers}

@@ -51,6 +51,7 @@ class ExpertStats:
     res_H_down: torch.Tensor
     res_count: torch.Tensor  # [E]
     router_act_max: torch.Tensor  # [C] over all tokens
+    short: set[int] = field(default_factory=set)  # experts to top up in "near" / "reserve" passes
     sample: list[torch.Tensor] = field(default_factory=list)  # router inputs [n, C]
     sample_logits: list[torch.Tensor] = field(default_factory=list)  # their router logits [n, E]
 
@@ -65,7 +66,7 @@ class ExpertStats:
 class LayerStats:
     linears: dict[str, LinearStats] = field(default_factory=dict)  # by module name inside the layer
     experts: ExpertStats | None = None
-    reserve: bool = False  # set by the caller while reserve batches run
+    mode: str = "routed"  # "routed" (base batches), "near" (near-miss tokens of base batches), "reserve"
     sample_tokens: int = 2048
 
 
@@ -78,49 +79,54 @@ def _accumulate(stats: LinearStats, x: torch.Tensor, weight: torch.Tensor | None
 
 
 def _expert_step(st: ExpertStats, view: MoEBlockView, x: torch.Tensor, logits: torch.Tensor, index: torch.Tensor,
-                 weights: torch.Tensor, near_miss: int, reserve: bool, sample_tokens: int) -> None:
+                 weights: torch.Tensor, near_miss: int, mode: str, sample_tokens: int) -> None:
     x = x.float()
     E = st.count.shape[0]
     K = index.shape[1]
     w = view.experts.weights()
     act = view.activation
-    st.router_act_max = torch.maximum(st.router_act_max, x.abs().amax(0))
-    if not reserve and sum(len(s) for s in st.sample) < sample_tokens:
-        st.sample.append(x[: sample_tokens].clone())
-        st.sample_logits.append(logits[: sample_tokens].float().clone())
-    probs = logits.float().sigmoid() if view.routing.score == "sigmoid" else logits.float().softmax(-1)
-    order = logits.float().argsort(dim=-1, descending=True)  # [T, E] experts by logit
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(E).expand_as(order))  # [T, E] rank of each expert
+    if mode == "routed":
+        st.router_act_max = torch.maximum(st.router_act_max, x.abs().amax(0))
+        if sum(len(s) for s in st.sample) < sample_tokens:
+            st.sample.append(x[: sample_tokens].clone())
+            st.sample_logits.append(logits[: sample_tokens].float().clone())
+    if mode == "near":
+        probs = logits.float().sigmoid() if view.routing.score == "sigmoid" else logits.float().softmax(-1)
+        order = logits.float().argsort(dim=-1, descending=True)  # [T, E] experts by logit
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(E).expand_as(order))  # [T, E] ranks
     for e in range(E):
+        if mode != "routed" and e not in st.short:
+            continue
         routed = (index == e)  # [T, K]
-        tok = routed.any(1).nonzero().squeeze(-1)
-        near = torch.zeros(0, dtype=torch.long)
-        if near_miss and not reserve:
-            near = ((rank[:, e] >= K) & (rank[:, e] < K + near_miss) & ~routed.any(1)).nonzero().squeeze(-1)
-        for sel, weight, target in ((tok, (weights * routed).sum(1), "routed"), (near, probs[:, e], "near")):
-            if len(sel) == 0:
-                continue
-            xs, g = x[sel], weight[sel].float()
-            xw = xs * g.sqrt()[:, None]
-            gg = nn.functional.linear(xs, w.gate[e].float(), None if w.gate_bias is None else w.gate_bias[e].float())
-            uu = nn.functional.linear(xs, w.up[e].float(), None if w.up_bias is None else w.up_bias[e].float())
-            h = glu(gg, uu, act)
-            hw = h * g.sqrt()[:, None]
-            if target == "near":
-                st.near_H[e] += xw.T @ xw
-                st.near_H_down[e] += hw.T @ hw
-                st.near_count[e] += len(sel)
-            elif reserve:
-                st.res_H[e] += xw.T @ xw
-                st.res_H_down[e] += hw.T @ hw
-                st.res_count[e] += len(sel)
-            else:
-                st.H[e] += xw.T @ xw
-                st.H_down[e] += hw.T @ hw
-                st.count[e] += len(sel)
-                st.gate_sum[e] += float(g.sum())
-                st.act_max[e] = torch.maximum(st.act_max[e], xs.abs().amax(0))
-                st.h_max[e] = torch.maximum(st.h_max[e], h.abs().amax(0))
+        if mode == "near":
+            sel = ((rank[:, e] >= K) & (rank[:, e] < K + near_miss) & ~routed.any(1)).nonzero().squeeze(-1)
+            weight, target = probs[:, e], "near"
+        else:
+            sel = routed.any(1).nonzero().squeeze(-1)
+            weight, target = (weights * routed).sum(1), ("reserve" if mode == "reserve" else "routed")
+        if len(sel) == 0:
+            continue
+        xs, g = x[sel], weight[sel].float()
+        xw = xs * g.sqrt()[:, None]
+        gg = nn.functional.linear(xs, w.gate[e].float(), None if w.gate_bias is None else w.gate_bias[e].float())
+        uu = nn.functional.linear(xs, w.up[e].float(), None if w.up_bias is None else w.up_bias[e].float())
+        h = glu(gg, uu, act)
+        hw = h * g.sqrt()[:, None]
+        if target == "near":
+            st.near_H[e] += xw.T @ xw
+            st.near_H_down[e] += hw.T @ hw
+            st.near_count[e] += len(sel)
+        elif target == "reserve":
+            st.res_H[e] += xw.T @ xw
+            st.res_H_down[e] += hw.T @ hw
+            st.res_count[e] += len(sel)
+        else:
+            st.H[e] += xw.T @ xw
+            st.H_down[e] += hw.T @ hw
+            st.count[e] += len(sel)
+            st.gate_sum[e] += float(g.sum())
+            st.act_max[e] = torch.maximum(st.act_max[e], xs.abs().amax(0))
+            st.h_max[e] = torch.maximum(st.h_max[e], h.abs().amax(0))
 
 
 @contextlib.contextmanager
@@ -159,7 +165,7 @@ def collect(layer: nn.Module, views: list[MoEBlockView], attn_norm: nn.Module | 
                 C = x.shape[-1]
                 src = next((t for t, p in norm_out.items() if p == x.data_ptr()), None)
                 st = stats.linears[name] = LinearStats(torch.zeros(C, C), torch.zeros(C), 0, src)
-            if stats.reserve:
+            if stats.mode != "routed":
                 return
             weight = shared_gate_value.get("w") if id(mod) in shared_linears else None
             _accumulate(st, x, weight)
@@ -175,7 +181,7 @@ def collect(layer: nn.Module, views: list[MoEBlockView], attn_norm: nn.Module | 
             logits = last.pop("logits").reshape(-1, v.num_experts)
             with torch.no_grad():
                 _expert_step(stats.experts, v, x.reshape(-1, x.shape[-1]), logits, index.reshape(-1, index.shape[-1]),
-                             weights.reshape(-1, weights.shape[-1]).float(), near_miss, stats.reserve,
+                             weights.reshape(-1, weights.shape[-1]).float(), near_miss, stats.mode,
                              stats.sample_tokens)
 
         handles.append(v.experts.module.register_forward_pre_hook(on_experts, with_kwargs=True))

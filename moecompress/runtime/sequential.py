@@ -65,16 +65,17 @@ class SequentialRunner:
         return len(self.layers)
 
     @torch.no_grad()
-    def run_layer(self, i: int, store: bool = True, before_batch=None) -> None:
-        """Run every batch through layer ``i`` (layers must run in order). ``store=True`` replaces the stored
-        hidden states by the outputs and moves on to the next layer; ``store=False`` only runs the layer
-        (a calibration pass whose hooks collect statistics). ``before_batch(b)`` is called before batch b."""
+    def run_layer(self, i: int, store: bool = True, batches=None) -> None:
+        """Run the batches (default all) through layer ``i`` (layers must run in order). ``store=True``
+        replaces the stored hidden states by the outputs and moves on to the next layer; ``store=False`` only
+        runs the layer (a calibration pass whose hooks collect statistics)."""
         if i != self.next_layer:
             raise RuntimeError(f"layer {i} run out of order (next is {self.next_layer})")
+        if store and batches is not None:
+            raise ValueError("a storing pass runs every batch")
         layer = self.layers[i]
-        for b, h in enumerate(self.hidden):
-            if before_batch is not None:
-                before_batch(b)
+        for b in batches if batches is not None else range(len(self.hidden)):
+            h = self.hidden[b]
             out = layer(h, **self.kwargs[i][b])
             if store:
                 self.hidden[b] = out[0] if isinstance(out, tuple) else out

@@ -10,6 +10,7 @@ quantization for A8/A4 schemes) produces the next layer's inputs. Writes fake-qu
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any, Literal
 
@@ -103,6 +104,25 @@ class QuantizeConfig(StageConfig):
                     f"use --group-size {divisors[0]} or -1 (per channel)" if divisors else "use --group-size -1")
 
 
+@contextlib.contextmanager
+def _skip_experts(views):
+    """During a statistics pass the block output is discarded: the hooks see the experts' inputs, so the
+    experts themselves need not run (their statistics are computed from routed tokens only)."""
+    saved = []
+    for v in views:
+        m = v.experts.module
+        saved.append((m, m.__dict__.get("forward")))
+        m.forward = lambda *args, **kwargs: torch.zeros_like(args[0] if args else kwargs["hidden_states"])
+    try:
+        yield
+    finally:
+        for m, f in saved:
+            if f is None:
+                m.__dict__.pop("forward", None)
+            else:
+                m.forward = f
+
+
 def _split(windows: dict[str, torch.Tensor], samples: int, reserve: int, seed: int) -> tuple[list, list]:
     base, extra = [], []
     g = torch.Generator().manual_seed(seed)
@@ -151,8 +171,16 @@ def run(ctx: StageContext, cfg: QuantizeConfig) -> dict[str, Any]:
             lv = [views[i]] if i in views else []
             attn_norm = getattr(layer, arch.pre_attn_norm, None)
             prefix = f"{arch.layers}.{i}"
-            with collect(layer, lv, attn_norm, cfg.near_miss) as stats:
-                runner.run_layer(i, store=False, before_batch=lambda b: setattr(stats, "reserve", b >= n_base))
+            with collect(layer, lv, attn_norm, cfg.near_miss) as stats, _skip_experts(lv):
+                runner.run_layer(i, store=False, batches=range(n_base))
+                if cfg.balance and lv:  # top up experts short of tokens: reserve text, then near-miss tokens
+                    stats.experts.short = set((stats.experts.count < n_min).nonzero().flatten().tolist())
+                    if stats.experts.short and reserve_batches:
+                        stats.mode = "reserve"
+                        runner.run_layer(i, store=False, batches=range(n_base, n_base + len(reserve_batches)))
+                    if stats.experts.short and cfg.near_miss:
+                        stats.mode = "near"
+                        runner.run_layer(i, store=False, batches=range(n_base))
             entry: dict[str, Any] = {}
             if smooth:
                 used = smooth_layer(layer, lv, stats, attn_norm, cfg.smooth_alpha, cfg.smooth_aggregate,
