@@ -248,6 +248,104 @@ def prune(
 
 
 @app.command()
+def quantize(
+    model: ModelArg = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Quantized model directory to write.")] = ...,
+    scheme: Annotated[str, typer.Option(help="w8a8 | w8a16 | w4a16 | w3a16 | w2a16 | w4a8 | w4a4 | w3a4")] = "w4a16",
+    group_size: Annotated[Optional[int], typer.Option("--group-size", help="Weight group size; -1 = per "
+                                                      "output channel (default: 128 weight-only, -1 otherwise).")] = None,
+    method: Annotated[str, typer.Option(help="gptq | rtn")] = "gptq",
+    smooth: Annotated[Optional[bool], typer.Option("--smooth/--no-smooth", help="EAQuant expert-aware smoothing "
+                                                   "(default: on when activations are quantized).")] = None,
+    smooth_alpha: Annotated[float, typer.Option("--smooth-alpha")] = 0.6,
+    router_bits: Annotated[Optional[int], typer.Option("--router-bits", help="Quantize the router too "
+                                                       "(default: keep it in full precision).")] = None,
+    align_router: Annotated[bool, typer.Option("--align-router/--no-align-router",
+                                               help="Per-row KL-aligned clipping for a quantized router.")] = True,
+    balance: Annotated[bool, typer.Option("--balance/--no-balance", help="Calibration balance for rare experts.")] = True,
+    rotate_intermediate: Annotated[Optional[bool], typer.Option(
+        "--rotate-intermediate/--no-rotate-intermediate",
+        help="Online Hadamard before the experts' down projections (default: on for A4).")] = None,
+    rotate: Annotated[bool, typer.Option("--rotate", help="Rotate the residual stream (QuaRot; RMSNorm models).")] = False,
+    tasks: TasksOpt = None,
+    data: DataOpt = None,
+    samples: Annotated[int, typer.Option(help="Calibration windows per task.")] = 32,
+    seq_len: Annotated[int, typer.Option("--seq-len")] = 256,
+    seed: Annotated[int, typer.Option()] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
+) -> None:
+    """Expert-aware quantization: GPTQ over experts, smoothing, router alignment, calibration balance."""
+    with handled():
+        from moecompress.pipeline import run as run_pipeline
+        from moecompress.recipe import validate_recipe
+
+        stage = {"stage": "quantize", "scheme": scheme, "group_size": group_size, "method": method, "smooth": smooth,
+                 "smooth_alpha": smooth_alpha, "router_bits": router_bits, "align_router": align_router,
+                 "balance": balance, "rotate_intermediate": rotate_intermediate, "rotate": rotate}
+        recipe = validate_recipe({"model": model, "calibration": _calibration(tasks, data, samples, seq_len, seed),
+                                  "stages": [stage]}, "quantize")
+        result = run_pipeline(recipe, output=output, force=force, progress=RichProgress())
+        _show_quantize(result.report["stages"][0]["result"])
+        success(f"wrote {result.output} (fake-quantized weights + quantization.safetensors; "
+                f"`moecompress eval {result.output}` compares it with the original)")
+
+
+@app.command()
+def ternary(
+    model: ModelArg = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Ternary model directory to write.")] = ...,
+    method: Annotated[str, typer.Option(help="absmean | twn | gptq (error-compensated, QMoE-style)")] = "gptq",
+    group_size: Annotated[int, typer.Option("--group-size")] = 128,
+    others: Annotated[str, typer.Option(help="Attention / shared experts: bf16 | int8 | int4")] = "bf16",
+    codec: Annotated[str, typer.Option(help="ternary-b3 (5 trits per byte, ~1.7 bits) | ternary2 (2-bit layout)")]
+    = "ternary-b3",
+    fake_quant: Annotated[bool, typer.Option("--fake-quant", help="Write dequantized bf16 weights and the record "
+                                                                  "instead of the packed format.")] = False,
+    tasks: TasksOpt = None,
+    data: DataOpt = None,
+    samples: Annotated[int, typer.Option(help="Calibration windows per task.")] = 32,
+    seq_len: Annotated[int, typer.Option("--seq-len")] = 256,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
+) -> None:
+    """Turn routed experts into {-1, 0, +1} x group scale (absmean, TWN or GPTQ-ternary), packed below 2 bits."""
+    with handled():
+        from moecompress.pipeline import run as run_pipeline
+        from moecompress.recipe import validate_recipe
+
+        stage = {"stage": "ternary", "method": method, "group_size": group_size, "others": others, "codec": codec,
+                 "save_format": "fake-quant" if fake_quant else "packed"}
+        recipe = validate_recipe({"model": model, "calibration": _calibration(tasks, data, samples, seq_len, 0),
+                                  "stages": [stage]}, "ternary")
+        result = run_pipeline(recipe, output=output, force=force, progress=RichProgress())
+        r = result.report["stages"][0]["result"]
+        console.print(f"ternary experts by {method}: {r['zero_fraction']:.1%} zeros; {r['calibration_windows']} "
+                      f"calibration windows in {r['seconds']:.1f} s")
+        if "packed" in result.report:
+            _show_inspect(result.output)
+        success(f"wrote {result.output}")
+
+
+@app.command()
+def inspect(directory: Annotated[Path, typer.Argument(help="A model directory (packed or not).")]) -> None:
+    """Show per module the codec, bits per weight and bytes, and the overall compression ratio."""
+    with handled():
+        _show_inspect(directory)
+
+
+def _show_inspect(directory: Path) -> None:
+    from moecompress.formats.inspect import inspect_dir
+
+    d = inspect_dir(directory)
+    if d["modules"]:
+        print_table(f"{d['directory']} ({d['format']})", ["module", "codec", "group", "bits/weight", "bytes"],
+                    [[r["module"], r["codec"], r["group_size"], f"{r['bits_per_weight']:.3f}", r["bytes"]]
+                     for r in d["modules"]])
+        console.print(f"packed weights: {d['packed_weights']:,} at {d['packed_bits_per_weight']:.3f} bits/weight")
+    console.print(f"files {d['file_bytes'] / 1e6:.2f} MB for {d['params']:,} parameters: {d['bits_per_param']:.2f} "
+                  f"bits/parameter, {d['compression_vs_16bit']:.2f}x smaller than 16-bit")
+
+
+@app.command()
 def patterns(
     model: ModelArg = None,
     profile_dir: Annotated[Path, typer.Option("--profile", "-p", help="Profile directory of this model.")] = ...,

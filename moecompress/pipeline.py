@@ -115,7 +115,13 @@ def run(recipe: Recipe, *, model: str | None = None, output: str | Path | None =
             report["kept_experts"] = {str(k): v for k, v in ctx.artifacts["kept_experts"].items()}
         report.update(ctx.artifacts.get("sidecar", {}))  # what stages record for loaders (quantization, ...)
         if tmp is not None:
-            if wrote_model:
+            if wrote_model and ctx.artifacts.get("save_format") == "packed" and "quant_record" in ctx.artifacts:
+                from moecompress.runtime.pack import write_packed
+
+                report["packed"] = write_packed(loaded, ctx.artifacts["quant_record"],
+                                                report.get("quantization", {}), tmp,
+                                                ctx.artifacts.get("ternary_codec", "ternary-b3"))
+            elif wrote_model:
                 save_model(loaded, tmp)
             (tmp / SIDECAR).write_text(json.dumps(report, indent=2) + "\n")
             _finish(tmp, out)

@@ -211,3 +211,32 @@ def test_prune_bad_inputs(tmp_path):
     one_line_error(invoke("prune", d, "-p", prof, "--keep", 4, "-o", out), "already exists", "--force")
     one_line_error(invoke("retrieve", d, "-s", tmp_path / "none", "--keep", 4, "-o", tmp_path / "r"),
                    "exactly one of --prompt or --prompt-file")
+
+
+def test_quantize_then_eval(tmp_path):
+    out = tmp_path / "q"
+    r = invoke("quantize", "tiny:qwen3_moe", "--scheme", "w4a4", "--group-size", 8, "--router-bits", 8,
+               "--tasks", "prose", "--samples", 2, "--seq-len", 32, "-o", out)
+    assert r.exit_code == 0, r.output
+    assert "top-k routing agreement" in r.output
+    side = json.loads((out / "moecompress.json").read_text())
+    assert side["quantization"]["scheme"] == "w4a4" and "packed" in side
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "moecompress" and cfg["activations"]["bits"] == 4
+    r = invoke("eval", out, "--baseline", "tiny:qwen3_moe", "--tasks", "prose", "--samples", 2, "--seq-len", 32)
+    assert r.exit_code == 0, r.output
+
+
+def test_quantize_bad_inputs(tmp_path):
+    base = ["quantize", "tiny:mixtral", "--tasks", "prose", "--samples", 2, "--seq-len", 32]
+    one_line_error(invoke(*base, "--scheme", "w5a5", "-o", tmp_path / "q"), "scheme", "w4a16")
+    one_line_error(invoke(*base, "--group-size", 16, "-o", tmp_path / "q"), "group size 16 does not divide",
+                   "--group-size 8")
+    one_line_error(invoke(*base, "--method", "awq", "-o", tmp_path / "q"), "method")
+    short = tmp_path / "s.txt"
+    short.write_text("tiny")
+    one_line_error(invoke("quantize", "tiny:mixtral", "--data", f"mine={short}", "--tasks", "mine", "--samples", 2,
+                          "--seq-len", 32, "--group-size", 8, "-o", tmp_path / "q"), "enough for 0 windows")
+    assert not (tmp_path / "q").exists()
+    (tmp_path / "q").mkdir()
+    one_line_error(invoke(*base, "--group-size", 8, "-o", tmp_path / "q"), "already exists")

@@ -7,13 +7,14 @@ computed from the original weights' groups ("static groups", so act order never 
 the packed layout needs no group index), symmetric or asymmetric grids. Hessians ``H = sum_t g_t x_t
 x_t^T`` come from each expert's routed tokens weighted by their gate score (MoEQuant's affinity-guided
 Hessian, arXiv:2505.03804); an all-zero Hessian (an expert with no tokens) becomes the identity, i.e. RTN.
+With a `TernaryGrid` this is QMoE's error-compensated ternary GPTQ (arXiv:2310.16795), with group scales.
 """
 
 from __future__ import annotations
 
 import torch
 
-from moecompress.algorithms.quant_grid import QuantGrid, QuantResult, dequantize, find_params, quantize_codes
+from moecompress.algorithms.quant_grid import QuantGrid, QuantResult, TernaryGrid, dequantize
 
 __all__ = ["gptq_quantize", "proxy_loss"]
 
@@ -28,7 +29,7 @@ def proxy_loss(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> torch.Tenso
 def gptq_quantize(
     W: torch.Tensor,
     H: torch.Tensor,
-    grid: QuantGrid,
+    grid: QuantGrid | TernaryGrid,
     *,
     block_size: int = 128,
     damp: float = 0.01,
@@ -47,8 +48,8 @@ def gptq_quantize(
     idx = torch.arange(C)
     H[:, idx, idx] = torch.where(dead, torch.ones_like(H[:, idx, idx]), H[:, idx, idx])
     # Static groups: parameters from the original weights, fixed before any error feedback or reordering.
-    scale, zero = find_params(W.reshape(E, O, G, gs), grid)  # [E, O, G, 1]
-    scale, zero = scale[..., 0], zero[..., 0]
+    params = [p[..., 0] for p in grid.params(W.reshape(E, O, G, gs))]  # each [E, O, G]
+    scale, zero = params[0], params[1]
     perm = torch.argsort(H.diagonal(dim1=1, dim2=2), dim=1, descending=True) if act_order else \
         idx.expand(E, C).clone()  # [E, C]
     W = W.gather(2, perm[:, None, :].expand(E, O, C))
@@ -71,10 +72,9 @@ def gptq_quantize(
             w = W1[:, :, i]  # [E, O]
             dg = Hinv1[:, i, i]  # [E]
             g = group_of[:, i1 + i]  # [E]
-            s = scale.gather(2, g[:, None, None].expand(E, O, 1))[..., 0]  # [E, O]
-            z = zero.gather(2, g[:, None, None].expand(E, O, 1))[..., 0]
-            q = quantize_codes(w, s, z, grid.maxq)
-            wq = dequantize(q, s, z)
+            col = [p.gather(2, g[:, None, None].expand(E, O, 1))[..., 0] for p in params]  # each [E, O]
+            q = grid.codes(w, *col)
+            wq = dequantize(q, col[0], col[1])
             codes[:, :, i1 + i] = q
             Q[:, :, i1 + i] = wq
             err = (w - wq) / dg[:, None]

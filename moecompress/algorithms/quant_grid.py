@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["QuantGrid", "QuantResult", "dequantize", "fake_quant_tokens", "find_params", "quantize_codes",
-           "rtn_quantize"]
+__all__ = ["QuantGrid", "QuantResult", "TernaryGrid", "dequantize", "fake_quant_tokens", "find_params",
+           "quantize_codes", "rtn_quantize", "storable", "ternary_params"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,62 @@ class QuantGrid:
     def size(self, columns: int) -> int:
         return columns if self.group_size in (-1, 0) else min(self.group_size, columns)
 
+    def params(self, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Per-row quantization parameters of ``w [..., n]``: ``(scale, zero)``, each ``[..., 1]``."""
+        return find_params(w, self)
+
+    def codes(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
+        return quantize_codes(w, scale, zero, self.maxq)
+
+
+@dataclass(frozen=True)
+class TernaryGrid:
+    """Ternary weights ``t * alpha``, ``t`` in {-1, 0, 1}, one ``alpha`` per group, stored as codes ``t + 1`` with a
+    fixed zero of 1 (so ``(q - z) * s`` dequantizes them like any grid).
+
+    rule ``absmean`` (BitNet b1.58, arXiv:2402.17764): threshold ``0.5 * mean|w|``, ``alpha = mean|w|``;
+    ``twn`` (Li et al. 2016, arXiv:1605.04711): threshold ``0.7 * mean|w|`` and ``alpha`` refit by least squares
+    over the surviving weights (the mean of their magnitudes).
+    """
+
+    rule: str = "twn"
+    group_size: int = 128
+    bits: int = 2  # storage width of the codes in the 2-bit layout
+    symmetric: bool = True
+
+    @property
+    def maxq(self) -> int:
+        return 2
+
+    def groups(self, columns: int) -> int:
+        return QuantGrid(2, self.group_size).groups(columns)
+
+    def size(self, columns: int) -> int:
+        return QuantGrid(2, self.group_size).size(columns)
+
+    def params(self, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return ternary_params(w, self.rule)
+
+    def codes(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, thresh: torch.Tensor) -> torch.Tensor:
+        return torch.where(w.abs() > thresh, torch.sign(w), torch.zeros_like(w)) + 1
+
+
+def ternary_params(w: torch.Tensor, rule: str = "twn") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(alpha, zero = 1, threshold)``, each ``[..., 1]``, for rows of ``w [..., n]``."""
+    w = w.float()
+    m = w.abs().mean(dim=-1, keepdim=True).clamp(min=1e-12)
+    if rule == "absmean":
+        alpha, thresh = m, 0.5 * m
+    elif rule == "twn":
+        thresh = 0.7 * m
+        keep = w.abs() > thresh
+        alpha = (w.abs() * keep).sum(-1, keepdim=True) / keep.sum(-1, keepdim=True).clamp(min=1)
+        alpha = torch.where(keep.any(-1, keepdim=True), alpha, m)
+    else:
+        raise ValueError(f"unknown ternary rule {rule!r}; use absmean or twn")
+    alpha = storable(alpha)
+    return alpha, torch.ones_like(alpha), thresh
+
 
 @dataclass
 class QuantResult:
@@ -47,6 +103,11 @@ class QuantResult:
     loss: torch.Tensor | None = None  # [E] GPTQ's proxy loss, when computed
 
 
+def storable(scale: torch.Tensor) -> torch.Tensor:
+    """Scales as the packed format stores them (float16), so packed and fake-quantized weights agree exactly."""
+    return scale.clamp(min=1e-6, max=60000.0).half().float()
+
+
 def _params(xmin: torch.Tensor, xmax: torch.Tensor, maxq: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
     xmin, xmax = xmin.clamp(max=0), xmax.clamp(min=0)
     if symmetric:
@@ -54,7 +115,7 @@ def _params(xmin: torch.Tensor, xmax: torch.Tensor, maxq: int, symmetric: bool) 
         xmin = -xmax
     same = (xmax - xmin) == 0
     xmin, xmax = torch.where(same, -torch.ones_like(xmin), xmin), torch.where(same, torch.ones_like(xmax), xmax)
-    scale = (xmax - xmin) / maxq
+    scale = storable((xmax - xmin) / maxq)
     zero = torch.full_like(scale, (maxq + 1) / 2) if symmetric else torch.round(-xmin / scale)
     return scale, zero
 
@@ -94,15 +155,16 @@ def find_params(w: torch.Tensor, grid: QuantGrid) -> tuple[torch.Tensor, torch.T
     return scale, zero
 
 
-def rtn_quantize(W: torch.Tensor, grid: QuantGrid) -> QuantResult:
-    """Round-to-nearest ``W [E, O, C]`` on ``grid`` (per group, with the MSE clip search if enabled)."""
+def rtn_quantize(W: torch.Tensor, grid: QuantGrid | TernaryGrid) -> QuantResult:
+    """Round-to-nearest ``W [E, O, C]`` on ``grid`` (per group; integer grids with the MSE clip search if enabled)."""
     E, O, C = W.shape
     G, gs = grid.groups(C), grid.size(C)
     if C % gs:
         raise ValueError(f"group size {gs} does not divide {C} columns")
     Wg = W.float().reshape(E, O, G, gs)
-    scale, zero = find_params(Wg, grid)  # [E, O, G, 1]
-    q = quantize_codes(Wg, scale, zero, grid.maxq)
+    params = grid.params(Wg)  # each [E, O, G, 1]
+    q = grid.codes(Wg, *params)
+    scale, zero = params[0], params[1]
     return QuantResult(dequantize(q, scale, zero).reshape(E, O, C), q.reshape(E, O, C).to(torch.uint8),
                        scale[..., 0], zero[..., 0])
 

@@ -1,7 +1,7 @@
 """The quantization record written next to a fake-quantized checkpoint.
 
 ``quantization.safetensors`` holds, per quantized weight ``NAME`` (a module path; routed experts as
-``<block>.experts:<gate|up|down>``): ``NAME.codes`` uint8 ``[E, O, C]`` (E = 1 for a plain linear),
+``<experts module path>:<gate|up|down>``, a quantized router as ``<router module path>:router``): ``NAME.codes`` uint8 ``[E, O, C]`` (E = 1 for a plain linear),
 ``NAME.scales`` float32 ``[E, O, G]``, ``NAME.zeros`` float32 ``[E, O, G]``; and smoothing vectors
 ``<layer>.smooth.attn`` ``[H]``, ``<layer>.smooth.moe`` ``[H]``, ``<layer>.smooth.down`` ``[E, I]`` (already
 folded into the checkpoint's weights and norms; kept for the record). Dequantized weights are

@@ -17,10 +17,11 @@ from torch import nn
 
 from moecompress.algorithms.moe_math import glu
 from moecompress.algorithms.quant_grid import fake_quant_tokens
+from moecompress.algorithms.rotation import random_orthogonal
 from moecompress.models.base import MoEArch, MoEBlockView
 from moecompress.runtime.hooks import experts_call_args
 
-__all__ = ["ActQuant", "ActQuantHandle", "install_act_quant", "install_layer_act_quant"]
+__all__ = ["ActQuant", "ActQuantHandle", "install_act_quant", "install_layer_act_quant", "rotation_matrix"]
 
 
 @dataclass(frozen=True)
@@ -29,9 +30,28 @@ class ActQuant:
     clip_ratio: float = 1.0
     symmetric: bool = True
     router: bool = False  # also quantize router / shared-gate inputs
+    inter_rotation_seed: int | None = None  # experts' down inputs are quantized as h Q (online Hadamard, QuaRot)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return fake_quant_tokens(x, self.bits, self.clip_ratio, self.symmetric)
+
+    def intermediate(self, h: torch.Tensor) -> torch.Tensor:
+        """Quantize an expert's down-projection input; with a rotation, in the rotated basis (``aq(h Q) Q^T``,
+        i.e. what ``aq(h Q) (W_down Q)^T`` computes with the rotated weights of a deployment)."""
+        if self.inter_rotation_seed is None:
+            return self(h)
+        Q = rotation_matrix(h.shape[-1], self.inter_rotation_seed).to(h.dtype)
+        return self(h @ Q) @ Q.T
+
+
+_ROT: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def rotation_matrix(n: int, seed: int) -> torch.Tensor:
+    """The (cached) float32 orthogonal matrix used for intermediate rotations of width ``n``."""
+    if (n, seed) not in _ROT:
+        _ROT[(n, seed)] = random_orthogonal(n, seed).float()
+    return _ROT[(n, seed)]
 
 
 @dataclass
@@ -61,7 +81,7 @@ def _experts_forward(view: MoEBlockView, aq: ActQuant):
             tok = pos // K
             g = nn.functional.linear(x[tok], w.gate[e], None if w.gate_bias is None else w.gate_bias[e])
             u = nn.functional.linear(x[tok], w.up[e], None if w.up_bias is None else w.up_bias[e])
-            h = aq(glu(g, u, view.activation))
+            h = aq.intermediate(glu(g, u, view.activation))
             y = nn.functional.linear(h, w.down[e], None if w.down_bias is None else w.down_bias[e])
             out.index_add_(0, tok, (y * weights.reshape(-1)[pos, None].to(y.dtype)).to(out.dtype))
         return out

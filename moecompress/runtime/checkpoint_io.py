@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from moecompress.errors import MoecompressError
+from moecompress.formats.checkpoint import write_checkpoint
 from moecompress.models.base import MoEArch
 
 __all__ = ["CheckpointReader", "KeyRole", "classify", "reduced_state_dict", "write_checkpoint"]
@@ -188,28 +188,3 @@ def reduced_state_dict(
         else:
             sd[key] = reader.get(key)
     return sd
-
-
-def write_checkpoint(sd: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int = 4 << 30) -> None:
-    """Write ``sd`` as ``model.safetensors`` (or shards plus ``model.safetensors.index.json``)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for k in sorted(sd):
-        b = sd[k].numel() * sd[k].element_size()
-        if shards[-1] and size + b > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][k] = sd[k].contiguous()
-        size += b
-    if len(shards) == 1:
-        save_file(shards[0], str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out_dir / name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in shard})
-    total = sum(t.numel() * t.element_size() for t in sd.values())
-    (out_dir / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1) + "\n")

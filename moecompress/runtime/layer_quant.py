@@ -48,8 +48,12 @@ def _scale_norm(norm: nn.Module, s: torch.Tensor) -> None:
 
 @torch.no_grad()
 def smooth_layer(layer: nn.Module, views: list[MoEBlockView], stats: LayerStats, attn_norm: nn.Module | None,
-                 alpha: float, aggregate: str, router_term: bool, attention: bool, down: bool) -> dict[str, torch.Tensor]:
-    """Fold SmoothQuant / EAQuant smoothing into the layer and its statistics; returns the vectors used."""
+                 alpha: float, aggregate: str, router_term: bool, attention: bool, down: str) -> dict[str, torch.Tensor]:
+    """Fold SmoothQuant / EAQuant smoothing into the layer and its statistics; returns the vectors used.
+
+    ``down``: ``outlier`` (EAQuant: scale only outlier channels of each expert's down input), ``full``
+    (SmoothQuant per expert on its down input: each expert's intermediate is its own, so no aggregation is
+    needed) or ``off``."""
     used: dict[str, torch.Tensor] = {}
     modules = dict(layer.named_modules())
     if attention and attn_norm is not None and getattr(attn_norm, "weight", None) is not None:
@@ -97,8 +101,12 @@ def smooth_layer(layer: nn.Module, views: list[MoEBlockView], stats: LayerStats,
         ex.router_act_max /= s
         ex.sample = [x / s for x in ex.sample]
         used["moe"] = s
-        if down and v.activation.kind == "glu":  # act(g) * u is linear in u: fold 1/s into up rows
-            sd = down_outlier_scales(ex.h_max)  # [E, I]
+        if down != "off" and v.activation.kind == "glu":  # act(g) * u is linear in u: fold 1/s into up rows
+            if down == "full":
+                wd = v.experts.stacked("down").float().abs().amax(1)  # [E, I] column maxima
+                sd = smooth_scales(ex.h_max, wd, alpha)
+            else:
+                sd = down_outlier_scales(ex.h_max)  # [E, I]
             if bool((sd != 1).any()):
                 v.experts.set_stacked("up", v.experts.stacked("up").float() / sd[:, :, None])
                 b = v.experts.bias("up")
@@ -130,10 +138,14 @@ def quantize_linears(layer: nn.Module, stats: LayerStats, opt: QuantOptions, rec
 
 @torch.no_grad()
 def quantize_experts(view: MoEBlockView, stats: LayerStats, opt: QuantOptions, record: QuantRecord, prefix: str,
-                     balance: bool, n_min: float) -> dict[str, Any]:
+                     balance: bool, n_min: float, down_rotation: torch.Tensor | None = None) -> dict[str, Any]:
     """GPTQ all experts of the block at once ([E, O, C] with [E, C, C] Hessians), with calibration balance:
     an expert short of ``n_min`` routed tokens is topped up from reserve batches, then near-miss tokens,
-    else falls back to RTN (clip search). Experts with no token at all always fall back to RTN."""
+    else falls back to RTN (clip search). Experts with no token at all always fall back to RTN.
+
+    ``down_rotation`` ``Q [I, I]``: the down projections are quantized in the rotated basis (``W Q`` with
+    Hessian ``Q^T H Q``, as an online Hadamard before them would see), the record keeps those codes and the
+    checkpoint the dequantized weights rotated back (``W_hat Q^T``), so a weights-only load stays exact."""
     ex = stats.experts
     E = view.num_experts
     H, Hd, n = ex.H.clone(), ex.H_down.clone(), ex.count.clone()
@@ -158,11 +170,16 @@ def quantize_experts(view: MoEBlockView, stats: LayerStats, opt: QuantOptions, r
     res = _quantize(torch.cat([gate, up], dim=1), H, opt)  # gate and up share their input
     view.experts.set_stacked("gate", res.weight[:, :I])
     view.experts.set_stacked("up", res.weight[:, I:])
-    record.add(f"{prefix}.experts:gate", res.codes[:, :I], res.scales[:, :I], res.zeros[:, :I])
-    record.add(f"{prefix}.experts:up", res.codes[:, I:], res.scales[:, I:], res.zeros[:, I:])
-    res = _quantize(view.experts.stacked("down").float(), Hd, opt)
-    view.experts.set_stacked("down", res.weight)
-    record.add(f"{prefix}.experts:down", res.codes, res.scales, res.zeros)
+    record.add(f"{prefix}:gate", res.codes[:, :I], res.scales[:, :I], res.zeros[:, :I])
+    record.add(f"{prefix}:up", res.codes[:, I:], res.scales[:, I:], res.zeros[:, I:])
+    down = view.experts.stacked("down").float()  # [E, H, I]
+    if down_rotation is not None:
+        Q = down_rotation.float()
+        down = down @ Q
+        Hd = Q.T @ Hd @ Q  # an all-zero Hessian (RTN fallback) stays all-zero
+    res = _quantize(down, Hd, opt)
+    view.experts.set_stacked("down", res.weight if down_rotation is None else res.weight @ down_rotation.float().T)
+    record.add(f"{prefix}:down", res.codes, res.scales, res.zeros)
     return {"routed_tokens": [int(c) for c in ex.count], "tokens_used": [int(c) for c in n], "min_tokens": n_min,
             "topped_up_reserve": reserve_used, "topped_up_near_miss": near_used, "rtn_fallback": fallback}
 
@@ -183,5 +200,5 @@ def quantize_router(view: MoEBlockView, stats: LayerStats, bits: int, align: boo
         Wq, rep = res.weight[0], {}
     W.copy_(Wq.to(W.dtype))
     res = rtn_quantize(W.detach().float()[None], QuantGrid(bits, -1, False, False))  # codes of the chosen grid
-    record.add(f"{prefix}.router", res.codes, res.scales, res.zeros)
+    record.add(f"{prefix}:router", res.codes, res.scales, res.zeros)
     return {"bits": bits, "aligned": bool(align and len(X)), **rep}

@@ -118,11 +118,13 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32) -> L
     model.eval()
     side = read_sidecar(path) or {}
     acts = (side.get("quantization") or {}).get("activations")
-    if acts:  # the checkpoint was quantized with simulated activation quantization: keep simulating it
+    packed = getattr(getattr(model.config, "quantization_config", None), "quant_method", None) == "moecompress"
+    if acts and not packed:  # fake-quantized with simulated activation quantization: keep simulating it
+        # (packed modules apply the recorded activation quantization themselves)
         from moecompress.nn.act_quant import ActQuant, install_act_quant
 
         install_act_quant(model, arch, ActQuant(acts["bits"], acts.get("clip_ratio", 1.0), acts.get("symmetric", True),
-                                                acts.get("router", False)))
+                                                acts.get("router", False), acts.get("intermediate_rotation_seed")))
     tokenizer = None
     if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)

@@ -10,7 +10,6 @@ quantization for A8/A4 schemes) produces the next layer's inputs. Writes fake-qu
 
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Any, Literal
 
@@ -19,12 +18,9 @@ from pydantic import Field
 
 from moecompress.algorithms.quant_grid import QuantGrid
 from moecompress.errors import MoecompressError
-from moecompress.formats.quant_record import QuantRecord
-from moecompress.nn.act_quant import ActQuant, ActQuantHandle, install_layer_act_quant
-from moecompress.runtime.calibration import collect
-from moecompress.runtime.hooks import capture_routing
-from moecompress.runtime.layer_quant import QuantOptions, quantize_experts, quantize_linears, quantize_router, smooth_layer
-from moecompress.runtime.sequential import SequentialRunner
+from moecompress.nn.act_quant import ActQuant
+from moecompress.runtime.layer_quant import QuantOptions
+from moecompress.runtime.quantize_run import QuantPlan, QuantRun, quantize_model
 from moecompress.stages.base import StageConfig, StageContext, register_stage
 
 __all__ = ["SCHEMES", "QuantizeConfig"]
@@ -55,12 +51,16 @@ class QuantizeConfig(StageConfig):
     damp: float = Field(0.01, ge=0.0)
     block_size: int = Field(128, ge=1)
     act_clip: float | None = Field(None, gt=0.0, le=1.0)  # default: 1.0 for A8, 0.9 for A4
+    act_symmetric: bool | None = None  # default: symmetric for A8, asymmetric for A4 (as EAQuant)
     smooth: bool | None = None
     smooth_alpha: float = Field(0.6, ge=0.0, le=1.0)
     smooth_aggregate: Literal["max", "freq", "gate"] = "max"
     smooth_router: bool = False
     smooth_attention: bool = True
-    smooth_down: bool = True
+    smooth_down: Literal["outlier", "full", "off"] = "outlier"
+    rotate: bool = False  # rotate the residual stream offline (QuaRot; RMSNorm families; unties a tied LM head)
+    rotate_intermediate: bool | None = None  # online Hadamard before experts' down projections (default: A4)
+    rotation_seed: int = 0
     router_bits: int | None = Field(None, ge=2, le=8)
     align_router: bool = True
     balance: bool = True
@@ -68,6 +68,7 @@ class QuantizeConfig(StageConfig):
     near_miss: int = Field(2, ge=0)  # near-miss ranks k+1 .. k+near_miss
     reserve: float = Field(0.5, ge=0.0)  # reserve windows (for rare experts), as a share of the samples
     batch_size: int = Field(8, ge=1)
+    save_format: Literal["packed", "fake-quant"] = "packed"  # packed tensors, or dequantized bf16 + the record
 
     @property
     def bits(self) -> tuple[int, int | None]:
@@ -104,34 +105,43 @@ class QuantizeConfig(StageConfig):
                     f"use --group-size {divisors[0]} or -1 (per channel)" if divisors else "use --group-size -1")
 
 
-@contextlib.contextmanager
-def _skip_experts(views):
-    """During a statistics pass the block output is discarded: the hooks see the experts' inputs, so the
-    experts themselves need not run (their statistics are computed from routed tokens only)."""
-    saved = []
-    for v in views:
-        m = v.experts.module
-        saved.append((m, m.__dict__.get("forward")))
-        m.forward = lambda *args, **kwargs: torch.zeros_like(args[0] if args else kwargs["hidden_states"])
-    try:
-        yield
-    finally:
-        for m, f in saved:
-            if f is None:
-                m.__dict__.pop("forward", None)
-            else:
-                m.forward = f
-
-
-def _split(windows: dict[str, torch.Tensor], samples: int, reserve: int, seed: int) -> tuple[list, list]:
+def split_windows(ctx: StageContext, reserve_share: float, seed: int = 0) -> tuple[list, list]:
+    """The recipe's calibration windows per task, plus reserve windows (a share of them, drawn from the rest of
+    the calibration text) for experts short of tokens."""
+    calib = ctx.windows("calib")
+    samples = min(len(w) for w in calib.values())
+    n_reserve = int(round(reserve_share * samples))
+    pool = ctx.windows("calib", samples=samples + n_reserve) if n_reserve else calib
     base, extra = [], []
     g = torch.Generator().manual_seed(seed)
-    for w in windows.values():
+    for w in pool.values():
         perm = torch.randperm(len(w), generator=g)
         base.append(w[perm[:samples].sort().values])
-        if reserve:
-            extra.append(w[perm[samples:samples + reserve].sort().values])
+        if n_reserve:
+            extra.append(w[perm[samples:samples + n_reserve].sort().values])
     return base, extra
+
+
+def finish(ctx: StageContext, result: QuantRun, meta: dict[str, Any], base: list, extra: list, t0: float,
+           save_format: str = "packed") -> dict:
+    """Record the scheme for loaders, save the quantization record, and return the stage summary."""
+    ctx.artifacts["act_quant"] = result.act_handle
+    ctx.artifacts["quant_record"] = result.record
+    ctx.artifacts["save_format"] = save_format
+    ctx.artifacts.setdefault("sidecar", {})["quantization"] = meta
+    if ctx.out_dir is not None and save_format == "fake-quant":  # a packed checkpoint carries the codes itself
+        result.record.save(ctx.out_dir)
+    return {**meta, "calibration_windows": sum(len(w) for w in base), "reserve_windows": sum(len(w) for w in extra),
+            "min_tokens_per_expert": result.min_tokens_per_expert,
+            "rtn_fallback_experts_per_layer": result.fallbacks(),
+            "routing_topk_agreement_calib": result.routing_agreement, "seconds": round(time.time() - t0, 2),
+            "layers": result.layers}
+
+
+def act_meta(aq: ActQuant | None) -> dict[str, Any] | None:
+    return None if aq is None else {"bits": aq.bits, "clip_ratio": aq.clip_ratio, "symmetric": aq.symmetric,
+                                    "router": aq.router, "granularity": "per-token dynamic",
+                                    "intermediate_rotation_seed": aq.inter_rotation_seed}
 
 
 @register_stage(QuantizeConfig, modifies_model=True, uses_text=True)
@@ -139,85 +149,29 @@ def run(ctx: StageContext, cfg: QuantizeConfig) -> dict[str, Any]:
     """Expert-aware GPTQ/RTN quantization (W8A8, W4A16, W3A16, W2A16, W4A4, W3A4) with EAQuant smoothing,
     router alignment and calibration balance; activation quantization simulated in the forward pass."""
     t0 = time.time()
-    model, arch = ctx.model, ctx.arch
     wbits, abits = cfg.bits
     smooth = cfg.smooth if cfg.smooth is not None else abits is not None
     opt = QuantOptions(QuantGrid(wbits, cfg.groups(), cfg.symmetric, cfg.clip_search), cfg.method, cfg.act_order,
                        cfg.damp, cfg.block_size)
-    aq = ActQuant(abits, cfg.act_clip or (1.0 if abits >= 8 else 0.9), router=cfg.router_bits is not None) \
-        if abits else None
-    calib = ctx.windows("calib")
-    samples = min(len(w) for w in calib.values())
-    n_reserve = int(round(cfg.reserve * samples)) if cfg.balance else 0
-    pool = ctx.windows("calib", samples=samples + n_reserve) if n_reserve else calib
-    base, extra = _split(pool, samples, n_reserve, 0)
-    seq_len = base[0].shape[1]
-    batches = [w[i:i + cfg.batch_size] for w in base for i in range(0, len(w), cfg.batch_size)]
-    reserve_batches = [w[i:i + cfg.batch_size] for w in extra for i in range(0, len(w), cfg.batch_size)]
-    n_base = len(batches)
-    probe = torch.cat([w[:2] for w in base])  # routing of the original model, for the agreement report
-    with torch.no_grad(), capture_routing(model, arch) as ref_traces:
-        model(input_ids=probe)
-    layers = arch.moe_layer_indices(model.config)
-    views = {v.index: v for v in arch.moe_blocks(model)}
-    top_k, E = views[layers[0]].routing.top_k, arch.num_experts(model.config)
-    n_min = cfg.balance_ratio * seq_len * top_k / E
-    runner = SequentialRunner(model, arch, batches + reserve_batches)
-    record = QuantRecord()
-    handle = ActQuantHandle()
-    report: dict[str, Any] = {"layers": {}}
-    with ctx.progress.task(f"quantizing ({cfg.scheme}, {cfg.method})", total=runner.num_layers) as bar:
-        for i, layer in enumerate(runner.layers):
-            lv = [views[i]] if i in views else []
-            attn_norm = getattr(layer, arch.pre_attn_norm, None)
-            prefix = f"{arch.layers}.{i}"
-            with collect(layer, lv, attn_norm, cfg.near_miss) as stats, _skip_experts(lv):
-                runner.run_layer(i, store=False, batches=range(n_base))
-                if cfg.balance and lv:  # top up experts short of tokens: reserve text, then near-miss tokens
-                    stats.experts.short = set((stats.experts.count < n_min).nonzero().flatten().tolist())
-                    if stats.experts.short and reserve_batches:
-                        stats.mode = "reserve"
-                        runner.run_layer(i, store=False, batches=range(n_base, n_base + len(reserve_batches)))
-                    if stats.experts.short and cfg.near_miss:
-                        stats.mode = "near"
-                        runner.run_layer(i, store=False, batches=range(n_base))
-            entry: dict[str, Any] = {}
-            if smooth:
-                used = smooth_layer(layer, lv, stats, attn_norm, cfg.smooth_alpha, cfg.smooth_aggregate,
-                                    cfg.smooth_router, cfg.smooth_attention, cfg.smooth_down)
-                for k, vec in used.items():
-                    record.add_vector(f"{prefix}.smooth.{k}", vec)
-                entry["smoothed"] = sorted(used)
-            entry["linears"] = quantize_linears(layer, stats, opt, record, prefix)
-            for v in lv:
-                block = f"{prefix}.{arch.moe_block}"
-                entry["experts"] = quantize_experts(v, stats, opt, record, block, cfg.balance, n_min)
-                if cfg.router_bits:
-                    entry["router"] = quantize_router(v, stats, cfg.router_bits, cfg.align_router, record, block)
-            if aq is not None:
-                install_layer_act_quant(layer, lv, aq, handle)
-            runner.run_layer(i)
-            report["layers"][str(i)] = entry
-            bar.advance(1)
-    with torch.no_grad(), capture_routing(model, arch) as traces:
-        model(input_ids=probe)
-    agreement = []
-    for layer in layers:
-        a = ref_traces[layer].cat()[1].sort(-1).values
-        b = traces[layer].cat()[1].sort(-1).values
-        agreement.append(float((a == b).all(-1).float().mean()))
-    ctx.artifacts["act_quant"] = handle
-    meta = {"scheme": cfg.scheme, "weights": {"bits": wbits, "group_size": cfg.groups(), "symmetric": cfg.symmetric,
-                                              "method": cfg.method},
-            "activations": None if aq is None else {"bits": aq.bits, "clip_ratio": aq.clip_ratio,
-                                                    "symmetric": aq.symmetric, "router": aq.router,
-                                                    "granularity": "per-token dynamic"},
-            "router_bits": cfg.router_bits, "smooth": smooth, "record": "quantization.safetensors"}
-    ctx.artifacts.setdefault("sidecar", {})["quantization"] = meta
-    if ctx.out_dir is not None:
-        record.save(ctx.out_dir)
-    fallbacks = {k: len(v.get("experts", {}).get("rtn_fallback", [])) for k, v in report["layers"].items() if "experts" in v}
-    return {**meta, "calibration_windows": sum(len(w) for w in base),
-            "reserve_windows": sum(len(w) for w in extra), "min_tokens_per_expert": n_min,
-            "rtn_fallback_experts_per_layer": fallbacks, "routing_topk_agreement_calib": agreement,
-            "seconds": round(time.time() - t0, 2), "layers": report["layers"]}
+    rotate_inter = cfg.rotate_intermediate if cfg.rotate_intermediate is not None else bool(abits and abits <= 4)
+    aq = None
+    if abits:
+        sym = cfg.act_symmetric if cfg.act_symmetric is not None else abits >= 8
+        aq = ActQuant(abits, cfg.act_clip or (1.0 if abits >= 8 else 0.9), sym, router=cfg.router_bits is not None,
+                      inter_rotation_seed=cfg.rotation_seed if rotate_inter else None)
+    base, extra = split_windows(ctx, cfg.reserve if cfg.balance else 0.0)
+    plan = QuantPlan(opt, opt, aq, smooth, cfg.smooth_alpha, cfg.smooth_aggregate, cfg.smooth_router,
+                     cfg.smooth_attention, cfg.smooth_down, cfg.router_bits, cfg.align_router, cfg.balance,
+                     cfg.balance_ratio, cfg.near_miss, cfg.rotate, rotate_inter, cfg.rotation_seed, cfg.batch_size)
+    result = quantize_model(ctx.model, ctx.arch, base, extra, plan, ctx.progress, f"quantizing ({cfg.scheme})")
+    meta = {"scheme": cfg.scheme,
+            "weights": {"kind": "int", "bits": wbits, "group_size": cfg.groups(), "symmetric": cfg.symmetric,
+                        "method": cfg.method},
+            "experts": {"kind": "int", "bits": wbits, "group_size": cfg.groups(), "symmetric": cfg.symmetric},
+            "activations": act_meta(aq),
+            "rotation": {"residual": result.rotated_residual, "intermediate": rotate_inter, "seed": cfg.rotation_seed,
+                         "note": "experts' down codes are in the rotated basis W Q; the checkpoint stores W_hat Q^T"
+                         if rotate_inter else None},
+            "router_bits": cfg.router_bits, "smooth": smooth,
+            "record": "quantization.safetensors" if cfg.save_format == "fake-quant" else None}
+    return finish(ctx, result, meta, base, extra, t0, cfg.save_format)

@@ -75,7 +75,7 @@ def test_router_alignment_lowers_router_kl():
 def test_every_expert_is_quantized_even_with_tiny_calibration(tmp_path):
     model = tiny_moe("mixtral", hot_experts=(0, 1))  # the other experts get almost no tokens
     ctx = _ctx(model, tmp_path, samples=1, seq_len=8)
-    result = STAGES.get("quantize").run(ctx, QuantizeConfig(scheme="w4a16", group_size=8))
+    result = STAGES.get("quantize").run(ctx, QuantizeConfig(scheme="w4a16", group_size=8, save_format="fake-quant"))
     record = QuantRecord.load(tmp_path)
     arch = ctx.arch
     for view in arch.moe_blocks(model):
@@ -96,7 +96,8 @@ def test_quantize_runs_on_every_adapter(family, tmp_path):
     x = torch.randint(0, 256, (1, 16))
     with torch.no_grad():
         ref = model(input_ids=x).logits
-    result = STAGES.get("quantize").run(ctx, QuantizeConfig(scheme=scheme, group_size=8, router_bits=8))
+    result = STAGES.get("quantize").run(ctx, QuantizeConfig(scheme=scheme, group_size=8, router_bits=8,
+                                                            save_format="fake-quant"))
     with torch.no_grad():
         out = model(input_ids=x).logits
     assert torch.isfinite(out).all() and not torch.equal(out, ref)
@@ -115,7 +116,8 @@ def test_group_size_must_divide_every_width():
 
 def test_quantized_directory_reloads_with_activation_quantization(tmp_path):
     r = validate_recipe({"model": "tiny:olmoe", "calibration": {"tasks": ["prose"], "samples": 2, "seq_len": 32},
-                         "stages": [{"stage": "quantize", "scheme": "w4a4", "group_size": 8}]})
+                         "stages": [{"stage": "quantize", "scheme": "w4a4", "group_size": 8,
+                                     "save_format": "fake-quant"}]})
     run(r, output=tmp_path / "q")
     side = json.loads((tmp_path / "q" / "moecompress.json").read_text())
     assert side["quantization"]["activations"]["bits"] == 4

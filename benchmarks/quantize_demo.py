@@ -1,0 +1,181 @@
+#!/usr/bin/env python
+"""Quantization ablation on the demo model, and llm-compressor side by side.
+
+Calibration: 32 windows x 256 tokens per bundled task (40,960 tokens), the same token ids for every
+method and for llm-compressor. Evaluation: every held-out window of every task (757 windows, 193,035
+predicted tokens). For each configuration: perplexity ratio to the original per task with a 95 % interval
+from the paired per-window log-perplexity differences, per-layer routing agreement with the original
+(share of tokens whose top-2 set is unchanged), and the quantization wall time.
+
+Configurations per scheme (W8A8, W4A16, W3A16, W2A16, W4A4, W3A4; weight-only schemes group 128,
+A8/A4 schemes per output channel): RTN; GPTQ (gate-weighted Hessians, act order); GPTQ plus one
+component: expert-aware smoothing, router W8 with and without logit alignment, calibration balance, and
+(A4) the online rotation of the experts' intermediate; and the default pipeline with all of them.
+
+llm-compressor (PyPI ``llmcompressor``) runs in its own virtual environment, created by this script in
+``.cache/venv-llmcompressor`` (``pip install torch==2.13.0 llmcompressor``), via
+``benchmarks/peers/llmcompressor_worker.py``: GPTQ W4A16 / W3A16 / W2A16, group 128, its defaults
+(symmetric, static act order, min-max scales), routers and LM head ignored.
+
+Usage::
+
+    python benchmarks/quantize_demo.py            # about 40 minutes; writes benchmarks/results/quantize_demo.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from moecompress.calib import bundled_tasks, read_documents, token_windows
+from moecompress.context import Context
+from moecompress.recipe import CalibrationConfig
+from moecompress.runtime.hooks import capture_routing
+from moecompress.runtime.modelio import DEMO_MODEL, load_model
+from moecompress.stages import STAGES
+from moecompress.stages.quantize import QuantizeConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV = ROOT / ".cache" / "venv-llmcompressor"
+BASE = {"smooth": False, "balance": False, "rotate_intermediate": False, "router_bits": None}
+ROWS = [
+    ("RTN", {**BASE, "method": "rtn"}),
+    ("GPTQ", {**BASE}),
+    ("GPTQ + smoothing", {**BASE, "smooth": True}),
+    ("GPTQ + router W8", {**BASE, "router_bits": 8, "align_router": False}),
+    ("GPTQ + router W8 aligned", {**BASE, "router_bits": 8, "align_router": True}),
+    ("GPTQ + balance", {**BASE, "balance": True}),
+    ("GPTQ + intermediate rotation", {**BASE, "rotate_intermediate": True}),
+    ("all (default)", {}),
+    ("all + router W8 aligned", {"router_bits": 8, "align_router": True}),
+]
+SCHEMES = ["w8a8", "w4a16", "w3a16", "w2a16", "w4a4", "w3a4"]
+
+
+@torch.no_grad()
+def evaluate(model, arch, windows, batch=8):
+    """Per-window mean NLL [N] and per-layer top-k index [N*S, K] over the evaluation windows."""
+    nll, routes = [], {}
+    with capture_routing(model, arch) as traces:
+        for i in range(0, len(windows), batch):
+            x = windows[i:i + batch]
+            logits = model(input_ids=x).logits[:, :-1].float()
+            nll.append(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
+                                                         reduction="none").view(len(x), -1).mean(1))
+    for layer, tr in traces.items():
+        routes[layer] = torch.cat(tr.index).sort(-1).values
+    return torch.cat(nll), routes
+
+
+def compare(base, cand, owners, tasks):
+    (bn, br), (cn, cr) = base, cand
+    out = {"tasks": {}}
+    for t in tasks:
+        sel = owners == tasks.index(t)
+        d = cn[sel] - bn[sel]
+        half = 1.96 * float(d.std()) / len(d) ** 0.5
+        out["tasks"][t] = {"ppl_ratio": float(d.mean().exp()), "ci95": [float((d.mean() - half).exp()),
+                                                                      float((d.mean() + half).exp())]}
+    out["routing_topk_agreement"] = [float((cr[layer] == br[layer]).all(-1).float().mean()) for layer in sorted(br)]
+    return out
+
+
+def ensure_venv() -> Path:
+    py = VENV / "bin" / "python"
+    if not py.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", "torch==2.13.0"], check=True)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", "llmcompressor"], check=True)
+    return py
+
+
+def llmcompressor_model(py: Path, calib: Path, bits: int, work: Path) -> tuple[Path, dict]:
+    out = work / f"llmc-w{bits}"
+    subprocess.run([str(py), str(ROOT / "benchmarks" / "peers" / "llmcompressor_worker.py"), str(DEMO_MODEL),
+                    str(calib), str(out), str(bits), "128"], check=True, capture_output=True)
+    run = json.loads((out / "llmcompressor_run.json").read_text())
+    # llm-compressor saves linearized experts (gate_proj/up_proj/down_proj) with its scales: rename to the
+    # checkpoint's own Mixtral names (w1/w3/w2), drop the scales and its quantization config, keep the
+    # dense fake-quantized weights.
+    sd = load_file(str(out / "model.safetensors"))
+    names = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+    clean = {}
+    for k, v in sd.items():
+        if k.endswith(("weight_scale", "weight_zero_point", "weight_g_idx")):
+            continue
+        for a, b in names.items():
+            k = k.replace(f".{a}.weight", f".{b}.weight") if ".experts." in k else k
+        clean[k] = v
+    dest = work / f"llmc-w{bits}-dense"
+    dest.mkdir()
+    save_file(clean, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((out / "config.json").read_text())
+    cfg.pop("quantization_config", None)
+    (dest / "config.json").write_text(json.dumps(cfg))
+    for f in DEMO_MODEL.glob("tokenizer*"):
+        shutil.copy(f, dest / f.name)
+    return dest, run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--schemes", default=",".join(SCHEMES))
+    ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "quantize_demo.json")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    work = Path(tempfile.mkdtemp())
+    base_model = load_model()
+    tok, arch = base_model.tokenizer, base_model.arch
+    tasks = bundled_tasks()
+    evw = {t: token_windows(tok, read_documents(t, "eval"), 256) for t in tasks}
+    windows = torch.cat([evw[t] for t in tasks])
+    owners = torch.cat([torch.full((len(evw[t]),), i) for i, t in enumerate(tasks)])
+    base = evaluate(base_model.model, arch, windows)
+    results = {"calibration": {"windows_per_task": args.samples, "seq_len": 256},
+               "eval_windows": {t: len(w) for t, w in evw.items()},
+               "base_ppl": {t: float(base[0][owners == i].mean().exp()) for i, t in enumerate(tasks)}, "runs": []}
+    calib_ctx = Context(base_model, CalibrationConfig(samples=args.samples, seq_len=256), None)
+    calib_ids = torch.cat(list(calib_ctx.windows("calib").values()))
+    torch.save(calib_ids, work / "calib.pt")
+    for scheme in args.schemes.split(","):
+        for name, over in ROWS:
+            if "rotation" in name and not scheme.endswith("a4"):
+                continue
+            loaded = load_model()
+            ctx = Context(loaded, CalibrationConfig(samples=args.samples, seq_len=256), None)
+            cfg = QuantizeConfig(scheme=scheme, **over)
+            t0 = time.time()
+            rep = STAGES.get("quantize").run(ctx, cfg)
+            seconds = time.time() - t0
+            row = {"scheme": scheme, "method": name, "seconds": round(seconds, 1),
+                   "rtn_fallbacks": sum(rep["rtn_fallback_experts_per_layer"].values()),
+                   **compare(base, evaluate(loaded.model, arch, windows), owners, tasks)}
+            results["runs"].append(row)
+            print(json.dumps(row), flush=True)
+    if not args.no_peer:
+        py = ensure_venv()
+        for bits in (4, 3, 2):
+            dest, run = llmcompressor_model(py, work / "calib.pt", bits, work)
+            peer = load_model(str(dest))
+            row = {"scheme": f"w{bits}a16", "method": "llm-compressor GPTQ", "seconds": round(run["seconds"], 1),
+                   "peer_run": run, **compare(base, evaluate(peer.model, arch, windows), owners, tasks)}
+            results["runs"].append(row)
+            print(json.dumps(row), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
