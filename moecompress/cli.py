@@ -346,6 +346,24 @@ def _show_inspect(directory: Path) -> None:
 
 
 @app.command()
+def export(
+    directory: Annotated[Path, typer.Argument(help="A packed W4A16 or W8A8 directory from `moecompress quantize`.")],
+    to: Annotated[str, typer.Option("--to", help="Target format (compressed-tensors).")] = "compressed-tensors",
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory to write.")] = ...,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
+) -> None:
+    """Export to another format: compressed-tensors (vLLM, llm-compressor) for W4A16 and W8A8."""
+    with handled():
+        if to != "compressed-tensors":
+            raise MoecompressError(f"unknown export format {to!r}", "use --to compressed-tensors")
+        from moecompress.runtime.export_ct import export_compressed_tensors
+
+        r = export_compressed_tensors(directory, output, force)
+        success(f"wrote {r['output']}: {r['modules']} linears in compressed-tensors {r['format']} "
+                f"({r['bits']}-bit, group {r['group_size'] or 'per channel'})")
+
+
+@app.command()
 def patterns(
     model: ModelArg = None,
     profile_dir: Annotated[Path, typer.Option("--profile", "-p", help="Profile directory of this model.")] = ...,

@@ -23,9 +23,10 @@ from moecompress.models import find_arch
 from moecompress.progress import NullProgress, Progress
 from moecompress.recipe import Recipe
 from moecompress.runtime.modelio import SIDECAR, load_config, load_model, model_label, save_model
+from moecompress.runtime.outdir import check_output, finish
 from moecompress.stages import STAGES
 
-__all__ = ["RunResult", "check_output", "run"]
+__all__ = ["RunResult", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -34,28 +35,6 @@ log = logging.getLogger(__name__)
 class RunResult:
     output: Path | None
     report: dict[str, Any] = field(default_factory=dict)
-
-
-def check_output(output: str | Path | None, force: bool) -> Path:
-    if not output:
-        raise MoecompressError("no output directory given", "pass -o DIR (or set 'output:' in the recipe)")
-    out = Path(output)
-    if out.exists() and not force:
-        raise MoecompressError(f"output {str(out)!r} already exists", "choose another -o, or pass --force to replace it")
-    if out.exists() and not out.is_dir():
-        raise MoecompressError(f"output {str(out)!r} exists and is not a directory", "choose another -o")
-    return out
-
-
-def _finish(tmp: Path, out: Path) -> None:
-    """Move ``tmp`` to ``out``; an existing ``out`` (only reached with --force) is removed after the move."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def run(recipe: Recipe, *, model: str | None = None, output: str | Path | None = None, force: bool = False,
@@ -124,7 +103,7 @@ def run(recipe: Recipe, *, model: str | None = None, output: str | Path | None =
             elif wrote_model:
                 save_model(loaded, tmp)
             (tmp / SIDECAR).write_text(json.dumps(report, indent=2) + "\n")
-            _finish(tmp, out)
+            finish(tmp, out)
     except BaseException:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -10,7 +10,6 @@ pruned checkpoint reading only the kept experts' tensors from the original safet
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -25,9 +24,9 @@ from moecompress.formats.patterns import PatternStore
 from moecompress.formats.profile import Profile
 from moecompress.models import find_arch
 from moecompress.models.identity import check_identity, identity_from_parts
-from moecompress.pipeline import _finish, check_output
 from moecompress.runtime.checkpoint_io import CheckpointReader, classify, reduced_state_dict, write_checkpoint
 from moecompress.runtime.modelio import SIDECAR, _model_dir, load_config, load_model
+from moecompress.runtime.outdir import atomic_output, check_output
 from moecompress.runtime.prompt_routing import RoutingProbe, cosine_distance
 
 __all__ = ["build_patterns", "retrieve"]
@@ -92,14 +91,8 @@ def build_patterns(spec: str | None, profile_path: str | Path, output: str | Pat
                          {"windows": total, "seq_len": seq_len, "accuracy": hits / total,
                           "own_distance_q50": float(own_d.median()), "own_distance_q99": float(torch.quantile(own_d, 0.99)),
                           "margin": margin, "profile": str(profile.path)})
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_output(out) as tmp:
         store.save(tmp)
-        _finish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"output": str(out), "tasks": profile.tasks, "signature_layers": sig, "threshold": threshold,
             **store.calibration}
 
@@ -146,10 +139,7 @@ def retrieve(spec: str | None, store_path: str | Path, output: str | Path, *, pr
         protect[layers.index(layer), e] = True
     kept = dict(zip(layers, select_experts(rank_score, n, protect, groups)))
     sd = reduced_state_dict(reader, classified, kept)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_output(out) as tmp:
         write_checkpoint(sd, tmp)
         cfg = json.loads((path / "config.json").read_text())
         for key in arch.num_experts_keys:
@@ -174,8 +164,4 @@ def retrieve(spec: str | None, store_path: str | Path, output: str | Path, *, pr
         }
         (tmp / SIDECAR).write_text(json.dumps(report, indent=2) + "\n")
         load_model(str(tmp))  # the result must load with every weight present
-        _finish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report
