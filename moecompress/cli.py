@@ -15,7 +15,8 @@ from typing import Annotated, Optional
 import typer
 
 from moecompress import __version__
-from moecompress.console import RichProgress, console, error, print_table, success
+from moecompress.console import (SHOW, RichProgress, console, error, print_eval, print_table, show_generic,
+                                 show_inspect, show_prune, show_quantize, success)
 from moecompress.errors import MoecompressError
 
 app = typer.Typer(
@@ -132,7 +133,7 @@ def run(
         result = run_pipeline(r, model=model, output=output, force=force, progress=RichProgress())
         for s in result.report["stages"]:
             console.print(f"[bold]{s['stage']}[/] ({s['seconds']:.1f} s)")
-            SHOW.get(s["stage"], _show_generic)(s["result"])
+            SHOW.get(s["stage"], show_generic)(s["result"])
         if result.output is not None:
             success(f"wrote {result.output} (report: {result.output / 'moecompress.json'})")
 
@@ -243,7 +244,7 @@ def prune(
                                   "calibration": _calibration(",".join(tasks) if tasks else None, None, samples,
                                                               seq_len, seed)}, "prune")
         result = run_pipeline(recipe, output=output, force=force, progress=RichProgress())
-        _show_prune(result.report["stages"][0]["result"])
+        show_prune(result.report["stages"][0]["result"])
         success(f"wrote {result.output} (loads with plain transformers; provenance in moecompress.json)")
 
 
@@ -285,7 +286,7 @@ def quantize(
         recipe = validate_recipe({"model": model, "calibration": _calibration(tasks, data, samples, seq_len, seed),
                                   "stages": [stage]}, "quantize")
         result = run_pipeline(recipe, output=output, force=force, progress=RichProgress())
-        _show_quantize(result.report["stages"][0]["result"])
+        show_quantize(result.report["stages"][0]["result"])
         success(f"wrote {result.output} (fake-quantized weights + quantization.safetensors; "
                 f"`moecompress eval {result.output}` compares it with the original)")
 
@@ -321,7 +322,7 @@ def ternary(
         console.print(f"ternary experts by {method}: {r['zero_fraction']:.1%} zeros; {r['calibration_windows']} "
                       f"calibration windows in {r['seconds']:.1f} s")
         if "packed" in result.report:
-            _show_inspect(result.output)
+            show_inspect(result.output)
         success(f"wrote {result.output}")
 
 
@@ -329,20 +330,7 @@ def ternary(
 def inspect(directory: Annotated[Path, typer.Argument(help="A model directory (packed or not).")]) -> None:
     """Show per module the codec, bits per weight and bytes, and the overall compression ratio."""
     with handled():
-        _show_inspect(directory)
-
-
-def _show_inspect(directory: Path) -> None:
-    from moecompress.formats.inspect import inspect_dir
-
-    d = inspect_dir(directory)
-    if d["modules"]:
-        print_table(f"{d['directory']} ({d['format']})", ["module", "codec", "group", "bits/weight", "bytes"],
-                    [[r["module"], r["codec"], r["group_size"], f"{r['bits_per_weight']:.3f}", r["bytes"]]
-                     for r in d["modules"]])
-        console.print(f"packed weights: {d['packed_weights']:,} at {d['packed_bits_per_weight']:.3f} bits/weight")
-    console.print(f"files {d['file_bytes'] / 1e6:.2f} MB for {d['params']:,} parameters: {d['bits_per_param']:.2f} "
-                  f"bits/parameter, {d['compression_vs_16bit']:.2f}x smaller than 16-bit")
+        show_inspect(directory)
 
 
 @app.command()
@@ -479,101 +467,11 @@ def eval_cmd(
             "stages": [{"stage": "evaluate", "baseline": base, "samples": samples, "batch_size": batch_size}]}, "eval")
         result = run_pipeline(recipe, progress=RichProgress())
         report = result.report["stages"][0]["result"]
-        _print_eval(report)
+        print_eval(report)
         if json_path is not None:
             json_path.parent.mkdir(parents=True, exist_ok=True)
             json_path.write_text(json.dumps(report, indent=1) + "\n")
             success(f"wrote {json_path}")
-
-
-def _print_eval(r: dict) -> None:
-    base = r.get("baseline")
-    cols = ["task", "windows", "ppl"]
-    if base:
-        cols = ["task", "n", "ppl base", "ppl", "change ±95%", "KL", "token agree", "route J (min)", "route top1"]
-    rows = []
-    for t, d in r["tasks"].items():
-        if not base:
-            rows.append([t, d["windows"], f"{d['ppl']:.2f}"])
-            continue
-        lo, hi = d["nll_diff_ci95"]
-        ra, rt = d.get("routing_agreement"), d.get("routing_top1_agreement")
-        rows.append([t, d["windows"], f"{base['tasks'][t]['ppl']:.2f}", f"{d['ppl']:.2f}",
-                     f"{d['ppl_ratio'] - 1:+.1%}±{_half(lo, hi)}", f"{d['kl']:.3f}",
-                     f"{d['top1_agreement']:.1%}",
-                     "-" if ra is None else f"{sum(ra) / len(ra):.2f} ({min(ra):.2f})",
-                     "-" if rt is None else f"{sum(rt) / len(rt):.2f}"])
-    title = f"Held-out evaluation: {_short(r['model'])}" + (f" vs {_short(base['model'])}" if base else "")
-    print_table(title, cols, rows)
-    size_rows = [[_short(r["model"]), _mb(r["size_bytes"]), r["params"], f"{r['bits_per_param']:.2f}",
-                  _mb(r["peak_memory_bytes"]), f"{r['tokens_per_second']:,.0f}"]]
-    if base:
-        size_rows.append([_short(base["model"]), _mb(base["size_bytes"]), base["params"],
-                          f"{base['bits_per_param']:.2f}", "-", "-"])
-    print_table("Size and speed", ["model", "size", "params", "bits/param", "peak memory", "tokens/s"], size_rows)
-    if r.get("routing_note"):
-        console.print(r["routing_note"])
-
-
-def _short(label: str) -> str:
-    parts = Path(label).parts
-    return "demo" if label.endswith("assets/demo-moe") else str(Path(*parts[-2:])) if len(parts) > 2 else label
-
-
-def _half(lo: float, hi: float) -> str:
-    """Half-width, in percentage points, of a 95 % interval on the log-perplexity difference."""
-    import math
-
-    return f"{(math.exp(hi) - math.exp(lo)) / 2 * 100:.1f}"
-
-
-def _mb(n: int) -> str:
-    return f"{n / 1e6:.2f} MB"
-
-
-def _show_generic(result: dict) -> None:
-    console.print(", ".join(f"{k}={v}" for k, v in result.items() if not isinstance(v, (dict, list))), soft_wrap=True)
-
-
-def _show_profile(r: dict) -> None:
-    console.print(f"profiled {r['tokens']:,} tokens of {', '.join(r['tasks'])} at {r['tokens_per_second']:,.0f} "
-                  f"tokens/s; mean JS divergence between tasks per layer: {r['js_divergence_mean_per_layer']}; "
-                  f"super experts: {r['super_experts'] or 'none'}", soft_wrap=True)
-
-
-def _show_prune(r: dict) -> None:
-    rows = [[layer, " ".join(map(str, ids)), f"{cov:.1%}"]
-            for (layer, ids), cov in zip(r["kept_experts"].items(), r["score_coverage_per_layer"])]
-    print_table(f"Kept {r['experts_after']} of {r['experts_before']} experts per layer by {r['score']} "
-                f"for {', '.join(r['tasks'])}", ["layer", "kept experts (original ids)", "score covered"], rows)
-    if r.get("needed_per_layer"):
-        console.print(f"cumulative coverage needs {r['needed_per_layer']} experts per layer")
-    if r.get("router_recalibration"):
-        kd = r["router_recalibration"]
-        console.print(f"router recalibration: KL {kd['kl_before']:.4f} -> {kd['kl_after']:.4f}")
-    console.print(f"parameters {r['params_before']:,} -> {r['params_after']:,} "
-                  f"({r['params_after'] / r['params_before']:.1%})")
-
-
-def _show_keep(r: dict) -> None:
-    console.print(f"experts {r['experts_before']} -> {r['experts_after']} per layer; parameters "
-                  f"{r['params_before']:,} -> {r['params_after']:,}")
-
-
-def _show_quantize(r: dict) -> None:
-    acts = r["activations"]
-    w = r["weights"]
-    console.print(f"{r['scheme']}: {w['bits']}-bit weights ({w['method']}, group {w['group_size']}), "
-                  f"{'activations ' + str(acts['bits']) + '-bit per token' if acts else 'activations unquantized'}"
-                  f"{', smoothing' if r['smooth'] else ''}{', router ' + str(r['router_bits']) + '-bit' if r['router_bits'] else ''}"
-                  f"; {r['calibration_windows']} calibration windows in {r['seconds']:.1f} s", soft_wrap=True)
-    print_table("Per MoE layer", ["layer", "top-k routing agreement (calibration)", "experts on RTN fallback"],
-                [[k, f"{a:.1%}", r["rtn_fallback_experts_per_layer"].get(k, 0)]
-                 for k, a in zip(r["rtn_fallback_experts_per_layer"], r["routing_topk_agreement_calib"])])
-
-
-SHOW = {"profile": _show_profile, "prune": _show_prune, "keep_experts": _show_keep, "quantize": _show_quantize,
-        "evaluate": lambda r: _print_eval(r)}
 
 
 if __name__ == "__main__":  # pragma: no cover
