@@ -67,7 +67,7 @@ class LayerStats:
     linears: dict[str, LinearStats] = field(default_factory=dict)  # by module name inside the layer
     experts: ExpertStats | None = None
     mode: str = "routed"  # "routed" (base batches), "near" (near-miss tokens of base batches), "reserve"
-    sample_tokens: int = 2048
+    sample_tokens: int = 8192
 
 
 def _accumulate(stats: LinearStats, x: torch.Tensor, weight: torch.Tensor | None = None) -> None:
@@ -131,7 +131,7 @@ def _expert_step(st: ExpertStats, view: MoEBlockView, x: torch.Tensor, logits: t
 
 @contextlib.contextmanager
 def collect(layer: nn.Module, views: list[MoEBlockView], attn_norm: nn.Module | None, near_miss: int = 2,
-            sample_tokens: int = 2048) -> Iterator[LayerStats]:
+            sample_tokens: int = 8192) -> Iterator[LayerStats]:
     """Hooks that fill a `LayerStats` while ``layer`` runs; removed on exit."""
     stats = LayerStats(sample_tokens=sample_tokens)
     handles: list = []
