@@ -135,7 +135,7 @@ def collect(layer: nn.Module, views: list[MoEBlockView], attn_norm: nn.Module | 
     """Hooks that fill a `LayerStats` while ``layer`` runs; removed on exit."""
     stats = LayerStats(sample_tokens=sample_tokens)
     handles: list = []
-    norm_out: dict[str, int] = {}
+    norm_out: dict[str, torch.Tensor] = {}  # held, so that no other tensor can reuse its memory meanwhile
     skip: set[int] = set()
     shared_linears: set[int] = set()
     shared_gate_value: dict[str, torch.Tensor] = {}  # per-token sigmoid(shared gate) of the current call
@@ -152,7 +152,7 @@ def collect(layer: nn.Module, views: list[MoEBlockView], attn_norm: nn.Module | 
     for tag, norm in (("attn_norm", attn_norm), ("moe_norm", views[0].pre_moe_norm if views else None)):
         if norm is not None:
             handles.append(norm.register_forward_hook(
-                lambda m, a, out, tag=tag: norm_out.__setitem__(tag, out.data_ptr())))
+                lambda m, a, out, tag=tag: norm_out.__setitem__(tag, out.detach())))
     experts_params = {id(p) for v in views for p in v.experts.module.parameters()}
     for name, m in layer.named_modules():
         if not isinstance(m, nn.Linear) or id(m) in skip or id(m.weight) in experts_params:
@@ -163,7 +163,8 @@ def collect(layer: nn.Module, views: list[MoEBlockView], attn_norm: nn.Module | 
             st = stats.linears.get(name)
             if st is None:
                 C = x.shape[-1]
-                src = next((t for t, p in norm_out.items() if p == x.data_ptr()), None)
+                src = next((t for t, o in norm_out.items() if o.data_ptr() == x.data_ptr() and o.shape == x.shape),
+                           None)
                 st = stats.linears[name] = LinearStats(torch.zeros(C, C), torch.zeros(C), 0, src)
             if stats.mode != "routed":
                 return

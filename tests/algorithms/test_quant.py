@@ -6,7 +6,7 @@ import torch
 
 from moecompress.algorithms.gptq import gptq_quantize, proxy_loss
 from moecompress.algorithms.quant_grid import QuantGrid, fake_quant_tokens, rtn_quantize
-from moecompress.algorithms.router_align import align_router
+from moecompress.algorithms.router_align import align_router, topk_kl
 from moecompress.algorithms.smooth import aggregate_scales, down_outlier_scales, smooth_scales
 
 GRIDS = [QuantGrid(4, 32), QuantGrid(3, -1, symmetric=True), QuantGrid(2, 16), QuantGrid(8, 64, clip_search=False)]
@@ -95,3 +95,17 @@ def test_router_alignment_lowers_kl():
     X = torch.randn(400, 32, generator=g)
     _, ratios, rep = align_router(W, X, 3, 2)
     assert rep["kl_after"] < rep["kl_before"] and ratios.shape == (8,)
+    _, _, rep = align_router(W, X, 3, 2, objective="topk")  # EAQuant's own loss
+    assert rep["kl_after"] < rep["kl_before"]
+
+
+def test_topk_rest_objective_is_a_divergence_and_eaquants_is_not():
+    ref = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    sharper = ref * 2  # more confident in the same top-2: a different distribution
+    assert float(topk_kl(ref, sharper, 2, objective="topk")) < 0  # EAQuant's loss rewards the change
+    assert float(topk_kl(ref, sharper, 2, objective="topk_rest")) > 0
+    assert float(topk_kl(ref, ref, 2, objective="topk_rest")) == 0
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(500, 8, generator=g), torch.randn(500, 8, generator=g)
+    full = (a.softmax(-1) * (a.log_softmax(-1) - b.log_softmax(-1))).sum(-1).mean()
+    assert 0 <= float(topk_kl(a, b, 2, objective="topk_rest")) <= float(full) + 1e-6  # coarsening never adds
