@@ -126,10 +126,26 @@ def llmcompressor_model(py: Path, calib: Path, bits: int, work: Path) -> tuple[P
     return dest, run
 
 
+def _order(row: dict) -> tuple[int, int]:
+    names = [n for n, _ in ROWS]
+    return SCHEMES.index(row["scheme"]), names.index(row["method"]) if row["method"] in names else len(names)
+
+
+def _save(out: Path, results: dict, partial: bool) -> None:
+    """Write the results so far (``partial`` marks an unfinished run) through a temporary file."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({**results, "partial": partial}, indent=1) + "\n")
+    tmp.replace(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--schemes", default=",".join(SCHEMES))
+    ap.add_argument("--methods", default=None, help="comma-separated row names to run (default: all rows)")
+    ap.add_argument("--merge", action="store_true", help="replace the matching rows of an existing --out file "
+                    "and keep the others (re-measuring some rows after a change)")
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "quantize_demo.json")
     args = ap.parse_args()
@@ -145,12 +161,19 @@ def main() -> None:
     results = {"calibration": {"windows_per_task": args.samples, "seq_len": 256},
                "eval_windows": {t: len(w) for t, w in evw.items()},
                "base_ppl": {t: float(base[0][owners == i].mean().exp()) for i, t in enumerate(tasks)}, "runs": []}
+    methods = None if args.methods is None else set(args.methods.split(","))
+    if args.merge:
+        old = json.loads(args.out.read_text())
+        results["runs"] = [r for r in old["runs"] if methods is not None and r["method"] not in methods
+                           or r["scheme"] not in args.schemes.split(",")]
+        if not args.no_peer:
+            results["runs"] = [r for r in results["runs"] if r["method"] != "llm-compressor GPTQ"]
     calib_ctx = Context(base_model, CalibrationConfig(samples=args.samples, seq_len=256), None)
     calib_ids = torch.cat(list(calib_ctx.windows("calib").values()))
     torch.save(calib_ids, work / "calib.pt")
     for scheme in args.schemes.split(","):
         for name, over in ROWS:
-            if "rotation" in name and not scheme.endswith("a4"):
+            if "rotation" in name and not scheme.endswith("a4") or methods is not None and name not in methods:
                 continue
             loaded = load_model()
             ctx = Context(loaded, CalibrationConfig(samples=args.samples, seq_len=256), None)
@@ -162,7 +185,9 @@ def main() -> None:
                    "rtn_fallbacks": sum(rep["rtn_fallback_experts_per_layer"].values()),
                    **compare(base, evaluate(loaded.model, arch, windows), owners, tasks)}
             results["runs"].append(row)
+            results["runs"].sort(key=_order)
             print(json.dumps(row), flush=True)
+            _save(args.out, results, partial=True)
     if not args.no_peer:
         py = ensure_venv()
         for bits in (4, 3, 2):
@@ -172,8 +197,7 @@ def main() -> None:
                    "peer_run": run, **compare(base, evaluate(peer.model, arch, windows), owners, tasks)}
             results["runs"].append(row)
             print(json.dumps(row), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    _save(args.out, results, partial=False)
     shutil.rmtree(work, ignore_errors=True)
 
 
