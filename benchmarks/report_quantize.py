@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Render benchmarks/results/quantize_demo.json as the Markdown tables of docs/BENCHMARKS.md.
+"""Render benchmarks/results/quantize_demo.json and router_align_demo.json as the Markdown tables of
+docs/BENCHMARKS.md (ablation, side by side with llm-compressor, W4A4 gap closed, router alignment).
 
 Usage::
 
@@ -9,31 +10,80 @@ Usage::
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+PEER = "llm-compressor GPTQ"
 
 
 def pct(x: float) -> str:
     return f"{(x - 1) * 100:+.2f}"
 
 
-def main() -> None:
-    path = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "benchmarks" / "results" / "quantize_demo.json"
-    r = json.loads(path.read_text())
-    tasks = list(r["base_ppl"])
-    runs = r["runs"]
-    print("| scheme | method | " + " | ".join(tasks) + " | min routing top-k agreement | seconds |")
+def cell(d: dict) -> str:
+    lo, hi = d["ci95"]
+    return f"{pct(d['ppl_ratio'])} ({pct(lo)}, {pct(hi)})"
+
+
+def ablation(runs: list[dict], tasks: list[str]) -> None:
+    print("| scheme | method | " + " | ".join(tasks) + " | routing agreement, worst layer | seconds |")
     print("|---|---|" + "---|" * len(tasks) + "---|---|")
     for row in runs:
-        cells = []
-        for t in tasks:
-            d = row["tasks"][t]
-            lo, hi = d["ci95"]
-            cells.append(f"{pct(d['ppl_ratio'])} ({pct(lo)}, {pct(hi)})")
-        agree = min(row["routing_topk_agreement"])
-        print(f"| {row['scheme'].upper()} | {row['method']} | " + " | ".join(cells) + f" | {agree:.1%} | {row['seconds']} |")
+        if row["method"] == PEER:
+            continue
+        cells = " | ".join(cell(row["tasks"][t]) for t in tasks)
+        print(f"| {row['scheme'].upper()} | {row['method']} | {cells} | {min(row['routing_topk_agreement']):.1%} "
+              f"| {row['seconds']} |")
+
+
+def peers(runs: list[dict], tasks: list[str]) -> None:
+    print("| scheme | tool | " + " | ".join(tasks) + " | routing agreement, worst layer | seconds |")
+    print("|---|---|" + "---|" * len(tasks) + "---|---|")
+    for scheme in ("w4a16", "w3a16", "w2a16"):
+        for row in runs:
+            if row["scheme"] == scheme and row["method"] in ("all (default)", PEER):
+                tool = "llm-compressor 0.14 GPTQ" if row["method"] == PEER else "moecompress (default)"
+                cells = " | ".join(cell(row["tasks"][t]) for t in tasks)
+                print(f"| {scheme.upper()} | {tool} | {cells} | {min(row['routing_topk_agreement']):.1%} "
+                      f"| {row['seconds']} |")
+
+
+def gap_closed(runs: list[dict], tasks: list[str]) -> None:
+    for scheme in ("w4a4", "w3a4"):
+        by = {r["method"]: r for r in runs if r["scheme"] == scheme}
+        rtn, best = by["RTN"], by["all (default)"]
+        per = {t: 1 - (best["tasks"][t]["ppl_ratio"] - 1) / (rtn["tasks"][t]["ppl_ratio"] - 1) for t in tasks}
+        mean_rtn = sum(rtn["tasks"][t]["ppl_ratio"] - 1 for t in tasks) / len(tasks)
+        mean_best = sum(best["tasks"][t]["ppl_ratio"] - 1 for t in tasks) / len(tasks)
+        print(f"- {scheme.upper()}: mean gap RTN {mean_rtn:+.2%} -> all components {mean_best:+.2%}, "
+              f"{1 - mean_best / mean_rtn:.0%} of the gap closed; per task "
+              + ", ".join(f"{t} {v:.0%}" for t, v in per.items()))
+
+
+def router(path: Path) -> None:
+    rows = json.loads(path.read_text())["rows"]
+    print("| router bits | layer | divergence: min-max | EAQuant loss | ours | top-2 agreement: min-max "
+          "| EAQuant loss | ours |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        d = " | ".join(f"{r[n]['divergence']:.2e}" for n in ("plain", "eaquant", "ours"))
+        a = " | ".join(f"{r[n]['agreement']:.2%}" for n in ("plain", "eaquant", "ours"))
+        print(f"| {r['bits']} | {r['layer']} | {d} | {a} |")
+
+
+def main() -> None:
+    r = json.loads((RESULTS / "quantize_demo.json").read_text())
+    tasks = list(r["base_ppl"])
+    print("### Ablation\n")
+    ablation(r["runs"], tasks)
+    print("\n### Side by side with llm-compressor\n")
+    peers(r["runs"], tasks)
+    print("\n### W4A4 / W3A4 gap closed\n")
+    gap_closed(r["runs"], tasks)
+    if (RESULTS / "router_align_demo.json").exists():
+        print("\n### Router alignment\n")
+        router(RESULTS / "router_align_demo.json")
 
 
 if __name__ == "__main__":

@@ -263,11 +263,15 @@ def quantize(
                                                        "(default: keep it in full precision).")] = None,
     align_router: Annotated[bool, typer.Option("--align-router/--no-align-router",
                                                help="Per-row KL-aligned clipping for a quantized router.")] = True,
+    align_objective: Annotated[str, typer.Option("--align-objective", help="topk_rest (top-k KL plus the pooled "
+                                                 "rest: a divergence) | topk (EAQuant's loss).")] = "topk_rest",
     balance: Annotated[bool, typer.Option("--balance/--no-balance", help="Calibration balance for rare experts.")] = True,
     rotate_intermediate: Annotated[Optional[bool], typer.Option(
         "--rotate-intermediate/--no-rotate-intermediate",
         help="Online Hadamard before the experts' down projections (default: on for A4).")] = None,
     rotate: Annotated[bool, typer.Option("--rotate", help="Rotate the residual stream (QuaRot; RMSNorm models).")] = False,
+    fake_quant: Annotated[bool, typer.Option("--fake-quant", help="Write dequantized bf16 weights and the record "
+                                                                  "instead of the packed format.")] = False,
     tasks: TasksOpt = None,
     data: DataOpt = None,
     samples: Annotated[int, typer.Option(help="Calibration windows per task.")] = 32,
@@ -282,13 +286,14 @@ def quantize(
 
         stage = {"stage": "quantize", "scheme": scheme, "group_size": group_size, "method": method, "smooth": smooth,
                  "smooth_alpha": smooth_alpha, "router_bits": router_bits, "align_router": align_router,
-                 "balance": balance, "rotate_intermediate": rotate_intermediate, "rotate": rotate}
+                 "align_objective": align_objective, "balance": balance, "rotate_intermediate": rotate_intermediate,
+                 "rotate": rotate, "save_format": "fake-quant" if fake_quant else "packed"}
         recipe = validate_recipe({"model": model, "calibration": _calibration(tasks, data, samples, seq_len, seed),
                                   "stages": [stage]}, "quantize")
         result = run_pipeline(recipe, output=output, force=force, progress=RichProgress())
         show_quantize(result.report["stages"][0]["result"])
-        success(f"wrote {result.output} (fake-quantized weights + quantization.safetensors; "
-                f"`moecompress eval {result.output}` compares it with the original)")
+        form = "fake-quantized bf16 weights + quantization.safetensors" if fake_quant else "packed format"
+        success(f"wrote {result.output} ({form}; `moecompress eval {result.output}` compares it with the original)")
 
 
 @app.command()

@@ -227,6 +227,19 @@ def test_quantize_then_eval(tmp_path):
     assert r.exit_code == 0, r.output
 
 
+def test_quantize_fake_quant_with_eaquant_alignment(tmp_path):
+    out = tmp_path / "fq"
+    r = invoke("quantize", "tiny:mixtral", "--scheme", "w4a16", "--group-size", 8, "--router-bits", 4,
+               "--align-objective", "topk", "--fake-quant", "--tasks", "prose", "--samples", 2, "--seq-len", 32,
+               "-o", out)
+    assert r.exit_code == 0, r.output
+    assert "fake-quantized" in r.output and (out / "quantization.safetensors").exists()
+    side = json.loads((out / "moecompress.json").read_text())
+    assert "packed" not in side and side["quantization"]["router_bits"] == 4
+    one_line_error(invoke("quantize", "tiny:mixtral", "--align-objective", "kl", "-o", tmp_path / "x"),
+                   "align_objective")
+
+
 def test_quantize_bad_inputs(tmp_path):
     base = ["quantize", "tiny:mixtral", "--tasks", "prose", "--samples", 2, "--seq-len", 32]
     one_line_error(invoke(*base, "--scheme", "w5a5", "-o", tmp_path / "q"), "scheme", "w4a16")

@@ -186,7 +186,7 @@ def quantize_experts(view: MoEBlockView, stats: LayerStats, opt: QuantOptions, r
 
 @torch.no_grad()
 def quantize_router(view: MoEBlockView, stats: LayerStats, bits: int, align: bool, record: QuantRecord,
-                    prefix: str) -> dict[str, Any]:
+                    prefix: str, objective: str = "topk_rest") -> dict[str, Any]:
     """Quantize the router per row (asymmetric); with ``align``, search each row's clip ratio to minimise
     the top-k KL of routing probabilities on calibration inputs."""
     W = view.router_weight
@@ -194,7 +194,8 @@ def quantize_router(view: MoEBlockView, stats: LayerStats, bits: int, align: boo
     rule = view.routing
     score = "sigmoid" if rule.score == "sigmoid" else "softmax"
     if align and len(X):
-        Wq, ratios, rep = align_router(W.detach(), X, bits, rule.top_k, score, view.router_bias)
+        Wq, ratios, rep = align_router(W.detach(), X, bits, rule.top_k, score, view.router_bias,
+                                       objective=objective)
     else:
         res = rtn_quantize(W.detach().float()[None], QuantGrid(bits, -1, False, True))
         Wq, rep = res.weight[0], {}

@@ -48,6 +48,7 @@ class QuantPlan:
     rotate_intermediate: bool = False
     rotation_seed: int = 0
     batch_size: int = 8
+    align_objective: str = "topk_rest"
 
 
 @dataclass
@@ -137,7 +138,7 @@ def quantize_model(model, arch: MoEArch, base: list[torch.Tensor], reserve: list
                                                         plan.balance, n_min, q_inter)
                 if plan.router_bits:
                     entry["router"] = quantize_router(v, stats, plan.router_bits, plan.align_router, out.record,
-                                                      f"{block}.{arch.router}")
+                                                      f"{block}.{arch.router}", plan.align_objective)
             if plan.act is not None:
                 install_layer_act_quant(layer, lv, plan.act, out.act_handle)
             runner.run_layer(i)

@@ -63,6 +63,7 @@ class QuantizeConfig(StageConfig):
     rotation_seed: int = 0
     router_bits: int | None = Field(None, ge=2, le=8)
     align_router: bool = True
+    align_objective: Literal["topk_rest", "topk"] = "topk_rest"  # topk: EAQuant's own loss (not a divergence)
     balance: bool = True
     balance_ratio: float = Field(2.0, gt=0.0)  # min routed tokens per expert = ratio * seq_len * K / E
     near_miss: int = Field(2, ge=0)  # near-miss ranks k+1 .. k+near_miss
@@ -162,7 +163,8 @@ def run(ctx: StageContext, cfg: QuantizeConfig) -> dict[str, Any]:
     base, extra = split_windows(ctx, cfg.reserve if cfg.balance else 0.0)
     plan = QuantPlan(opt, opt, aq, smooth, cfg.smooth_alpha, cfg.smooth_aggregate, cfg.smooth_router,
                      cfg.smooth_attention, cfg.smooth_down, cfg.router_bits, cfg.align_router, cfg.balance,
-                     cfg.balance_ratio, cfg.near_miss, cfg.rotate, rotate_inter, cfg.rotation_seed, cfg.batch_size)
+                     cfg.balance_ratio, cfg.near_miss, cfg.rotate, rotate_inter, cfg.rotation_seed, cfg.batch_size,
+                     cfg.align_objective)
     result = quantize_model(ctx.model, ctx.arch, base, extra, plan, ctx.progress, f"quantizing ({cfg.scheme})")
     meta = {"scheme": cfg.scheme,
             "weights": {"kind": "int", "bits": wbits, "group_size": cfg.groups(), "symmetric": cfg.symmetric,
