@@ -13,7 +13,7 @@ share of tokens whose top-2 expert set is unchanged.
 
 Usage::
 
-    python benchmarks/router_align_demo.py    # about a minute; writes benchmarks/results/router_align_demo.json
+    python benchmarks/router_align_demo.py    # about 3 minutes; writes benchmarks/results/router_align_demo.json
 """
 
 from __future__ import annotations
