@@ -81,15 +81,18 @@ def align_router(W: torch.Tensor, X: torch.Tensor, bits: int, k: int, score: str
         scale, zero = find_params(torch.stack([lo, hi], dim=1), grid)  # range [r*min, r*max] per row
         return dequantize(quantize_codes(w, scale, zero, grid.maxq), scale, zero)
 
-    best = torch.ones(E)
-    Wq = quant(best)
-    logits = Xf @ Wq.T + (0 if bias is None else bias.float())
-    before = float(topk_kl(ref, logits, k, score, objective))
-    agree_before = topk_agreement(ref, logits, k)
-    current = before
     p = _probs(ref, score)
     idx = ref.topk(k, dim=-1).indices  # [T, K]
     pk = p.gather(-1, idx)
+
+    def divergence(lg: torch.Tensor) -> float:  # the objective for router logits [T, E]
+        return float(_kl_terms(pk, _probs(lg, score).gather(-1, idx), objective).mean())
+
+    best = torch.ones(E)
+    Wq = quant(best)
+    logits = Xf @ Wq.T + (0 if bias is None else bias.float())
+    before = current = divergence(logits)
+    agree_before = topk_agreement(ref, logits, k)
     for _ in range(sweeps):
         for e in range(E):
             losses = []
@@ -106,6 +109,6 @@ def align_router(W: torch.Tensor, X: torch.Tensor, bits: int, k: int, score: str
             best[e] = row_best
             Wq = quant(best)
             logits = Xf @ Wq.T + (0 if bias is None else bias.float())
-            current = float(topk_kl(ref, logits, k, score, objective))
+            current = divergence(logits)
     return Wq.to(W.dtype), best, {"kl_before": before, "kl_after": current, "topk_agreement_before": agree_before,
                                   "topk_agreement_after": topk_agreement(ref, logits, k)}
