@@ -6,18 +6,21 @@ Errors a user can fix end as one line on stderr and exit status 2.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Optional
 
+import click
 import typer
+import typer.rich_utils
 
 from moecompress import __version__
-from moecompress.console import (SHOW, RichProgress, console, error, print_eval, print_table, show_generic,
-                                 show_inspect, show_prune, show_quantize, success)
-from moecompress.errors import MoecompressError
+from moecompress.console import (SHOW, RichProgress, console, error, print_eval, print_table, setup_console,
+                                 show_generic, show_inspect, show_prune, show_quantize, success, warn)
+from moecompress.errors import MoecompressError, shorten
 
 app = typer.Typer(
     name="moecompress", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -32,7 +35,8 @@ ModelArg = Annotated[Optional[str], typer.Argument(
 
 @contextlib.contextmanager
 def handled() -> Iterator[None]:
-    """Turn user-facing errors into one line + exit status 2."""
+    """Turn every failure into one line on stderr + a non-zero exit status (2 for bad input, 130 interrupted,
+    1 for a bug, with the traceback only under --verbose)."""
     try:
         yield
     except MoecompressError as e:
@@ -41,6 +45,47 @@ def handled() -> Iterator[None]:
     except KeyboardInterrupt:
         error("interrupted")
         raise typer.Exit(130) from None
+    except MemoryError:
+        error("out of memory: use a machine with more memory, or lower --samples / --batch-size")
+        raise typer.Exit(1) from None
+    except OSError as e:
+        error(_os_error(e))
+        raise typer.Exit(2) from None
+    except (typer.Exit, typer.Abort, click.exceptions.ClickException):
+        raise
+    except Exception as e:  # a bug: still one line (the traceback with --verbose)
+        logging.getLogger("moecompress").debug("traceback", exc_info=True)
+        error(f"unexpected {e.__class__.__name__}: {shorten(str(e))} (a bug in moecompress: run again with "
+              "--verbose for the traceback and report it)")
+        raise typer.Exit(1) from None
+
+
+def _os_error(e: OSError) -> str:
+    where = f" {str(e.filename)!r}" if e.filename else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return f"no space left to write{where} ({e.strerror}): free some disk space or write to another -o"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"not allowed to write{where} ({e.strerror}): choose a directory you can write to"
+    return f"cannot access{where} ({e.strerror or e.__class__.__name__}): check the path and the disk"
+
+
+def _usage_error(e: click.ClickException) -> None:
+    """Click/Typer's usage errors (a bad option type, an unknown option) as one line."""
+    if e.__class__.__name__ == "NoArgsIsHelpError":  # the help was printed already
+        return
+    ctx = getattr(e, "ctx", None)
+    where = f"`{ctx.command_path} --help`" if ctx is not None else "`moecompress --help`"
+    error(f"{e.format_message()}: see {where}")
+
+
+class _Warnings(logging.Handler):
+    """The library's warnings (``logging.warning``) as one yellow line each on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        warn(record.getMessage())
+
+
+typer.rich_utils.rich_format_error = _usage_error  # typer looks it up at call time
 
 
 def _version(value: bool) -> None:
@@ -56,7 +101,14 @@ def main(
 ) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    setup_console()
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    lib = logging.getLogger("moecompress")
+    if not any(isinstance(h, _Warnings) for h in lib.handlers):
+        handler = _Warnings(logging.WARNING)
+        lib.addHandler(handler)
+    lib.propagate = verbose  # warnings print once, as our own line (all records also go to the log with -v)
+    lib.setLevel(logging.DEBUG if verbose else logging.WARNING)
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
@@ -171,12 +223,10 @@ def profile(
     with handled():
         from moecompress.formats.profile import Profile
         from moecompress.pipeline import run as run_pipeline
-        from moecompress.recipe import validate_recipe
+        from moecompress.recipe import validate_command
 
-        recipe = validate_recipe({
-            "model": model, "calibration": _calibration(tasks, data, samples, seq_len, seed),
-            "stages": [{"stage": "profile", "tcess_k": tcess_k, "tcess_r": tcess_r, "batch_size": batch_size}]},
-            "profile")
+        recipe = validate_command("profile", model, _calibration(tasks, data, samples, seq_len, seed),
+                                  {"stage": "profile", "tcess_k": tcess_k, "tcess_r": tcess_r, "batch_size": batch_size})
         if plot is not None and plot.exists() and not plot.is_dir():
             raise MoecompressError(f"--plot {str(plot)!r} is a file", "give a directory")
         result = run_pipeline(recipe, output=output, force=force, progress=RichProgress())
@@ -233,16 +283,16 @@ def prune(
     """Keep the best experts per layer for some tasks (PEP) and write a standard HF checkpoint."""
     with handled():
         from moecompress.pipeline import run as run_pipeline
-        from moecompress.recipe import validate_recipe
+        from moecompress.recipe import validate_command
 
         tasks = [t.strip() for item in task or [] for t in item.split(",") if t.strip()] or None
         stage = {"stage": "prune", "profile": str(profile_dir), "tasks": tasks, "keep": keep, "keep_ratio": keep_ratio,
                  "cumulative": cumulative, "score": score, "seed": seed, "protect_super": protect_super,
                  "uneven": uneven, "regroup": regroup, "recalibrate_router": recalibrate_router,
                  "recalibrate_steps": recalibrate_steps}
-        recipe = validate_recipe({"model": model, "stages": [stage],
-                                  "calibration": _calibration(",".join(tasks) if tasks else None, None, samples,
-                                                              seq_len, seed)}, "prune")
+        recipe = validate_command("prune", model, _calibration(",".join(tasks) if tasks else None, None, samples,
+                                                               seq_len, seed), stage,
+                                  {"tasks": "--task", "profile": "--profile"})
         result = run_pipeline(recipe, output=output, force=force, progress=RichProgress())
         show_prune(result.report["stages"][0]["result"])
         success(f"wrote {result.output} (loads with plain transformers; provenance in moecompress.json)")
@@ -282,14 +332,14 @@ def quantize(
     """Expert-aware quantization: GPTQ over experts, smoothing, router alignment, calibration balance."""
     with handled():
         from moecompress.pipeline import run as run_pipeline
-        from moecompress.recipe import validate_recipe
+        from moecompress.recipe import validate_command
 
         stage = {"stage": "quantize", "scheme": scheme, "group_size": group_size, "method": method, "smooth": smooth,
                  "smooth_alpha": smooth_alpha, "router_bits": router_bits, "align_router": align_router,
                  "align_objective": align_objective, "balance": balance, "rotate_intermediate": rotate_intermediate,
                  "rotate": rotate, "save_format": "fake-quant" if fake_quant else "packed"}
-        recipe = validate_recipe({"model": model, "calibration": _calibration(tasks, data, samples, seq_len, seed),
-                                  "stages": [stage]}, "quantize")
+        recipe = validate_command("quantize", model, _calibration(tasks, data, samples, seq_len, seed), stage,
+                                  {"save_format": "--fake-quant"})
         result = run_pipeline(recipe, output=output, force=force, progress=RichProgress())
         show_quantize(result.report["stages"][0]["result"])
         form = "fake-quantized bf16 weights + quantization.safetensors" if fake_quant else "packed format"
@@ -316,12 +366,12 @@ def ternary(
     """Turn routed experts into {-1, 0, +1} x group scale (absmean, TWN or GPTQ-ternary), packed below 2 bits."""
     with handled():
         from moecompress.pipeline import run as run_pipeline
-        from moecompress.recipe import validate_recipe
+        from moecompress.recipe import validate_command
 
         stage = {"stage": "ternary", "method": method, "group_size": group_size, "others": others, "codec": codec,
                  "save_format": "fake-quant" if fake_quant else "packed"}
-        recipe = validate_recipe({"model": model, "calibration": _calibration(tasks, data, samples, seq_len, 0),
-                                  "stages": [stage]}, "ternary")
+        recipe = validate_command("ternary", model, _calibration(tasks, data, samples, seq_len, 0), stage,
+                                  {"save_format": "--fake-quant"})
         result = run_pipeline(recipe, output=output, force=force, progress=RichProgress())
         r = result.report["stages"][0]["result"]
         console.print(f"ternary experts by {method}: {r['zero_fraction']:.1%} zeros; {r['calibration_windows']} "
@@ -458,7 +508,7 @@ def eval_cmd(
         import json
 
         from moecompress.pipeline import run as run_pipeline
-        from moecompress.recipe import validate_recipe
+        from moecompress.recipe import validate_command
         from moecompress.runtime.modelio import read_sidecar
 
         if json_path is not None and json_path.exists() and not force:
@@ -467,9 +517,8 @@ def eval_cmd(
         if base is None and not no_baseline and model not in (None, "demo") and not str(model).startswith("tiny:"):
             side = read_sidecar(Path(model)) if Path(model).is_dir() else None
             base = "original" if side and side.get("source_model") else None
-        recipe = validate_recipe({
-            "model": model, "calibration": _calibration(tasks, data, samples, seq_len, 0),
-            "stages": [{"stage": "evaluate", "baseline": base, "samples": samples, "batch_size": batch_size}]}, "eval")
+        recipe = validate_command("eval", model, _calibration(tasks, data, samples, seq_len, 0),
+                                  {"stage": "evaluate", "baseline": base, "samples": samples, "batch_size": batch_size})
         result = run_pipeline(recipe, progress=RichProgress())
         report = result.report["stages"][0]["result"]
         print_eval(report)

@@ -13,16 +13,29 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-__all__ = ["SHOW", "RichProgress", "console", "error", "print_eval", "print_table", "show_generic", "show_inspect",
-           "show_prune", "show_quantize", "success"]
+__all__ = ["SHOW", "RichProgress", "console", "error", "print_eval", "print_table", "setup_console", "show_generic",
+           "show_inspect", "show_prune", "show_quantize", "success", "warn"]
 
 console = Console()
 _err = Console(stderr=True)
 
 
+def setup_console() -> None:
+    """Into a file or a pipe (logs, CI) nothing wraps: rich would fold tables and numbers at 80 columns."""
+    for c in (console, _err):
+        c.width = None  # back to auto-detection (tests reuse the console across invocations)
+        if not c.is_terminal:
+            c.width = 4096
+
+
 def error(message: str) -> None:
     """One line on stderr, never wrapped."""
     _err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, highlight=False)
+
+
+def warn(message: str) -> None:
+    """One line on stderr, never wrapped."""
+    _err.print(f"[bold yellow]warning:[/] {escape(message)}", soft_wrap=True, highlight=False)
 
 
 def success(message: str) -> None:

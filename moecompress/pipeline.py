@@ -22,9 +22,12 @@ from moecompress.errors import MoecompressError
 from moecompress.models import find_arch
 from moecompress.progress import NullProgress, Progress
 from moecompress.recipe import Recipe
-from moecompress.runtime.modelio import SIDECAR, load_config, load_model, model_label, save_model
+from moecompress.formats.inspect import storage_summary
+from moecompress.runtime.memory import memory_report
+from moecompress.runtime.modelio import SIDECAR, input_facts, load_config, load_model, model_label, save_model
 from moecompress.runtime.outdir import check_output, finish
 from moecompress.stages import STAGES
+from moecompress.stages.order import InputState, check_order
 
 __all__ = ["RunResult", "run"]
 
@@ -49,14 +52,17 @@ def run(recipe: Recipe, *, model: str | None = None, output: str | Path | None =
     target = output if output is not None else recipe.output
     out = check_output(target, force) if (wants_output or target) else None
     calib = recipe.calibration
-    parse_data_specs([f"{k}={v}" for k, v in calib.data.items()])  # files exist
-    resolve_tasks(calib.tasks, {k: Path(v) for k, v in calib.data.items()})  # task names are known
+    files = parse_data_specs([f"{k}={v}" for k, v in calib.data.items()])  # files exist
+    tasks = resolve_tasks(calib.tasks, files)  # task names are known
     config = load_config(spec)
     arch = find_arch(config)
     limit = getattr(config, "max_position_embeddings", None)
     if limit and calib.seq_len > limit and any(s.uses_text for s in specs):
         raise MoecompressError(f"sequence length {calib.seq_len} is above the model's limit of {limit} tokens",
                                f"use --seq-len {limit} or less")
+    facts = input_facts(spec, config)
+    state = InputState(model_label(spec), facts["representation"], facts["scheme"], facts["original"])
+    check_order(recipe.stages, specs, state, [t.task for t in tasks], arch.num_experts(config))
     for cfg in recipe.stages:  # cross-checks against the model before any weight is read
         cfg.check(config, arch)
     progress = progress or NullProgress()
@@ -102,6 +108,10 @@ def run(recipe: Recipe, *, model: str | None = None, output: str | Path | None =
                                                 ctx.artifacts.get("ternary_codec", "ternary-b3"))
             elif wrote_model:
                 save_model(loaded, tmp)
+            if wrote_model:
+                _report_written_size(report, tmp)
+        report.update(memory_report())
+        if tmp is not None:
             (tmp / SIDECAR).write_text(json.dumps(report, indent=2) + "\n")
             finish(tmp, out)
     except BaseException:
@@ -109,3 +119,16 @@ def run(recipe: Recipe, *, model: str | None = None, output: str | Path | None =
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     return RunResult(out, report)
+
+
+def _report_written_size(report: dict[str, Any], directory: Path) -> None:
+    """Replace size estimates made before the model was written by what the files hold (as ``inspect``
+    counts it), in the report and in every evaluate stage's result (and its ``eval.json``)."""
+    size = storage_summary(directory)
+    report["size"] = size
+    for s in report["stages"]:
+        result = s["result"]
+        if s["stage"] == "evaluate" and isinstance(result, dict) and "size_bytes" in result:
+            result.update({k: size[k] for k in ("params", "size_bytes", "bits_per_param", "size_source")})
+            if (directory / "eval.json").is_file():
+                (directory / "eval.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from moecompress.errors import MoecompressError
 from moecompress.stages import STAGES, StageConfig
 
-__all__ = ["CalibrationConfig", "Recipe", "load_recipe", "one_line"]
+__all__ = ["CalibrationConfig", "Recipe", "load_recipe", "one_line", "validate_command", "validate_recipe"]
 
 
 class CalibrationConfig(BaseModel):
@@ -111,3 +112,41 @@ def _hint(err: ValidationError) -> str:
     if "unknown stage" in text:
         return "use a registered stage (`moecompress list`)"
     return "see the example recipes in recipes/"
+
+
+def _flag(key: str, flags: dict[str, str]) -> str:
+    return flags.get(key, "--" + key.replace("_", "-"))
+
+
+def _flag_error(err: ValidationError, data: dict[str, Any], flags: dict[str, str], command: str) -> MoecompressError:
+    """A validation error of a command's options, in the command's own terms (its flags, not recipe keys)."""
+    errors = err.errors()
+    e = errors[0]
+    msg = e["msg"].removeprefix("Value error, ")
+    msg = msg[0].lower() + msg[1:] if msg else msg
+    fix = f"see `moecompress {command} --help`"
+    if e["loc"]:
+        key = str(e["loc"][0])
+        value = data.get(key)
+        shown = f" {value}" if value is not None and not isinstance(value, (dict, list)) else ""
+        return MoecompressError(f"{_flag(key, flags)}{shown}: {msg}", fix)
+    keys = sorted(data, key=len, reverse=True)  # a rule across options names them as flags
+    if keys:
+        msg = re.sub(r"(?<![\w-])(" + "|".join(map(re.escape, keys)) + r")(?![\w-])",
+                     lambda m: _flag(m.group(1), flags), msg)
+    return MoecompressError(msg, fix)
+
+
+def validate_command(command: str, model: str | None, calibration: dict[str, Any], stage: dict[str, Any],
+                     flags: dict[str, str] | None = None) -> Recipe:
+    """The one-stage recipe of a CLI command; a bad option value is reported by its flag (``--scheme``)."""
+    flags = dict(flags or {})
+    try:
+        CalibrationConfig.model_validate(calibration)
+    except ValidationError as e:
+        raise _flag_error(e, calibration, flags, command) from None
+    try:
+        STAGES.get(stage["stage"]).config.model_validate(stage)
+    except ValidationError as e:
+        raise _flag_error(e, stage, flags, command) from None
+    return validate_recipe({"model": model, "calibration": calibration, "stages": [stage]}, command)

@@ -120,7 +120,7 @@ def test_corrupt_weights(tmp_path):
     w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
     r = tmp_path / "r.yaml"
     r.write_text("stages:\n  - stage: keep_experts\n    drop: {all: [3]}\n")
-    one_line_error(invoke("run", r, "-m", d, "-o", tmp_path / "o"), "cannot load the weights")
+    one_line_error(invoke("run", r, "-m", d, "-o", tmp_path / "o"), "is truncated", "copy the file again")
     assert not (tmp_path / "o").exists()
 
 
@@ -155,7 +155,7 @@ def test_profile_bad_inputs(tmp_path):
     one_line_error(invoke("profile", "--seq-len", 4096, "-o", tmp_path / "p"), "above the model's limit of 512")
     short = tmp_path / "short.txt"
     short.write_text("too short")
-    one_line_error(invoke(*base, "--data", f"mine={short}", "--tasks", "mine"), "enough for 0 windows")
+    one_line_error(invoke(*base, "--data", f"mine={short}", "--tasks", "mine"), "fewer than one window")
     assert not (tmp_path / "p").exists()
 
 
@@ -202,7 +202,7 @@ def test_prune_bad_inputs(tmp_path):
     one_line_error(invoke("prune", other, "-p", prof, "--keep", 4, "-o", out),
                    "profile was taken on another model (router weights differ)", "moecompress profile")
     one_line_error(invoke("prune", d, "-p", prof, "--task", "math", "--keep", 4, "-o", out),
-                   "task 'math' is not in the profile")
+                   "task 'math' is not in the profile", "it has prose")
     one_line_error(invoke("prune", d, "-p", prof, "--keep", 1, "-o", out), "top_k is 2", "keep at least 2")
     one_line_error(invoke("prune", d, "-p", tmp_path / "nothing", "--keep", 4, "-o", out), "no profile")
     one_line_error(invoke("prune", d, "-p", prof, "--keep", 4, "--keep-ratio", 0.5, "-o", out), "exactly one budget")
@@ -237,7 +237,7 @@ def test_quantize_fake_quant_with_eaquant_alignment(tmp_path):
     side = json.loads((out / "moecompress.json").read_text())
     assert "packed" not in side and side["quantization"]["router_bits"] == 4
     one_line_error(invoke("quantize", "tiny:mixtral", "--align-objective", "kl", "-o", tmp_path / "x"),
-                   "align_objective")
+                   "--align-objective kl", "'topk_rest' or 'topk'")
 
 
 def test_quantize_bad_inputs(tmp_path):
@@ -249,7 +249,7 @@ def test_quantize_bad_inputs(tmp_path):
     short = tmp_path / "s.txt"
     short.write_text("tiny")
     one_line_error(invoke("quantize", "tiny:mixtral", "--data", f"mine={short}", "--tasks", "mine", "--samples", 2,
-                          "--seq-len", 32, "--group-size", 8, "-o", tmp_path / "q"), "enough for 0 windows")
+                          "--seq-len", 32, "--group-size", 8, "-o", tmp_path / "q"), "fewer than one window")
     assert not (tmp_path / "q").exists()
     (tmp_path / "q").mkdir()
     one_line_error(invoke(*base, "--group-size", 8, "-o", tmp_path / "q"), "already exists")

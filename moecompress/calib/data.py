@@ -12,8 +12,11 @@ seeded random subset (kept in stream order), so the same seed gives the same tok
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +34,12 @@ __all__ = [
     "read_documents",
     "resolve_tasks",
     "task_windows",
+    "token_stream",
     "token_windows",
 ]
 
 SPLITS = ("calib", "eval")
+log = logging.getLogger(__name__)
 
 
 def data_root() -> Path:
@@ -143,28 +148,89 @@ def read_documents(task: str, split: str = "calib", path: Path | None = None) ->
     return docs
 
 
+_STREAMS: OrderedDict[str, torch.Tensor] = OrderedDict()  # recent token streams of this process
+
+
+def _tokenizer_key(tokenizer) -> str:
+    key = getattr(tokenizer, "_moecompress_key", None)
+    if key is None:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        spec = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+        key = hashlib.sha256(f"{spec}|{tokenizer.eos_token_id}".encode()).hexdigest()
+        try:
+            tokenizer._moecompress_key = key
+        except AttributeError:  # pragma: no cover
+            pass
+    return key
+
+
+def token_stream(tokenizer, documents: Sequence[str]) -> torch.Tensor:
+    """Every document's tokens (no special tokens), each followed by EOS: ``[N]`` int64.
+
+    Tokenizing a task's text (about 1 M characters) takes seconds, so the stream is memoised per tokenizer and
+    text: in this process, and on disk under ``$MOECOMPRESS_CACHE`` (default ``~/.cache/moecompress``; set it to
+    ``off`` to disable). The key hashes the tokenizer's full definition and the text, so a stale entry cannot
+    be read; a broken or unwritable cache is ignored.
+    """
+    h = hashlib.sha256(_tokenizer_key(tokenizer).encode())
+    for doc in documents:
+        h.update(hashlib.sha256(doc.encode("utf-8", "surrogatepass")).digest())
+    key = h.hexdigest()
+    if key in _STREAMS:
+        _STREAMS.move_to_end(key)
+        return _STREAMS[key]
+    where = os.environ.get("MOECOMPRESS_CACHE", str(Path.home() / ".cache" / "moecompress"))
+    file = None if where == "off" else Path(where) / "tokens" / f"{key}.pt"
+    ids = None
+    if file is not None and file.is_file():
+        try:
+            ids = torch.load(file, weights_only=True)
+        except Exception:  # a damaged cache entry is recomputed
+            ids = None
+    if not isinstance(ids, torch.Tensor) or ids.dtype != torch.long or ids.dim() != 1:
+        eos = tokenizer.eos_token_id
+        out: list[int] = []
+        for doc in documents:
+            out.extend(tokenizer(doc, add_special_tokens=False, verbose=False)["input_ids"])
+            if eos is not None:
+                out.append(eos)
+        ids = torch.tensor(out, dtype=torch.long)
+        if file is not None:
+            try:
+                file.parent.mkdir(parents=True, exist_ok=True)
+                tmp = file.with_name(f".{file.name}.{os.getpid()}")
+                torch.save(ids, tmp)
+                os.replace(tmp, file)
+            except OSError:
+                pass
+    _STREAMS[key] = ids
+    while len(_STREAMS) > 32:
+        _STREAMS.popitem(last=False)
+    return ids
+
+
 def token_windows(
-    tokenizer, documents: Sequence[str], seq_len: int, n: int | None = None, seed: int = 0
+    tokenizer, documents: Sequence[str], seq_len: int, n: int | None = None, seed: int = 0, label: str = ""
 ) -> torch.Tensor:
     """Tokenize, join with EOS and cut into ``[N, seq_len]`` windows; ``n`` picks a seeded subset.
 
-    Raises a `MoecompressError` when the text is shorter than one window or than ``n`` windows.
+    Raises a `MoecompressError` when the text is shorter than one window; with fewer than ``n`` windows, uses
+    them all and logs one warning line (``label`` names the text in it).
     """
     if seq_len < 2:
         raise MoecompressError(f"sequence length {seq_len} is too short", "use at least 2 tokens")
-    eos = tokenizer.eos_token_id
-    ids: list[int] = []
-    for doc in documents:
-        ids.extend(tokenizer(doc, add_special_tokens=False, verbose=False)["input_ids"])
-        if eos is not None:
-            ids.append(eos)
+    ids = token_stream(tokenizer, documents)
     total = len(ids) // seq_len
-    if total == 0 or (n is not None and n > total):
+    if total == 0:
         raise MoecompressError(
-            f"the text has {len(ids)} tokens, enough for {total} windows of {seq_len} but {n or 1} were asked",
-            "give more text, or lower --samples / --seq-len",
+            f"{label or 'the text'} has {len(ids)} tokens, fewer than one window of {seq_len}",
+            "give more text, or lower --seq-len",
         )
-    windows = torch.tensor(ids[: total * seq_len], dtype=torch.long).view(total, seq_len)  # [N, S]
+    if n is not None and n > total:  # use what there is, and say so
+        log.warning("%s has %d windows of %d tokens, fewer than the %d asked: using %d",
+                    label or "the text", total, seq_len, n, total)
+        n = total
+    windows = ids[: total * seq_len].view(total, seq_len).clone()  # [N, S]
     if n is not None and n < total:
         g = torch.Generator().manual_seed(seed)
         pick = torch.randperm(total, generator=g)[:n].sort().values
@@ -181,4 +247,6 @@ def task_windows(
     seed: int = 0,
 ) -> dict[str, torch.Tensor]:
     """``{task: [N, seq_len] token ids}`` for each task, in the order given."""
-    return {t.task: token_windows(tokenizer, t.documents(split), seq_len, n, seed) for t in tasks}
+    return {t.task: token_windows(tokenizer, t.documents(split), seq_len, n, seed,
+                                  f"the {split} text of {t.task!r}" if t.path is None else f"{str(t.path)!r}")
+            for t in tasks}

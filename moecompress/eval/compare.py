@@ -9,79 +9,36 @@ bits per parameter, peak memory and tokens/s.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import threading
+import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from moecompress.errors import MoecompressError
+from moecompress.formats.inspect import storage_summary
 from moecompress.progress import NullProgress, Progress
 from moecompress.runtime.hooks import capture_routing
+from moecompress.runtime.memory import peak_rss_bytes
 from moecompress.runtime.modelio import LoadedModel
 
-__all__ = ["PeakMemory", "evaluate_models", "model_size"]
-
-
-class PeakMemory:
-    """Peak resident memory above the level at start, sampled every 2 ms while `measuring()` is active."""
-
-    def __init__(self) -> None:
-        self.start = self._rss()
-        self.peak = self.start
-        self._on = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.002):
-            if self._on.is_set():
-                self.peak = max(self.peak, self._rss())
-
-    @contextlib.contextmanager
-    def measuring(self) -> Iterator[None]:
-        self._on.set()
-        try:
-            yield
-        finally:
-            self.peak = max(self.peak, self._rss())
-            self._on.clear()
-
-    def __enter__(self) -> PeakMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    @property
-    def bytes(self) -> int:
-        return max(0, self.peak - self.start)
+__all__ = ["evaluate_models", "model_size"]
 
 
 def model_size(loaded: LoadedModel, modified: bool = False) -> dict[str, Any]:
-    """Parameters, bytes on disk (safetensors files; estimated from the disk dtype when the in-memory
-    model differs from its files) and bits per parameter."""
-    params = sum(p.numel() for p in loaded.model.parameters())
+    """Parameters, bytes and bits per parameter: for a directory as it is on disk, exactly as ``inspect``
+    counts them (`storage_summary`); for a model changed in memory (or with no files), estimated from its tensors
+    in the disk dtype (the pipeline replaces the estimate by the written files' figures)."""
     if loaded.path is not None and not modified:
-        size = sum(f.stat().st_size for f in Path(loaded.path).glob("*.safetensors"))
-        how = "files"
-    else:
-        per = torch.empty(0, dtype=loaded.disk_dtype).element_size()
-        unique = {t.data_ptr(): t for t in loaded.model.state_dict().values()}  # tied weights are stored once
-        size = sum(t.numel() for t in unique.values()) * per
-        how = f"estimated ({loaded.disk_dtype})"
-    return {"size_bytes": size, "size_source": how, "params": params, "bits_per_param": 8 * size / max(1, params)}
+        return storage_summary(loaded.path)
+    per = torch.empty(0, dtype=loaded.disk_dtype).element_size()
+    unique = {t.data_ptr(): t for t in loaded.model.state_dict().values()}  # tied weights are stored once
+    params = sum(t.numel() for t in unique.values())
+    size = params * per
+    return {"params": params, "size_bytes": size, "bits_per_param": 8 * size / max(1, params),
+            "size_source": f"estimated ({str(loaded.disk_dtype).replace('torch.', '')})"}
 
 
 @dataclass
@@ -131,7 +88,7 @@ def evaluate_models(
     seconds = 0.0
     n_tokens = 0
     total = sum(len(w) for w in windows.values())
-    with PeakMemory() as mem, progress.task("evaluating", total=total) as bar:
+    with progress.task("evaluating", total=total) as bar:
         for task, w in windows.items():
             acc, bacc = _Acc(windows_nll=[]), _Acc(windows_nll=[])
             jac = torch.zeros(len(layers))
@@ -140,7 +97,7 @@ def evaluate_models(
             for i in range(0, len(w), batch_size):
                 x = w[i:i + batch_size]
                 t0 = time.time()
-                with mem.measuring(), capture_routing(model, arch) as traces:
+                with capture_routing(model, arch) as traces:
                     logits = model(input_ids=x).logits[:, :-1].float()  # [B, S-1, V]
                 seconds += time.time() - t0
                 n_tokens += x.numel()
@@ -166,6 +123,10 @@ def evaluate_models(
                             top1[j] += b
                         routed += idx.shape[0]
                 bar.advance(len(x))
+            for who, value in ((candidate.source, acc.nll), (baseline.source if baseline else "", bacc.nll)):
+                if not math.isfinite(value):
+                    raise MoecompressError(f"the log-likelihood of {who} on {task!r} is not finite (its outputs hold "
+                                           "NaN or infinite values)", "check the model's weights; no report was written")
             entry: dict[str, Any] = {"windows": len(w), "tokens": acc.tokens, "nll": acc.nll / acc.tokens,
                                      "ppl": float(torch.exp(torch.tensor(acc.nll / acc.tokens)))}
             if baseline is not None:
@@ -186,8 +147,8 @@ def evaluate_models(
     weights = sum(t.numel() * t.element_size() for t in unique.values())
     label = f"{candidate.source} (compressed in this run)" if candidate_modified else candidate.source
     report: dict[str, Any] = {"model": label, "tasks": tasks_out, **model_size(candidate, candidate_modified),
-                              "memory_weights_bytes": weights, "memory_activations_peak_bytes": mem.bytes,
-                              "peak_memory_bytes": weights + mem.bytes,
+                              "memory_weights_bytes": weights, "peak_memory_bytes": peak_rss_bytes(),
+                              "peak_memory_note": "peak resident memory of the whole process (both models)",
                               "tokens_per_second": n_tokens / max(seconds, 1e-9), "moe_layers": layers}
     if baseline is not None:
         report["baseline"] = {"model": baseline.source, "tasks": base_tasks, **model_size(baseline)}

@@ -12,7 +12,7 @@ from safetensors import SafetensorError, safe_open
 from moecompress.errors import MoecompressError
 from moecompress.formats.checkpoint import FORMAT_VERSION, QUANT_METHOD
 
-__all__ = ["inspect_dir"]
+__all__ = ["inspect_dir", "storage_summary"]
 
 _ITEM = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
@@ -77,3 +77,11 @@ def inspect_dir(directory: str | Path) -> dict[str, Any]:
             "packed_bytes": packed_bytes, "packed_bits_per_weight": 8 * packed_bytes / max(1, dense_weights),
             "file_bytes": total_bytes, "params": params, "bits_per_param": 8 * total_bytes / max(1, params),
             "compression_vs_16bit": (2 * params) / max(1, total_bytes)}
+
+
+def storage_summary(directory: str | Path) -> dict[str, Any]:
+    """Parameters, bytes and bits per parameter of a model directory, exactly as `inspect_dir` counts them
+    (the one definition that ``inspect``, ``eval`` and ``run`` report)."""
+    d = inspect_dir(directory)
+    return {"params": d["params"], "size_bytes": d["file_bytes"], "bits_per_param": d["bits_per_param"],
+            "size_source": "files", "format": d["format"]}

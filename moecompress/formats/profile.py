@@ -69,29 +69,60 @@ class Profile:
                 "tasks": self.tasks, "stats": list(STATS), "settings": self.settings, "summary": self.summary}
         (directory / "profile.json").write_text(json.dumps(meta, indent=1) + "\n")
 
-    @classmethod
-    def load(cls, path: str | Path) -> Profile:
+    @staticmethod
+    def _paths(path: str | Path) -> tuple[Path, Path, Path]:
         path = Path(path)
         directory = path.parent if path.name == "profile.json" else path
         meta_path, tensor_path = directory / "profile.json", directory / "profile.safetensors"
         if not meta_path.is_file() or not tensor_path.is_file():
             raise MoecompressError(f"no profile at {str(path)!r} (profile.json and profile.safetensors)",
                                    "create one with `moecompress profile MODEL -o DIR`")
+        return directory, meta_path, tensor_path
+
+    @classmethod
+    def peek(cls, path: str | Path) -> dict[str, Any]:
+        """The checked header (``profile.json``) of a profile, without reading its tensors."""
+        directory, meta_path, _ = cls._paths(path)
         try:
-            meta = json.loads(meta_path.read_text())
-            tensors = load_file(str(tensor_path))
-        except (json.JSONDecodeError, SafetensorError, OSError, ValueError) as e:
-            raise MoecompressError(f"profile {str(directory)!r} is corrupt ({e.__class__.__name__})",
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, OSError, UnicodeDecodeError) as e:
+            raise MoecompressError(f"the profile header {str(meta_path)!r} is corrupt ({e.__class__.__name__})",
                                    "profile the model again") from None
-        if meta.get("format") != _FORMAT or meta.get("version") != PROFILE_VERSION:
+        if not isinstance(meta, dict) or meta.get("format") != _FORMAT or meta.get("version") != PROFILE_VERSION:
             raise MoecompressError(f"{str(directory)!r} is not a version-{PROFILE_VERSION} moecompress profile",
                                    "profile the model again with this moecompress")
+        ok = (isinstance(meta.get("tasks"), list) and all(isinstance(t, str) for t in meta["tasks"])
+              and isinstance(meta.get("model"), dict) and isinstance(meta.get("tokens"), dict)
+              and all(isinstance(meta["tokens"].get(t), int) for t in meta["tasks"]))
+        if not ok:
+            raise MoecompressError(f"the profile header {str(meta_path)!r} lacks its tasks, model or token counts",
+                                   "profile the model again")
+        return meta
+
+    @classmethod
+    def load(cls, path: str | Path) -> Profile:
+        directory, _, tensor_path = cls._paths(path)
+        meta = cls.peek(directory)
+        try:
+            tensors = load_file(str(tensor_path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise MoecompressError(f"the profile statistics {str(tensor_path)!r} are corrupt ({e.__class__.__name__})",
+                                   "profile the model again") from None
         stats: dict[str, dict[str, torch.Tensor]] = {}
+        shape = (len(meta["model"].get("moe_layers", [])), meta["model"].get("num_experts"))
         for t in meta["tasks"]:
             try:
                 stats[t] = {s: tensors[f"{t}/{s}"] for s in STATS}
             except KeyError as e:
                 raise MoecompressError(f"profile {str(directory)!r} lacks tensor {e.args[0]!r}",
                                        "profile the model again") from None
+            for s, v in stats[t].items():
+                if tuple(v.shape) != shape:
+                    raise MoecompressError(f"profile tensor {t}/{s} in {str(directory)!r} has shape {list(v.shape)}, "
+                                           f"not [{shape[0]}, {shape[1]}] (MoE layers x experts)",
+                                           "profile the model again")
+                if not bool(torch.isfinite(v).all()):
+                    raise MoecompressError(f"profile tensor {t}/{s} in {str(directory)!r} holds NaN or infinite "
+                                           "values", "profile the model again (and check the model's weights)")
         return cls(meta["model"], stats, {k: int(v) for k, v in meta["tokens"].items()}, meta.get("settings", {}),
                    meta.get("summary", {}), directory)

@@ -11,7 +11,7 @@ import torch
 from moecompress.errors import MoecompressError
 from moecompress.models.base import MoEArch
 
-__all__ = ["check_identity", "identity_from_parts", "model_identity"]
+__all__ = ["check_identity", "config_identity", "identity_from_parts", "model_identity"]
 
 # Config keys that do not change what the model computes.
 _VOLATILE = {"transformers_version", "dtype", "torch_dtype", "_name_or_path", "use_cache", "output_router_logits",
@@ -48,9 +48,20 @@ def model_identity(model, arch: MoEArch) -> dict[str, Any]:
     return identity_from_parts(model.config, arch, [v.router_weight for v in arch.moe_blocks(model)])
 
 
+_KEYS = ("architecture", "num_experts", "moe_layers", "hidden_size", "config_hash", "router_hash")
+
+
+def config_identity(config, arch: MoEArch) -> dict[str, Any]:
+    """The part of `model_identity` that the config alone gives (no weights read)."""
+    layers = arch.moe_layer_indices(config)
+    return {"architecture": arch.name, "num_experts": arch.num_experts(config), "moe_layers": layers,
+            "hidden_size": config.hidden_size, "config_hash": _config_hash(config)}
+
+
 def check_identity(recorded: dict[str, Any], current: dict[str, Any], what: str, fix: str) -> None:
-    """Raise a one-line error naming the first difference between a recorded and a current identity."""
-    for key in ("architecture", "num_experts", "moe_layers", "hidden_size", "config_hash", "router_hash"):
+    """Raise a one-line error naming the first difference between a recorded and a current identity
+    (only the keys ``current`` has: a config-only identity checks everything but the router weights)."""
+    for key in (k for k in _KEYS if k in current):
         if recorded.get(key) != current.get(key):
             label = {"config_hash": "config", "router_hash": "router weights"}.get(key, key.replace("_", " "))
             raise MoecompressError(f"{what} was taken on another model ({label} differ)", fix)

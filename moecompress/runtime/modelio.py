@@ -16,10 +16,12 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from moecompress.errors import MoecompressError
+from moecompress.errors import MoecompressError, shorten
+from moecompress.io.validate import check_finite, check_weight_files
 from moecompress.models import MoEArch, find_arch
 
-__all__ = ["DEMO_MODEL", "SIDECAR", "LoadedModel", "generate_text", "load_config", "load_model", "model_label",
+__all__ = ["DEMO_MODEL", "SIDECAR", "LoadedModel", "generate_text", "input_facts", "load_config", "load_model",
+           "model_label",
            "read_sidecar", "save_model", "tiny_tokenizer"]
 
 log = logging.getLogger(__name__)
@@ -79,17 +81,44 @@ def load_config(spec: str | None):
         except KeyError:
             raise MoecompressError(f"no tiny model {spec!r}", "use tiny:<model_type> of a registered family") from None
     path = _model_dir(spec)
+    cfg_file = path / "config.json"
+    try:
+        raw = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f" (line {e.lineno})" if isinstance(e, json.JSONDecodeError) else ""
+        raise MoecompressError(f"{str(cfg_file)!r} is not valid JSON{where}",
+                               "restore config.json from the original model") from None
+    except OSError as e:
+        raise MoecompressError(f"cannot read {str(cfg_file)!r} ({e.strerror or e.__class__.__name__})",
+                               "check the file's permissions") from None
+    if not isinstance(raw, dict) or not raw.get("model_type"):
+        raise MoecompressError(f"{str(cfg_file)!r} has no model_type", "restore config.json from the original model")
     try:
         return AutoConfig.from_pretrained(path, local_files_only=True)
-    except (ValueError, KeyError) as e:
-        model_type = json.loads((path / "config.json").read_text()).get("model_type", "?")
+    except (ValueError, KeyError, TypeError) as e:
         raise MoecompressError(
-            f"unknown architecture {model_type!r} in {str(path)!r} (transformers cannot build it: {str(e)[:80]})",
+            f"unknown architecture {raw['model_type']!r} in {str(path)!r} (transformers cannot build it: "
+            f"{shorten(str(e), 80)})",
             "use a transformers 5 model type, or add an adapter (see 'Adding an architecture' in README.md)",
         ) from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise MoecompressError(f"cannot read {str(path / 'config.json')!r} ({e.__class__.__name__})",
-                               "repair or re-save the model directory") from None
+
+
+def input_facts(spec: str | None, config) -> dict:
+    """What the input already is, from its config and ``moecompress.json`` (no weights read):
+    ``{"representation": original | quantized | packed | foreign, "scheme", "original"}``."""
+    path = None if (spec and str(spec).startswith("tiny:")) else _model_dir(spec)
+    side = read_sidecar(path) if path is not None else None
+    qc = getattr(config, "quantization_config", None)
+    method = (qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)) if qc else None
+    quant = (side or {}).get("quantization") or {}
+    original = (side or {}).get("source_model")
+    if method == "moecompress":
+        return {"representation": "packed", "scheme": quant.get("scheme"), "original": original}
+    if method:
+        return {"representation": "foreign", "scheme": str(method), "original": original}
+    if quant:
+        return {"representation": "quantized", "scheme": quant.get("scheme"), "original": original}
+    return {"representation": "original", "scheme": None, "original": original}
 
 
 def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
@@ -105,16 +134,22 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32) -> L
     disk_dtype = getattr(config, "dtype", None) or torch.float32
     if isinstance(disk_dtype, str):
         disk_dtype = getattr(torch, disk_dtype)
+    quantized = getattr(config, "quantization_config", None) is not None
+    check_weight_files(path, quantized)  # specific one-line errors for missing shards, corrupt or truncated files
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, local_files_only=True, output_loading_info=True, experts_implementation="eager")
-    except Exception as e:  # corrupt or truncated safetensors, missing shards, ...
-        raise MoecompressError(f"cannot load the weights in {str(path)!r} ({e.__class__.__name__}: {str(e)[:120]})",
-                               "check that the safetensors files are complete, or re-save the model") from None
+    except MoecompressError:
+        raise
+    except Exception as e:  # what the file checks cannot see: a tensor of the wrong shape, a bad checksum, ...
+        raise MoecompressError(f"cannot load the weights in {str(path)!r}: {shorten(str(e) or e.__class__.__name__)}",
+                               "the weights do not fit config.json; restore the directory from the model "
+                               "moecompress made it from, or re-save it") from None
     bad = list(info.get("missing_keys", [])) + [str(k) for k in info.get("mismatched_keys", [])]
     if bad:
         raise MoecompressError(f"{str(path)!r} lacks weights the model needs ({len(bad)}, e.g. {bad[0]})",
                                "the checkpoint does not match its config.json; re-save it")
+    check_finite(list(model.named_parameters()) + list(model.named_buffers()), str(path))
     model.eval()
     side = read_sidecar(path) or {}
     acts = (side.get("quantization") or {}).get("activations")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -49,19 +49,27 @@ class StageSpec:
     summary: str  # one line for `moecompress list`
     writes_output: bool = True  # False: the stage only reports (an output directory is optional)
     uses_text: bool = False  # reads calibration / evaluation windows (their length is checked up front)
+    # What the stage needs and what it changes; `moecompress.stages.order` checks a recipe's order with these.
+    needs_original: bool = False  # needs the original (unquantized, unpacked) weights
+    changes: Literal["experts", "weights"] | None = None  # the expert set, or the weights' representation
+    needs_profile: bool = False  # reads a profile (its `profile` key, or an earlier profile stage's)
+    makes_profile: bool = False
 
 
 STAGES: Registry[StageSpec] = Registry("stage")
 
 
 def register_stage(config: type[StageConfig], *, modifies_model: bool, writes_output: bool = True,
-                   uses_text: bool = False) -> Callable:
+                   uses_text: bool = False, needs_original: bool = False,
+                   changes: Literal["experts", "weights"] | None = None, needs_profile: bool = False,
+                   makes_profile: bool = False) -> Callable:
     """Decorator for a stage's run function; the name is the default of the config's ``stage`` field."""
     name = config.model_fields["stage"].default
 
     def deco(fn: Callable) -> Callable:
         doc = (fn.__doc__ or config.__doc__ or name).strip().splitlines()[0]
-        STAGES.add(name, StageSpec(name, config, fn, modifies_model, doc, writes_output, uses_text))
+        STAGES.add(name, StageSpec(name, config, fn, modifies_model, doc, writes_output, uses_text, needs_original,
+                                   changes, needs_profile, makes_profile))
         return fn
 
     return deco

@@ -59,7 +59,7 @@ class KeepExpertsConfig(StageConfig):
         check_keep(arch, config, self.plan(config, arch), self.regroup)
 
 
-@register_stage(KeepExpertsConfig, modifies_model=True)
+@register_stage(KeepExpertsConfig, modifies_model=True, needs_original=True, changes="experts")
 def run(ctx: StageContext, cfg: KeepExpertsConfig) -> dict[str, Any]:
     """Remove routed experts by explicit id lists (structural; plain transformers loads the result)."""
     model, arch = ctx.model, ctx.arch

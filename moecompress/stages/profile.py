@@ -80,7 +80,7 @@ def profile_summary(profile: Profile, top: int = 3) -> dict[str, Any]:
     return out
 
 
-@register_stage(ProfileConfig, modifies_model=False, uses_text=True)
+@register_stage(ProfileConfig, modifies_model=False, uses_text=True, needs_original=True, makes_profile=True)
 def run(ctx: StageContext, cfg: ProfileConfig) -> dict[str, Any]:
     """Profile per-task expert activation (TCESS, frequency, REAP, EAN, super experts) in one pass."""
     model, arch = ctx.model, ctx.arch

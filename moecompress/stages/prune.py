@@ -17,7 +17,7 @@ from moecompress.algorithms.expert_scores import SCORES, super_experts
 from moecompress.algorithms.pruning import cumulative_counts, select_experts
 from moecompress.errors import MoecompressError
 from moecompress.formats.profile import Profile
-from moecompress.models.identity import check_identity, model_identity
+from moecompress.models.identity import check_identity, config_identity, model_identity
 from moecompress.models.surgery import keep_experts
 from moecompress.runtime.router_kd import recalibrate_routers, teacher_targets
 from moecompress.stages.base import StageConfig, StageContext, register_stage
@@ -72,6 +72,9 @@ class PruneConfig(StageConfig):
         return None
 
     def check(self, config: Any, arch: Any) -> None:
+        if self.profile is not None:  # a profile of another model is refused before any weight is read
+            check_identity(Profile.peek(self.profile).get("model", {}), config_identity(config, arch),
+                           f"the profile {self.profile!r}", "profile this model first: moecompress profile MODEL -o PROFILE")
         E = arch.num_experts(config)
         rule = arch.routing(config, arch.moe_layer_indices(config)[0])
         n = self.count(E)
@@ -98,7 +101,7 @@ def _resolve_profile(ctx: StageContext, cfg: PruneConfig) -> Profile:
     raise MoecompressError("prune needs a profile", "pass --profile DIR (from `moecompress profile`)")
 
 
-@register_stage(PruneConfig, modifies_model=True)
+@register_stage(PruneConfig, modifies_model=True, needs_original=True, changes="experts", needs_profile=True)
 def run(ctx: StageContext, cfg: PruneConfig) -> dict[str, Any]:
     """Keep the best experts per layer for given tasks by a profile score (TCESS, frequency, REAP, ...)."""
     model, arch = ctx.model, ctx.arch
@@ -107,6 +110,10 @@ def run(ctx: StageContext, cfg: PruneConfig) -> dict[str, Any]:
                    "profile this model first: moecompress profile MODEL -o PROFILE")
     tasks = cfg.tasks or profile.tasks
     scores = profile.scores(cfg.score, tasks, cfg.seed)  # [L, E]; raises for unknown tasks
+    bad = (~torch.isfinite(scores)).any(-1).nonzero().flatten().tolist()
+    if bad:
+        raise MoecompressError(f"the {cfg.score} scores of MoE layer {arch.moe_layer_indices(model.config)[bad[0]]} "
+                               "are not finite (NaN or infinite)", "profile the model again, or use another --score")
     stats, _ = profile.combined(tasks)
     layers = arch.moe_layer_indices(model.config)
     E = arch.num_experts(model.config)
@@ -140,7 +147,9 @@ def run(ctx: StageContext, cfg: PruneConfig) -> dict[str, Any]:
     if targets is not None:
         kd = recalibrate_routers(model, arch, targets, cfg.recalibrate_steps, cfg.recalibrate_lr,
                                  progress=ctx.progress, seed=cfg.seed)
-    ctx.artifacts["kept_experts"] = plan
+    earlier = ctx.artifacts.get("kept_experts")  # an earlier prune in this recipe: map ids back to the input's
+    ctx.artifacts["kept_experts"] = {k: [earlier[k][e] for e in v] if earlier and k in earlier else v
+                                     for k, v in plan.items()}
     positive = scores.clamp(min=0)
     coverage = [float(positive[j, ids].sum() / positive[j].sum()) if positive[j].sum() > 0 else 1.0
                 for j, ids in enumerate(selection)]

@@ -145,7 +145,7 @@ def act_meta(aq: ActQuant | None) -> dict[str, Any] | None:
                                     "intermediate_rotation_seed": aq.inter_rotation_seed}
 
 
-@register_stage(QuantizeConfig, modifies_model=True, uses_text=True)
+@register_stage(QuantizeConfig, modifies_model=True, uses_text=True, needs_original=True, changes="weights")
 def run(ctx: StageContext, cfg: QuantizeConfig) -> dict[str, Any]:
     """Expert-aware GPTQ/RTN quantization (W8A8, W4A16, W3A16, W2A16, W4A4, W3A4) with EAQuant smoothing,
     router alignment and calibration balance; activation quantization simulated in the forward pass."""

@@ -54,7 +54,7 @@ class TernaryConfig(StageConfig):
             QuantizeConfig(scheme="w4a16", group_size=self.others_group_size).check(config, arch)
 
 
-@register_stage(TernaryConfig, modifies_model=True, uses_text=True)
+@register_stage(TernaryConfig, modifies_model=True, uses_text=True, needs_original=True, changes="weights")
 def run(ctx: StageContext, cfg: TernaryConfig) -> dict[str, Any]:
     """Ternarize routed experts (absmean, TWN, or GPTQ-ternary); other linears bf16 or >= 4-bit."""
     t0 = time.time()

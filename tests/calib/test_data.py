@@ -77,5 +77,17 @@ def test_windows_are_seeded_and_sized():
     assert a.shape == (10, 64) and torch.equal(a, b) and not torch.equal(a, c)
     full = token_windows(tok, docs, 64)
     assert all(any(torch.equal(w, f) for f in full) for w in a)
-    with pytest.raises(MoecompressError, match="enough for"):
+    with pytest.raises(MoecompressError, match="fewer than one window"):
         token_windows(tok, ["short"], 64)
+
+
+def test_asking_for_more_windows_than_the_text_holds_uses_them_all_and_says_so(caplog):
+    tok = tiny_tokenizer()
+    docs = read_documents("prose", "eval")[:1]
+    every = token_windows(tok, docs, 64)
+    with caplog.at_level("WARNING"):
+        more = token_windows(tok, docs, 64, n=len(every) + 5, label="the eval text of 'prose'")
+    assert torch.equal(more, every)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"the eval text of 'prose' has {len(every)} windows of 64 tokens, fewer than the {len(every) + 5} asked: "
+        f"using {len(every)}"]
