@@ -1,15 +1,39 @@
 """The bundled corpus is complete and split cleanly; user files and windows behave."""
 
+import hashlib
 import json
+from functools import cache
 
 import pytest
 import torch
 
-from moecompress.calib import bundled_tasks, parse_data_specs, read_documents, resolve_tasks, token_windows
+from moecompress.calib import (
+    bundled_tasks,
+    data_root,
+    parse_data_specs,
+    read_documents,
+    resolve_tasks,
+    token_windows,
+)
 from moecompress.errors import MoecompressError
-from moecompress.runtime.modelio import tiny_tokenizer
+from moecompress.runtime.modelio import DEMO_MODEL, tiny_tokenizer
 
 TASKS = ["chat", "code", "math", "multilingual", "prose"]
+# What the defaults need from every bundled task: held-out windows of 256 tokens (demo tokenizer) and
+# about 1 M characters of calibration text.
+MIN_EVAL_WINDOWS, EVAL_SEQ_LEN, MIN_CALIB_CHARS = 150, 256, 900_000
+
+
+@cache
+def demo_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(DEMO_MODEL), local_files_only=True)
+
+
+def rows(task, split):
+    with (data_root() / task / f"{split}.jsonl").open(encoding="utf-8") as f:
+        return [json.loads(ln) for ln in f]
 
 
 def test_five_bundled_tasks():
@@ -17,14 +41,47 @@ def test_five_bundled_tasks():
 
 
 @pytest.mark.parametrize("task", TASKS)
-def test_calib_and_eval_are_disjoint(task, tmp_path):
-    from moecompress.calib import data_root
+def test_calib_and_eval_are_disjoint(task):
+    parts = {s: rows(task, s) for s in ("calib", "eval")}
+    assert all(r["task"] == task and r["text"].strip() for s in parts for r in parts[s])
+    assert not {r["id"] for r in parts["calib"]} & {r["id"] for r in parts["eval"]}
+    assert not {r["text"] for r in parts["calib"]} & {r["text"] for r in parts["eval"]}
+    assert len(parts["eval"]) >= 10
 
-    rows = {s: [json.loads(ln) for ln in (data_root() / task / f"{s}.jsonl").open()] for s in ("calib", "eval")}
-    assert all(r["task"] == task and r["text"].strip() for s in rows for r in rows[s])
-    assert not {r["id"] for r in rows["calib"]} & {r["id"] for r in rows["eval"]}
-    assert not {r["text"] for r in rows["calib"]} & {r["text"] for r in rows["eval"]}
-    assert len(rows["eval"]) >= 10 and sum(len(r["text"]) for r in rows["calib"]) > 80_000
+
+@pytest.mark.parametrize("task", TASKS)
+def test_every_task_has_enough_text_for_the_defaults(task):
+    calib_chars = sum(len(r["text"]) for r in rows(task, "calib"))
+    assert calib_chars >= MIN_CALIB_CHARS, f"{task}: {calib_chars:,} characters of calibration text"
+    windows = token_windows(demo_tokenizer(), read_documents(task, "eval"), EVAL_SEQ_LEN)
+    assert windows.shape[0] >= MIN_EVAL_WINDOWS, f"{task}: {windows.shape[0]} held-out windows of {EVAL_SEQ_LEN}"
+
+
+def test_files_match_the_manifest():
+    manifest = json.loads((data_root() / "MANIFEST.json").read_text(encoding="utf-8"))
+    assert sorted(manifest["tasks"]) == TASKS
+    for task in TASKS:
+        for split in ("calib", "eval"):
+            path = data_root() / task / f"{split}.jsonl"
+            entry, got = manifest["tasks"][task][split], rows(task, split)
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == entry["sha256"], path
+            assert (len(got), sum(len(r["text"]) for r in got), len({r["id"] for r in got})) == (
+                entry["documents"], entry["chars"], entry["groups"])
+    licences = {p.name for p in (data_root() / "LICENSES").iterdir()}
+    for name in ("chatterbot_corpus.METADATA", "chitchat_dataset.LICENSE", "debian-faq.copyright",
+                 "python3.11-stdlib.LICENSE"):
+        assert name in licences
+
+
+def test_chat_mixes_its_sources_as_speaker_turns():
+    for split in ("calib", "eval"):
+        got = rows("chat", split)
+        sources = {r["id"].split("/")[0] if "/" in r["id"] else "chatterbot" for r in got}
+        assert sources == {"chatterbot", "ccc", "python-faq", "debian-faq"}, split
+        for r in got:
+            first = r["text"].split("\n", 1)[0]
+            assert first.startswith(("User: ", "A: ")), r["id"]
+            assert ("\nAssistant: " in r["text"]) if first.startswith("User: ") else ("\nB: " in r["text"]), r["id"]
 
 
 def test_multilingual_has_cjk_and_several_languages():
