@@ -56,13 +56,13 @@ def run(recipe: Recipe, *, model: str | None = None, output: str | Path | None =
     tasks = resolve_tasks(calib.tasks, files)  # task names are known
     config = load_config(spec)
     arch = find_arch(config)
+    facts = input_facts(spec, config)
+    state = InputState(model_label(spec), facts["representation"], facts["scheme"], facts["original"])
+    check_order(recipe.stages, specs, state, [t.task for t in tasks], arch.num_experts(config))
     limit = getattr(config, "max_position_embeddings", None)
     if limit and calib.seq_len > limit and any(s.uses_text for s in specs):
         raise MoecompressError(f"sequence length {calib.seq_len} is above the model's limit of {limit} tokens",
                                f"use --seq-len {limit} or less")
-    facts = input_facts(spec, config)
-    state = InputState(model_label(spec), facts["representation"], facts["scheme"], facts["original"])
-    check_order(recipe.stages, specs, state, [t.task for t in tasks], arch.num_experts(config))
     for cfg in recipe.stages:  # cross-checks against the model before any weight is read
         cfg.check(config, arch)
     progress = progress or NullProgress()
