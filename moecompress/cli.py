@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Optional
@@ -18,6 +19,7 @@ from moecompress import __version__
 from moecompress.console import (SHOW, RichProgress, console, error, print_eval, print_table, show_generic,
                                  show_inspect, show_prune, show_quantize, success)
 from moecompress.errors import MoecompressError
+from moecompress.runtime.outdir import disk_full_error, signals_as_interrupts
 
 app = typer.Typer(
     name="moecompress", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -32,15 +34,24 @@ ModelArg = Annotated[Optional[str], typer.Argument(
 
 @contextlib.contextmanager
 def handled() -> Iterator[None]:
-    """Turn user-facing errors into one line + exit status 2."""
+    """Turn user-facing errors (and a full disk) into one line + exit status 2. SIGTERM and SIGHUP act as
+    Ctrl-C does (the same cleanup runs), exit status 128 + the signal number."""
     try:
-        yield
+        with signals_as_interrupts():
+            yield
     except MoecompressError as e:
         error(str(e))
         raise typer.Exit(2) from None
-    except KeyboardInterrupt:
-        error("interrupted")
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        error(f"interrupted ({signal.Signals(signum).name})")
+        raise typer.Exit(128 + signum) from None
+    except Exception as e:
+        full = disk_full_error(e)  # ENOSPC / EFBIG / EDQUOT, however a library wrapped it
+        if full is None:
+            raise
+        error(str(full))
+        raise typer.Exit(2) from None
 
 
 def _version(value: bool) -> None:
@@ -460,9 +471,8 @@ def eval_cmd(
         from moecompress.pipeline import run as run_pipeline
         from moecompress.recipe import validate_recipe
         from moecompress.runtime.modelio import read_sidecar
+        from moecompress.runtime.outdir import atomic_write, check_output_file
 
-        if json_path is not None and json_path.exists() and not force:
-            raise MoecompressError(f"{str(json_path)!r} already exists", "choose another --json, or pass --force")
         base = None if no_baseline else baseline
         if base is None and not no_baseline and model not in (None, "demo") and not str(model).startswith("tiny:"):
             side = read_sidecar(Path(model)) if Path(model).is_dir() else None
@@ -470,12 +480,15 @@ def eval_cmd(
         recipe = validate_recipe({
             "model": model, "calibration": _calibration(tasks, data, samples, seq_len, 0),
             "stages": [{"stage": "evaluate", "baseline": base, "samples": samples, "batch_size": batch_size}]}, "eval")
+        if json_path is not None:  # never a directory, an input, or a file inside an input
+            side = read_sidecar(Path(model)) if model and Path(model).is_dir() else None
+            check_output_file(json_path, force, [model or "demo", base, (side or {}).get("source_model"),
+                                                 *recipe.calibration.data.values()])
         result = run_pipeline(recipe, progress=RichProgress())
         report = result.report["stages"][0]["result"]
         print_eval(report)
         if json_path is not None:
-            json_path.parent.mkdir(parents=True, exist_ok=True)
-            json_path.write_text(json.dumps(report, indent=1) + "\n")
+            atomic_write(json_path, json.dumps(report, indent=1) + "\n", replace=force)
             success(f"wrote {json_path}")
 
 

@@ -1,15 +1,14 @@
 """Run a recipe: validate everything, load the model once, run the stages in order, save, report.
 
 Outputs are written to a temporary directory beside the target and renamed into place at the end, so
-a failed run leaves nothing half-written; an existing output is replaced only with ``force``.
+a failed run leaves nothing half-written; an existing output is replaced only with ``force`` (and only
+one moecompress wrote, never an input: see runtime/outdir).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from moecompress.models import find_arch
 from moecompress.progress import NullProgress, Progress
 from moecompress.recipe import Recipe
 from moecompress.runtime.modelio import SIDECAR, load_config, load_model, model_label, save_model
-from moecompress.runtime.outdir import check_output, finish
+from moecompress.runtime.outdir import check_output, discard, finish, new_temp_dir
 from moecompress.stages import STAGES
 
 __all__ = ["RunResult", "run"]
@@ -47,8 +46,10 @@ def run(recipe: Recipe, *, model: str | None = None, output: str | Path | None =
     specs = [STAGES.get(c.stage) for c in recipe.stages]
     wants_output = any(s.modifies_model or s.writes_output for s in specs)
     target = output if output is not None else recipe.output
-    out = check_output(target, force) if (wants_output or target) else None
     calib = recipe.calibration
+    inputs = [spec or "demo", *calib.data.values(),  # and any stage setting naming a path (profile, baseline)
+              *(v for c in recipe.stages for v in c.model_dump().values() if isinstance(v, str))]
+    out = check_output(target, force, inputs) if (wants_output or target) else None
     parse_data_specs([f"{k}={v}" for k, v in calib.data.items()])  # files exist
     resolve_tasks(calib.tasks, {k: Path(v) for k, v in calib.data.items()})  # task names are known
     config = load_config(spec)
@@ -62,13 +63,7 @@ def run(recipe: Recipe, *, model: str | None = None, output: str | Path | None =
     progress = progress or NullProgress()
     t0 = time.time()
     loaded = load_model(spec)
-    tmp = None
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
+    tmp = new_temp_dir(out) if out is not None else None
     try:
         ctx = Context(loaded, recipe.calibration, tmp, progress)
         stages = []
@@ -103,9 +98,8 @@ def run(recipe: Recipe, *, model: str | None = None, output: str | Path | None =
             elif wrote_model:
                 save_model(loaded, tmp)
             (tmp / SIDECAR).write_text(json.dumps(report, indent=2) + "\n")
-            finish(tmp, out)
+            finish(tmp, out, replace=force)
     except BaseException:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        discard(tmp)
         raise
     return RunResult(out, report)
