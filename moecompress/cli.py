@@ -9,6 +9,7 @@ import contextlib
 import errno
 import logging
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Optional
@@ -21,6 +22,7 @@ from moecompress import __version__
 from moecompress.console import (SHOW, RichProgress, console, error, print_eval, print_table, setup_console,
                                  show_generic, show_inspect, show_prune, show_quantize, success, warn)
 from moecompress.errors import MoecompressError, shorten
+from moecompress.runtime.outdir import disk_full_error, signals_as_interrupts
 
 app = typer.Typer(
     name="moecompress", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -35,26 +37,33 @@ ModelArg = Annotated[Optional[str], typer.Argument(
 
 @contextlib.contextmanager
 def handled() -> Iterator[None]:
-    """Turn every failure into one line on stderr + a non-zero exit status (2 for bad input, 130 interrupted,
-    1 for a bug, with the traceback only under --verbose)."""
+    """Turn every failure into one line on stderr + a non-zero exit status (2 for bad input or a full disk,
+    128 + the signal when interrupted, 1 for a bug, with the traceback only under --verbose). SIGTERM and SIGHUP
+    act as Ctrl-C does (the same cleanup runs)."""
     try:
-        yield
+        with signals_as_interrupts():
+            yield
     except MoecompressError as e:
         error(str(e))
         raise typer.Exit(2) from None
-    except KeyboardInterrupt:
-        error("interrupted")
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        error(f"interrupted ({signal.Signals(signum).name})")
+        raise typer.Exit(128 + signum) from None
     except MemoryError:
         error("out of memory: use a machine with more memory, or lower --samples / --batch-size")
         raise typer.Exit(1) from None
-    except OSError as e:
-        error(_os_error(e))
-        raise typer.Exit(2) from None
     except (typer.Exit, typer.Abort, click.exceptions.ClickException):
         raise
-    except Exception as e:  # a bug: still one line (the traceback with --verbose)
-        logging.getLogger("moecompress").debug("traceback", exc_info=True)
+    except Exception as e:
+        full = disk_full_error(e)  # ENOSPC / EFBIG / EDQUOT, however a library wrapped it
+        if full is not None:
+            error(str(full))
+            raise typer.Exit(2) from None
+        if isinstance(e, OSError):
+            error(_os_error(e))
+            raise typer.Exit(2) from None
+        logging.getLogger("moecompress").debug("traceback", exc_info=True)  # a bug: still one line
         error(f"unexpected {e.__class__.__name__}: {shorten(str(e))} (a bug in moecompress: run again with "
               "--verbose for the traceback and report it)")
         raise typer.Exit(1) from None
@@ -62,8 +71,6 @@ def handled() -> Iterator[None]:
 
 def _os_error(e: OSError) -> str:
     where = f" {str(e.filename)!r}" if e.filename else ""
-    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return f"no space left to write{where} ({e.strerror}): free some disk space or write to another -o"
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"not allowed to write{where} ({e.strerror}): choose a directory you can write to"
     return f"cannot access{where} ({e.strerror or e.__class__.__name__}): check the path and the disk"
@@ -510,21 +517,23 @@ def eval_cmd(
         from moecompress.pipeline import run as run_pipeline
         from moecompress.recipe import validate_command
         from moecompress.runtime.modelio import read_sidecar
+        from moecompress.runtime.outdir import atomic_write, check_output_file
 
-        if json_path is not None and json_path.exists() and not force:
-            raise MoecompressError(f"{str(json_path)!r} already exists", "choose another --json, or pass --force")
         base = None if no_baseline else baseline
         if base is None and not no_baseline and model not in (None, "demo") and not str(model).startswith("tiny:"):
             side = read_sidecar(Path(model)) if Path(model).is_dir() else None
             base = "original" if side and side.get("source_model") else None
         recipe = validate_command("eval", model, _calibration(tasks, data, samples, seq_len, 0),
                                   {"stage": "evaluate", "baseline": base, "samples": samples, "batch_size": batch_size})
+        if json_path is not None:  # never a directory, an input, or a file inside an input
+            side = read_sidecar(Path(model)) if model and Path(model).is_dir() else None
+            check_output_file(json_path, force, [model or "demo", base, (side or {}).get("source_model"),
+                                                 *recipe.calibration.data.values()])
         result = run_pipeline(recipe, progress=RichProgress())
         report = result.report["stages"][0]["result"]
         print_eval(report)
         if json_path is not None:
-            json_path.parent.mkdir(parents=True, exist_ok=True)
-            json_path.write_text(json.dumps(report, indent=1) + "\n")
+            atomic_write(json_path, json.dumps(report, indent=1) + "\n", replace=force)
             success(f"wrote {json_path}")
 
 

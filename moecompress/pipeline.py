@@ -1,15 +1,14 @@
 """Run a recipe: validate everything, load the model once, run the stages in order, save, report.
 
 Outputs are written to a temporary directory beside the target and renamed into place at the end, so
-a failed run leaves nothing half-written; an existing output is replaced only with ``force``.
+a failed run leaves nothing half-written; an existing output is replaced only with ``force`` (and only
+one moecompress wrote, never an input: see runtime/outdir).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ from moecompress.recipe import Recipe
 from moecompress.formats.inspect import storage_summary
 from moecompress.runtime.memory import memory_report
 from moecompress.runtime.modelio import SIDECAR, input_facts, load_config, load_model, model_label, save_model
-from moecompress.runtime.outdir import check_output, finish
+from moecompress.runtime.outdir import check_output, discard, finish, new_temp_dir
 from moecompress.stages import STAGES
 from moecompress.stages.order import InputState, check_order
 
@@ -50,8 +49,10 @@ def run(recipe: Recipe, *, model: str | None = None, output: str | Path | None =
     specs = [STAGES.get(c.stage) for c in recipe.stages]
     wants_output = any(s.modifies_model or s.writes_output for s in specs)
     target = output if output is not None else recipe.output
-    out = check_output(target, force) if (wants_output or target) else None
     calib = recipe.calibration
+    inputs = [spec or "demo", *calib.data.values(),  # and any stage setting naming a path (profile, baseline)
+              *(v for c in recipe.stages for v in c.model_dump().values() if isinstance(v, str))]
+    out = check_output(target, force, inputs) if (wants_output or target) else None
     files = parse_data_specs([f"{k}={v}" for k, v in calib.data.items()])  # files exist
     tasks = resolve_tasks(calib.tasks, files)  # task names are known
     config = load_config(spec)
@@ -68,13 +69,7 @@ def run(recipe: Recipe, *, model: str | None = None, output: str | Path | None =
     progress = progress or NullProgress()
     t0 = time.time()
     loaded = load_model(spec)
-    tmp = None
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
+    tmp = new_temp_dir(out) if out is not None else None
     try:
         ctx = Context(loaded, recipe.calibration, tmp, progress)
         stages = []
@@ -113,10 +108,9 @@ def run(recipe: Recipe, *, model: str | None = None, output: str | Path | None =
         report.update(memory_report())
         if tmp is not None:
             (tmp / SIDECAR).write_text(json.dumps(report, indent=2) + "\n")
-            finish(tmp, out)
+            finish(tmp, out, replace=force)
     except BaseException:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        discard(tmp)
         raise
     return RunResult(out, report)
 

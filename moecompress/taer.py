@@ -49,7 +49,7 @@ def build_patterns(spec: str | None, profile_path: str | Path, output: str | Pat
                    signature_layers: int = 2, samples: int = 64, seq_len: int = 256, seed: int = 0,
                    margin: float = 1.0, force: bool = False) -> dict[str, Any]:
     """Write a pattern store; returns its summary (tasks, threshold, calibration accuracy)."""
-    out = check_output(output, force)
+    out = check_output(output, force, [spec or "demo", profile_path])
     path, config, arch, reader, classified, identity = _open(spec)
     profile = Profile.load(profile_path)
     check_identity(profile.model, identity, "the profile", "profile this model first: moecompress profile MODEL")
@@ -91,7 +91,7 @@ def build_patterns(spec: str | None, profile_path: str | Path, output: str | Pat
                          {"windows": total, "seq_len": seq_len, "accuracy": hits / total,
                           "own_distance_q50": float(own_d.median()), "own_distance_q99": float(torch.quantile(own_d, 0.99)),
                           "margin": margin, "profile": str(profile.path)})
-    with atomic_output(out) as tmp:
+    with atomic_output(out, replace=force) as tmp:
         store.save(tmp)
     return {"output": str(out), "tasks": profile.tasks, "signature_layers": sig, "threshold": threshold,
             **store.calibration}
@@ -100,7 +100,7 @@ def build_patterns(spec: str | None, profile_path: str | Path, output: str | Pat
 def retrieve(spec: str | None, store_path: str | Path, output: str | Path, *, prompt: str, keep: int | None = None,
              keep_ratio: float | None = None, max_distance: float | None = None, force: bool = False) -> dict[str, Any]:
     """Match ``prompt`` to a stored pattern and write the pruned model (reading only kept experts)."""
-    out = check_output(output, force)
+    out = check_output(output, force, [spec or "demo", store_path])
     if (keep is None) == (keep_ratio is None):
         raise MoecompressError("give exactly one of --keep or --keep-ratio", "e.g. --keep-ratio 0.5")
     if not prompt or not prompt.strip():
@@ -139,7 +139,7 @@ def retrieve(spec: str | None, store_path: str | Path, output: str | Path, *, pr
         protect[layers.index(layer), e] = True
     kept = dict(zip(layers, select_experts(rank_score, n, protect, groups)))
     sd = reduced_state_dict(reader, classified, kept)
-    with atomic_output(out) as tmp:
+    with atomic_output(out, replace=force) as tmp:
         write_checkpoint(sd, tmp)
         cfg = json.loads((path / "config.json").read_text())
         for key in arch.num_experts_keys:

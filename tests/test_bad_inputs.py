@@ -288,10 +288,15 @@ CASES = [
     recipe_case("recipe-stale-profile", "stages:\n  - stage: keep_experts\n    drop: {all: [7]}\n"
                 "  - stage: prune\n    profile: PROFILE\n    keep: 4\n", ("describes the model before",)),
     # hostile outputs
-    Case("output-is-a-file", _existing_file_output, ("already exists",)),
+    Case("output-is-a-file", _existing_file_output, ("is a file, not a directory",)),
     Case("output-exists", _existing_dir_output, ("already exists", "--force")),
     command_case("eval-json-is-a-dir", ["eval", "MODEL", "--no-baseline", *SMALL, "--json", "WORK"],
-                 ("already exists",)),
+                 ("is a directory",)),
+    command_case("eval-json-into-the-model", ["eval", "MODEL", "--no-baseline", *SMALL, "--json",
+                                              "MODEL/config.json", "--force"], ("input",)),
+    command_case("force-onto-the-input", ["run", KEEP[1], "-m", "MODEL", "-o", "MODEL", "--force"], ("input",)),
+    command_case("force-onto-an-ancestor", ["run", KEEP[1], "-m", "MODEL", "-o", "MODEL/..", "--force"],
+                 ("contains the input",)),
     command_case("export-not-packed", ["export", "MODEL", "-o", "WORK/out"], ("packed",)),
     command_case("retrieve-no-store", ["retrieve", "MODEL", "-s", "WORK/none", "--prompt", "x", "--keep", "4",
                                        "-o", "WORK/out"], ("WORK",)),

@@ -9,6 +9,7 @@ import torch
 from moecompress.algorithms.expert_scores import js_divergence
 from moecompress.errors import MoecompressError
 from moecompress.formats.profile import Profile
+from moecompress.runtime.outdir import atomic_file
 
 __all__ = ["plot_profile"]
 
@@ -45,7 +46,8 @@ def plot_profile(profile: Profile, out_dir: Path) -> list[Path]:
     fig.suptitle(f"Expert usage per task ({profile.model['architecture']}, {profile.model['num_experts']} experts, "
                  f"top-{profile.model['top_k']})", fontsize=10)
     usage = out_dir / "expert_usage.png"
-    fig.savefig(usage, dpi=120)
+    with atomic_file(usage) as tmp:  # a reader never sees half a PNG
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
 
     n = len(tasks)
@@ -73,6 +75,7 @@ def plot_profile(profile: Profile, out_dir: Path) -> list[Path]:
     ax2.set_title("Mean JS divergence over layers (bits)")
     fig.colorbar(im, ax=ax2)
     divergence = out_dir / "task_divergence.png"
-    fig.savefig(divergence, dpi=120)
+    with atomic_file(divergence) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return [usage, divergence]

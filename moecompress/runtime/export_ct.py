@@ -83,7 +83,7 @@ def _ct_tensors(fmt: str, codes: torch.Tensor, scale: torch.Tensor, zero: torch.
 def export_compressed_tensors(src: str | Path, output: str | Path, force: bool = False) -> dict[str, Any]:
     """Write ``src`` (a moecompress packed W4A16 / W8A8 directory) as a compressed-tensors checkpoint."""
     src = Path(src)
-    out = check_output(output, force)
+    out = check_output(output, force, [src])
     cfg_json = json.loads((src / "config.json").read_text()) if (src / "config.json").is_file() else {}
     qc = cfg_json.get("quantization_config") or {}
     if qc.get("quant_method") != QUANT_METHOD:
@@ -150,7 +150,7 @@ def export_compressed_tensors(src: str | Path, output: str | Path, force: bool =
         "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": act,
                                       "output_activations": None, "format": fmt}},
         "ignore": ignore, "kv_cache_scheme": None}
-    with atomic_output(out) as tmp:
+    with atomic_output(out, replace=force) as tmp:
         write_checkpoint(new, tmp)
         (tmp / "config.json").write_text(json.dumps(cfg_json, indent=2, sort_keys=True) + "\n")
         for f in src.iterdir():
