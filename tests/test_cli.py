@@ -253,3 +253,26 @@ def test_quantize_bad_inputs(tmp_path):
     assert not (tmp_path / "q").exists()
     (tmp_path / "q").mkdir()
     one_line_error(invoke(*base, "--group-size", 8, "-o", tmp_path / "q"), "already exists")
+
+
+def test_tables_into_a_pipe_never_wrap(tmp_path):
+    r = invoke("info", "tiny:deepseek_v3")
+    assert r.exit_code == 0
+    lines = r.output.splitlines()
+    assert max(len(ln) for ln in lines) > 80, r.output  # wider than rich's 80-column default for pipes
+    rows = [ln for ln in lines if ln.startswith("│")]
+    assert rows and all(ln.count("│") == 3 for ln in rows), r.output  # no row folded onto a second line
+    assert any("routing" in ln and "sigmoid" in ln for ln in rows), r.output
+
+
+def test_a_bug_is_still_one_line(monkeypatch):
+    import moecompress.runtime.describe as describe
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("something\nwent wrong")
+
+    monkeypatch.setattr(describe, "describe_model", boom)
+    r = invoke("info", "tiny:mixtral")
+    assert r.exit_code == 1
+    line = one_line_error(r, "unexpected RuntimeError: something went wrong", "--verbose")
+    assert "Traceback" not in r.output and line

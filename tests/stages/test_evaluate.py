@@ -53,3 +53,32 @@ def test_routing_agreement_maps_pruned_ids_to_the_original():
     mine = (torch.tensor([[3, 1], [0, 4]]), torch.tensor([[0.7, 0.3], [0.2, 0.8]]))
     jac, top1, n = _routing_agreement(mine, (base_idx, base_w), kept, 0)
     assert n == 2 and jac == 2.0 and top1 == 1.0  # token 0: same top-1 (6); token 1: top-1 7 vs 0
+
+
+def test_eval_and_run_report_sizes_as_inspect_does_and_the_process_peak(tmp_path):
+    """One count for all: a packed directory's parameters, bytes and bits per parameter are inspect's, in the
+    run's report (from the files written, not an estimate) and when that directory is evaluated."""
+    import json
+    import resource
+
+    from moecompress.formats.inspect import inspect_dir
+    from moecompress.pipeline import run
+    from moecompress.recipe import validate_recipe
+
+    calib = {"tasks": ["prose"], "samples": 2, "seq_len": 32}
+    out = tmp_path / "q"
+    r = run(validate_recipe({"model": "tiny:mixtral", "calibration": calib, "stages": [
+        {"stage": "quantize", "scheme": "w4a16", "group_size": 8, "method": "rtn"},
+        {"stage": "evaluate", "samples": 2}]}), output=out)
+    seen = inspect_dir(out)
+    for report in (r.report["stages"][1]["result"], json.loads((out / "eval.json").read_text())):
+        assert (report["params"], report["size_bytes"]) == (seen["params"], seen["file_bytes"])
+        assert report["bits_per_param"] == seen["bits_per_param"] < 16
+    assert r.report["size"]["params"] == seen["params"]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    assert 0 < r.report["peak_rss_bytes"] <= peak
+    again = run(validate_recipe({"model": str(out), "calibration": calib,
+                                 "stages": [{"stage": "evaluate", "samples": 2}]}))
+    e = again.report["stages"][0]["result"]
+    assert (e["params"], e["size_bytes"], e["size_source"]) == (seen["params"], seen["file_bytes"], "files")
+    assert 0 < e["peak_memory_bytes"] <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
