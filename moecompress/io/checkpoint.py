@@ -1,0 +1,290 @@
+"""Model directories read and written one decoder layer at a time.
+
+`CheckpointSource` opens a directory's safetensors shards memory-mapped (``safetensors.safe_open``) and groups
+every stored tensor by the decoder layer it belongs to, using transformers' own key conversions (so the
+per-expert names of a hub Mixtral checkpoint, ``block_sparse_moe.experts.3.w1.weight``, land in the fused
+``mlp.experts.gate_up_proj`` of the model). `CheckpointSource.load` materialises one group into a model
+skeleton with transformers' loader (``convert_and_load_state_dict_in_model``: the same conversions, dtype
+rules and ``keep_in_fp32`` plan as ``from_pretrained``), on a chosen device, reading only that group's
+bytes.
+
+`build_skeleton` makes the model on the meta device from ``config.json`` (no memory for weights), with its
+non-persistent buffers (rotary tables) real on the compute device.
+
+`CheckpointWriter` writes tensors as they come into safetensors shards of bounded size, then the index, and
+names them as ``save_pretrained`` would for a model loaded from the source (the reverse conversions of the
+ones the source's names needed), so a streamed output is the same checkpoint an in-memory save gives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from moecompress.errors import MoecompressError
+from moecompress.io.validate import INDEX, check_weight_files
+
+__all__ = ["CheckpointSource", "CheckpointWriter", "build_skeleton", "layer_of", "release", "stored_dtype"]
+
+
+def layer_of(name: str, layers_path: str) -> int | None:
+    """The decoder layer a model parameter name belongs to (``model.layers.3.mlp...`` -> 3), or None."""
+    m = re.match(rf"^{re.escape(layers_path)}\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+def build_skeleton(config, dtype: torch.dtype, device: torch.device | str = "cpu") -> nn.Module:
+    """``AutoModelForCausalLM`` from ``config`` with every parameter and persistent buffer on the meta device,
+    and the non-persistent buffers (rotary tables) computed for real on ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, experts_implementation="eager")
+    model.eval()
+    owners: dict[int, nn.Module] = {}
+    for name, buf in list(model.named_buffers()):
+        module_path, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_path) if module_path else model
+        if attr in module._non_persistent_buffers_set and buf.is_meta:
+            module._buffers[attr] = torch.empty_like(buf, device=device)
+            owners[id(module)] = module
+    for module in owners.values():  # what from_pretrained does for buffers no checkpoint holds
+        model._init_weights(module)
+    return model
+
+
+def stored_dtype(directory: str | Path) -> torch.dtype:
+    """The dtype most of a directory's floating-point bytes are stored in (read from the headers only)."""
+    from moecompress.io.validate import read_header
+
+    counts: dict[str, int] = {}
+    for f in check_weight_files(directory, quantized=True):
+        for k, info in read_header(f).items():
+            if k != "__metadata__" and info["dtype"] in _FLOAT:
+                begin, end = info["data_offsets"]
+                counts[info["dtype"]] = counts.get(info["dtype"], 0) + int(end) - int(begin)
+    return _FLOAT[max(counts, key=counts.get)] if counts else torch.float32
+
+
+def release(module: nn.Module) -> None:
+    """Free a module's parameters and persistent buffers (back to the meta device, shapes kept)."""
+    for sub in module.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is not None and not p.is_meta:
+                sub._parameters[name] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+        for name, b in list(sub._buffers.items()):
+            if b is not None and not b.is_meta and name not in sub._non_persistent_buffers_set:
+                sub._buffers[name] = torch.empty_like(b, device="meta")
+
+
+class CheckpointSource:
+    """The stored tensors of a model directory, grouped by decoder layer, read lazily (memory-mapped)."""
+
+    def __init__(self, directory: str | Path, model: nn.Module, layers_path: str, quantized: bool = False) -> None:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        self.directory = Path(directory)
+        files = check_weight_files(self.directory, quantized)
+        self._handles: list[Any] = []
+        self._where: dict[str, Any] = {}
+        try:
+            for f in files:
+                h = safe_open(str(f), framework="pt")
+                self._handles.append(h)
+                for k in h.keys():
+                    self._where[k] = h
+        except (SafetensorError, OSError) as e:
+            raise MoecompressError(f"cannot open the safetensors in {str(self.directory)!r} ({e})",
+                                   "copy the files again from the original model") from None
+        self.mapping = get_model_conversion_mapping(model)
+        renamings = [c for c in self.mapping if isinstance(c, WeightRenaming)]
+        converters = [c for c in self.mapping if isinstance(c, WeightConverter)]
+        meta_sd = model.state_dict()
+        self.target: dict[str, str] = {}  # stored key -> model key (the first target of a converter)
+        self.groups: dict[int | None, list[str]] = {}
+        for key in sorted(self._where):
+            target, _ = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_sd)
+            if target not in meta_sd and key in meta_sd:
+                target = key
+            self.target[key] = target
+            self.groups.setdefault(layer_of(target, layers_path), []).append(key)
+        # the conversions this checkpoint's names needed: what save_pretrained would reverse on the way out
+        self.used_conversions = [c for c in self.mapping if c.was_used()]
+        self.bytes_read = 0
+
+    def keys(self) -> list[str]:
+        return sorted(self._where)
+
+    def layer_keys(self, layer: int | None) -> list[str]:
+        """Stored keys of decoder layer ``layer`` (None: everything outside the decoder layers)."""
+        return list(self.groups.get(layer, []))
+
+    def nbytes(self, key: str) -> int:
+        sl = self._where[key].get_slice(key)
+        n = 1
+        for d in sl.get_shape():
+            n *= d
+        return n * _ITEM.get(sl.get_dtype(), 4)
+
+    def total_bytes(self) -> int:
+        return sum(self.nbytes(k) for k in self._where)
+
+    def read(self, key: str) -> torch.Tensor:
+        """One stored tensor, in its stored dtype, on the CPU."""
+        t = self._where[key].get_tensor(key)
+        self.bytes_read += t.numel() * t.element_size()
+        return t
+
+    def load(self, model: nn.Module, keys: Iterable[str], device: torch.device | str, dtype: torch.dtype,
+             quantizer: Any = None) -> None:
+        """Materialise the model parameters of stored ``keys`` into ``model`` on ``device``, converted as
+        ``from_pretrained`` converts them (dtype: the skeleton's, with its keep-in-fp32 plan)."""
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model
+        from transformers.modeling_utils import LoadStateDictConfig
+
+        keys = list(keys)
+        state = {k: self._where[k].get_slice(k) for k in keys}
+        self.bytes_read += sum(self.nbytes(k) for k in keys)
+        config = LoadStateDictConfig(device_map={"": torch.device(device)}, dtype=dtype,
+                                     dtype_plan=model._get_dtype_plan(dtype), weight_mapping=self.mapping,
+                                     hf_quantizer=quantizer)
+        with _quiet_loading():
+            info, _ = convert_and_load_state_dict_in_model(model, state, config)
+            if getattr(model.config, "tie_word_embeddings", False):
+                model.tie_weights()  # the head shares the embedding's new parameter
+        if info.mismatched_keys:
+            name, got, want = next(iter(info.mismatched_keys))
+            raise MoecompressError(f"{str(self.directory)!r}: tensor {name!r} has shape {list(got)}, config.json "
+                                   f"implies {list(want)}", "the weights do not fit config.json; re-save the model")
+        if info.conversion_errors:
+            name, err = next(iter(info.conversion_errors.items()))
+            raise MoecompressError(f"{str(self.directory)!r}: cannot convert {name!r} ({err})",
+                                   "re-save the model with transformers 5")
+
+    def close(self) -> None:
+        self._handles.clear()
+        self._where.clear()
+
+
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """transformers draws a tqdm bar per call ("Loading weights"): one call per layer would flood the terminal."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    old = os.environ.get("HF_DEACTIVATE_ASYNC_LOAD")
+    os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"  # one layer at a time: threads only add peak memory
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("HF_DEACTIVATE_ASYNC_LOAD", None)
+        else:
+            os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = old
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+_ITEM = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+         "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_FLOAT = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+class CheckpointWriter:
+    """Write tensors as they come into ``model-XXXXX-of-YYYYY.safetensors`` shards of at most ``shard_bytes``
+    (a tensor larger than that gets a shard of its own), then ``model.safetensors.index.json``; a single
+    shard is written as ``model.safetensors``. Memory: at most one shard's tensors are held."""
+
+    def __init__(self, directory: str | Path, shard_bytes: int = 1 << 30, prefix: str = "model",
+                 metadata: dict[str, str] | None = None) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.shard_bytes, self.prefix = shard_bytes, prefix
+        self.metadata = metadata or {"format": "pt"}
+        self._buffer: dict[str, torch.Tensor] = {}
+        self._size = 0
+        self._shards: list[tuple[str, list[str]]] = []  # (temporary file name, keys)
+        self.total_bytes = 0
+        self.total_params = 0
+        self._seen: set[str] = set()
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._seen:
+            raise ValueError(f"tensor {name} written twice")
+        self._seen.add(name)
+        t = tensor.detach().to("cpu").contiguous()
+        b = t.numel() * t.element_size()
+        if self._buffer and self._size + b > self.shard_bytes:
+            self.flush()
+        self._buffer[name] = t
+        self._size += b
+        self.total_bytes += b
+        self.total_params += t.numel()
+
+    def add_all(self, tensors: dict[str, torch.Tensor]) -> None:
+        for k in sorted(tensors):
+            self.add(k, tensors[k])
+
+    def flush(self) -> None:
+        """Write the buffered tensors as the next shard."""
+        if not self._buffer:
+            return
+        name = f".{self.prefix}-part-{len(self._shards) + 1:05d}.safetensors"
+        save_file(self._buffer, str(self.directory / name), metadata=self.metadata)
+        self._shards.append((name, sorted(self._buffer)))
+        self._buffer, self._size = {}, 0
+
+    def close(self) -> list[str]:
+        """Flush, give the shards their final names and write the index (when sharded); returns the files."""
+        self.flush()
+        n = len(self._shards)
+        if n == 0:
+            save_file({}, str(self.directory / f"{self.prefix}.safetensors"), metadata=self.metadata)
+            return [f"{self.prefix}.safetensors"]
+        if n == 1:
+            final = f"{self.prefix}.safetensors"
+            os.replace(self.directory / self._shards[0][0], self.directory / final)
+            return [final]
+        weight_map, files = {}, []
+        for i, (tmp, keys) in enumerate(self._shards, 1):
+            final = f"{self.prefix}-{i:05d}-of-{n:05d}.safetensors"
+            os.replace(self.directory / tmp, self.directory / final)
+            files.append(final)
+            weight_map.update({k: final for k in keys})
+        index = {"metadata": {"total_size": self.total_bytes, "total_parameters": self.total_params},
+                 "weight_map": dict(sorted(weight_map.items()))}
+        name = INDEX if self.prefix == "model" else f"{self.prefix}.safetensors.index.json"
+        (self.directory / name).write_text(json.dumps(index, indent=2) + "\n")
+        return files
+
+
+def checkpoint_names(model: nn.Module, tensors: dict[str, torch.Tensor],
+                     conversions: Sequence[Any] | None) -> dict[str, torch.Tensor]:
+    """Model-named ``tensors`` renamed (and split) as ``save_pretrained`` writes them for a model whose
+    weights came through ``conversions`` (`CheckpointSource.used_conversions`; None: the family's defaults,
+    as for a model built from its config)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    had = getattr(model, "_weight_conversions", None)
+    model._weight_conversions = list(conversions) if conversions is not None else None
+    try:
+        if conversions is not None and not conversions:
+            return dict(tensors)
+        return revert_weight_conversion(model, dict(tensors))
+    finally:
+        model._weight_conversions = had
+
+
+__all__ += ["checkpoint_names"]

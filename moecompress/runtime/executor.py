@@ -1,0 +1,293 @@
+"""The layer-streaming executor: one decoder layer at a time, read from disk, computed on a device.
+
+A `LayerStream` runs fixed token batches through a model whose weights are never all in memory:
+
+    config.json -> skeleton on the meta device -> embeddings -> layer 0's inputs (and every layer's keyword
+    arguments: masks, rotary tables) for every batch -> for each decoder layer i:
+        load(i)        read layer i's tensors (memory-mapped safetensors, transformers' key conversions)
+                       onto the device, in the compute dtype
+        ... the stage's work on layer i (hooks, statistics, GPTQ, surgery) ...
+        run_layer(i)   push every batch through layer i: its outputs are layer i+1's inputs
+        release(i)     free layer i
+    -> final norm + LM head (evaluation) only at the end.
+
+Peak memory is one layer plus the hidden states of the batches (on the device, or in host memory with
+``offload``); it does not grow with depth. The same runner serves an in-memory model (`ModelSource`
+wrapping a loaded model: load and release do nothing), which is how the streamed path is checked against
+the in-memory one.
+
+The first-layer inputs come from GPTQ's "Catcher" pattern made exact for every family: one pass with every
+decoder layer replaced by an identity records each layer's keyword arguments per batch (attention masks
+differ per layer for sliding-window families; rotary tables are shared) and stops before the final norm.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moecompress.errors import MoecompressError
+from moecompress.io.checkpoint import CheckpointSource, build_skeleton, layer_of, release, stored_dtype
+from moecompress.models.base import MoEArch
+
+__all__ = ["LayerStream", "ModelSource", "Placement", "resolve_device"]
+
+
+def resolve_device(spec: str | torch.device | None) -> torch.device:
+    """``auto`` (the first GPU when there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``; one-line errors
+    for a GPU that is not there."""
+    if isinstance(spec, torch.device):
+        return spec
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise MoecompressError(f"--device {spec!r} is not a device", "use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise MoecompressError(f"--device {spec!r} is not supported", "use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise MoecompressError(f"--device {spec} asks for a GPU, but torch sees none (CUDA build: "
+                               f"{torch.version.cuda or 'no'})", "use --device cpu (or auto)")
+    n = torch.cuda.device_count()
+    index = 0 if dev.index is None else dev.index
+    if index >= n:
+        raise MoecompressError(f"--device {spec}: there is no GPU {index} (this machine has {n})",
+                               f"use cuda:0 .. cuda:{n - 1}")
+    return torch.device("cuda", index)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a stream computes: ``device``, compute ``dtype`` (None: float32 on the CPU, the stored dtype on a
+    GPU), and whether the batches' hidden states wait in host memory between layers (``offload``)."""
+
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype | None = None
+    offload: bool = False
+
+    def compute_dtype(self, stored: torch.dtype) -> torch.dtype:
+        if self.dtype is not None:
+            return self.dtype
+        return torch.float32 if self.device.type == "cpu" else stored
+
+
+class ModelSource:
+    """Where a stream's weights come from: a model directory (read one layer at a time) or a model already in
+    memory (tests, the Python API)."""
+
+    def __init__(self, config, arch: MoEArch, directory: str | Path | None = None, model: nn.Module | None = None,
+                 tokenizer=None, stored_dtype: torch.dtype | None = None) -> None:
+        if (directory is None) == (model is None):
+            raise ValueError("give a directory or a model")
+        self.config, self.arch, self.tokenizer = config, arch, tokenizer
+        self.directory = None if directory is None else Path(directory)
+        self.model = model
+        self.stored_dtype = stored_dtype or (next(model.parameters()).dtype if model is not None else None)
+
+    @property
+    def in_memory(self) -> bool:
+        return self.model is not None
+
+
+class LayerStream:
+    """Run ``batches`` (each ``[B, S]`` token ids) through a model one decoder layer at a time.
+
+    With a directory source, `load(i)` reads layer ``i`` and `release(i)` frees it; with an in-memory source
+    both do nothing and the runner works on the model itself (its parameters are computed in their dtype)."""
+
+    def __init__(self, source: ModelSource, batches: Sequence[torch.Tensor], placement: Placement | None = None,
+                 packed_modules: dict | None = None, packed_activations: dict | None = None) -> None:
+        self.source, self.arch = source, source.arch
+        self.placement = placement or Placement()
+        self.device = self.placement.device
+        self.batches = list(batches)
+        if source.in_memory:
+            self.model = source.model
+            self.files = None
+            self.dtype = next(self.model.parameters()).dtype
+        else:
+            quantized = getattr(source.config, "quantization_config", None) is not None
+            stored = source.stored_dtype or stored_dtype(source.directory)
+            self.dtype = self.placement.compute_dtype(stored)
+            self.model = build_skeleton(source.config, self.dtype, self.device)
+            if packed_modules is not None:
+                from moecompress.nn.hf_quantizer import build_packed_modules
+
+                with torch.device("meta"):
+                    build_packed_modules(self.model, packed_modules, packed_activations)
+            self.files = CheckpointSource(source.directory, self.model, self.arch.layers, quantized)
+        self.layers: nn.ModuleList = self.arch.decoder_layers(self.model)
+        self.loaded: set[int] = set()
+        self.kwargs: list[list[dict]] = [[] for _ in self.layers]
+        self.hidden: list[torch.Tensor] = []
+        self.next_layer = 0
+        self._catch()
+
+    # ------------------------------------------------------------------ inputs
+    def _outside(self, which: str) -> list[str]:
+        """Stored keys outside the decoder layers needed for ``which``: "embed" or "head" (final norm + head)."""
+        if self.files is None:
+            return []
+        emb = self.model.get_input_embeddings()
+        emb_names = {n for n, p in self.model.named_parameters() if any(p is q for q in emb.parameters())}
+        keys = self.files.layer_keys(None)
+        want = [k for k in keys if self.files.target[k] in emb_names]
+        return want if which == "embed" else [k for k in keys if k not in want]
+
+    @torch.no_grad()
+    def _catch(self) -> None:
+        if self.files is not None:
+            self.files.load(self.model, self._outside("embed"), self.device, self.dtype)
+        first: list[torch.Tensor] = []
+        norm = self.model.get_submodule(self.arch.final_norm)
+        with _identity_layers(self.layers, self.kwargs, first), _stop_at(norm):
+            for x in self.batches:
+                try:
+                    self.model.base_model(input_ids=x.to(self.device), use_cache=False)
+                except _Stop:
+                    pass
+        self.hidden = [h if not self.placement.offload else h.cpu() for h in first]
+        if self.files is not None:  # the embedding is not needed again (the head is loaded at the end)
+            release(self.model.get_input_embeddings())
+
+    # ------------------------------------------------------------------ layers
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def load(self, i: int) -> nn.Module:
+        """Layer ``i`` with its weights on the device (read from disk for a directory source)."""
+        if self.files is not None and i not in self.loaded:
+            self.files.load(self.model, self.files.layer_keys(i), self.device, self.dtype)
+            missing = [n for n, p in self.layers[i].named_parameters() if p.is_meta]
+            if missing:
+                raise MoecompressError(f"{str(self.source.directory)!r} lacks layer {i}'s {missing[0]}",
+                                       "the checkpoint does not match its config.json; re-save it")
+            self.loaded.add(i)
+        return self.layers[i]
+
+    def release(self, i: int) -> None:
+        """Free layer ``i`` (a directory source; an in-memory model keeps its weights)."""
+        if self.files is not None and i in self.loaded:
+            release(self.layers[i])
+            self.loaded.discard(i)
+
+    @torch.no_grad()
+    def run_layer(self, i: int, store: bool = True, batches: Sequence[int] | None = None) -> None:
+        """Run the batches (default all) through layer ``i`` (layers must run in order). ``store=True``
+        replaces the stored hidden states by the outputs and moves on; ``store=False`` only runs the layer
+        (a calibration pass whose hooks collect statistics)."""
+        if i != self.next_layer:
+            raise RuntimeError(f"layer {i} run out of order (next is {self.next_layer})")
+        if store and batches is not None:
+            raise ValueError("a storing pass runs every batch")
+        layer = self.load(i)
+        for b in batches if batches is not None else range(len(self.hidden)):
+            h = self.hidden[b].to(self.device)
+            out = layer(h, **self.kwargs[i][b])
+            if store:
+                out = out[0] if isinstance(out, tuple) else out
+                self.hidden[b] = out.cpu() if self.placement.offload else out
+        if store:
+            self.next_layer += 1
+
+    def layers_in_order(self) -> Iterator[tuple[int, nn.Module]]:
+        """``(i, layer)`` for every decoder layer, loaded; the caller runs it; it is released afterwards."""
+        for i in range(self.num_layers):
+            layer = self.load(i)
+            try:
+                yield i, layer
+            finally:
+                self.release(i)
+
+    def layer_state(self, i: int) -> dict[str, torch.Tensor]:
+        """Layer ``i``'s parameters and persistent buffers by their full model names."""
+        prefix = f"{self.arch.layers}.{i}."
+        return {prefix + k: v for k, v in self.layers[i].state_dict().items()}
+
+    # ------------------------------------------------------------------ outputs
+    def load_head(self) -> None:
+        """Final norm and LM head (and anything else outside the decoder layers but the embedding)."""
+        if self.files is not None:
+            keys = self._outside("head")
+            if getattr(self.model.config, "tie_word_embeddings", False):
+                keys = keys + self._outside("embed")
+            self.files.load(self.model, keys, self.device, self.dtype)
+
+    @torch.no_grad()
+    def logits(self, b: int) -> torch.Tensor:
+        """``[B, S, V]`` logits of batch ``b`` once every layer has run (call `load_head` first)."""
+        if self.next_layer != self.num_layers:
+            raise RuntimeError("run every layer before asking for logits")
+        final_norm = self.model.get_submodule(self.arch.final_norm)
+        logits = self.model.get_output_embeddings()(final_norm(self.hidden[b].to(self.device)))
+        if self.arch.logits_divisor_key:
+            logits = logits / getattr(self.model.config, self.arch.logits_divisor_key)
+        return logits
+
+    def outside_state(self) -> dict[str, torch.Tensor]:
+        """Every parameter outside the decoder layers, by model name (loaded for a directory source)."""
+        if self.files is not None:
+            self.files.load(self.model, self.files.layer_keys(None), self.device, self.dtype)
+        return {k: v for k, v in self.model.state_dict().items() if layer_of(k, self.arch.layers) is None}
+
+    def close(self) -> None:
+        if self.files is not None:
+            release(self.model)
+            self.files.close()
+        self.hidden = []
+
+    def __enter__(self) -> LayerStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Stop(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _stop_at(module: nn.Module) -> Iterator[None]:
+    def stop(*args, **kwargs):
+        raise _Stop
+
+    h = module.register_forward_pre_hook(stop)
+    try:
+        yield
+    finally:
+        h.remove()
+
+
+@contextlib.contextmanager
+def _identity_layers(layers: nn.ModuleList, record: list[list[dict]], first: list[torch.Tensor]) -> Iterator[None]:
+    originals = [layer.forward for layer in layers]
+
+    def make(i: int):
+        def forward(hidden_states, *args, **kwargs):
+            if args:  # decoder layers are called with keywords after the hidden states in transformers 5
+                raise TypeError("unexpected positional arguments to a decoder layer")
+            record[i].append(kwargs)
+            if i == 0:
+                first.append(hidden_states.detach())
+            return hidden_states
+
+        return forward
+
+    try:
+        for i, layer in enumerate(layers):
+            layer.forward = make(i)
+        yield
+    finally:
+        for layer, fwd in zip(layers, originals):
+            layer.forward = fwd
