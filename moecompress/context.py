@@ -1,4 +1,5 @@
-"""What stages share during one pipeline run: the model, its adapter, calibration text, artifacts."""
+"""What stages share during one pipeline run: the model's source, its adapter, where to compute, calibration
+text, where a changed model goes, and artifacts handed from stage to stage."""
 
 from __future__ import annotations
 
@@ -12,35 +13,75 @@ from moecompress.calib import resolve_tasks, task_windows
 from moecompress.errors import MoecompressError
 from moecompress.progress import NullProgress, Progress
 from moecompress.recipe import CalibrationConfig
+from moecompress.runtime.executor import LayerStream, ModelSource, Placement
 from moecompress.runtime.modelio import LoadedModel
+from moecompress.runtime.sink import LayerSink
 
 __all__ = ["Context"]
 
 
 @dataclass
 class Context:
-    loaded: LoadedModel
+    """``loaded``: the model to compress, as a `ModelSource` (a directory, streamed one layer at a time) or a
+    `LoadedModel` held in memory (tests, the Python API: stages then change it in place)."""
+
+    loaded: LoadedModel | ModelSource
     calibration: CalibrationConfig
     out_dir: Path | None  # the run's temporary output directory (renamed into place at the end), if any
     progress: Progress = field(default_factory=NullProgress)
     artifacts: dict[str, Any] = field(default_factory=dict)  # handed from stage to stage (profile -> prune, ...)
+    placement: Placement = field(default_factory=Placement)
+    write_to: Path | None = None  # where the next stage that changes the model writes it (None: in place)
     _windows: dict[tuple, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
+    def __post_init__(self) -> None:
+        if isinstance(self.loaded, LoadedModel):
+            lm = self.loaded
+            self.source = ModelSource(lm.model.config, lm.arch, model=lm.model, tokenizer=lm.tokenizer,
+                                      stored_dtype=lm.disk_dtype, label=lm.source, path=lm.path)
+        else:
+            self.source = self.loaded
+        self.original = self.source  # the model the run started from (the baseline "original")
+
+    # ------------------------------------------------------------------ the model
     @property
     def model(self):
-        return self.loaded.model
+        """The model itself, when it is held in memory (a streamed run has none: use `stream`)."""
+        if self.source.model is None:
+            raise RuntimeError("this run streams the model from disk: use ctx.stream()")
+        return self.source.model
+
+    @property
+    def config(self):
+        return self.source.config
 
     @property
     def arch(self):
-        return self.loaded.arch
+        return self.source.arch
 
     @property
     def tokenizer(self):
-        if self.loaded.tokenizer is None:
-            raise MoecompressError(f"model {self.loaded.source!r} has no tokenizer",
+        if self.source.tokenizer is None:
+            raise MoecompressError(f"model {self.source.label!r} has no tokenizer",
                                    "save its tokenizer files into the model directory")
-        return self.loaded.tokenizer
+        return self.source.tokenizer
 
+    def stream(self, batches: list[torch.Tensor], source: ModelSource | None = None, **kw: Any) -> LayerStream:
+        """A layer stream of ``batches`` through the current model (or ``source``) on the run's device."""
+        return LayerStream(source or self.source, batches, self.placement, **kw)
+
+    def sink(self) -> LayerSink:
+        """Where a stage that changes the model writes it (see `adopt`)."""
+        return LayerSink(self.source, self.write_to)
+
+    def adopt(self, sink: LayerSink, config=None, tokenizer=None) -> None:
+        """Finish ``sink`` and make what it wrote the model the next stages see."""
+        new = sink.close(config if config is not None else self.config, self.arch, tokenizer)
+        if new is not self.source:
+            new.label = f"{self.original.label} (compressed in this run)"
+        self.source = new
+
+    # ------------------------------------------------------------------ text
     def windows(self, split: str = "calib", samples: int | None = None, seq_len: int | None = None,
                 tasks: list[str] | None = None) -> dict[str, torch.Tensor]:
         """``{task: [N, S] token ids}`` for the recipe's calibration tasks (cached per arguments).
@@ -49,7 +90,7 @@ class Context:
         """
         c = self.calibration
         seq_len = seq_len or c.seq_len
-        limit = getattr(self.model.config, "max_position_embeddings", None)
+        limit = getattr(self.config, "max_position_embeddings", None)
         if limit and seq_len > limit:
             raise MoecompressError(f"sequence length {seq_len} is above the model's limit of {limit} tokens",
                                    f"use --seq-len {limit} or less")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,12 +25,17 @@ from moecompress.progress import NullProgress, Progress
 from moecompress.recipe import Recipe
 from moecompress.formats.inspect import storage_summary
 from moecompress.runtime.memory import memory_report
-from moecompress.runtime.modelio import SIDECAR, input_facts, load_config, load_model, model_label, save_model
+import torch
+
+from moecompress.io.validate import check_weight_files
+from moecompress.runtime.executor import ModelSource, Placement, resolve_device
+from moecompress.runtime.modelio import (SIDECAR, input_facts, load_config, load_model, load_tokenizer, model_dir,
+                                         model_label, save_model)
 from moecompress.runtime.outdir import check_output, discard, finish, new_temp_dir
 from moecompress.stages import STAGES
 from moecompress.stages.order import InputState, check_order
 
-__all__ = ["RunResult", "run"]
+__all__ = ["RunResult", "open_source", "placement_of", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +46,49 @@ class RunResult:
     report: dict[str, Any] = field(default_factory=dict)
 
 
+def open_source(spec: str | None, scratch: Path, config=None) -> ModelSource:
+    """The model a run reads, as a streamed directory source. A ``tiny:<type>`` model is written to ``scratch``
+    first (it is small), so every run reads the same way."""
+    config = config if config is not None else load_config(spec)
+    arch = find_arch(config)
+    if spec and str(spec).startswith("tiny:"):
+        loaded = load_model(spec)
+        d = scratch / "input"
+        save_model(loaded, d)
+        return ModelSource(loaded.model.config, arch, directory=d, tokenizer=loaded.tokenizer,
+                           stored_dtype=loaded.disk_dtype, label=str(spec), path=None)
+    path = model_dir(spec)
+    check_weight_files(path, getattr(config, "quantization_config", None) is not None)
+    tokenizer = load_tokenizer(path)
+    return ModelSource(config, arch, directory=path, tokenizer=tokenizer, label=model_label(spec), path=path)
+
+
+def placement_of(recipe: Recipe) -> Placement:
+    dtype = None if recipe.dtype == "auto" else getattr(torch, recipe.dtype)
+    return Placement(resolve_device(recipe.device), dtype, recipe.offload_hidden)
+
+
+def _check_space(source: ModelSource, specs, where: Path) -> None:
+    """Refuse before writing when the output cannot fit: a changed model needs about its input's size (and as
+    much again for an intermediate checkpoint when several stages change it)."""
+    n = sum(1 for s in specs if s.modifies_model)
+    if not n or source.directory is None:
+        return
+    size = sum(f.stat().st_size for f in check_weight_files(source.directory, True))
+    need = size * (2 if n > 1 else 1)
+    free = shutil.disk_usage(where).free
+    if free < need:
+        raise MoecompressError(f"{str(where)!r} has {free / 1e9:.2f} GB free, but this run writes about "
+                               f"{need / 1e9:.2f} GB", "free some disk space, or write to another -o")
+
+
 def run(recipe: Recipe, *, model: str | None = None, output: str | Path | None = None, force: bool = False,
         progress: Progress | None = None) -> RunResult:
     """Run ``recipe``; ``model`` / ``output`` override the recipe's. Raises `MoecompressError` on bad input.
 
-    A recipe whose stages only report (``evaluate``) may run without an output directory.
+    A recipe whose stages only report (``evaluate``) may run without an output directory. The model is
+    streamed one decoder layer at a time from its directory; a stage that changes it writes a new checkpoint
+    (the output, or an intermediate one when later stages change it again), which the next stages read.
     """
     spec = model if model is not None else recipe.model
     specs = [STAGES.get(c.stage) for c in recipe.stages]
@@ -66,27 +111,43 @@ def run(recipe: Recipe, *, model: str | None = None, output: str | Path | None =
                                f"use --seq-len {limit} or less")
     for cfg in recipe.stages:  # cross-checks against the model before any weight is read
         cfg.check(config, arch)
+    placement = placement_of(recipe)
     progress = progress or NullProgress()
     t0 = time.time()
-    loaded = load_model(spec)
     tmp = new_temp_dir(out) if out is not None else None
+    scratch_dir = None
     try:
-        ctx = Context(loaded, recipe.calibration, tmp, progress)
+        scratch_dir = (tmp / ".scratch") if tmp is not None else Path(tempfile.mkdtemp(prefix="moecompress-"))
+        scratch_dir.mkdir(exist_ok=True)
+        source = open_source(spec, scratch_dir, config)
+        if tmp is not None:
+            _check_space(source, specs, tmp)
+        ctx = Context(source, recipe.calibration, tmp, progress, placement=placement)
+        changing = [k for k, s in enumerate(specs) if s.modifies_model]
         stages = []
-        for cfg, stage in zip(recipe.stages, specs):
+        for k, (cfg, stage) in enumerate(zip(recipe.stages, specs)):
             s0 = time.time()
             log.info("stage %s", cfg.stage)
+            before = ctx.source
+            if stage.modifies_model:
+                ctx.write_to = tmp if k == changing[-1] else scratch_dir / f"stage-{k}"
             summary = stage.run(ctx, cfg) or {}
             if stage.modifies_model:
                 ctx.artifacts["model_modified"] = True
+                if ctx.source is before:
+                    raise RuntimeError(f"stage {cfg.stage} changes the model but wrote none")
+                if before is not ctx.original and before.directory is not None and scratch_dir in \
+                        before.directory.parents:
+                    shutil.rmtree(before.directory, ignore_errors=True)  # an intermediate nobody reads again
             stages.append({"stage": cfg.stage, "config": cfg.model_dump(mode="json"),
                            "seconds": round(time.time() - s0, 2), "result": summary})
-        wrote_model = any(s.modifies_model for s in specs)
+        wrote_model = bool(changing)
         report = {
             "moecompress_version": __version__,
-            "source_model": model_label(spec) if loaded.path is None else str(loaded.path),
+            "source_model": source.label if source.path is None else str(source.path),
             "architecture": arch.name,
             "recipe": recipe.model_dump(mode="json"),
+            "device": str(placement.device),
             "stages": stages,
             "model_written": wrote_model and tmp is not None,
             "seconds": round(time.time() - t0, 2),
@@ -94,22 +155,16 @@ def run(recipe: Recipe, *, model: str | None = None, output: str | Path | None =
         if "kept_experts" in ctx.artifacts:
             report["kept_experts"] = {str(k): v for k, v in ctx.artifacts["kept_experts"].items()}
         report.update(ctx.artifacts.get("sidecar", {}))  # what stages record for loaders (quantization, ...)
-        if tmp is not None:
-            if wrote_model and ctx.artifacts.get("save_format") == "packed" and "quant_record" in ctx.artifacts:
-                from moecompress.runtime.pack import write_packed
-
-                report["packed"] = write_packed(loaded, ctx.artifacts["quant_record"],
-                                                report.get("quantization", {}), tmp,
-                                                ctx.artifacts.get("ternary_codec", "ternary-b3"))
-            elif wrote_model:
-                save_model(loaded, tmp)
-            if wrote_model:
-                _report_written_size(report, tmp)
+        shutil.rmtree(scratch_dir, ignore_errors=True)
+        if tmp is not None and wrote_model:
+            _report_written_size(report, tmp)
         report.update(memory_report())
         if tmp is not None:
             (tmp / SIDECAR).write_text(json.dumps(report, indent=2) + "\n")
             finish(tmp, out, replace=force)
     except BaseException:
+        if scratch_dir is not None:
+            shutil.rmtree(scratch_dir, ignore_errors=True)
         discard(tmp)
         raise
     return RunResult(out, report)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -45,6 +45,9 @@ class Recipe(BaseModel):
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     stages: list[StageConfig] = Field(min_length=1)
     output: str | None = None
+    device: str = "auto"  # auto (the first GPU when there is one) | cpu | cuda | cuda:N
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # compute dtype (auto: fp32 on CPU, stored on GPU)
+    offload_hidden: bool = False  # keep the batches' hidden states in host memory between layers
 
     @field_validator("stages", mode="before")
     @classmethod
@@ -138,9 +141,11 @@ def _flag_error(err: ValidationError, data: dict[str, Any], flags: dict[str, str
 
 
 def validate_command(command: str, model: str | None, calibration: dict[str, Any], stage: dict[str, Any],
-                     flags: dict[str, str] | None = None) -> Recipe:
-    """The one-stage recipe of a CLI command; a bad option value is reported by its flag (``--scheme``)."""
+                     flags: dict[str, str] | None = None, run: dict[str, Any] | None = None) -> Recipe:
+    """The one-stage recipe of a CLI command; a bad option value is reported by its flag (``--scheme``).
+    ``run``: the recipe's run settings (device, dtype, offload_hidden)."""
     flags = dict(flags or {})
+    run = {k: v for k, v in (run or {}).items() if v is not None}
     try:
         CalibrationConfig.model_validate(calibration)
     except ValidationError as e:
@@ -149,4 +154,8 @@ def validate_command(command: str, model: str | None, calibration: dict[str, Any
         STAGES.get(stage["stage"]).config.model_validate(stage)
     except ValidationError as e:
         raise _flag_error(e, stage, flags, command) from None
-    return validate_recipe({"model": model, "calibration": calibration, "stages": [stage]}, command)
+    try:
+        Recipe.model_validate({"stages": [stage], **run})
+    except ValidationError as e:
+        raise _flag_error(e, run, flags, command) from None
+    return validate_recipe({"model": model, "calibration": calibration, "stages": [stage], **run}, command)

@@ -25,7 +25,7 @@ from moecompress.formats.profile import Profile
 from moecompress.models import find_arch
 from moecompress.models.identity import check_identity, identity_from_parts
 from moecompress.runtime.checkpoint_io import CheckpointReader, classify, reduced_state_dict, write_checkpoint
-from moecompress.runtime.modelio import SIDECAR, _model_dir, load_config, load_model
+from moecompress.runtime.modelio import SIDECAR, model_dir, load_config, load_model
 from moecompress.runtime.outdir import atomic_output, check_output
 from moecompress.runtime.prompt_routing import RoutingProbe, cosine_distance
 
@@ -35,7 +35,7 @@ __all__ = ["build_patterns", "retrieve"]
 def _open(spec: str | None):
     if spec and str(spec).startswith("tiny:"):
         raise MoecompressError("retrieval reads expert tensors from files", "save the model to a directory first")
-    path = _model_dir(spec)
+    path = model_dir(spec)
     config = load_config(spec)
     arch = find_arch(config)
     reader = CheckpointReader(path)

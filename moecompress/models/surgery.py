@@ -14,9 +14,9 @@ from collections.abc import Mapping, Sequence
 from transformers import PreTrainedModel
 
 from moecompress.errors import MoecompressError
-from moecompress.models.base import MoEArch
+from moecompress.models.base import MoEArch, MoEBlockView
 
-__all__ = ["check_keep", "keep_experts"]
+__all__ = ["check_keep", "keep_experts", "keep_layer", "set_expert_count"]
 
 
 def check_keep(
@@ -82,21 +82,33 @@ def keep_experts(
     """
     plan = check_keep(arch, model.config, keep, regroup)
     old = arch.num_experts(model.config)
-    new = len(next(iter(plan.values())))
     for view in arch.moe_blocks(model):
-        if plan[view.index] != list(range(old)):
-            view.keep(plan[view.index])
-    for key in arch.num_experts_keys:
-        setattr(model.config, key, new)
-    rule = arch.routing(model.config, arch.moe_layer_indices(model.config)[0])
-    if regroup and arch.group_keys and rule.n_group > 1:
-        for key in arch.group_keys:
-            setattr(model.config, key, 1)
-        for view in arch.moe_blocks(model):
-            for attr in arch.router_group_attrs:
-                setattr(view.router, attr, 1)
+        keep_layer(view, plan[view.index], regroup)
+    set_expert_count(model.config, arch, len(next(iter(plan.values()))), regroup)
     for m in model.modules():
         for attr in ("num_experts", "num_local_experts"):
             if isinstance(getattr(m, attr, None), int) and getattr(m, attr) == old:
-                setattr(m, attr, new)
+                setattr(m, attr, len(next(iter(plan.values()))))
     return plan
+
+
+def keep_layer(view: MoEBlockView, ids: Sequence[int], regroup: bool = False) -> None:
+    """Keep routed experts ``ids`` of one MoE block (a checked plan's entry), in place; with ``regroup`` the
+    router's cached group counts become 1."""
+    if list(ids) != list(range(view.num_experts)):
+        view.keep(ids)
+    rule = view.routing
+    if regroup and view.arch.group_keys and rule.n_group > 1:
+        for attr in view.arch.router_group_attrs:
+            setattr(view.router, attr, 1)
+
+
+def set_expert_count(config, arch: MoEArch, n: int, regroup: bool = False) -> None:
+    """Write the routed-expert count into every config key the adapter lists (and one routing group when
+    ``regroup`` on a group-limited family)."""
+    groups = arch.routing(config, arch.moe_layer_indices(config)[0]).n_group
+    for key in arch.num_experts_keys:
+        setattr(config, key, n)
+    if regroup and arch.group_keys and groups > 1:
+        for key in arch.group_keys:
+            setattr(config, key, 1)

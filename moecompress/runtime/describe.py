@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moecompress.models import find_arch
-from moecompress.runtime.modelio import _model_dir, load_config, model_label
+from moecompress.runtime.modelio import model_dir, load_config, model_label
 
 __all__ = ["describe_model"]
 
@@ -51,7 +51,7 @@ def describe_model(spec: str | None) -> dict[str, Any]:
         "params_other": total - routed - shared - routers,
     }
     if not (spec and str(spec).startswith("tiny:")):
-        path = _model_dir(spec)
+        path = model_dir(spec)
         info["path"] = str(path)
         info["size_on_disk_bytes"] = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
         info["dtype_on_disk"] = str(getattr(config, "dtype", "") or "").replace("torch.", "")

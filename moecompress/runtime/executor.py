@@ -85,13 +85,16 @@ class ModelSource:
     memory (tests, the Python API)."""
 
     def __init__(self, config, arch: MoEArch, directory: str | Path | None = None, model: nn.Module | None = None,
-                 tokenizer=None, stored_dtype: torch.dtype | None = None) -> None:
+                 tokenizer=None, stored_dtype: torch.dtype | None = None, label: str | None = None,
+                 path: Path | None = None) -> None:
         if (directory is None) == (model is None):
             raise ValueError("give a directory or a model")
         self.config, self.arch, self.tokenizer = config, arch, tokenizer
         self.directory = None if directory is None else Path(directory)
         self.model = model
         self.stored_dtype = stored_dtype or (next(model.parameters()).dtype if model is not None else None)
+        self.label = label or (str(directory) if directory is not None else "model")  # what the user asked for
+        self.path = path if path is not None else self.directory  # the user's directory (None: tiny/in memory)
 
     @property
     def in_memory(self) -> bool:
@@ -145,6 +148,8 @@ class LayerStream:
 
     @torch.no_grad()
     def _catch(self) -> None:
+        if not self.batches:
+            return
         if self.files is not None:
             self.files.load(self.model, self._outside("embed"), self.device, self.dtype)
         first: list[torch.Tensor] = []

@@ -21,7 +21,7 @@ from moecompress.io.validate import check_finite, check_weight_files
 from moecompress.models import MoEArch, find_arch
 
 __all__ = ["DEMO_MODEL", "SIDECAR", "LoadedModel", "generate_text", "input_facts", "load_config", "load_model",
-           "model_label",
+           "load_tokenizer", "model_dir", "model_label",
            "read_sidecar", "save_model", "tiny_tokenizer"]
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def model_label(spec: str | None) -> str:
     return "demo" if spec in (None, "", "demo") else str(spec)
 
 
-def _model_dir(spec: str | None) -> Path:
+def model_dir(spec: str | None) -> Path:
     if spec in (None, "", "demo"):
         if not (DEMO_MODEL / "config.json").is_file():
             raise MoecompressError("the bundled demo model is missing from this install",
@@ -80,7 +80,7 @@ def load_config(spec: str | None):
             return tiny_config(str(spec)[5:])
         except KeyError:
             raise MoecompressError(f"no tiny model {spec!r}", "use tiny:<model_type> of a registered family") from None
-    path = _model_dir(spec)
+    path = model_dir(spec)
     cfg_file = path / "config.json"
     try:
         raw = json.loads(cfg_file.read_text(encoding="utf-8"))
@@ -106,7 +106,7 @@ def load_config(spec: str | None):
 def input_facts(spec: str | None, config) -> dict:
     """What the input already is, from its config and ``moecompress.json`` (no weights read):
     ``{"representation": original | quantized | packed | foreign, "scheme", "original"}``."""
-    path = None if (spec and str(spec).startswith("tiny:")) else _model_dir(spec)
+    path = None if (spec and str(spec).startswith("tiny:")) else model_dir(spec)
     side = read_sidecar(path) if path is not None else None
     qc = getattr(config, "quantization_config", None)
     method = (qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)) if qc else None
@@ -130,7 +130,7 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32) -> L
 
         model = tiny_moe(str(spec)[5:])
         return LoadedModel(model, tiny_tokenizer(), arch, str(spec), None, torch.float32)
-    path = _model_dir(spec)
+    path = model_dir(spec)
     disk_dtype = getattr(config, "dtype", None) or torch.float32
     if isinstance(disk_dtype, str):
         disk_dtype = getattr(torch, disk_dtype)
@@ -160,10 +160,14 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32) -> L
 
         install_act_quant(model, arch, ActQuant(acts["bits"], acts.get("clip_ratio", 1.0), acts.get("symmetric", True),
                                                 acts.get("router", False), acts.get("intermediate_rotation_seed")))
-    tokenizer = None
+    return LoadedModel(model, load_tokenizer(path), arch, model_label(spec), path, disk_dtype)
+
+
+def load_tokenizer(path: Path):
+    """The tokenizer saved in a model directory, or None."""
     if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    return LoadedModel(model, tokenizer, arch, model_label(spec), path, disk_dtype)
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return None
 
 
 def save_model(loaded: LoadedModel, out_dir: Path, dtype: torch.dtype | None = None) -> None:

@@ -17,17 +17,29 @@ __all__ = ["STAGES", "StageConfig", "StageContext", "StageSpec", "register_stage
 
 
 class StageContext(Protocol):
-    """What a stage receives (``moecompress.context.Context`` implements it, one layer up)."""
+    """What a stage receives (``moecompress.context.Context`` implements it, one layer up).
 
-    model: Any
+    A stage reads the model through ``stream(batches)`` (one decoder layer at a time, on the run's device);
+    a stage that changes it writes each layer to ``sink()`` and hands the result on with ``adopt``."""
+
+    source: Any  # runtime.executor.ModelSource: the model as this stage sees it
+    original: Any  # the model the run started from
+    config: Any
     arch: Any
     tokenizer: Any
+    placement: Any
     artifacts: dict[str, Any]
     out_dir: Path | None
     progress: Progress
 
     def windows(self, split: str = "calib", samples: int | None = None, seq_len: int | None = None,
                 tasks: list[str] | None = None) -> dict[str, torch.Tensor]: ...
+
+    def stream(self, batches: list[torch.Tensor], source: Any = None, **kw: Any) -> Any: ...
+
+    def sink(self) -> Any: ...
+
+    def adopt(self, sink: Any, config: Any = None, tokenizer: Any = None) -> None: ...
 
 
 class StageConfig(BaseModel):

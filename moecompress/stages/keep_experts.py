@@ -6,15 +6,18 @@ to apply an expert selection made elsewhere; the ``prune`` stage chooses the exp
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Literal
+
+import torch
 
 from pydantic import model_validator
 
 from moecompress.errors import MoecompressError
-from moecompress.models.surgery import check_keep, keep_experts
+from moecompress.models.surgery import check_keep, keep_layer, set_expert_count
 from moecompress.stages.base import StageConfig, StageContext, register_stage
 
-__all__ = ["KeepExpertsConfig"]
+__all__ = ["KeepExpertsConfig", "apply_keep", "mask_dead"]
 
 
 class KeepExpertsConfig(StageConfig):
@@ -62,11 +65,49 @@ class KeepExpertsConfig(StageConfig):
 @register_stage(KeepExpertsConfig, modifies_model=True, needs_original=True, changes="experts")
 def run(ctx: StageContext, cfg: KeepExpertsConfig) -> dict[str, Any]:
     """Remove routed experts by explicit id lists (structural; plain transformers loads the result)."""
-    model, arch = ctx.model, ctx.arch
-    before_e = arch.num_experts(model.config)
-    before_p = sum(p.numel() for p in model.parameters())
-    plan = keep_experts(model, arch, cfg.plan(model.config, arch), regroup=cfg.regroup)
+    plan, before, after = apply_keep(ctx, cfg.plan(ctx.config, ctx.arch), cfg.regroup)
     ctx.artifacts["kept_experts"] = plan
-    after_p = sum(p.numel() for p in model.parameters())
-    return {"experts_before": before_e, "experts_after": arch.num_experts(model.config),
-            "params_before": before_p, "params_after": after_p, "kept_experts": {str(k): v for k, v in plan.items()}}
+    return {"experts_before": before["experts"], "experts_after": after["experts"], "params_before": before["params"],
+            "params_after": after["params"], "kept_experts": {str(k): v for k, v in plan.items()}}
+
+
+def apply_keep(ctx: StageContext, keep: dict[int, list[int]], regroup: bool = False,
+               dead: dict[int, list[int]] | None = None):
+    """Stream the model through the surgery: keep ``keep[layer]`` experts per MoE layer (renumbered in that
+    order), one layer at a time, into the stage's sink. ``dead``: positions (after renumbering) to make
+    unreachable (padding experts: a -1e4 router or correction bias, zero weights). Returns the checked plan
+    and the expert / parameter counts before and after."""
+    arch, config = ctx.arch, ctx.config
+    plan = check_keep(arch, config, keep, regroup)
+    E = arch.num_experts(config)
+    n = len(next(iter(plan.values())))
+    sink = ctx.sink()
+    params = {"before": 0, "after": 0}
+    with ctx.stream([]) as stream:
+        for i, layer in stream.layers_in_order():
+            params["before"] += sum(p.numel() for p in layer.parameters())
+            if i in plan:
+                view = arch.block(stream.model, i)
+                keep_layer(view, plan[i], regroup)
+                if dead and dead.get(i):
+                    mask_dead(view, dead[i])
+            params["after"] += sum(p.numel() for p in layer.parameters())
+            sink.layer(stream, i)
+        outside = stream.outside_state()
+        rest = sum(t.numel() for t in {t.data_ptr(): t for t in outside.values()}.values())
+        sink.outside(stream, outside)
+    new_config = config if sink.in_place else copy.deepcopy(config)
+    set_expert_count(new_config, arch, n, regroup)
+    ctx.adopt(sink, new_config)
+    return plan, {"experts": E, "params": params["before"] + rest}, {"experts": n, "params": params["after"] + rest}
+
+
+@torch.no_grad()
+def mask_dead(view, positions: list[int]) -> None:
+    """Make padding experts unreachable: a -1e4 router or correction bias, zero weights."""
+    bias = view.correction_bias if view.correction_bias is not None else view.router_bias
+    bias.view(-1)[positions] = -1e4
+    for proj in ("gate", "up", "down"):
+        w = view.experts.stacked(proj).clone()
+        w[positions] = 0
+        view.experts.set_stacked(proj, w)

@@ -18,9 +18,8 @@ from moecompress.algorithms.expert_scores import STATS, js_divergence, routing_s
 from moecompress.algorithms.moe_math import routed_output_stats
 from moecompress.errors import MoecompressError
 from moecompress.formats.profile import Profile
-from moecompress.models.identity import model_identity
+from moecompress.models.identity import identity_from_parts
 from moecompress.runtime.hooks import capture_routing
-from moecompress.runtime.sequential import SequentialRunner
 from moecompress.stages.base import StageConfig, StageContext, register_stage
 
 __all__ = ["ProfileConfig", "profile_summary"]
@@ -83,22 +82,22 @@ def profile_summary(profile: Profile, top: int = 3) -> dict[str, Any]:
 @register_stage(ProfileConfig, modifies_model=False, uses_text=True, needs_original=True, makes_profile=True)
 def run(ctx: StageContext, cfg: ProfileConfig) -> dict[str, Any]:
     """Profile per-task expert activation (TCESS, frequency, REAP, EAN, super experts) in one pass."""
-    model, arch = ctx.model, ctx.arch
+    arch, config = ctx.arch, ctx.config
     windows = ctx.windows("calib")
     batches = [(task, w[i:i + cfg.batch_size]) for task, w in windows.items() for i in range(0, len(w), cfg.batch_size)]
-    layers = arch.moe_layer_indices(model.config)
-    E = arch.num_experts(model.config)
-    views = {v.index: v for v in arch.moe_blocks(model)}
-    tcess_k = cfg.tcess_k or views[layers[0]].routing.top_k
+    layers = arch.moe_layer_indices(config)
+    E = arch.num_experts(config)
+    tcess_k = cfg.tcess_k or arch.routing(config, layers[0]).top_k
     acc = {t: {s: torch.zeros(len(layers), E, dtype=torch.float64) for s in STATS} for t in windows}
     tokens = {t: int(w.numel()) for t, w in windows.items()}
     total = sum(tokens.values())
     t0 = time.time()
-    runner = SequentialRunner(model, arch, [x for _, x in batches])
     call = {"b": 0}
+    routers: list[torch.Tensor] = []
+    view = None
 
     def on_route(layer: int, x, logits, index, weights) -> None:
-        view, j = views[layer], layers.index(layer)
+        j = layers.index(layer)
         task = batches[call["b"]][0]
         call["b"] += 1
         probs = logits.sigmoid() if view.routing.score == "sigmoid" else logits.softmax(dim=-1)
@@ -106,22 +105,32 @@ def run(ctx: StageContext, cfg: ProfileConfig) -> dict[str, Any]:
             norm, act_max, out_max = routed_output_stats(x, index, view.experts.weights(), view.activation)
         stats = routing_statistics(logits, probs, index, weights, norm, act_max, out_max, tcess_k, cfg.tcess_r)
         for s, v in stats.items():
+            v = v.to("cpu", torch.float64)
             acc[task][s][j] = torch.maximum(acc[task][s][j], v) if s.endswith("_max") else acc[task][s][j] + v
 
-    with ctx.progress.task("profiling", total=total * runner.num_layers) as bar:
-        for i in range(runner.num_layers):
+    with ctx.stream([x for _, x in batches]) as stream, \
+            ctx.progress.task("profiling", total=total * stream.num_layers) as bar:
+        for i, layer in stream.layers_in_order():
             call["b"] = 0
-            if i in views:
-                with capture_routing(model, arch, layers=[i], on_route=on_route, store=False):
-                    runner.run_layer(i)
+            if i in layers:
+                view = arch.block(stream.model, i)
+                routers.append(view.router_weight.detach().to("cpu", torch.float32).clone())
+                with capture_routing(stream.model, arch, layers=[i], on_route=on_route, store=False):
+                    stream.run_layer(i)
             else:
-                runner.run_layer(i)
+                stream.run_layer(i)
             done = (i + 1) * total
             bar.advance(total, rate=f"{done / max(time.time() - t0, 1e-9):,.0f} tok·layer/s")
     seconds = time.time() - t0
-    rule = views[layers[0]].routing
+    for t, d in acc.items():
+        for s, v in d.items():
+            bad = (~torch.isfinite(v)).any(-1).nonzero().flatten().tolist()
+            if bad:
+                raise MoecompressError(f"profiling {t!r} gave non-finite {s} statistics in MoE layer {layers[bad[0]]}",
+                                       "the model's activations overflow: try --dtype float32, and check its weights")
+    rule = arch.routing(config, layers[0])
     profile = Profile(
-        model=model_identity(model, arch), stats=acc, tokens=tokens,
+        model=identity_from_parts(config, arch, routers), stats=acc, tokens=tokens,
         settings={"samples": {t: len(w) for t, w in windows.items()}, "seq_len": int(next(iter(windows.values())).shape[1]),
                   "tcess_k": tcess_k, "tcess_r": cfg.tcess_r, "router_scoring": rule.score,
                   "tcess_note": "tcess = raw router logits (PreMoe); tcess_prob = routing probabilities "
@@ -130,7 +139,8 @@ def run(ctx: StageContext, cfg: ProfileConfig) -> dict[str, Any]:
     profile.summary = profile_summary(profile)
     profile.summary["seconds"] = round(seconds, 2)
     profile.summary["tokens_per_second"] = round(total / seconds, 1)
-    profile.save(ctx.out_dir)
+    if ctx.out_dir is not None:
+        profile.save(ctx.out_dir)
     ctx.artifacts["profile"] = profile
     return {"tasks": list(windows), "tokens": total, "seconds": round(seconds, 2),
             "tokens_per_second": round(total / seconds, 1),
