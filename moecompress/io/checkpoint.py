@@ -161,6 +161,7 @@ class CheckpointSource:
                                      hf_quantizer=quantizer)
         with _quiet_loading():
             info, _ = convert_and_load_state_dict_in_model(model, state, config)
+            _align(model)
             if getattr(model.config, "tie_word_embeddings", False):
                 model.tie_weights()  # the head shares the embedding's new parameter
         if info.mismatched_keys:
@@ -175,6 +176,19 @@ class CheckpointSource:
     def close(self) -> None:
         self._handles.clear()
         self._where.clear()
+
+
+def _align(model: nn.Module) -> None:
+    """Copy CPU tensors read from a file into freshly allocated (64-byte aligned) memory. safetensors hands out
+    8-byte aligned storage, and CPU BLAS kernels take other code paths for it, so a model read from disk would
+    differ from the same model held in memory in the last bits of some sums."""
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for attr, t in list(table.items()):
+                if t is not None and t.device.type == "cpu" and not t.is_meta and t.data_ptr() % 64:
+                    new = t.detach().clone()
+                    table[attr] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) \
+                        else new
 
 
 @contextlib.contextmanager
