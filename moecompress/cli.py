@@ -175,6 +175,9 @@ def run(
     tasks: Annotated[Optional[str], typer.Option("--tasks", help="Comma-separated calibration tasks (override).")] = None,
     data: Annotated[Optional[list[str]], typer.Option("--data", help="TASK=PATH (.jsonl or .txt), repeatable: "
                                                       "your own text for a task (override).")] = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    offload_hidden: OffloadOpt = False,
 ) -> None:
     """Run a recipe: its stages in order on one loaded model, then save and report."""
     with handled():
@@ -183,6 +186,12 @@ def run(
         from moecompress.recipe import load_recipe
 
         r = load_recipe(recipe)
+        run_keys = {k: v for k, v in _run(device, dtype, offload_hidden).items() if v is not None}
+        if run_keys:
+            from moecompress.recipe import validate_command
+
+            validate_command("run", None, {}, r.stages[0].model_dump(), run=run_keys)  # flags named in errors
+            r = r.model_copy(update=run_keys)
         if tasks or data:
             files = {k: str(v) for k, v in parse_data_specs(data).items()}
             calib = r.calibration.model_copy(update={
@@ -195,6 +204,19 @@ def run(
             SHOW.get(s["stage"], show_generic)(s["result"])
         if result.output is not None:
             success(f"wrote {result.output} (report: {result.output / 'moecompress.json'})")
+
+
+DeviceOpt = Annotated[Optional[str], typer.Option(
+    "--device", help="Where to compute: auto (the first GPU when there is one), cpu, cuda or cuda:N.")]
+DtypeOpt = Annotated[Optional[str], typer.Option(
+    "--dtype", help="Compute dtype: auto (float32 on the CPU, the stored dtype on a GPU), float32, bfloat16, float16.")]
+OffloadOpt = Annotated[bool, typer.Option(
+    "--offload-hidden", help="Keep the batches' hidden states in host memory between layers (when they do not fit "
+                             "on the GPU).")]
+
+
+def _run(device: str | None, dtype: str | None, offload: bool) -> dict:
+    return {"device": device, "dtype": dtype, "offload_hidden": offload or None}
 
 
 TasksOpt = Annotated[Optional[str], typer.Option("--tasks", help="Comma-separated bundled tasks "
@@ -224,6 +246,9 @@ def profile(
     tcess_r: Annotated[float, typer.Option("--tcess-r", help="TCESS confidence threshold r.")] = 0.0,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Also write PNG heatmaps into this directory.")] = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    offload_hidden: OffloadOpt = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
 ) -> None:
     """Profile per-task expert activation: counts, gate sums, TCESS, REAP, EAN, super experts."""
@@ -233,7 +258,8 @@ def profile(
         from moecompress.recipe import validate_command
 
         recipe = validate_command("profile", model, _calibration(tasks, data, samples, seq_len, seed),
-                                  {"stage": "profile", "tcess_k": tcess_k, "tcess_r": tcess_r, "batch_size": batch_size})
+                                  {"stage": "profile", "tcess_k": tcess_k, "tcess_r": tcess_r, "batch_size": batch_size},
+                                  run=_run(device, dtype, offload_hidden))
         if plot is not None and plot.exists() and not plot.is_dir():
             raise MoecompressError(f"--plot {str(plot)!r} is a file", "give a directory")
         result = run_pipeline(recipe, output=output, force=force, progress=RichProgress())
@@ -285,6 +311,9 @@ def prune(
     recalibrate_steps: Annotated[int, typer.Option("--recalibrate-steps")] = 100,
     samples: Annotated[int, typer.Option(help="Calibration windows per task for --recalibrate-router.")] = 32,
     seq_len: Annotated[int, typer.Option("--seq-len")] = 256,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    offload_hidden: OffloadOpt = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
 ) -> None:
     """Keep the best experts per layer for some tasks (PEP) and write a standard HF checkpoint."""
@@ -299,7 +328,7 @@ def prune(
                  "recalibrate_steps": recalibrate_steps}
         recipe = validate_command("prune", model, _calibration(",".join(tasks) if tasks else None, None, samples,
                                                                seq_len, seed), stage,
-                                  {"tasks": "--task", "profile": "--profile"})
+                                  {"tasks": "--task", "profile": "--profile"}, _run(device, dtype, offload_hidden))
         result = run_pipeline(recipe, output=output, force=force, progress=RichProgress())
         show_prune(result.report["stages"][0]["result"])
         success(f"wrote {result.output} (loads with plain transformers; provenance in moecompress.json)")
@@ -334,6 +363,9 @@ def quantize(
     samples: Annotated[int, typer.Option(help="Calibration windows per task.")] = 32,
     seq_len: Annotated[int, typer.Option("--seq-len")] = 256,
     seed: Annotated[int, typer.Option()] = 0,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    offload_hidden: OffloadOpt = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
 ) -> None:
     """Expert-aware quantization: GPTQ over experts, smoothing, router alignment, calibration balance."""
@@ -346,7 +378,7 @@ def quantize(
                  "align_objective": align_objective, "balance": balance, "rotate_intermediate": rotate_intermediate,
                  "rotate": rotate, "save_format": "fake-quant" if fake_quant else "packed"}
         recipe = validate_command("quantize", model, _calibration(tasks, data, samples, seq_len, seed), stage,
-                                  {"save_format": "--fake-quant"})
+                                  {"save_format": "--fake-quant"}, _run(device, dtype, offload_hidden))
         result = run_pipeline(recipe, output=output, force=force, progress=RichProgress())
         show_quantize(result.report["stages"][0]["result"])
         form = "fake-quantized bf16 weights + quantization.safetensors" if fake_quant else "packed format"
@@ -368,6 +400,9 @@ def ternary(
     data: DataOpt = None,
     samples: Annotated[int, typer.Option(help="Calibration windows per task.")] = 32,
     seq_len: Annotated[int, typer.Option("--seq-len")] = 256,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    offload_hidden: OffloadOpt = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
 ) -> None:
     """Turn routed experts into {-1, 0, +1} x group scale (absmean, TWN or GPTQ-ternary), packed below 2 bits."""
@@ -378,7 +413,7 @@ def ternary(
         stage = {"stage": "ternary", "method": method, "group_size": group_size, "others": others, "codec": codec,
                  "save_format": "fake-quant" if fake_quant else "packed"}
         recipe = validate_command("ternary", model, _calibration(tasks, data, samples, seq_len, 0), stage,
-                                  {"save_format": "--fake-quant"})
+                                  {"save_format": "--fake-quant"}, _run(device, dtype, offload_hidden))
         result = run_pipeline(recipe, output=output, force=force, progress=RichProgress())
         r = result.report["stages"][0]["result"]
         console.print(f"ternary experts by {method}: {r['zero_fraction']:.1%} zeros; {r['calibration_windows']} "
