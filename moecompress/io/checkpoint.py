@@ -1,6 +1,6 @@
 """Model directories read and written one decoder layer at a time.
 
-`CheckpointSource` opens a directory's safetensors shards memory-mapped (``safetensors.safe_open``) and groups
+`CheckpointSource` opens a directory's safetensors shards (``safetensors.safe_open``, reading with pread) and groups
 every stored tensor by the decoder layer it belongs to, using transformers' own key conversions (so the
 per-expert names of a hub Mixtral checkpoint, ``block_sparse_moe.experts.3.w1.weight``, land in the fused
 ``mlp.experts.gate_up_proj`` of the model). `CheckpointSource.load` materialises one group into a model
@@ -35,6 +35,15 @@ from moecompress.errors import MoecompressError
 from moecompress.io.validate import INDEX, check_weight_files
 
 __all__ = ["CheckpointSource", "CheckpointWriter", "build_skeleton", "layer_of", "release", "stored_dtype"]
+
+
+def _open(path: Path):
+    """A safetensors file read with ``pread``: memory-mapping would keep every layer's pages mapped (and counted
+    in the process's resident memory) for as long as the file is open."""
+    try:
+        return safe_open(str(path), framework="pt", backend="pread")
+    except TypeError:  # safetensors without the backend option
+        return safe_open(str(path), framework="pt")
 
 
 def layer_of(name: str, layers_path: str) -> int | None:
@@ -100,7 +109,7 @@ class CheckpointSource:
         self._where: dict[str, Any] = {}
         try:
             for f in files:
-                h = safe_open(str(f), framework="pt")
+                h = _open(f)
                 self._handles.append(h)
                 for k in h.keys():
                     self._where[k] = h

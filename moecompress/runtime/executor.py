@@ -116,12 +116,15 @@ class LayerStream:
         if source.in_memory:
             self.model = source.model
             self.files = None
-            self.dtype = next(self.model.parameters()).dtype
+            self.dtype = self.stored = next(self.model.parameters()).dtype
         else:
             quantized = getattr(source.config, "quantization_config", None) is not None
             stored = source.stored_dtype or stored_dtype(source.directory)
             self.dtype = self.placement.compute_dtype(stored)
-            self.model = build_skeleton(source.config, self.dtype, self.device)
+            self.stored = stored
+            # read in the stored dtype, then cast one tensor at a time: converting while reading would hold the
+            # layer's expert tensors in the compute dtype several times over (list, stack, concatenation)
+            self.model = build_skeleton(source.config, stored, self.device)
             if packed_modules is not None:
                 from moecompress.nn.hf_quantizer import build_packed_modules
 
@@ -146,12 +149,27 @@ class LayerStream:
         want = [k for k in keys if self.files.target[k] in emb_names]
         return want if which == "embed" else [k for k in keys if k not in want]
 
+    def _read(self, keys: list[str], module: nn.Module) -> None:
+        """Read stored ``keys`` into the model, then cast ``module``'s tensors stored in the stored dtype to the
+        compute dtype, one at a time (tensors the family keeps in float32 stay so)."""
+        self.files.load(self.model, keys, self.device, self.stored)
+        if self.dtype == self.stored:
+            return
+        for sub in module.modules():
+            for table in (sub._parameters, sub._buffers):
+                for name, t in list(table.items()):
+                    if t is not None and not t.is_meta and t.dtype == self.stored:
+                        new = t.detach().to(self.dtype)
+                        table[name] = nn.Parameter(new, requires_grad=False) if isinstance(t, nn.Parameter) else new
+        if getattr(self.model.config, "tie_word_embeddings", False):
+            self.model.tie_weights()
+
     @torch.no_grad()
     def _catch(self) -> None:
         if not self.batches:
             return
         if self.files is not None:
-            self.files.load(self.model, self._outside("embed"), self.device, self.dtype)
+            self._read(self._outside("embed"), self.model.get_input_embeddings())
         first: list[torch.Tensor] = []
         norm = self.model.get_submodule(self.arch.final_norm)
         with _identity_layers(self.layers, self.kwargs, first), _stop_at(norm):
@@ -172,7 +190,7 @@ class LayerStream:
     def load(self, i: int) -> nn.Module:
         """Layer ``i`` with its weights on the device (read from disk for a directory source)."""
         if self.files is not None and i not in self.loaded:
-            self.files.load(self.model, self.files.layer_keys(i), self.device, self.dtype)
+            self._read(self.files.layer_keys(i), self.layers[i])
             missing = [n for n, p in self.layers[i].named_parameters() if p.is_meta]
             if missing:
                 raise MoecompressError(f"{str(self.source.directory)!r} lacks layer {i}'s {missing[0]}",
@@ -226,7 +244,7 @@ class LayerStream:
             keys = self._outside("head")
             if getattr(self.model.config, "tie_word_embeddings", False):
                 keys = keys + self._outside("embed")
-            self.files.load(self.model, keys, self.device, self.dtype)
+            self._read(keys, self.model)
 
     @torch.no_grad()
     def logits(self, b: int) -> torch.Tensor:
@@ -242,7 +260,7 @@ class LayerStream:
     def outside_state(self) -> dict[str, torch.Tensor]:
         """Every parameter outside the decoder layers, by model name (loaded for a directory source)."""
         if self.files is not None:
-            self.files.load(self.model, self.files.layer_keys(None), self.device, self.dtype)
+            self._read(self.files.layer_keys(None), self.model)
         return {k: v for k, v in self.model.state_dict().items() if layer_of(k, self.arch.layers) is None}
 
     def close(self) -> None:

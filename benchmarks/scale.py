@@ -1,0 +1,154 @@
+#!/usr/bin/env python
+"""Memory and time of the layer-streaming executor on synthetic Mixtral-shaped checkpoints (issue 10).
+
+Writes synthetic bf16 checkpoints with ``scripts/make_synthetic_moe.py`` (random weights: memory and speed only,
+never quality), runs real ``moecompress`` commands on them in fresh processes, and records each command's peak
+resident memory (``/usr/bin/time``'s maximum RSS) and wall time next to one decoder layer's bf16 bytes:
+
+* flat in depth: 4 and 16 layers (hidden 2048, intermediate 5632, 8 experts, top-2): ``profile``, ``quantize``
+  (GPTQ W4A16) and ``eval``; the 16-layer peak should be within +10 % of the 4-layer peak;
+* larger than the machine (``--big``): 48 layers (about 28 GB of bf16, more than this machine's RAM):
+  ``profile``, ``quantize --method rtn`` (W4A16) and ``eval --samples 4``, each at most 4 GB peak; the packed
+  output then loads (``moecompress inspect`` and a streamed ``eval``);
+* processes (``--procs``): the 16-layer GPTQ with ``torchrun --nproc-per-node 2`` against 1 process;
+* the demo model: wall time of ``moecompress quantize`` (default settings).
+
+Usage::
+
+    python benchmarks/scale.py --workdir /work/bench --out benchmarks/results/scale.json [--big] [--procs]
+
+Everything lands in ``--workdir`` (several GB; ``--big`` about 40 GB) and is kept for re-runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+SHAPE = dict(hidden=2048, intermediate=5632, experts=8, top_k=2)
+CALIB = ["--samples", "8", "--seq-len", "256"]
+
+
+def layer_bytes(hidden: int, intermediate: int, experts: int, heads: int = 16, kv_heads: int = 4) -> int:
+    """bf16 bytes of one Mixtral decoder layer (attention, router, experts, norms)."""
+    head_dim = hidden // heads
+    attn = hidden * hidden * 2 + hidden * kv_heads * head_dim * 2
+    return 2 * (attn + experts * 3 * hidden * intermediate + experts * hidden + 2 * hidden)
+
+
+def synthetic(workdir: Path, layers: int) -> Path:
+    from make_synthetic_moe import write_synthetic_moe
+
+    out = workdir / f"mixtral-{layers}L"
+    if not (out / "config.json").is_file():
+        write_synthetic_moe(out, model_type="mixtral", layers=layers, **SHAPE, seed=0)
+    return out
+
+
+def measure(args: list[str], log: Path, env: dict | None = None) -> dict:
+    """Run ``args`` in a fresh process; its peak RSS (bytes) and wall time (s)."""
+    stats = log.with_suffix(".time")
+    cmd = ["/usr/bin/time", "-f", "%M %e", "-o", str(stats), *args]
+    t0 = time.time()
+    with open(log, "w") as f:
+        r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    wall = time.time() - t0
+    rss_kb, elapsed = stats.read_text().split()[-2:]
+    return {"command": " ".join(args), "exit": r.returncode, "peak_rss_bytes": int(rss_kb) * 1024,
+            "seconds": float(elapsed), "wall_seconds": round(wall, 1), "log": str(log)}
+
+
+def moecompress(*args: str) -> list[str]:
+    return [sys.executable, "-m", "moecompress", *args]
+
+
+def run_depth(workdir: Path, results: dict) -> None:
+    rows = {}
+    for layers in (4, 16):
+        model = synthetic(workdir, layers)
+        out = workdir / f"out-{layers}L"
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
+        rows[layers] = {
+            "profile": measure(moecompress("profile", str(model), *CALIB, "-o", str(out / "profile")),
+                               out / "profile.log"),
+            "quantize_gptq_w4a16": measure(moecompress("quantize", str(model), *CALIB, "-o", str(out / "q")),
+                                           out / "quantize.log"),
+            "eval": measure(moecompress("eval", str(model), "--no-baseline", "--samples", "4"), out / "eval.log"),
+        }
+    one = layer_bytes(**{k: SHAPE[k] for k in ("hidden", "intermediate", "experts")})
+    results["depth"] = {"layer_bf16_bytes": one, "runs": rows,
+                        "ratio_16_over_4": {c: rows[16][c]["peak_rss_bytes"] / rows[4][c]["peak_rss_bytes"]
+                                            for c in rows[4]}}
+
+
+def run_big(workdir: Path, results: dict, layers: int = 48) -> None:
+    model = synthetic(workdir, layers)
+    out = workdir / f"out-{layers}L"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    size = sum(f.stat().st_size for f in model.glob("*.safetensors"))
+    rows = {
+        "profile": measure(moecompress("profile", str(model), *CALIB, "-o", str(out / "profile")), out / "p.log"),
+        "quantize_rtn_w4a16": measure(moecompress("quantize", str(model), "--method", "rtn", *CALIB,
+                                                  "-o", str(out / "q")), out / "q.log"),
+        "eval": measure(moecompress("eval", str(model), "--no-baseline", "--samples", "4"), out / "e.log"),
+        "inspect_packed": measure(moecompress("inspect", str(out / "q")), out / "i.log"),
+        "eval_packed": measure(moecompress("eval", str(out / "q"), "--no-baseline", "--samples", "4"),
+                               out / "ep.log"),
+    }
+    results["larger_than_ram"] = {"layers": layers, "checkpoint_bytes": size,
+                                  "machine_ram_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+                                  "runs": rows}
+
+
+def run_procs(workdir: Path, results: dict) -> None:
+    model = synthetic(workdir, 16)
+    out = workdir / "out-procs"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    one = measure(moecompress("quantize", str(model), *CALIB, "-o", str(out / "one")), out / "one.log")
+    two = measure([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "moecompress",
+                   "quantize", str(model), *CALIB, "-o", str(out / "two")], out / "two.log")
+    same = subprocess.run(["diff", "-r", "-q", "-x", "moecompress.json", str(out / "one"), str(out / "two")],
+                          capture_output=True).returncode == 0
+    results["processes"] = {"one": one, "two": two, "identical_output": same}
+
+
+def run_demo(workdir: Path, results: dict) -> None:
+    out = workdir / "demo-q"
+    shutil.rmtree(out, ignore_errors=True)
+    results["demo_quantize"] = measure(moecompress("quantize", "-o", str(out)), workdir / "demo-q.log")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", type=Path, default=Path("/work/bench"))
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scale.json")
+    ap.add_argument("--big", action="store_true", help="also the larger-than-RAM model (about 40 GB of disk)")
+    ap.add_argument("--procs", action="store_true", help="also 2 processes vs 1 (torchrun, gloo on CPU)")
+    ap.add_argument("--only", choices=["depth", "big", "procs", "demo"], action="append")
+    a = ap.parse_args()
+    a.workdir.mkdir(parents=True, exist_ok=True)
+    results: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "shape": SHAPE}
+    todo = a.only or ["demo", "depth"] + (["big"] if a.big else []) + (["procs"] if a.procs else [])
+    for what in todo:
+        {"depth": run_depth, "big": run_big, "procs": run_procs, "demo": run_demo}[what](a.workdir, results)
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(results, indent=1) + "\n")
+        print(json.dumps({what: results.get({"big": "larger_than_ram", "procs": "processes",
+                                               "demo": "demo_quantize"}.get(what, what))}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
