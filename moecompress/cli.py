@@ -95,6 +95,11 @@ class _Warnings(logging.Handler):
 typer.rich_utils.rich_format_error = _usage_error  # typer looks it up at call time
 
 
+def _rank0() -> bool:
+    """Under torchrun every rank runs the command; rank 0 alone prints and writes."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _version(value: bool) -> None:
     if value:
         console.print(f"moecompress {__version__}")
@@ -108,7 +113,7 @@ def main(
 ) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    setup_console()
+    setup_console(quiet=not _rank0())
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     lib = logging.getLogger("moecompress")
     if not any(isinstance(h, _Warnings) for h in lib.handlers):
@@ -199,6 +204,8 @@ def run(
                 "data": {**r.calibration.data, **files}})
             r = r.model_copy(update={"calibration": calib})
         result = run_pipeline(r, model=model, output=output, force=force, progress=RichProgress())
+        if not _rank0():
+            return
         for s in result.report["stages"]:
             console.print(f"[bold]{s['stage']}[/] ({s['seconds']:.1f} s)")
             SHOW.get(s["stage"], show_generic)(s["result"])
@@ -263,6 +270,8 @@ def profile(
         if plot is not None and plot.exists() and not plot.is_dir():
             raise MoecompressError(f"--plot {str(plot)!r} is a file", "give a directory")
         result = run_pipeline(recipe, output=output, force=force, progress=RichProgress())
+        if not _rank0():
+            return
         prof = Profile.load(result.output)
         summ = prof.summary
         rows = []
@@ -330,6 +339,8 @@ def prune(
                                                                seq_len, seed), stage,
                                   {"tasks": "--task", "profile": "--profile"}, _run(device, dtype, offload_hidden))
         result = run_pipeline(recipe, output=output, force=force, progress=RichProgress())
+        if not _rank0():
+            return
         show_prune(result.report["stages"][0]["result"])
         success(f"wrote {result.output} (loads with plain transformers; provenance in moecompress.json)")
 
@@ -380,6 +391,8 @@ def quantize(
         recipe = validate_command("quantize", model, _calibration(tasks, data, samples, seq_len, seed), stage,
                                   {"save_format": "--fake-quant"}, _run(device, dtype, offload_hidden))
         result = run_pipeline(recipe, output=output, force=force, progress=RichProgress())
+        if not _rank0():
+            return
         show_quantize(result.report["stages"][0]["result"])
         form = "fake-quantized bf16 weights + quantization.safetensors" if fake_quant else "packed format"
         success(f"wrote {result.output} ({form}; `moecompress eval {result.output}` compares it with the original)")
@@ -415,6 +428,8 @@ def ternary(
         recipe = validate_command("ternary", model, _calibration(tasks, data, samples, seq_len, 0), stage,
                                   {"save_format": "--fake-quant"}, _run(device, dtype, offload_hidden))
         result = run_pipeline(recipe, output=output, force=force, progress=RichProgress())
+        if not _rank0():
+            return
         r = result.report["stages"][0]["result"]
         console.print(f"ternary experts by {method}: {r['zero_fraction']:.1%} zeros; {r['calibration_windows']} "
                       f"calibration windows in {r['seconds']:.1f} s")
@@ -565,6 +580,8 @@ def eval_cmd(
             check_output_file(json_path, force, [model or "demo", base, (side or {}).get("source_model"),
                                                  *recipe.calibration.data.values()])
         result = run_pipeline(recipe, progress=RichProgress())
+        if not _rank0():
+            return
         report = result.report["stages"][0]["result"]
         print_eval(report)
         if json_path is not None:

@@ -20,8 +20,10 @@ console = Console()
 _err = Console(stderr=True)
 
 
-def setup_console() -> None:
-    """Into a file or a pipe (logs, CI) nothing wraps: rich would fold tables and numbers at 80 columns."""
+def setup_console(quiet: bool = False) -> None:
+    """Into a file or a pipe (logs, CI) nothing wraps: rich would fold tables and numbers at 80 columns.
+    ``quiet``: print nothing on stdout (the other ranks of a torchrun group)."""
+    console.quiet = quiet
     for c in (console, _err):
         c.width = None  # back to auto-detection (tests reuse the console across invocations)
         if not c.is_terminal:

@@ -13,6 +13,7 @@ from moecompress.calib import resolve_tasks, task_windows
 from moecompress.errors import MoecompressError
 from moecompress.progress import NullProgress, Progress
 from moecompress.recipe import CalibrationConfig
+from moecompress.runtime.dist import Dist
 from moecompress.runtime.executor import LayerStream, ModelSource, Placement
 from moecompress.runtime.modelio import LoadedModel
 from moecompress.runtime.sink import LayerSink
@@ -32,6 +33,7 @@ class Context:
     artifacts: dict[str, Any] = field(default_factory=dict)  # handed from stage to stage (profile -> prune, ...)
     placement: Placement = field(default_factory=Placement)
     write_to: Path | None = None  # where the next stage that changes the model writes it (None: in place)
+    dist: Dist = field(default_factory=Dist)  # this process's share of the experts under torchrun
     _windows: dict[tuple, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -71,12 +73,14 @@ class Context:
         return LayerStream(source or self.source, batches, self.placement, **kw)
 
     def sink(self) -> LayerSink:
-        """Where a stage that changes the model writes it (see `adopt`)."""
-        return LayerSink(self.source, self.write_to)
+        """Where a stage that changes the model writes it (see `adopt`). Under torchrun only rank 0 writes."""
+        return LayerSink(self.source, self.write_to, writer=self.dist.writer)
 
     def adopt(self, sink: LayerSink, config=None, tokenizer=None) -> None:
-        """Finish ``sink`` and make what it wrote the model the next stages see."""
+        """Finish ``sink`` and make what it wrote the model the next stages see (every rank reads what rank 0
+        wrote, once it is complete)."""
         new = sink.close(config if config is not None else self.config, self.arch, tokenizer)
+        self.dist.barrier()
         if new is not self.source:
             new.label = f"{self.original.label} (compressed in this run)"
         self.source = new

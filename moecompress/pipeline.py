@@ -7,6 +7,7 @@ one moecompress wrote, never an input: see runtime/outdir).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -28,6 +29,7 @@ from moecompress.runtime.memory import memory_report
 import torch
 
 from moecompress.io.validate import check_weight_files
+from moecompress.runtime.dist import Dist, init_dist
 from moecompress.runtime.executor import ModelSource, Placement, resolve_device
 from moecompress.runtime.modelio import (SIDECAR, input_facts, load_config, load_model, load_tokenizer, model_dir,
                                          model_label, save_model)
@@ -46,15 +48,18 @@ class RunResult:
     report: dict[str, Any] = field(default_factory=dict)
 
 
-def open_source(spec: str | None, scratch: Path, config=None) -> ModelSource:
+def open_source(spec: str | None, scratch: Path, config=None, dist: Dist | None = None) -> ModelSource:
     """The model a run reads, as a streamed directory source. A ``tiny:<type>`` model is written to ``scratch``
     first (it is small), so every run reads the same way."""
     config = config if config is not None else load_config(spec)
     arch = find_arch(config)
+    dist = dist or Dist()
     if spec and str(spec).startswith("tiny:"):
         loaded = load_model(spec)
         d = scratch / "input"
-        save_model(loaded, d)
+        if dist.writer:
+            save_model(loaded, d)
+        dist.barrier()
         return ModelSource(loaded.model.config, arch, directory=d, tokenizer=loaded.tokenizer,
                            stored_dtype=loaded.disk_dtype, label=str(spec), path=None)
     path = model_dir(spec)
@@ -97,7 +102,11 @@ def run(recipe: Recipe, *, model: str | None = None, output: str | Path | None =
     calib = recipe.calibration
     inputs = [spec or "demo", *calib.data.values(),  # and any stage setting naming a path (profile, baseline)
               *(v for c in recipe.stages for v in c.model_dump().values() if isinstance(v, str))]
-    out = check_output(target, force, inputs) if (wants_output or target) else None
+    placement = placement_of(recipe)
+    dist = init_dist(placement.device)
+    if dist.device is not None and dist.device.type == "cuda":
+        placement = dataclasses.replace(placement, device=dist.device)
+    out = dist.agree(lambda: check_output(target, force, inputs)) if (wants_output or target) else None
     files = parse_data_specs([f"{k}={v}" for k, v in calib.data.items()])  # files exist
     tasks = resolve_tasks(calib.tasks, files)  # task names are known
     config = load_config(spec)
@@ -111,18 +120,22 @@ def run(recipe: Recipe, *, model: str | None = None, output: str | Path | None =
                                f"use --seq-len {limit} or less")
     for cfg in recipe.stages:  # cross-checks against the model before any weight is read
         cfg.check(config, arch)
-    placement = placement_of(recipe)
+    dist.check(arch.num_experts(config))
     progress = progress or NullProgress()
     t0 = time.time()
-    tmp = new_temp_dir(out) if out is not None else None
+    tmp = dist.agree(lambda: new_temp_dir(out)) if out is not None else None
     scratch_dir = None
     try:
-        scratch_dir = (tmp / ".scratch") if tmp is not None else Path(tempfile.mkdtemp(prefix="moecompress-"))
-        scratch_dir.mkdir(exist_ok=True)
-        source = open_source(spec, scratch_dir, config)
+        scratch_dir = (tmp / ".scratch") if tmp is not None else Path(
+            dist.agree(lambda: tempfile.mkdtemp(prefix="moecompress-")))
+        if dist.writer:
+            scratch_dir.mkdir(exist_ok=True)
+        dist.barrier()
+        source = open_source(spec, scratch_dir, config, dist)
         if tmp is not None:
-            _check_space(source, specs, tmp)
-        ctx = Context(source, recipe.calibration, tmp, progress, placement=placement)
+            dist.agree(lambda: _check_space(source, specs, tmp))
+        ctx = Context(source, recipe.calibration, tmp if dist.writer else None, progress, placement=placement,
+                      dist=dist)
         changing = [k for k, s in enumerate(specs) if s.modifies_model]
         stages = []
         for k, (cfg, stage) in enumerate(zip(recipe.stages, specs)):
@@ -155,6 +168,11 @@ def run(recipe: Recipe, *, model: str | None = None, output: str | Path | None =
         if "kept_experts" in ctx.artifacts:
             report["kept_experts"] = {str(k): v for k, v in ctx.artifacts["kept_experts"].items()}
         report.update(ctx.artifacts.get("sidecar", {}))  # what stages record for loaders (quantization, ...)
+        if dist.active:
+            report["processes"] = dist.world
+        dist.barrier()  # every rank is done reading the scratch checkpoints
+        if not dist.writer:
+            return RunResult(None, report)
         shutil.rmtree(scratch_dir, ignore_errors=True)
         if tmp is not None and wrote_model:
             _report_written_size(report, tmp)
@@ -163,9 +181,10 @@ def run(recipe: Recipe, *, model: str | None = None, output: str | Path | None =
             (tmp / SIDECAR).write_text(json.dumps(report, indent=2) + "\n")
             finish(tmp, out, replace=force)
     except BaseException:
-        if scratch_dir is not None:
-            shutil.rmtree(scratch_dir, ignore_errors=True)
-        discard(tmp)
+        if dist.writer:
+            if scratch_dir is not None:
+                shutil.rmtree(scratch_dir, ignore_errors=True)
+            discard(tmp)
         raise
     return RunResult(out, report)
 

@@ -70,16 +70,19 @@ def moe_combine(outputs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 
 def routed_output_stats(
-    x: torch.Tensor, index: torch.Tensor, w: ExpertWeights, act: Activation
+    x: torch.Tensor, index: torch.Tensor, w: ExpertWeights, act: Activation, experts: range | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per routed (token, slot): ``||f_e(x)||_2``, ``max |act(gate) * up|`` and ``max |f_e(x)|``, each ``[T, K]``.
 
-    Runs each expert only on its routed tokens and keeps no ``[T, K, H]`` tensor.
+    Runs each expert only on its routed tokens and keeps no ``[T, K, H]`` tensor. ``experts``: compute only
+    these (the other slots stay 0: expert parallelism sums the slots of every process).
     """
     T, K = index.shape
     norm, act_max, out_max = (x.new_zeros(T * K, dtype=torch.float32) for _ in range(3))
     flat = index.reshape(-1)
     for e in torch.unique(flat).tolist():
+        if experts is not None and e not in experts:
+            continue
         pos = (flat == e).nonzero().squeeze(-1)
         xe = x[pos // K]
         g = torch.nn.functional.linear(xe, w.gate[e], None if w.gate_bias is None else w.gate_bias[e])

@@ -25,18 +25,20 @@ __all__ = ["LayerSink"]
 class LayerSink:
     """Write a stream's layers (as they are after the stage's work) into ``target``; see the module doc."""
 
-    def __init__(self, source: ModelSource, target: Path | None, shard_bytes: int = 1 << 30) -> None:
+    def __init__(self, source: ModelSource, target: Path | None, shard_bytes: int = 1 << 30,
+                 writer: bool = True) -> None:
         self.source, self.target = source, target
         if target is None and not source.in_memory:
             raise ValueError("a model read from disk must be written somewhere")
-        self.writer = None if target is None else CheckpointWriter(target, shard_bytes)
+        self.writes = writer  # False: another process (torchrun rank 0) writes this directory
+        self.writer = None if target is None or not writer else CheckpointWriter(target, shard_bytes)
         self._plan: re.Pattern | None = None
         self._stored = source.stored_dtype
         self.layers_written: set[int] = set()
 
     @property
     def in_place(self) -> bool:
-        return self.writer is None
+        return self.target is None
 
     def _dtype_for(self, stream: LayerStream, name: str, t: torch.Tensor) -> torch.dtype:
         if not t.is_floating_point():
@@ -76,8 +78,11 @@ class LayerSink:
 
     def close(self, config, arch, tokenizer=None) -> ModelSource:
         """Finish the directory (shards, index, config, tokenizer); the result as a source."""
-        if self.writer is None:
+        if self.target is None:
             return self.source
+        if self.writer is None:  # written by rank 0
+            return ModelSource(config, arch, directory=self.target, tokenizer=tokenizer or self.source.tokenizer,
+                               stored_dtype=self._stored or self.source.stored_dtype)
         self.writer.close()
         config.save_pretrained(self.target)
         cfg_path = self.target / "config.json"

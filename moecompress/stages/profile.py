@@ -101,8 +101,9 @@ def run(ctx: StageContext, cfg: ProfileConfig) -> dict[str, Any]:
         task = batches[call["b"]][0]
         call["b"] += 1
         probs = logits.sigmoid() if view.routing.score == "sigmoid" else logits.softmax(dim=-1)
-        with torch.no_grad():
-            norm, act_max, out_max = routed_output_stats(x, index, view.experts.weights(), view.activation)
+        with torch.no_grad():  # expert parallel: each process runs its own experts, the slots are summed
+            norm, act_max, out_max = (ctx.dist.all_sum(t) for t in routed_output_stats(
+                x, index, view.experts.weights(), view.activation, ctx.dist.experts(E) if ctx.dist.active else None))
         stats = routing_statistics(logits, probs, index, weights, norm, act_max, out_max, tcess_k, cfg.tcess_r)
         for s, v in stats.items():
             v = v.to("cpu", torch.float64)
@@ -139,7 +140,7 @@ def run(ctx: StageContext, cfg: ProfileConfig) -> dict[str, Any]:
     profile.summary = profile_summary(profile)
     profile.summary["seconds"] = round(seconds, 2)
     profile.summary["tokens_per_second"] = round(total / seconds, 1)
-    if ctx.out_dir is not None:
+    if ctx.out_dir is not None and ctx.dist.writer:
         profile.save(ctx.out_dir)
     ctx.artifacts["profile"] = profile
     return {"tasks": list(windows), "tokens": total, "seconds": round(seconds, 2),
