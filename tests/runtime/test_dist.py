@@ -31,7 +31,7 @@ def _run(args, out, procs):
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
     head = [sys.executable, "-m", "moecompress"] if procs == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs), "--master-port", "0",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs),
         "-m", "moecompress"]
     r = subprocess.run([*head, *args, "-o", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=600)
