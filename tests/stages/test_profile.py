@@ -104,3 +104,25 @@ def test_corrupt_or_missing_profiles(tmp_path):
     with pytest.raises(MoecompressError, match="not in the profile"):
         prof, _ = _profile(model, tmp_path / "q")
         prof.scores("frequency", ["poetry"])
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY))
+def test_streamed_profile_equals_the_in_memory_one(family, tmp_path):
+    """The same statistics, bitwise, whether the model streams from its directory (the CLI's path) or is held
+    in memory."""
+    from moecompress.pipeline import run
+    from moecompress.recipe import validate_recipe
+    from moecompress.runtime.modelio import save_model
+
+    model = tiny_moe(family)
+    d = tmp_path / "m"
+    save_model(LoadedModel(model, tiny_tokenizer(), find_arch(model.config), family, None, torch.float32), d)
+    mem, _ = _profile(model, tmp_path / "mem")
+    run(validate_recipe({"model": str(d), "stages": [{"stage": "profile"}],
+                         "calibration": {"tasks": ["prose", "code"], "samples": 3, "seq_len": 32}}),
+        output=tmp_path / "p")
+    streamed = Profile.load(tmp_path / "p")
+    assert streamed.model == mem.model
+    for t in mem.tasks:
+        for s, v in mem.stats[t].items():
+            assert torch.equal(streamed.stats[t][s], v), (t, s)
