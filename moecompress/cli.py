@@ -536,13 +536,17 @@ def generate(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 40,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
     seed: Annotated[int, typer.Option()] = 0,
+    device: DeviceOpt = None,
 ) -> None:
-    """Generate text from any model directory moecompress writes (or the demo model)."""
+    """Generate text from any model directory moecompress writes (or the demo model).
+
+    A demonstration: the whole model is loaded onto the device (float32 on the CPU, its stored dtype on a GPU),
+    so it must fit there; the other commands stream large models one decoder layer at a time."""
     with handled():
         from moecompress.runtime.modelio import generate_text
 
-        console.print(generate_text(model, prompt, max_new_tokens, temperature, seed), soft_wrap=True, markup=False,
-                      highlight=False)
+        console.print(generate_text(model, prompt, max_new_tokens, temperature, seed, device), soft_wrap=True,
+                      markup=False, highlight=False)
 
 
 @app.command("eval")
@@ -559,8 +563,13 @@ def eval_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the full report here.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --json file.")] = False,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    offload_hidden: OffloadOpt = False,
 ) -> None:
-    """Evaluate on held-out text, side by side with a baseline: perplexity, KL, agreement, size, speed."""
+    """Evaluate on held-out text, side by side with a baseline: perplexity, KL, agreement, size, speed.
+
+    Both models are streamed from disk one decoder layer at a time (tokens/s includes the reads)."""
     with handled():
         import json
 
@@ -574,7 +583,8 @@ def eval_cmd(
             side = read_sidecar(Path(model)) if Path(model).is_dir() else None
             base = "original" if side and side.get("source_model") else None
         recipe = validate_command("eval", model, _calibration(tasks, data, samples, seq_len, 0),
-                                  {"stage": "evaluate", "baseline": base, "samples": samples, "batch_size": batch_size})
+                                  {"stage": "evaluate", "baseline": base, "samples": samples, "batch_size": batch_size},
+                                  run=_run(device, dtype, offload_hidden))
         if json_path is not None:  # never a directory, an input, or a file inside an input
             side = read_sidecar(Path(model)) if model and Path(model).is_dir() else None
             check_output_file(json_path, force, [model or "demo", base, (side or {}).get("source_model"),

@@ -29,10 +29,9 @@ from moecompress.runtime.memory import memory_report
 import torch
 
 from moecompress.io.validate import check_weight_files
-from moecompress.runtime.dist import Dist, init_dist
+from moecompress.runtime.dist import init_dist
 from moecompress.runtime.executor import ModelSource, Placement, resolve_device
-from moecompress.runtime.modelio import (SIDECAR, input_facts, load_config, load_model, load_tokenizer, model_dir,
-                                         model_label, save_model)
+from moecompress.runtime.modelio import SIDECAR, input_facts, load_config, model_label, open_source
 from moecompress.runtime.outdir import check_output, discard, finish, new_temp_dir
 from moecompress.stages import STAGES
 from moecompress.stages.order import InputState, check_order
@@ -46,26 +45,6 @@ log = logging.getLogger(__name__)
 class RunResult:
     output: Path | None
     report: dict[str, Any] = field(default_factory=dict)
-
-
-def open_source(spec: str | None, scratch: Path, config=None, dist: Dist | None = None) -> ModelSource:
-    """The model a run reads, as a streamed directory source. A ``tiny:<type>`` model is written to ``scratch``
-    first (it is small), so every run reads the same way."""
-    config = config if config is not None else load_config(spec)
-    arch = find_arch(config)
-    dist = dist or Dist()
-    if spec and str(spec).startswith("tiny:"):
-        loaded = load_model(spec)
-        d = scratch / "input"
-        if dist.writer:
-            save_model(loaded, d)
-        dist.barrier()
-        return ModelSource(loaded.model.config, arch, directory=d, tokenizer=loaded.tokenizer,
-                           stored_dtype=loaded.disk_dtype, label=str(spec), path=None)
-    path = model_dir(spec)
-    check_weight_files(path, getattr(config, "quantization_config", None) is not None)
-    tokenizer = load_tokenizer(path)
-    return ModelSource(config, arch, directory=path, tokenizer=tokenizer, label=model_label(spec), path=path)
 
 
 def placement_of(recipe: Recipe) -> Placement:

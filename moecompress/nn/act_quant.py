@@ -32,6 +32,15 @@ class ActQuant:
     router: bool = False  # also quantize router / shared-gate inputs
     inter_rotation_seed: int | None = None  # experts' down inputs are quantized as h Q (online Hadamard, QuaRot)
 
+    @classmethod
+    def from_record(cls, spec: dict | None) -> ActQuant | None:
+        """The scheme a checkpoint records (``quantization.activations`` in ``moecompress.json``, or a packed
+        config's ``activations``), or None."""
+        if not spec:
+            return None
+        return cls(spec["bits"], spec.get("clip_ratio", 1.0), spec.get("symmetric", True), spec.get("router", False),
+                   spec.get("intermediate_rotation_seed"))
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return fake_quant_tokens(x, self.bits, self.clip_ratio, self.symmetric)
 
@@ -40,18 +49,23 @@ class ActQuant:
         i.e. what ``aq(h Q) (W_down Q)^T`` computes with the rotated weights of a deployment)."""
         if self.inter_rotation_seed is None:
             return self(h)
-        Q = rotation_matrix(h.shape[-1], self.inter_rotation_seed).to(h.dtype)
+        Q = rotation_matrix(h.shape[-1], self.inter_rotation_seed, h.device).to(h.dtype)
         return self(h @ Q) @ Q.T
 
 
-_ROT: dict[tuple[int, int], torch.Tensor] = {}
+_ROT: dict[tuple[int, int, str], torch.Tensor] = {}
 
 
-def rotation_matrix(n: int, seed: int) -> torch.Tensor:
-    """The (cached) float32 orthogonal matrix used for intermediate rotations of width ``n``."""
-    if (n, seed) not in _ROT:
-        _ROT[(n, seed)] = random_orthogonal(n, seed).float()
-    return _ROT[(n, seed)]
+def rotation_matrix(n: int, seed: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """The (cached) float32 orthogonal matrix used for intermediate rotations of width ``n``, on ``device``
+    (default: the CPU; a model computing on a GPU gets its copy there once)."""
+    key = (n, seed, str(torch.device(device or "cpu")))
+    if key not in _ROT:
+        cpu = (n, seed, "cpu")
+        if cpu not in _ROT:
+            _ROT[cpu] = random_orthogonal(n, seed).float()
+        _ROT[key] = _ROT[cpu].to(key[2])
+    return _ROT[key]
 
 
 @dataclass

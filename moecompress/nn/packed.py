@@ -153,7 +153,7 @@ class PackedExperts(nn.Module):
     def dequantized(self, proj: str, experts: slice | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         w = dequantize_packed(self.codecs[proj], _tensors(self, proj, experts), dtype)
         if proj == "down" and self.inter_rotation_seed is not None:  # stored as W Q: give back W = (W Q) Q^T
-            w = w @ rotation_matrix(self.intermediate, self.inter_rotation_seed).to(dtype).T
+            w = w @ rotation_matrix(self.intermediate, self.inter_rotation_seed, w.device).to(dtype).T
         return w
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
@@ -171,7 +171,7 @@ class PackedExperts(nn.Module):
             g, u = g + gb[rows_expert].to(g.dtype), u + ub[rows_expert].to(u.dtype)
         h = glu(g, u, self.activation)
         if self.inter_rotation_seed is not None:  # the online rotation the rotated down weights expect
-            h = h @ rotation_matrix(self.intermediate, self.inter_rotation_seed).to(h.dtype)
+            h = h @ rotation_matrix(self.intermediate, self.inter_rotation_seed, h.device).to(h.dtype)
         if self.act is not None:
             h = self.act(h)
         y = dispatch.grouped_linear(h, rows_expert, *_args(self.codecs["down"], _tensors(self, "down")))

@@ -21,7 +21,7 @@ from moecompress.io.validate import check_finite, check_weight_files
 from moecompress.models import MoEArch, find_arch
 
 __all__ = ["DEMO_MODEL", "SIDECAR", "LoadedModel", "generate_text", "input_facts", "load_config", "load_model",
-           "load_tokenizer", "model_dir", "model_label",
+           "load_tokenizer", "model_dir", "model_label", "open_source",
            "read_sidecar", "save_model", "tiny_tokenizer"]
 
 log = logging.getLogger(__name__)
@@ -196,22 +196,56 @@ def save_model(loaded: LoadedModel, out_dir: Path, dtype: torch.dtype | None = N
         loaded.tokenizer.save_pretrained(out_dir)
 
 
+def open_source(spec: str | None, scratch: Path, config=None, dist=None):
+    """The model a run reads, as a streamed directory source (`runtime.executor.ModelSource`). A ``tiny:<type>``
+    model is written to ``scratch / "input"`` first (it is small), so every run reads the same way; under
+    torchrun (``dist``: a `runtime.dist.Dist`) rank 0 writes it and the others wait."""
+    from moecompress.runtime.dist import Dist
+    from moecompress.runtime.executor import ModelSource
+
+    config = config if config is not None else load_config(spec)
+    arch = find_arch(config)
+    dist = dist or Dist()
+    if spec and str(spec).startswith("tiny:"):
+        loaded = load_model(spec)
+        d = Path(scratch) / "input"
+        if dist.writer:
+            save_model(loaded, d)
+        dist.barrier()
+        return ModelSource(loaded.model.config, arch, directory=d, tokenizer=loaded.tokenizer,
+                           stored_dtype=loaded.disk_dtype, label=str(spec), path=None)
+    path = model_dir(spec)
+    check_weight_files(path, getattr(config, "quantization_config", None) is not None)
+    tokenizer = load_tokenizer(path)
+    return ModelSource(config, arch, directory=path, tokenizer=tokenizer, label=model_label(spec), path=path)
+
+
 def generate_text(spec: str | None, prompt: str, max_new_tokens: int = 40, temperature: float = 0.0,
-                  seed: int = 0) -> str:
-    """Continue ``prompt`` with a model spec (greedy when ``temperature`` is 0); returns prompt + continuation."""
-    loaded = load_model(spec)
-    if loaded.tokenizer is None:
-        raise MoecompressError(f"model {loaded.source!r} has no tokenizer", "save its tokenizer files with it")
+                  seed: int = 0, device: str | torch.device | None = "auto") -> str:
+    """Continue ``prompt`` with a model spec (greedy when ``temperature`` is 0); returns prompt + continuation.
+
+    A demonstration: the whole model is loaded onto ``device`` (auto: the first GPU when there is one), in
+    float32 on the CPU and in its stored dtype on a GPU; fake-quantized checkpoints keep their simulated
+    activation quantization and packed ones compute from their packed weights."""
+    from moecompress.runtime.executor import Placement, resolve_device
+
+    dev = resolve_device(device)
     if not prompt:
         raise MoecompressError("the prompt is empty", "give some text with --prompt")
-    ids = loaded.tokenizer(prompt, return_tensors="pt").input_ids
+    stored = getattr(load_config(spec), "dtype", None) or torch.float32
+    stored = getattr(torch, stored) if isinstance(stored, str) else stored
+    loaded = load_model(spec, Placement(dev).compute_dtype(stored))
+    if loaded.tokenizer is None:
+        raise MoecompressError(f"model {loaded.source!r} has no tokenizer", "save its tokenizer files with it")
+    model = loaded.model.to(dev)
+    ids = loaded.tokenizer(prompt, return_tensors="pt").input_ids.to(dev)
     torch.manual_seed(seed)
     with torch.no_grad():
-        out = loaded.model.generate(
-            ids, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=temperature > 0,
             temperature=temperature if temperature > 0 else None, top_k=None, top_p=None,
             pad_token_id=loaded.tokenizer.pad_token_id or loaded.tokenizer.eos_token_id)
-    return loaded.tokenizer.decode(out[0], skip_special_tokens=True)
+    return loaded.tokenizer.decode(out[0].cpu(), skip_special_tokens=True)
 
 
 def tiny_tokenizer():

@@ -1,15 +1,21 @@
-"""Evaluate the model on held-out text, side by side with a baseline (usually the uncompressed original)."""
+"""Evaluate the model on held-out text, side by side with a baseline (usually the uncompressed original).
+
+Both models are streamed one decoder layer at a time on the run's device (see ``eval/compare``): the model
+as this run has it (possibly the checkpoint an earlier stage of the run just wrote) and the baseline.
+"""
 
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
 
 from moecompress.errors import MoecompressError
 from moecompress.eval.compare import evaluate_models
-from moecompress.runtime.modelio import load_model, read_sidecar
+from moecompress.runtime.modelio import open_source, read_sidecar
 from moecompress.stages.base import StageConfig, StageContext, register_stage
 
 __all__ = ["EvaluateConfig"]
@@ -31,32 +37,47 @@ class EvaluateConfig(StageConfig):
     batch_size: int = Field(8, ge=1)
 
 
-def _baseline_spec(ctx: StageContext, cfg: EvaluateConfig, modified: bool) -> str | None:
+def _baseline(ctx: StageContext, cfg: EvaluateConfig, modified: bool, scratch: Path):
+    """The baseline as a source: the run's original (when this run changed the model), else the original the
+    input's ``moecompress.json`` records, else the model ``cfg.baseline`` names."""
+    if cfg.baseline is None:
+        return None
     if cfg.baseline != "original":
-        return cfg.baseline
+        return open_source(cfg.baseline, scratch)
+    original = ctx.original
     if modified:  # this run changed the model: compare with what it started from
-        return str(ctx.loaded.path) if ctx.loaded.path is not None else ctx.loaded.source
-    side = read_sidecar(ctx.loaded.path) if ctx.loaded.path is not None else None
+        if original is not ctx.source:
+            return original
+        # a model held in memory was changed in place: read its original again
+        return open_source(str(original.path) if original.path is not None else original.label, scratch)
+    side = read_sidecar(ctx.source.path) if ctx.source.path is not None else None
     if side and side.get("source_model"):
-        return side["source_model"]
-    raise MoecompressError(f"{ctx.loaded.source!r} has no recorded original (no moecompress.json)",
+        return open_source(side["source_model"], scratch)
+    raise MoecompressError(f"{ctx.source.label!r} has no recorded original (no moecompress.json)",
                            "pass --baseline PATH, or --no-baseline")
+
+
+def _kept(ctx: StageContext, modified: bool) -> dict[int, list[int]] | None:
+    """Kept-expert lists mapping the model's experts to the baseline's numbering: this run's pruning, or (for
+    an input evaluated as it is) the one its ``moecompress.json`` records."""
+    kept = ctx.artifacts.get("kept_experts")
+    if kept is None and not modified and ctx.source.path is not None:
+        side = read_sidecar(ctx.source.path) or {}
+        kept = {int(k): v for k, v in side.get("kept_experts", {}).items()} or None
+    return kept
 
 
 @register_stage(EvaluateConfig, modifies_model=False, writes_output=False, uses_text=True)
 def run(ctx: StageContext, cfg: EvaluateConfig) -> dict[str, Any]:
     """Evaluate on held-out text against a baseline: perplexity, KL, token and routing agreement, size, speed."""
     modified = bool(ctx.artifacts.get("model_modified"))
-    baseline = None
-    spec = _baseline_spec(ctx, cfg, modified) if cfg.baseline is not None else None
-    if spec is not None:
-        baseline = load_model(spec)
-    kept = ctx.artifacts.get("kept_experts")
-    if kept is None and ctx.loaded.path is not None:
-        side = read_sidecar(ctx.loaded.path) or {}
-        kept = {int(k): v for k, v in side.get("kept_experts", {}).items()} or None
     windows = ctx.windows("eval", samples=cfg.samples)
-    report = evaluate_models(ctx.loaded, windows, baseline, kept, cfg.batch_size, ctx.progress, modified)
+    # a checkpoint this run wrote has no moecompress.json yet: its activation quantization comes from the run
+    acts = ((ctx.artifacts.get("sidecar") or {}).get("quantization") or {}).get("activations") if modified else None
+    with tempfile.TemporaryDirectory(prefix="moecompress-eval-") as scratch:  # a tiny baseline is written here
+        baseline = _baseline(ctx, cfg, modified, Path(scratch))
+        report = evaluate_models(ctx.source, windows, baseline, _kept(ctx, modified), cfg.batch_size, ctx.progress,
+                                 modified, open_stream=ctx.stream, activations=acts)
     if ctx.out_dir is not None:
         (ctx.out_dir / "eval.json").write_text(json.dumps(report, indent=1) + "\n")
     return report
