@@ -43,9 +43,9 @@ def gptq_quantize(
     W = W.detach().float().clone()
     H = H.detach().float().clone()
     empty = H.diagonal(dim1=1, dim2=2).sum(-1) == 0  # [E]
-    H[empty] = torch.eye(C)
+    H[empty] = torch.eye(C, device=H.device)
     dead = H.diagonal(dim1=1, dim2=2) == 0  # [E, C] columns no token ever touched
-    idx = torch.arange(C)
+    idx = torch.arange(C, device=H.device)
     H[:, idx, idx] = torch.where(dead, torch.ones_like(H[:, idx, idx]), H[:, idx, idx])
     # Static groups: parameters from the original weights, fixed before any error feedback or reordering.
     params = [p[..., 0] for p in grid.params(W.reshape(E, O, G, gs))]  # each [E, O, G]
@@ -62,7 +62,7 @@ def gptq_quantize(
     Hinv = torch.linalg.cholesky(Hinv, upper=True)  # [E, C, C]
     Q = torch.zeros_like(W)
     codes = torch.zeros_like(W)
-    losses = torch.zeros(E, O)
+    losses = torch.zeros(E, O, device=W.device)
     for i1 in range(0, C, block_size):
         i2 = min(i1 + block_size, C)
         W1 = W[:, :, i1:i2].clone()

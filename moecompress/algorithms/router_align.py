@@ -70,7 +70,7 @@ def align_router(W: torch.Tensor, X: torch.Tensor, bits: int, k: int, score: str
     and would not carry over to new text).
     Returns ``(W_hat [E, H], ratio per row [E], report)``."""
     E, H = W.shape
-    ratios = ratios if ratios is not None else torch.linspace(1.0, 0.35, 66)
+    ratios = (ratios if ratios is not None else torch.linspace(1.0, 0.35, 66)).to(W.device)
     grid = QuantGrid(bits, -1, symmetric=False, clip_search=False)
     Wf, Xf = W.float(), X.float()
     ref = Xf @ Wf.T + (0 if bias is None else bias.float())
@@ -88,7 +88,7 @@ def align_router(W: torch.Tensor, X: torch.Tensor, bits: int, k: int, score: str
     def divergence(lg: torch.Tensor) -> float:  # the objective for router logits [T, E]
         return float(_kl_terms(pk, _probs(lg, score).gather(-1, idx), objective).mean())
 
-    best = torch.ones(E)
+    best = torch.ones(E, device=W.device)
     Wq = quant(best)
     logits = Xf @ Wq.T + (0 if bias is None else bias.float())
     before = current = divergence(logits)

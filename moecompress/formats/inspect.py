@@ -11,6 +11,7 @@ from safetensors import SafetensorError, safe_open
 
 from moecompress.errors import MoecompressError
 from moecompress.formats.checkpoint import FORMAT_VERSION, QUANT_METHOD
+from moecompress.formats.quant_record import is_record_file
 
 __all__ = ["inspect_dir", "storage_summary"]
 
@@ -23,7 +24,7 @@ def _tensors(directory: Path) -> dict[str, tuple[list[int], int]]:
     if not files:
         raise MoecompressError(f"no safetensors weights in {str(directory)!r}", "give a model directory")
     for f in files:
-        if f.name == "quantization.safetensors":
+        if is_record_file(f.name):
             continue
         try:
             with safe_open(str(f), framework="pt") as h:

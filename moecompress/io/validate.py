@@ -13,6 +13,7 @@ then the data; offsets are relative to the end of the header.
 from __future__ import annotations
 
 import json
+import re
 import struct
 from collections.abc import Iterable
 from pathlib import Path
@@ -26,7 +27,8 @@ __all__ = ["check_finite", "check_weight_files", "read_header"]
 
 INDEX = "model.safetensors.index.json"
 _MAX_HEADER = 100 << 20  # safetensors refuses larger headers too
-_SIDE_FILES = {"quantization.safetensors", "profile.safetensors"}  # moecompress records, not model weights
+# moecompress records, not model weights: the profile, the quantization record (and its shards)
+_SIDE_FILES = re.compile(r"^(profile|quantization(-\d{5}-of-\d{5})?)\.safetensors$")
 _INT = {"I8", "U8", "I16", "U16", "I32", "U32", "I64", "U64", "BOOL"}
 
 
@@ -94,7 +96,7 @@ def check_weight_files(directory: str | Path, quantized: bool = False) -> list[P
             raise MoecompressError(f"shard {missing[0]!r}{more} listed in {INDEX} is missing from {str(directory)!r}",
                                    "copy every shard of the model into the directory")
     else:
-        files = sorted(p.name for p in directory.glob("*.safetensors") if p.name not in _SIDE_FILES)
+        files = sorted(p.name for p in directory.glob("*.safetensors") if not _SIDE_FILES.match(p.name))
         weight_map = None
     if not files:
         if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):

@@ -56,8 +56,10 @@ class ExpertStats:
     sample_logits: list[torch.Tensor] = field(default_factory=list)  # their router logits [n, E]
 
     @classmethod
-    def empty(cls, E: int, C: int, I: int) -> ExpertStats:
-        z = torch.zeros
+    def empty(cls, E: int, C: int, I: int, device: torch.device | str = "cpu") -> ExpertStats:
+        def z(*shape: int) -> torch.Tensor:
+            return torch.zeros(*shape, device=device)
+
         return cls(z(E, C, C), z(E, I, I), z(E), z(E), z(E, C), z(E, I), z(E, C, C), z(E, I, I), z(E),
                    z(E, C, C), z(E, I, I), z(E), z(C))
 
@@ -93,7 +95,7 @@ def _expert_step(st: ExpertStats, view: MoEBlockView, x: torch.Tensor, logits: t
     if mode == "near":
         probs = logits.float().sigmoid() if view.routing.score == "sigmoid" else logits.float().softmax(-1)
         order = logits.float().argsort(dim=-1, descending=True)  # [T, E] experts by logit
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(E).expand_as(order))  # [T, E] ranks
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(E, device=order.device).expand_as(order))  # [T, E] ranks
     for e in range(E):
         if mode != "routed" and e not in st.short:
             continue
@@ -132,7 +134,8 @@ def _expert_step(st: ExpertStats, view: MoEBlockView, x: torch.Tensor, logits: t
 @contextlib.contextmanager
 def collect(layer: nn.Module, views: list[MoEBlockView], attn_norm: nn.Module | None, near_miss: int = 2,
             sample_tokens: int = 8192) -> Iterator[LayerStats]:
-    """Hooks that fill a `LayerStats` while ``layer`` runs; removed on exit."""
+    """Hooks that fill a `LayerStats` while ``layer`` runs; removed on exit. Statistics live on the layer's device
+    (float32)."""
     stats = LayerStats(sample_tokens=sample_tokens)
     handles: list = []
     norm_out: dict[str, torch.Tensor] = {}  # held, so that no other tensor can reuse its memory meanwhile
@@ -148,7 +151,7 @@ def collect(layer: nn.Module, views: list[MoEBlockView], attn_norm: nn.Module | 
                 lambda m, a, g=v.shared_gate: shared_gate_value.__setitem__("w", torch.sigmoid(g(a[0])).detach())))
         C = v.router_weight.shape[1]
         E, I = v.num_experts, v.experts.stacked("down").shape[2]
-        stats.experts = ExpertStats.empty(E, C, I)
+        stats.experts = ExpertStats.empty(E, C, I, v.router_weight.device)
     for tag, norm in (("attn_norm", attn_norm), ("moe_norm", views[0].pre_moe_norm if views else None)):
         if norm is not None:
             handles.append(norm.register_forward_hook(
@@ -165,7 +168,8 @@ def collect(layer: nn.Module, views: list[MoEBlockView], attn_norm: nn.Module | 
                 C = x.shape[-1]
                 src = next((t for t, o in norm_out.items() if o.data_ptr() == x.data_ptr() and o.shape == x.shape),
                            None)
-                st = stats.linears[name] = LinearStats(torch.zeros(C, C), torch.zeros(C), 0, src)
+                st = stats.linears[name] = LinearStats(torch.zeros(C, C, device=x.device),
+                                                       torch.zeros(C, device=x.device), 0, src)
             if stats.mode != "routed":
                 return
             weight = shared_gate_value.get("w") if id(mod) in shared_linears else None

@@ -24,7 +24,7 @@ differ per layer for sliding-window families; rotary tables are shared) and stop
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,8 +108,13 @@ class LayerStream:
     both do nothing and the runner works on the model itself (its parameters are computed in their dtype)."""
 
     def __init__(self, source: ModelSource, batches: Sequence[torch.Tensor], placement: Placement | None = None,
-                 packed_modules: dict | None = None, packed_activations: dict | None = None) -> None:
+                 packed_modules: dict | None = None, packed_activations: dict | None = None,
+                 embed_transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """``embed_transform``: a function of the input embedding's weight whose result embeds the tokens while
+        the first-layer inputs are computed (a stage that changes the embedding: a residual rotation); the
+        model's own embedding is left as it is."""
         self.source, self.arch = source, source.arch
+        self._embed_transform = embed_transform
         self.placement = placement or Placement()
         self.device = self.placement.device
         self.batches = list(batches)
@@ -172,7 +177,8 @@ class LayerStream:
             self._read(self._outside("embed"), self.model.get_input_embeddings())
         first: list[torch.Tensor] = []
         norm = self.model.get_submodule(self.arch.final_norm)
-        with _identity_layers(self.layers, self.kwargs, first), _stop_at(norm):
+        with _identity_layers(self.layers, self.kwargs, first), _stop_at(norm), \
+                _embedding_as(self.model.get_input_embeddings(), self._embed_transform):
             for x in self.batches:
                 try:
                     self.model.base_model(input_ids=x.to(self.device), use_cache=False)
@@ -278,6 +284,20 @@ class LayerStream:
 
 class _Stop(Exception):
     pass
+
+
+@contextlib.contextmanager
+def _embedding_as(module: nn.Module, transform: Callable[[torch.Tensor], torch.Tensor] | None) -> Iterator[None]:
+    """The embedding looks tokens up in ``transform(weight)`` meanwhile (nothing changes without a transform)."""
+    if transform is None:
+        yield
+        return
+    weight = transform(module.weight)
+    h = module.register_forward_hook(lambda m, args, out: nn.functional.embedding(args[0], weight).to(out.dtype))
+    try:
+        yield
+    finally:
+        h.remove()
 
 
 @contextlib.contextmanager

@@ -173,12 +173,12 @@ def quantize_experts(view: MoEBlockView, stats: LayerStats, opt: QuantOptions, r
     record.add(f"{prefix}:gate", res.codes[:, :I], res.scales[:, :I], res.zeros[:, :I])
     record.add(f"{prefix}:up", res.codes[:, I:], res.scales[:, I:], res.zeros[:, I:])
     down = view.experts.stacked("down").float()  # [E, H, I]
-    if down_rotation is not None:
-        Q = down_rotation.float()
+    Q = None if down_rotation is None else down_rotation.to(down.device, torch.float32)
+    if Q is not None:
         down = down @ Q
         Hd = Q.T @ Hd @ Q  # an all-zero Hessian (RTN fallback) stays all-zero
     res = _quantize(down, Hd, opt)
-    view.experts.set_stacked("down", res.weight if down_rotation is None else res.weight @ down_rotation.float().T)
+    view.experts.set_stacked("down", res.weight if Q is None else res.weight @ Q.T)
     record.add(f"{prefix}:down", res.codes, res.scales, res.zeros)
     return {"routed_tokens": [int(c) for c in ex.count], "tokens_used": [int(c) for c in n], "min_tokens": n_min,
             "topped_up_reserve": reserve_used, "topped_up_near_miss": near_used, "rtn_fallback": fallback}
@@ -190,7 +190,7 @@ def quantize_router(view: MoEBlockView, stats: LayerStats, bits: int, align: boo
     """Quantize the router per row (asymmetric); with ``align``, search each row's clip ratio to minimise
     the top-k KL of routing probabilities on calibration inputs."""
     W = view.router_weight
-    X = torch.cat(stats.experts.sample) if stats.experts.sample else torch.zeros(0, W.shape[1])
+    X = torch.cat(stats.experts.sample) if stats.experts.sample else torch.zeros(0, W.shape[1], device=W.device)
     rule = view.routing
     score = "sigmoid" if rule.score == "sigmoid" else "softmax"
     if align and len(X):

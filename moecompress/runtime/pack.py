@@ -1,10 +1,15 @@
-"""Writing a quantized model in the packed format (docs/FORMAT.md).
+"""Where a quantizing stage writes the model, one decoder layer at a time.
 
-Every weight in the quantization record is replaced in the state dict by its codec's packed tensors (named
-after the in-memory module, so transformers loads them without conversion); everything else (norms,
-embeddings, routers, biases, unquantized linears) is written as is, in the checkpoint's dtype.
-``config.json`` gets ``quantization_config`` (method, format version, module specs, checksums, activation
-scheme); ``moecompress.json`` gets the per-module sizes.
+* `PackedSink`: the packed format (docs/FORMAT.md) through `formats.pack.PackedWriter`: each layer's quantized
+  modules as codec tensors plus the rest of the layer, as the layer is done; ``config.json`` with the
+  ``quantization_config`` (module specs, checksums) at the end.
+* `FakeQuantSink`: the dequantized weights through a `LayerSink` (a plain checkpoint any loader reads) plus the
+  quantization record (codes, scales, zeros), written layer by layer (`formats.quant_record.RecordWriter`).
+
+Both follow `LayerSink`'s protocol (``layer``, ``outside``, ``close(config, arch, tokenizer)`` -> the written
+model as a `ModelSource`, ``in_place``), so `Context.adopt` hands the result to the next stage. A model held in
+memory with nowhere to write is changed in place and nothing is written (the record still goes to
+``record_dir`` when one is given).
 """
 
 from __future__ import annotations
@@ -16,99 +21,106 @@ from typing import Any
 
 import torch
 
-from moecompress.errors import MoecompressError
-from moecompress.formats.checkpoint import FORMAT_VERSION, QUANT_METHOD, checksum, write_checkpoint
-from moecompress.formats.codecs import encode, packed_bits_per_weight
-from moecompress.formats.quant_record import QuantRecord
-from moecompress.runtime.modelio import LoadedModel
+from moecompress.formats.pack import PackedExpertsInfo, PackedWriter
+from moecompress.formats.quant_record import QuantRecord, RecordWriter
+from moecompress.io.checkpoint import layer_of
+from moecompress.models.base import MoEArch, MoEBlockView
+from moecompress.runtime.executor import LayerStream, ModelSource
+from moecompress.runtime.sink import LayerSink
 
-__all__ = ["write_packed"]
-
-
-def _codec(meta: dict | None, ternary_codec: str) -> tuple[str, bool]:
-    if meta is None:
-        raise MoecompressError("the quantization record has weights but no scheme", "quantize the model again")
-    if meta.get("kind") == "ternary":
-        return ternary_codec, True
-    return f"int{meta['bits']}", bool(meta.get("symmetric", False))
+__all__ = ["FakeQuantSink", "PackedSink"]
 
 
-def write_packed(loaded: LoadedModel, record: QuantRecord, meta: dict[str, Any], out_dir: Path,
-                 ternary_codec: str = "ternary-b3") -> dict[str, Any]:
-    """Write ``loaded.model`` with the record's weights packed; returns size statistics."""
-    model, arch = loaded.model, loaded.arch
-    disk = loaded.disk_dtype
-    sd: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for k, v in model.state_dict().items():
-        if v.data_ptr() in seen and v.numel():  # tied weights are written once
-            continue
-        seen.add(v.data_ptr())
-        sd[k] = v.to(disk) if v.is_floating_point() and v.dtype != disk and "correction_bias" not in k else v
-    modules: dict[str, dict] = {}
-    experts_paths = {f"{arch.layers}.{v.index}.{arch.moe_block}.{arch.experts}": v for v in arch.moe_blocks(model)}
-    rotation = meta.get("rotation") or {}
-    names = [n for n in record.weights() if not n.endswith(":router")]  # routers stay dense (bf16 values)
-    stats = {"modules": {}, "packed_bytes": 0, "dense_equivalent_bytes": 0}
-    for path, view in experts_paths.items():
-        projs = [n for n in names if n.startswith(path + ":")]
-        if not projs:
-            continue
-        codec, symmetric = _codec(meta.get("experts"), ternary_codec)
-        for k in [k for k in sd if k.startswith(path + ".")]:
-            del sd[k]
-        shape = None
-        for p in ("gate", "up", "down"):
-            name = f"{path}:{p}"
-            if name not in projs:
-                raise MoecompressError(f"the quantization record lacks {name}", "quantize the model again")
-            q, s, z = (record.tensors[f"{name}.{x}"] for x in ("codes", "scales", "zeros"))
-            for local, t in encode(codec, q, s, z, symmetric).items():
-                sd[f"{path}.{p}_{local}"] = t
-            b = view.experts.bias(p)
-            if b is not None:
-                sd[f"{path}.{p}_bias"] = b.detach().to(disk).contiguous()
-            E, O, C = q.shape
-            if p == "gate":
-                shape = [E, O, C]
-            bpw = packed_bits_per_weight(codec, C, C // s.shape[-1], symmetric)
-            stats["modules"][name] = {"codec": codec, "bits_per_weight": bpw, "weights": q.numel()}
-        modules[path] = {"type": "experts", "shape": shape, "codecs": {p: codec for p in ("gate", "up", "down")},
-                         "group_size": shape[2] // record.tensors[f"{path}:gate.scales"].shape[-1],
-                         "symmetric": symmetric, "bias": view.experts.bias("gate") is not None,
-                         "activation": asdict(view.activation),
-                         "intermediate_rotation_seed": rotation.get("seed") if rotation.get("intermediate") else None}
-    for name in names:
-        if ":" in name:
-            continue
-        codec, symmetric = _codec(meta.get("weights"), ternary_codec)
-        q, s, z = (record.tensors[f"{name}.{x}"] for x in ("codes", "scales", "zeros"))
-        del sd[f"{name}.weight"]
-        for local, t in encode(codec, q, s, z, symmetric).items():
-            sd[f"{name}.weight_{local}"] = t
-        _, O, C = q.shape
-        modules[name] = {"type": "linear", "shape": [1, O, C], "codec": codec, "group_size": C // s.shape[-1],
-                         "symmetric": symmetric, "bias": f"{name}.bias" in sd}
-        stats["modules"][name] = {"codec": codec, "weights": q.numel(),
-                                  "bits_per_weight": packed_bits_per_weight(codec, C, C // s.shape[-1], symmetric)}
-    packed_keys = [k for k in sd if any(k.startswith(p + ".") or k.startswith(p + "_") for p in modules)
-                   and not k.endswith("_bias") and not k.endswith(".bias")]
-    checksums = {k: checksum(sd[k].to(torch.float16) if sd[k].is_floating_point() else sd[k]) for k in packed_keys}
-    write_checkpoint(sd, out_dir)
-    model.config.save_pretrained(out_dir)
-    cfg_path = out_dir / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    n = arch.num_experts(model.config)
-    for key in arch.num_experts_keys:
-        cfg[key] = n
-    cfg["dtype"] = str(disk).replace("torch.", "")
-    cfg["quantization_config"] = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "modules": modules,
-                                  "checksums": checksums, "activations": meta.get("activations")}
-    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    if loaded.tokenizer is not None:
-        loaded.tokenizer.save_pretrained(out_dir)
-    for entry in stats["modules"].values():
-        stats["packed_bytes"] += entry["bits_per_weight"] * entry["weights"] / 8
-        stats["dense_equivalent_bytes"] += entry["weights"] * torch.empty(0, dtype=disk).element_size()
-    stats["file_bytes"] = sum(f.stat().st_size for f in out_dir.glob("*.safetensors"))
-    return stats
+def _experts_info(arch: MoEArch, views: list[MoEBlockView]) -> dict[str, PackedExpertsInfo]:
+    return {f"{arch.layers}.{v.index}.{arch.moe_block}.{arch.experts}":
+            PackedExpertsInfo({p: v.experts.bias(p) for p in ("gate", "up", "down")}, asdict(v.activation))
+            for v in views}
+
+
+class PackedSink:
+    """Write a quantized stream in the packed format into ``target`` (None with an in-memory source: nothing
+    is written, the model stays fake-quantized in memory)."""
+
+    def __init__(self, source: ModelSource, target: Path | None, meta: dict[str, Any],
+                 ternary_codec: str = "ternary-b3") -> None:
+        if target is None and not source.in_memory:
+            raise ValueError("a model read from disk must be written somewhere")
+        self.source, self.target, self.meta, self.ternary_codec = source, target, meta, ternary_codec
+        self._writer: PackedWriter | None = None
+        self.stats: dict[str, Any] | None = None
+
+    @property
+    def in_place(self) -> bool:
+        return self.target is None
+
+    def _stored(self) -> torch.dtype:
+        if self.source.stored_dtype is not None:
+            return self.source.stored_dtype
+        from moecompress.io.checkpoint import stored_dtype
+
+        return stored_dtype(self.source.directory)
+
+    def _open(self) -> PackedWriter:
+        if self._writer is None:
+            self._writer = PackedWriter(self.target, self._stored(), self.meta, self.ternary_codec)
+        return self._writer
+
+    def layer(self, stream: LayerStream, i: int, record: QuantRecord, views: list[MoEBlockView]) -> None:
+        """Write decoder layer ``i`` as it is now, its recorded weights packed (``views``: its MoE blocks)."""
+        if self.target is not None:
+            self._open().add(stream.layer_state(i), record, _experts_info(stream.arch, views))
+
+    def outside(self, stream: LayerStream, tensors: dict[str, torch.Tensor] | None = None) -> None:
+        """Write everything outside the decoder layers (or ``tensors``), dense."""
+        if self.target is None:
+            return
+        state = stream.outside_state() if tensors is None else tensors
+        self._open().add({k: v for k, v in state.items() if layer_of(k, stream.arch.layers) is None})
+
+    def close(self, config, arch: MoEArch, tokenizer=None) -> ModelSource:
+        if self.target is None:
+            return self.source
+        writer = self._open()
+        config.save_pretrained(self.target)
+        cfg = json.loads((self.target / "config.json").read_text())
+        n = arch.num_experts(config)
+        for key in arch.num_experts_keys:  # Qwen3-MoE reads one spelling, older readers the other
+            cfg[key] = n
+        self.stats = writer.close(cfg)
+        gen = self.source.directory / "generation_config.json" if self.source.directory else None
+        if gen is not None and gen.is_file():
+            (self.target / "generation_config.json").write_bytes(gen.read_bytes())
+        tok = tokenizer if tokenizer is not None else self.source.tokenizer
+        if tok is not None:
+            tok.save_pretrained(self.target)
+        from transformers import AutoConfig
+
+        written = AutoConfig.from_pretrained(self.target, local_files_only=True)
+        return ModelSource(written, arch, directory=self.target, tokenizer=tok, stored_dtype=writer.stored)
+
+
+class FakeQuantSink:
+    """Dequantized weights through ``dense`` (a `LayerSink`), the record layer by layer into ``record_dir``
+    (None: not kept)."""
+
+    def __init__(self, dense: LayerSink, record_dir: Path | None) -> None:
+        self.dense = dense
+        self.record = RecordWriter(record_dir) if record_dir is not None else None
+        self.record_file: str | None = None
+
+    @property
+    def in_place(self) -> bool:
+        return self.dense.in_place
+
+    def layer(self, stream: LayerStream, i: int, record: QuantRecord, views: list[MoEBlockView]) -> None:
+        self.dense.layer(stream, i)
+        if self.record is not None:
+            self.record.add(record)
+
+    def outside(self, stream: LayerStream, tensors: dict[str, torch.Tensor] | None = None) -> None:
+        self.dense.outside(stream, tensors)
+
+    def close(self, config, arch: MoEArch, tokenizer=None) -> ModelSource:
+        if self.record is not None:
+            self.record_file = self.record.close()
+        return self.dense.close(config, arch, tokenizer)

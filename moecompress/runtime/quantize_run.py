@@ -1,31 +1,55 @@
-"""Quantize a whole model one decoder layer at a time, following a `QuantPlan`.
+"""Quantize a model one decoder layer at a time on a `LayerStream`, following a `QuantPlan`, writing each layer
+as soon as it is done.
 
-For each layer: one statistics pass (inputs come from the already-quantized previous layers; rare experts
-topped up from reserve text and near-miss tokens when calibration balance is on), optional smoothing
-folded in, every other linear quantized on its own Hessian, all routed experts at once on their
-gate-weighted Hessians, the router optionally (with logit alignment); then the quantized layer, with
-simulated activation quantization, produces the next layer's inputs.
+Per decoder layer ``i`` (loaded from disk, or the layer of a model in memory):
+
+1. the *original* layer runs on the probe windows' original hidden states (a second stream of the probe
+   windows through the original layers), recording its routing for the agreement report; with ``rotate``
+   the layer is then rotated (QuaRot; its norm readers seen on that forward) and checked against it;
+2. statistics pass(es) on the calibration batches (their inputs come from the already-quantized previous
+   layers; rare experts topped up from reserve batches and near-miss tokens when calibration balance is on);
+3. optional smoothing folded in, every other linear quantized on its own Hessian, all routed experts at once on
+   their gate-weighted Hessians, the router optionally (with logit alignment);
+4. simulated activation quantization installed; the quantized layer produces the next layer's inputs for every
+   batch (the probe windows' quantized stream among them: its routing against step 1's is the agreement);
+5. the layer is written (its record entries with it) and released.
+
+Nothing kept grows with depth but small per-layer summaries: the record is written with each layer.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
 from moecompress.formats.quant_record import QuantRecord
-from moecompress.models.base import MoEArch
 from moecompress.nn.act_quant import ActQuant, ActQuantHandle, install_layer_act_quant, rotation_matrix
 from moecompress.progress import NullProgress, Progress
 from moecompress.runtime.calibration import collect
+from moecompress.runtime.executor import LayerStream
 from moecompress.runtime.hooks import capture_routing
-from moecompress.runtime.layer_quant import QuantOptions, quantize_experts, quantize_linears, quantize_router, smooth_layer
-from moecompress.runtime.rotate import rotate_residual
-from moecompress.runtime.sequential import SequentialRunner
+from moecompress.runtime.layer_quant import (
+    QuantOptions,
+    quantize_experts,
+    quantize_linears,
+    quantize_router,
+    smooth_layer,
+)
+from moecompress.runtime.rotate import (
+    ResidualRotation,
+    check_layer,
+    check_rotatable,
+    norm_readers,
+    rotate_layer,
+    rotate_outside,
+)
 
-__all__ = ["QuantPlan", "QuantRun", "quantize_model"]
+__all__ = ["QuantPlan", "QuantRun", "batches_of", "quantize_stream"]
 
 
 @dataclass(frozen=True)
@@ -53,12 +77,15 @@ class QuantPlan:
 
 @dataclass
 class QuantRun:
-    record: QuantRecord
-    act_handle: ActQuantHandle
+    act_handle: ActQuantHandle  # simulated activation quantization left on a model held in memory
     layers: dict[str, Any] = field(default_factory=dict)
     routing_agreement: list[float] = field(default_factory=list)
     min_tokens_per_expert: float = 0.0
     rotated_residual: bool = False
+    untied_lm_head: bool = False
+    rotation_max_change: float = 0.0  # largest relative change of a rotated layer's outputs (checked per layer)
+    expert_codes: int = 0  # routed experts' codes written
+    expert_code_ones: int = 0  # of which equal to 1 (ternary: the trit 0)
 
     def fallbacks(self) -> dict[str, int]:
         return {k: len(v["experts"].get("rtn_fallback", [])) for k, v in self.layers.items() if "experts" in v}
@@ -83,71 +110,140 @@ def _skip_experts(views):
                 m.forward = f
 
 
-def _batches(windows: list[torch.Tensor], size: int) -> list[torch.Tensor]:
+def batches_of(windows: list[torch.Tensor], size: int) -> list[torch.Tensor]:
+    """``[N, S]`` windows per task cut into batches of at most ``size`` windows (tasks never mixed)."""
     return [w[i:i + size] for w in windows for i in range(0, len(w), size)]
 
 
-def quantize_model(model, arch: MoEArch, base: list[torch.Tensor], reserve: list[torch.Tensor], plan: QuantPlan,
-                   progress: Progress | None = None, label: str = "quantizing") -> QuantRun:
-    """Quantize ``model`` in place on calibration windows ``base`` (list of ``[N, S]``; ``reserve`` windows
-    only feed experts short of tokens)."""
+def _forward(layer: nn.Module, h: torch.Tensor, kwargs: dict, device: torch.device) -> torch.Tensor:
+    out = layer(h.to(device), **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _topk(traces, i: int) -> torch.Tensor:
+    return torch.cat(traces[i].index).sort(-1).values  # [T, K] chosen experts, as sets
+
+
+@torch.no_grad()
+def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_reserve: int, probe: Sequence[int],
+                    rotation: ResidualRotation | None = None, progress: Progress | None = None,
+                    label: str = "quantizing") -> QuantRun:
+    """Quantize the model ``stream`` runs, layer by layer, into ``sink`` (`runtime.pack.PackedSink` or
+    `FakeQuantSink`); see the module doc.
+
+    The stream's batches are: ``n_base`` calibration batches, then ``n_reserve`` reserve batches (only experts
+    short of tokens use them), then the ``probe`` batches (indices) whose routing is compared with the
+    original model's. With ``rotation`` the stream must have computed its first-layer inputs with the rotated
+    embedding (``embed_transform=rotation.embedding``). The caller opens the stream and closes the sink."""
     progress = progress or NullProgress()
-    seq_len = base[0].shape[1]
-    batches, reserve_batches = _batches(base, plan.batch_size), _batches(reserve, plan.batch_size)
-    n_base = len(batches)
-    probe = torch.cat([w[:2] for w in base])  # routing of the original model, for the agreement report
-    with torch.no_grad(), capture_routing(model, arch) as ref_traces:
-        model(input_ids=probe)
-    rotated = rotate_residual(model, arch, plan.rotation_seed) if plan.rotate else None
-    layers = arch.moe_layer_indices(model.config)
-    views = {v.index: v for v in arch.moe_blocks(model)}
-    top_k, E = views[layers[0]].routing.top_k, arch.num_experts(model.config)
+    arch, model = stream.arch, stream.model
+    config = model.config
+    moe = arch.moe_layer_indices(config)
+    seq_len = stream.batches[0].shape[1]
+    top_k, E = arch.routing(config, moe[0]).top_k, arch.num_experts(config)
     n_min = plan.balance_ratio * seq_len * top_k / E
-    runner = SequentialRunner(model, arch, batches + reserve_batches)
-    out = QuantRun(QuantRecord(), ActQuantHandle(), min_tokens_per_expert=n_min, rotated_residual=rotated is not None)
-    with progress.task(label, total=runner.num_layers) as bar:
-        for i, layer in enumerate(runner.layers):
-            lv = [views[i]] if i in views else []
+    if rotation is not None:
+        check_rotatable(stream.layers, arch)
+    keep = stream.placement.offload and stream.device.type != "cpu"
+    park = (lambda t: t.cpu()) if keep else (lambda t: t)
+    # the probe windows through the original layers (with a rotation: its inverse gives the original inputs)
+    ref = [park(stream.hidden[b].clone() if rotation is None else rotation.undo(stream.hidden[b])) for b in probe]
+    probe_set = set(probe)
+    out = QuantRun(ActQuantHandle(), min_tokens_per_expert=n_min, rotated_residual=rotation is not None)
+    base, reserve = range(n_base), range(n_base, n_base + n_reserve)
+    with progress.task(label, total=stream.num_layers) as bar:
+        for i in range(stream.num_layers):
+            layer = stream.load(i)
+            lv = [arch.block(model, i)] if i in moe else []
             attn_norm = getattr(layer, arch.pre_attn_norm, None)
             prefix = f"{arch.layers}.{i}"
+            # 1. the original layer on the original probe stream: routing reference (and norm readers)
+            readers_cm = norm_readers(layer, arch) if rotation is not None else contextlib.nullcontext()
+            with capture_routing(model, arch, layers=[i]) as ref_traces, readers_cm as readers:
+                ref_out = [_forward(layer, h, stream.kwargs[i][b], stream.device) for h, b in zip(ref, probe)]
+            if rotation is not None:
+                rotate_layer(layer, arch, lv[0] if lv else None, readers, rotation)
+                with capture_routing(model, arch, layers=[i]) as rot_traces:
+                    got = [_forward(layer, rotation.apply(h.to(stream.device)), stream.kwargs[i][b], stream.device)
+                           for h, b in zip(ref, probe)]
+                expected = torch.cat([rotation.apply(y).reshape(-1, y.shape[-1]) for y in ref_out])
+                got = torch.cat([y.reshape(-1, y.shape[-1]) for y in got])
+                change = check_layer(arch, i, expected, got, _topk(ref_traces, i) if lv else None,
+                                     _topk(rot_traces, i) if lv else None)
+                out.rotation_max_change = max(out.rotation_max_change, change)
+                del got, expected
+            ref = [park(y) for y in ref_out]
+            del ref_out
+            # 2. statistics
             with collect(layer, lv, attn_norm, plan.near_miss) as stats, _skip_experts(lv):
-                runner.run_layer(i, store=False, batches=range(n_base))
+                stream.run_layer(i, store=False, batches=base)
                 if plan.balance and lv and plan.experts is not None:  # top up rare experts: reserve, near-miss
                     stats.experts.short = set((stats.experts.count < n_min).nonzero().flatten().tolist())
-                    if stats.experts.short and reserve_batches:
+                    if stats.experts.short and n_reserve:
                         stats.mode = "reserve"
-                        runner.run_layer(i, store=False, batches=range(n_base, n_base + len(reserve_batches)))
+                        stream.run_layer(i, store=False, batches=reserve)
                     if stats.experts.short and plan.near_miss:
                         stats.mode = "near"
-                        runner.run_layer(i, store=False, batches=range(n_base))
+                        stream.run_layer(i, store=False, batches=base)
+            # 3. smoothing, linears, experts, router
+            record = QuantRecord()
             entry: dict[str, Any] = {}
             if plan.smooth:
                 used = smooth_layer(layer, lv, stats, attn_norm, plan.smooth_alpha, plan.smooth_aggregate,
                                     plan.smooth_router, plan.smooth_attention, plan.smooth_down)
                 for k, vec in used.items():
-                    out.record.add_vector(f"{prefix}.smooth.{k}", vec)
+                    record.add_vector(f"{prefix}.smooth.{k}", vec)
                 entry["smoothed"] = sorted(used)
             if plan.linears is not None:
-                entry["linears"] = quantize_linears(layer, stats, plan.linears, out.record, prefix)
+                entry["linears"] = quantize_linears(layer, stats, plan.linears, record, prefix)
             for v in lv:
                 block = f"{prefix}.{arch.moe_block}"
                 if plan.experts is not None:
                     q_inter = rotation_matrix(v.experts.stacked("down").shape[2], plan.rotation_seed) \
                         if plan.rotate_intermediate else None
-                    entry["experts"] = quantize_experts(v, stats, plan.experts, out.record, f"{block}.{arch.experts}",
+                    entry["experts"] = quantize_experts(v, stats, plan.experts, record, f"{block}.{arch.experts}",
                                                         plan.balance, n_min, q_inter)
                 if plan.router_bits:
-                    entry["router"] = quantize_router(v, stats, plan.router_bits, plan.align_router, out.record,
+                    entry["router"] = quantize_router(v, stats, plan.router_bits, plan.align_router, record,
                                                       f"{block}.{arch.router}", plan.align_objective)
+            del stats
+            for k, t in record.tensors.items():
+                if ".experts:" in k and k.endswith(".codes"):
+                    out.expert_codes += t.numel()
+                    out.expert_code_ones += int((t == 1).sum())
+            # 4. activation quantization, then every batch through the quantized layer
+            handle = out.act_handle if stream.source.in_memory else ActQuantHandle()
             if plan.act is not None:
-                install_layer_act_quant(layer, lv, plan.act, out.act_handle)
-            runner.run_layer(i)
+                install_layer_act_quant(layer, lv, plan.act, handle)
+            calls = {"n": 0}
+            quant_index: list[torch.Tensor] = []
+            total = len(stream.hidden)
+
+            def on_route(layer_index, x, logits, index, weights, calls=calls, quant_index=quant_index):
+                if calls["n"] in probe_set:
+                    quant_index.append(index.cpu())
+                calls["n"] += 1
+
+            with capture_routing(model, arch, layers=[i], on_route=on_route, store=False):
+                stream.run_layer(i)
+            if lv:
+                if calls["n"] != total:
+                    raise RuntimeError(f"layer {i}'s MoE block ran {calls['n']} times for {total} batches")
+                a = _topk(ref_traces, i)
+                b = torch.cat(quant_index).sort(-1).values
+                out.routing_agreement.append(float((a == b).all(-1).float().mean()))
             out.layers[str(i)] = entry
+            # 5. write, free
+            sink.layer(stream, i, record, lv)
+            del record
+            if handle is not out.act_handle:
+                handle.remove()
+            stream.release(i)
             bar.advance(1)
-    with torch.no_grad(), capture_routing(model, arch) as traces:
-        model(input_ids=probe)
-    for layer in layers:
-        a = ref_traces[layer].cat()[1].sort(-1).values
-        b = traces[layer].cat()[1].sort(-1).values
-        out.routing_agreement.append(float((a == b).all(-1).float().mean()))
+    if rotation is not None:
+        stream.outside_state()  # the embedding, final norm and head, loaded
+        out.untied_lm_head = rotate_outside(model, arch, rotation)
+        sink.outside(stream, model.state_dict())
+    else:
+        sink.outside(stream)
     return out

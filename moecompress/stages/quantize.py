@@ -1,15 +1,17 @@
-"""Expert-aware post-training quantization, one decoder layer at a time.
+"""Expert-aware post-training quantization, one decoder layer at a time, streamed.
 
-For each layer: one calibration pass collects statistics (inputs come from the already-quantized
-previous layers), optional EAQuant smoothing is folded in, every linear is quantized with GPTQ (or RTN)
-on its own Hessian, all routed experts at once on their gate-weighted Hessians with calibration balance,
-the router optionally (with logit alignment); then the quantized layer (with simulated activation
-quantization for A8/A4 schemes) produces the next layer's inputs. Writes fake-quantized weights plus
-``quantization.safetensors`` (codes, scales, zeros, smoothing vectors) and records the scheme.
+For each layer (read from disk alone): one calibration pass collects statistics (inputs come from the
+already-quantized previous layers), optional EAQuant smoothing is folded in, every linear is quantized with
+GPTQ (or RTN) on its own Hessian, all routed experts at once on their gate-weighted Hessians with calibration
+balance, the router optionally (with logit alignment); then the quantized layer (with simulated activation
+quantization for A8/A4 schemes) produces the next layer's inputs and is written at once: in the packed format
+(docs/FORMAT.md), or as fake-quantized weights plus the quantization record (codes, scales, zeros, smoothing
+vectors; ``quantization.safetensors``, sharded with an index when large). See `runtime.quantize_run`.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import Any, Literal
 
@@ -18,12 +20,15 @@ from pydantic import Field
 
 from moecompress.algorithms.quant_grid import QuantGrid
 from moecompress.errors import MoecompressError
+from moecompress.formats.quant_record import RECORD_FILE
 from moecompress.nn.act_quant import ActQuant
 from moecompress.runtime.layer_quant import QuantOptions
-from moecompress.runtime.quantize_run import QuantPlan, QuantRun, quantize_model
+from moecompress.runtime.pack import FakeQuantSink, PackedSink
+from moecompress.runtime.quantize_run import QuantPlan, QuantRun, batches_of, quantize_stream
+from moecompress.runtime.rotate import ResidualRotation, check_rotatable
 from moecompress.stages.base import StageConfig, StageContext, register_stage
 
-__all__ = ["SCHEMES", "QuantizeConfig"]
+__all__ = ["SCHEMES", "QuantizeConfig", "finish", "plan_of", "quantize", "split_windows"]
 
 SCHEMES = {"w8a8": (8, 8), "w8a16": (8, None), "w4a16": (4, None), "w3a16": (3, None), "w2a16": (2, None),
            "w4a8": (4, 8), "w4a4": (4, 4), "w3a4": (3, 4)}
@@ -82,12 +87,16 @@ class QuantizeConfig(StageConfig):
         from transformers import AutoModelForCausalLM
 
         gs = self.groups()
-        if gs in (-1, 0):
-            return
-        if gs < 1:
+        if gs not in (-1, 0) and gs < 1:
             raise MoecompressError(f"group size {gs} is invalid", "use a positive group size or -1 (per channel)")
+        if gs in (-1, 0) and not self.rotate:
+            return
         with torch.device("meta"):
             meta = AutoModelForCausalLM.from_config(config)
+        if self.rotate:
+            check_rotatable(arch.decoder_layers(meta), arch)
+        if gs in (-1, 0):
+            return
         widths: dict[str, int] = {}
         routers = set()
         for v in arch.moe_blocks(meta):
@@ -123,20 +132,51 @@ def split_windows(ctx: StageContext, reserve_share: float, seed: int = 0) -> tup
     return base, extra
 
 
+def quantize(ctx: StageContext, plan: QuantPlan, base: list, extra: list, meta: dict[str, Any], save_format: str,
+             label: str, ternary_codec: str = "ternary-b3") -> QuantRun:
+    """Stream the model through the quantization plan into the stage's output (packed, or fake-quant plus the
+    record), one decoder layer at a time; the written model becomes the context's model."""
+    batches, reserve = batches_of(base, plan.batch_size), batches_of(extra, plan.batch_size)
+    probe = batches_of([torch.cat([w[:2] for w in base])], plan.batch_size)  # routing agreement vs the original
+    rotation = ResidualRotation(ctx.config.hidden_size, plan.rotation_seed) if plan.rotate else None
+    if save_format == "packed":
+        sink = PackedSink(ctx.source, ctx.write_to, meta, ternary_codec)
+    else:  # the record goes with the written model (in place: into the run's output directory, if any)
+        sink = FakeQuantSink(ctx.sink(), ctx.write_to if ctx.write_to is not None else ctx.out_dir)
+    n = len(batches) + len(reserve)
+    with ctx.stream(batches + reserve + probe,
+                    embed_transform=None if rotation is None else rotation.embedding) as stream:
+        result = quantize_stream(stream, sink, plan, len(batches), len(reserve), range(n, n + len(probe)), rotation,
+                                 ctx.progress, label)
+    config = ctx.config
+    if result.untied_lm_head:  # the rotated head is written on its own
+        if not ctx.source.in_memory:  # the source's config stays the source's
+            config = copy.deepcopy(config)
+        config.tie_word_embeddings = False
+        if hasattr(config, "get_text_config"):
+            config.get_text_config().tie_word_embeddings = False
+    ctx.adopt(sink, config)
+    if isinstance(sink, FakeQuantSink) and sink.record_file is not None:
+        meta["record"] = sink.record_file
+    if isinstance(sink, PackedSink) and sink.stats is not None:
+        ctx.artifacts.setdefault("sidecar", {})["packed"] = sink.stats
+    return result
+
+
 def finish(ctx: StageContext, result: QuantRun, meta: dict[str, Any], base: list, extra: list, t0: float,
            save_format: str = "packed") -> dict:
-    """Record the scheme for loaders, save the quantization record, and return the stage summary."""
+    """Record the scheme for loaders and return the stage summary."""
     ctx.artifacts["act_quant"] = result.act_handle
-    ctx.artifacts["quant_record"] = result.record
     ctx.artifacts["save_format"] = save_format
     ctx.artifacts.setdefault("sidecar", {})["quantization"] = meta
-    if ctx.out_dir is not None and save_format == "fake-quant":  # a packed checkpoint carries the codes itself
-        result.record.save(ctx.out_dir)
-    return {**meta, "calibration_windows": sum(len(w) for w in base), "reserve_windows": sum(len(w) for w in extra),
-            "min_tokens_per_expert": result.min_tokens_per_expert,
-            "rtn_fallback_experts_per_layer": result.fallbacks(),
-            "routing_topk_agreement_calib": result.routing_agreement, "seconds": round(time.time() - t0, 2),
-            "layers": result.layers}
+    out = {**meta, "calibration_windows": sum(len(w) for w in base), "reserve_windows": sum(len(w) for w in extra),
+           "min_tokens_per_expert": result.min_tokens_per_expert,
+           "rtn_fallback_experts_per_layer": result.fallbacks(),
+           "routing_topk_agreement_calib": result.routing_agreement, "seconds": round(time.time() - t0, 2),
+           "layers": result.layers}
+    if result.rotated_residual:
+        out["rotation_max_relative_change"] = result.rotation_max_change
+    return out
 
 
 def act_meta(aq: ActQuant | None) -> dict[str, Any] | None:
@@ -145,11 +185,8 @@ def act_meta(aq: ActQuant | None) -> dict[str, Any] | None:
                                     "intermediate_rotation_seed": aq.inter_rotation_seed}
 
 
-@register_stage(QuantizeConfig, modifies_model=True, uses_text=True, needs_original=True, changes="weights")
-def run(ctx: StageContext, cfg: QuantizeConfig) -> dict[str, Any]:
-    """Expert-aware GPTQ/RTN quantization (W8A8, W4A16, W3A16, W2A16, W4A4, W3A4) with EAQuant smoothing,
-    router alignment and calibration balance; activation quantization simulated in the forward pass."""
-    t0 = time.time()
+def plan_of(cfg: QuantizeConfig) -> tuple[QuantPlan, dict[str, Any]]:
+    """The quantization plan of a config, and the metadata recorded for loaders (``moecompress.json``)."""
     wbits, abits = cfg.bits
     smooth = cfg.smooth if cfg.smooth is not None else abits is not None
     opt = QuantOptions(QuantGrid(wbits, cfg.groups(), cfg.symmetric, cfg.clip_search), cfg.method, cfg.act_order,
@@ -160,20 +197,29 @@ def run(ctx: StageContext, cfg: QuantizeConfig) -> dict[str, Any]:
         sym = cfg.act_symmetric if cfg.act_symmetric is not None else abits >= 8
         aq = ActQuant(abits, cfg.act_clip or (1.0 if abits >= 8 else 0.9), sym, router=cfg.router_bits is not None,
                       inter_rotation_seed=cfg.rotation_seed if rotate_inter else None)
-    base, extra = split_windows(ctx, cfg.reserve if cfg.balance else 0.0)
     plan = QuantPlan(opt, opt, aq, smooth, cfg.smooth_alpha, cfg.smooth_aggregate, cfg.smooth_router,
                      cfg.smooth_attention, cfg.smooth_down, cfg.router_bits, cfg.align_router, cfg.balance,
                      cfg.balance_ratio, cfg.near_miss, cfg.rotate, rotate_inter, cfg.rotation_seed, cfg.batch_size,
                      cfg.align_objective)
-    result = quantize_model(ctx.model, ctx.arch, base, extra, plan, ctx.progress, f"quantizing ({cfg.scheme})")
     meta = {"scheme": cfg.scheme,
             "weights": {"kind": "int", "bits": wbits, "group_size": cfg.groups(), "symmetric": cfg.symmetric,
                         "method": cfg.method},
             "experts": {"kind": "int", "bits": wbits, "group_size": cfg.groups(), "symmetric": cfg.symmetric},
             "activations": act_meta(aq),
-            "rotation": {"residual": result.rotated_residual, "intermediate": rotate_inter, "seed": cfg.rotation_seed,
+            "rotation": {"residual": cfg.rotate, "intermediate": rotate_inter, "seed": cfg.rotation_seed,
                          "note": "experts' down codes are in the rotated basis W Q; the checkpoint stores W_hat Q^T"
                          if rotate_inter else None},
             "router_bits": cfg.router_bits, "smooth": smooth,
-            "record": "quantization.safetensors" if cfg.save_format == "fake-quant" else None}
+            "record": RECORD_FILE if cfg.save_format == "fake-quant" else None}
+    return plan, meta
+
+
+@register_stage(QuantizeConfig, modifies_model=True, uses_text=True, needs_original=True, changes="weights")
+def run(ctx: StageContext, cfg: QuantizeConfig) -> dict[str, Any]:
+    """Expert-aware GPTQ/RTN quantization (W8A8, W4A16, W3A16, W2A16, W4A4, W3A4) with EAQuant smoothing,
+    router alignment and calibration balance; activation quantization simulated in the forward pass."""
+    t0 = time.time()
+    plan, meta = plan_of(cfg)
+    base, extra = split_windows(ctx, cfg.reserve if cfg.balance else 0.0)
+    result = quantize(ctx, plan, base, extra, meta, cfg.save_format, f"quantizing ({cfg.scheme})")
     return finish(ctx, result, meta, base, extra, t0, cfg.save_format)

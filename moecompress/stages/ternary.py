@@ -16,12 +16,13 @@ from typing import Any, Literal
 from pydantic import Field
 
 from moecompress.algorithms.quant_grid import QuantGrid, TernaryGrid
+from moecompress.formats.quant_record import RECORD_FILE
 from moecompress.runtime.layer_quant import QuantOptions
-from moecompress.runtime.quantize_run import QuantPlan, quantize_model
+from moecompress.runtime.quantize_run import QuantPlan
 from moecompress.stages.base import StageConfig, StageContext, register_stage
-from moecompress.stages.quantize import QuantizeConfig, finish, split_windows
+from moecompress.stages.quantize import QuantizeConfig, finish, quantize, split_windows
 
-__all__ = ["TernaryConfig"]
+__all__ = ["TernaryConfig", "plan_of"]
 
 
 class TernaryConfig(StageConfig):
@@ -54,28 +55,33 @@ class TernaryConfig(StageConfig):
             QuantizeConfig(scheme="w4a16", group_size=self.others_group_size).check(config, arch)
 
 
-@register_stage(TernaryConfig, modifies_model=True, uses_text=True, needs_original=True, changes="weights")
-def run(ctx: StageContext, cfg: TernaryConfig) -> dict[str, Any]:
-    """Ternarize routed experts (absmean, TWN, or GPTQ-ternary); other linears bf16 or >= 4-bit."""
-    t0 = time.time()
+def plan_of(cfg: TernaryConfig) -> tuple[QuantPlan, dict[str, Any]]:
+    """The quantization plan of a config, and the metadata recorded for loaders (``moecompress.json``)."""
     rule = "absmean" if cfg.method == "absmean" else "twn"
     experts = QuantOptions(TernaryGrid(rule, cfg.group_size), "gptq" if cfg.method == "gptq" else "rtn",
                            damp=cfg.damp)
     others = None
     if cfg.others != "bf16":
         others = QuantOptions(QuantGrid(8 if cfg.others == "int8" else 4, cfg.others_group_size), "gptq", damp=cfg.damp)
-    base, extra = split_windows(ctx, cfg.reserve if cfg.balance else 0.0)
     plan = QuantPlan(experts, others, balance=cfg.balance, batch_size=cfg.batch_size)
-    result = quantize_model(ctx.model, ctx.arch, base, extra, plan, ctx.progress, f"ternarizing ({cfg.method})")
-    codes = [result.record.tensors[k] for k in result.record.tensors if ".experts:" in k and k.endswith(".codes")]
-    zeros = sum(int((c == 1).sum()) for c in codes) / max(1, sum(c.numel() for c in codes))
     meta = {"scheme": f"ternary-{cfg.method}",
             "experts": {"kind": "ternary", "rule": rule, "method": cfg.method, "group_size": cfg.group_size},
             "weights": None if others is None else {"kind": "int", "bits": others.grid.bits,
                                                     "group_size": cfg.others_group_size, "symmetric": False,
                                                     "method": "gptq"},
             "activations": None, "rotation": None, "router_bits": None, "smooth": False,
-            "zero_fraction": zeros,
-            "record": "quantization.safetensors" if cfg.save_format == "fake-quant" else None}
+            "zero_fraction": None,
+            "record": RECORD_FILE if cfg.save_format == "fake-quant" else None}
+    return plan, meta
+
+
+@register_stage(TernaryConfig, modifies_model=True, uses_text=True, needs_original=True, changes="weights")
+def run(ctx: StageContext, cfg: TernaryConfig) -> dict[str, Any]:
+    """Ternarize routed experts (absmean, TWN, or GPTQ-ternary); other linears bf16 or >= 4-bit."""
+    t0 = time.time()
+    plan, meta = plan_of(cfg)
+    base, extra = split_windows(ctx, cfg.reserve if cfg.balance else 0.0)
     ctx.artifacts["ternary_codec"] = cfg.codec
+    result = quantize(ctx, plan, base, extra, meta, cfg.save_format, f"ternarizing ({cfg.method})", cfg.codec)
+    meta["zero_fraction"] = result.expert_code_ones / max(1, result.expert_codes)  # ternary code 1 is the trit 0
     return finish(ctx, result, meta, base, extra, t0, cfg.save_format)

@@ -13,9 +13,9 @@ from moecompress.models import find_arch
 from moecompress.pipeline import run
 from moecompress.recipe import CalibrationConfig, validate_recipe
 from moecompress.runtime.calibration import collect
+from moecompress.runtime.executor import LayerStream, ModelSource
 from moecompress.runtime.layer_quant import quantize_router, smooth_layer
 from moecompress.runtime.modelio import LoadedModel, load_model, tiny_tokenizer
-from moecompress.runtime.sequential import SequentialRunner
 from moecompress.stages import STAGES
 from moecompress.stages.quantize import QuantizeConfig
 from moecompress.testing import FAMILY, tiny_config, tiny_moe
@@ -27,7 +27,8 @@ def _ctx(model, tmp_path, samples=2, seq_len=32):
 
 
 def _layer_stats(model, arch, i):
-    runner = SequentialRunner(model, arch, [torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))])
+    runner = LayerStream(ModelSource(model.config, arch, model=model),
+                         [torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))])
     for j in range(i):
         runner.run_layer(j)
     layer = runner.layers[i]

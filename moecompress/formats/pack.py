@@ -1,0 +1,156 @@
+"""Writing a quantized model in the packed format (docs/FORMAT.md), one decoder layer at a time.
+
+`PackedWriter.add` takes a part of the model (one decoder layer's tensors by in-memory module name, or the
+tensors outside the layers) with the record entries of the weights quantized in it: every recorded weight is
+replaced by its codec's packed tensors (named after the in-memory module, so transformers loads them without
+conversion; routed experts as ``<experts>.<proj>_<packed|trits|scale|zero|shape>`` plus dense
+``<experts>.<proj>_bias``); everything else (norms, embeddings, routers, biases, unquantized linears) is
+written as is, in the checkpoint's dtype (score-correction biases stay float32). The tensors go to disk at
+once (`io.CheckpointWriter`, bounded shards); only the small per-module specs, checksums and sizes are kept
+until `close` writes them into ``config.json``'s ``quantization_config``.
+
+Routers quantized by ``--router-bits`` stay dense (their values are already on the quantization grid).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moecompress.errors import MoecompressError
+from moecompress.formats.checkpoint import FORMAT_VERSION, QUANT_METHOD, checksum
+from moecompress.formats.codecs import encode, packed_bits_per_weight
+from moecompress.formats.quant_record import QuantRecord
+from moecompress.io.checkpoint import CheckpointWriter
+
+__all__ = ["PackedExpertsInfo", "PackedWriter"]
+
+PROJS = ("gate", "up", "down")
+
+
+@dataclass(frozen=True)
+class PackedExpertsInfo:
+    """What the format needs to know of one routed-experts module besides its codes: the dense per-projection
+    biases ``[E, O]`` (None: no biases) and the activation (``asdict(types.Activation)``)."""
+
+    biases: dict[str, torch.Tensor | None]
+    activation: dict[str, Any]
+
+
+def _codec(meta: dict | None, ternary_codec: str) -> tuple[str, bool]:
+    if meta is None:
+        raise MoecompressError("the quantization record has weights but no scheme", "quantize the model again")
+    if meta.get("kind") == "ternary":
+        return ternary_codec, True
+    return f"int{meta['bits']}", bool(meta.get("symmetric", False))
+
+
+class PackedWriter:
+    """A packed checkpoint written part by part into ``directory`` (see the module doc).
+
+    ``stored``: the checkpoint's dtype for dense floating tensors; ``meta``: the stage's quantization metadata
+    (``experts`` / ``weights`` schemes, ``rotation``, ``activations``); ``ternary_codec``: the codec of ternary
+    weights (``ternary-b3`` or ``ternary2``)."""
+
+    def __init__(self, directory: str | Path, stored: torch.dtype, meta: dict[str, Any],
+                 ternary_codec: str = "ternary-b3", shard_bytes: int = 1 << 30) -> None:
+        self.directory = Path(directory)
+        self.stored, self.meta, self.ternary_codec = stored, meta, ternary_codec
+        self.writer = CheckpointWriter(self.directory, shard_bytes)
+        self.modules: dict[str, dict] = {}
+        self.checksums: dict[str, str] = {}
+        self.stats: dict[str, Any] = {"modules": {}, "packed_bytes": 0, "dense_equivalent_bytes": 0}
+
+    def _dense(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        if t.is_floating_point() and t.dtype != self.stored and "correction_bias" not in name:
+            return t.to(self.stored)
+        return t
+
+    def add(self, tensors: dict[str, torch.Tensor], record: QuantRecord | None = None,
+            experts: dict[str, PackedExpertsInfo] | None = None) -> None:
+        """Write ``tensors`` (model names), with the weights ``record`` holds packed. ``experts``: the routed
+        experts modules among them, by module path."""
+        record = record if record is not None else QuantRecord()
+        experts = experts or {}
+        sd: dict[str, torch.Tensor] = {}
+        seen: set[int] = set()
+        for k, v in tensors.items():
+            if v.numel() and v.data_ptr() in seen:  # tied weights are written once
+                continue
+            seen.add(v.data_ptr())
+            sd[k] = self._dense(k, v.detach())
+        packed: dict[str, torch.Tensor] = {}
+        names = [n for n in record.weights() if not n.endswith(":router")]  # routers stay dense
+        for path, info in experts.items():
+            projs = [n for n in names if n.startswith(path + ":")]
+            if not projs:
+                continue
+            codec, symmetric = _codec(self.meta.get("experts"), self.ternary_codec)
+            for k in [k for k in sd if k.startswith(path + ".")]:
+                del sd[k]
+            shape = None
+            for p in PROJS:
+                name = f"{path}:{p}"
+                if name not in projs:
+                    raise MoecompressError(f"the quantization record lacks {name}", "quantize the model again")
+                q, s, z = (record.tensors[f"{name}.{x}"] for x in ("codes", "scales", "zeros"))
+                for local, t in encode(codec, q.cpu(), s.cpu(), z.cpu(), symmetric).items():
+                    packed[f"{path}.{p}_{local}"] = t
+                b = info.biases.get(p)
+                if b is not None:
+                    sd[f"{path}.{p}_bias"] = b.detach().to(self.stored).contiguous()
+                E, O, C = q.shape
+                if p == "gate":
+                    shape = [E, O, C]
+                bpw = packed_bits_per_weight(codec, C, C // s.shape[-1], symmetric)
+                self.stats["modules"][name] = {"codec": codec, "bits_per_weight": bpw, "weights": q.numel()}
+            rotation = self.meta.get("rotation") or {}
+            self.modules[path] = {
+                "type": "experts", "shape": shape, "codecs": {p: codec for p in PROJS},
+                "group_size": shape[2] // record.tensors[f"{path}:gate.scales"].shape[-1],
+                "symmetric": symmetric, "bias": info.biases.get("gate") is not None,
+                "activation": info.activation,
+                "intermediate_rotation_seed": rotation.get("seed") if rotation.get("intermediate") else None}
+        for name in names:
+            if ":" in name:
+                continue
+            codec, symmetric = _codec(self.meta.get("weights"), self.ternary_codec)
+            q, s, z = (record.tensors[f"{name}.{x}"] for x in ("codes", "scales", "zeros"))
+            if f"{name}.weight" not in sd:
+                raise MoecompressError(f"the quantization record has {name}, which this part of the model lacks",
+                                       "quantize the model again")
+            del sd[f"{name}.weight"]
+            for local, t in encode(codec, q.cpu(), s.cpu(), z.cpu(), symmetric).items():
+                packed[f"{name}.weight_{local}"] = t
+            _, O, C = q.shape
+            self.modules[name] = {"type": "linear", "shape": [1, O, C], "codec": codec,
+                                  "group_size": C // s.shape[-1], "symmetric": symmetric,
+                                  "bias": f"{name}.bias" in sd}
+            self.stats["modules"][name] = {"codec": codec, "weights": q.numel(),
+                                           "bits_per_weight": packed_bits_per_weight(codec, C, C // s.shape[-1],
+                                                                                      symmetric)}
+        for k, t in packed.items():  # every packed tensor has its checksum (floating ones as float16)
+            self.checksums[k] = checksum(t.to(torch.float16) if t.is_floating_point() else t)
+        sd.update(packed)
+        self.writer.add_all(sd)
+
+    def close(self, config: dict[str, Any]) -> dict[str, Any]:
+        """Finish the shards and write ``config.json`` from ``config`` (the model's, as a dict) with the packed
+        format's ``quantization_config`` and ``dtype``; returns size statistics."""
+        self.writer.close()
+        cfg = dict(config)
+        cfg["dtype"] = str(self.stored).replace("torch.", "")
+        cfg["quantization_config"] = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION,
+                                      "modules": self.modules, "checksums": self.checksums,
+                                      "activations": self.meta.get("activations")}
+        (self.directory / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        item = torch.empty(0, dtype=self.stored).element_size()
+        for entry in self.stats["modules"].values():
+            self.stats["packed_bytes"] += entry["bits_per_weight"] * entry["weights"] / 8
+            self.stats["dense_equivalent_bytes"] += entry["weights"] * item
+        self.stats["file_bytes"] = sum(f.stat().st_size for f in self.directory.glob("model*.safetensors"))
+        return self.stats
