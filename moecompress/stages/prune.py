@@ -54,8 +54,8 @@ class PruneConfig(StageConfig):
     protect_super: bool = True
     uneven: Literal["fill", "mask"] = "fill"  # cumulative: pad layers with next-best experts, or with dead ones
     regroup: bool = False
-    recalibrate_router: bool = False
-    recalibrate_steps: int = Field(100, ge=1)
+    recalibrate_router: bool = False  # refit each kept router to its block's unpruned output (runtime.router_refit)
+    recalibrate_steps: int = Field(100, ge=1)  # full-batch Adam steps per MoE layer (the best step is kept)
     recalibrate_lr: float = Field(1e-3, gt=0.0)
 
     @model_validator(mode="after")
