@@ -34,12 +34,11 @@ from moecompress.eval.perplexity import score_windows
 from moecompress.formats.patterns import PatternStore
 from moecompress.pipeline import run
 from moecompress.recipe import CalibrationConfig, validate_recipe
-from moecompress.runtime.checkpoint_io import CheckpointReader, classify
+from moecompress.runtime.executor import LayerStream, ModelSource
 from moecompress.runtime.modelio import DEMO_MODEL, LoadedModel, load_model
-from moecompress.runtime.prompt_routing import RoutingProbe, cosine_distance
+from moecompress.runtime.prompt_routing import cosine_distance, routing_signatures
 from moecompress.stages import STAGES
 from moecompress.stages.prune import PruneConfig
-from moecompress.taer import build_patterns, retrieve
 
 ROOT = Path(__file__).resolve().parents[1]
 SCORES = ["tcess", "tcess_prob", "frequency", "reap", "ean", "random"]
@@ -103,33 +102,39 @@ def main() -> None:
         results["pruning_seconds"] = round(time.time() - t0, 1)
 
     # ---------------------------------------------------------------- retrieval
-    build_patterns(None, work / "profile", work / "store")
+    run(validate_recipe({"calibration": {"samples": 64, "seq_len": 256},  # `moecompress patterns` defaults
+                         "stages": [{"stage": "patterns", "profile": str(work / "profile")}]}), output=work / "store")
     store = PatternStore.load(work / "store")
     config = base.model.config
-    reader = CheckpointReader(DEMO_MODEL)
-    probe = RoutingProbe(reader, classify(reader, config, base.arch), config, base.arch, store.signature_layers)
+
+    def signatures(windows: torch.Tensor) -> torch.Tensor:  # the retrieve probe: streams the first layers only
+        batches = [windows[i:i + 8] for i in range(0, len(windows), 8)]
+        with LayerStream(ModelSource(config, base.arch, directory=DEMO_MODEL), batches) as stream:
+            return routing_signatures(stream, store.signature_layers)
+
     names = list(store.patterns)
     cents = torch.tensor([store.patterns[t]["signature"] for t in names])
     per_task, hits, fallbacks, total = {}, 0, 0, 0
     for j, t in enumerate(names):
         ev = token_windows(tok, read_documents(t, "eval"), 256)
-        d = cosine_distance(probe.signatures(ev), cents)
+        d = cosine_distance(signatures(ev), cents)
         best = d.argmin(1)
         ok = int((best == j).sum())
         fb = int(sum(float(d[i, b]) > store.threshold[names[b]] for i, b in enumerate(best.tolist())))
         per_task[t] = {"windows": len(ev), "accuracy": ok / len(ev), "fallbacks": fb}
         hits, fallbacks, total = hits + ok, fallbacks + fb, total + len(ev)
     one = token_windows(tok, read_documents("math", "eval"), 256, n=40, seed=1)
-    probe.signatures(one[:1])  # warm-up
+    signatures(one[:1])  # warm-up
     t1 = time.time()
-    for i in range(len(one)):
-        d = cosine_distance(probe.signatures(one[i:i + 1]), cents)
+    for i in range(len(one)):  # each match reads the first layers from disk again, as one `retrieve` does
+        d = cosine_distance(signatures(one[i:i + 1]), cents)
     per_match = (time.time() - t1) / len(one)
     reads = {}
     prompt = read_documents("math", "eval")[0][:1500]
     for ratio in RATIOS:
         out = work / f"ret-{ratio}"
-        r = retrieve(None, work / "store", out, prompt=prompt, keep_ratio=ratio)
+        r = run(validate_recipe({"stages": [{"stage": "retrieve", "store": str(work / "store"), "prompt": prompt,
+                                             "keep_ratio": ratio}]}), output=out).report["stages"][0]["result"]
         reads[str(ratio)] = {"expert_bytes_read_share": r["expert_bytes_read_share"], "matched": r["matched_task"],
                              "expert_bytes_read": r["expert_bytes_read"], "expert_bytes_total": r["expert_bytes_total"],
                              "bytes_read_total": r["bytes_read_total"]}

@@ -315,8 +315,9 @@ def prune(
                                              "'mask' with never-chosen ones (routers with a bias only).")] = "fill",
     regroup: Annotated[bool, typer.Option("--regroup", help="Group-limited routers: allow uneven groups by "
                                                             "rewriting the routing to one group.")] = False,
-    recalibrate_router: Annotated[bool, typer.Option("--recalibrate-router", help="Distil the routers towards the "
-                                                     "original model's next-token distribution afterwards.")] = False,
+    recalibrate_router: Annotated[bool, typer.Option("--recalibrate-router", help="Refit each kept router, layer by "
+                                                     "layer, so the pruned block reproduces the unpruned block's "
+                                                     "output on the calibration text.")] = False,
     recalibrate_steps: Annotated[int, typer.Option("--recalibrate-steps")] = 100,
     samples: Annotated[int, typer.Option(help="Calibration windows per task for --recalibrate-router.")] = 32,
     seq_len: Annotated[int, typer.Option("--seq-len")] = 256,
@@ -472,19 +473,27 @@ def patterns(
     signature_layers: Annotated[int, typer.Option("--signature-layers", help="MoE layers in a routing signature.")] = 2,
     samples: Annotated[int, typer.Option(help="Calibration windows per task for the distance thresholds.")] = 64,
     seq_len: Annotated[int, typer.Option("--seq-len")] = 256,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    offload_hidden: OffloadOpt = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
 ) -> None:
     """Store one routing pattern per profiled task for task-adaptive expert retrieval (TAER)."""
     with handled():
-        from moecompress.taer import build_patterns
+        from moecompress.pipeline import run as run_pipeline
+        from moecompress.recipe import validate_command
 
-        r = build_patterns(model, profile_dir, output, score=score, signature_layers=signature_layers,
-                           samples=samples, seq_len=seq_len, force=force)
+        stage = {"stage": "patterns", "profile": str(profile_dir), "score": score, "signature_layers": signature_layers}
+        recipe = validate_command("patterns", model, _calibration(None, None, samples, seq_len, 0), stage,
+                                  {"profile": "--profile", "signature_layers": "--signature-layers"},
+                                  _run(device, dtype, offload_hidden))
+        result = run_pipeline(recipe, output=output, force=force, progress=RichProgress())
+        r = result.report["stages"][0]["result"]
         print_table("Patterns", ["task", "fallback distance (q99 of its own windows)"],
                     [[t, f"{v:.4f}"] for t, v in r["threshold"].items()])
         console.print(f"signature: mean router logits of MoE layers {r['signature_layers']}; calibration windows "
                       f"matched to their own task: {r['accuracy']:.1%} of {r['windows']}")
-        success(f"wrote {r['output']}")
+        success(f"wrote {result.output}")
 
 
 @app.command()
@@ -499,11 +508,15 @@ def retrieve(
     max_distance: Annotated[Optional[float], typer.Option(
         "--max-distance", help="Fall back to the generalist pattern beyond this distance (default: per task, "
                                "from the store).")] = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    offload_hidden: OffloadOpt = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
 ) -> None:
     """Match a prompt to the nearest task pattern and build that task's pruned model, reading only kept experts."""
     with handled():
-        from moecompress.taer import retrieve as run_retrieve
+        from moecompress.pipeline import run as run_pipeline
+        from moecompress.recipe import validate_command
 
         if (prompt is None) == (prompt_file is None):
             raise MoecompressError("give exactly one of --prompt or --prompt-file", "e.g. --prompt 'Solve x^2 = 4'")
@@ -513,8 +526,12 @@ def retrieve(
             except (OSError, UnicodeDecodeError) as e:
                 raise MoecompressError(f"cannot read {str(prompt_file)!r} ({e.__class__.__name__})",
                                        "give a UTF-8 text file") from None
-        r = run_retrieve(model, store, output, prompt=prompt, keep=keep, keep_ratio=keep_ratio,
-                         max_distance=max_distance, force=force)
+        stage = {"stage": "retrieve", "store": str(store), "prompt": prompt, "keep": keep, "keep_ratio": keep_ratio,
+                 "max_distance": max_distance}
+        recipe = validate_command("retrieve", model, {}, stage, {"store": "--store", "prompt": "--prompt"},
+                                  _run(device, dtype, offload_hidden))
+        result = run_pipeline(recipe, output=output, force=force, progress=RichProgress())
+        r = result.report["stages"][0]["result"]
         print_table("Distance from the prompt to each task pattern (cosine)", ["task", "distance"],
                     [[t, f"{d:.4f}"] for t, d in sorted(r["distances"].items(), key=lambda kv: kv[1])])
         if r["fallback_to_generalist"]:
@@ -526,7 +543,7 @@ def retrieve(
         console.print(f"kept {r['experts_after']} of {r['experts_before']} experts per layer; read "
                       f"{r['expert_bytes_read'] / 1e6:.2f} MB of {r['expert_bytes_total'] / 1e6:.2f} MB of expert "
                       f"weights ({r['expert_bytes_read_share']:.1%}), {r['bytes_read_total'] / 1e6:.2f} MB in all")
-        success(f"wrote {output}")
+        success(f"wrote {result.output}")
 
 
 @app.command()

@@ -103,7 +103,9 @@ def show_prune(r: dict) -> None:
         console.print(f"cumulative coverage needs {r['needed_per_layer']} experts per layer")
     if r.get("router_recalibration"):
         kd = r["router_recalibration"]
-        console.print(f"router recalibration: KL {kd['kl_before']:.4f} -> {kd['kl_after']:.4f}")
+        errors = ", ".join(f"{r['layer']}: {r['error_before']:.3f} -> {r['error_after']:.3f}" for r in kd["layers"])
+        console.print(f"router recalibration (layer-wise): block reconstruction error per MoE layer {errors}; "
+                      f"next-token KL vs the unpruned model {kd['kl_before']:.3g} -> {kd['kl_after']:.3g}")
     console.print(f"parameters {r['params_before']:,} -> {r['params_after']:,} "
                   f"({r['params_after'] / r['params_before']:.1%})")
 

@@ -131,6 +131,19 @@ class CheckpointSource:
         # the conversions this checkpoint's names needed: what save_pretrained would reverse on the way out
         self.used_conversions = [c for c in self.mapping if c.was_used()]
         self.bytes_read = 0
+        self.read_log: dict[str, int] = {}  # stored key -> bytes read from it
+
+    def _count(self, key: str, nbytes: int) -> None:
+        self.bytes_read += nbytes
+        self.read_log[key] = self.read_log.get(key, 0) + nbytes
+
+    def keys_for(self, targets: Iterable[str]) -> list[str]:
+        """Stored keys whose model parameter (first target of a conversion) is in ``targets``."""
+        targets = set(targets)
+        return [k for k in sorted(self._where) if self.target[k] in targets]
+
+    def shape(self, key: str) -> list[int]:
+        return list(self._where[key].get_slice(key).get_shape())
 
     def keys(self) -> list[str]:
         return sorted(self._where)
@@ -152,19 +165,43 @@ class CheckpointSource:
     def read(self, key: str) -> torch.Tensor:
         """One stored tensor, in its stored dtype, on the CPU."""
         t = self._where[key].get_tensor(key)
-        self.bytes_read += t.numel() * t.element_size()
+        self._count(key, t.numel() * t.element_size())
+        return t
+
+    def read_rows(self, key: str, dim: int, ids: Sequence[int]) -> torch.Tensor:
+        """``tensor.index_select(dim, ids)`` (dim 0 or 1) reading only those rows (runs of consecutive ids in
+        one read each), in the stored dtype, on the CPU."""
+        sl = self._where[key].get_slice(key)
+        ids = [int(i) for i in ids]
+        parts, start = [], 0
+        for j in range(1, len(ids) + 1):
+            if j == len(ids) or ids[j] != ids[j - 1] + 1:
+                a, b = ids[start], ids[j - 1] + 1
+                parts.append(sl[a:b] if dim == 0 else sl[:, a:b])
+                start = j
+        t = torch.cat(parts, dim=dim) if parts else torch.empty(0)
+        self._count(key, t.numel() * t.element_size())
         return t
 
     def load(self, model: nn.Module, keys: Iterable[str], device: torch.device | str, dtype: torch.dtype,
-             quantizer: Any = None) -> None:
+             quantizer: Any = None, rows: dict[str, tuple[int, Sequence[int]]] | None = None,
+             rename: dict[str, str] | None = None) -> None:
         """Materialise the model parameters of stored ``keys`` into ``model`` on ``device``, converted as
-        ``from_pretrained`` converts them (dtype: the skeleton's, with its keep-in-fp32 plan)."""
+        ``from_pretrained`` converts them (dtype: the skeleton's, with its keep-in-fp32 plan).
+
+        ``rows``: stored keys read only in part, ``{key: (dim, ids)}`` (`read_rows`; an expert subset of a fused
+        stack or a router); ``rename``: stored keys handed to the loader under another stored name (a kept
+        per-expert tensor renumbered). The skeleton's shapes must be those of the subset."""
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
         from transformers.modeling_utils import LoadStateDictConfig
 
         keys = list(keys)
-        state = {k: self._where[k].get_slice(k) for k in keys}
-        self.bytes_read += sum(self.nbytes(k) for k in keys)
+        rows, rename = rows or {}, rename or {}
+        state = {rename.get(k, k): _Rows(self, k, *rows[k]) if k in rows else self._where[k].get_slice(k)
+                 for k in keys}
+        for k in keys:
+            if k not in rows:  # partial reads are counted when they happen
+                self._count(k, self.nbytes(k))
         config = LoadStateDictConfig(device_map={"": torch.device(device)}, dtype=dtype,
                                      dtype_plan=model._get_dtype_plan(dtype), weight_mapping=self.mapping,
                                      hf_quantizer=quantizer)
@@ -185,6 +222,16 @@ class CheckpointSource:
     def close(self) -> None:
         self._handles.clear()
         self._where.clear()
+
+
+class _Rows:
+    """Some rows of a stored tensor, read when transformers' loader materialises it (``t[...]``)."""
+
+    def __init__(self, source: CheckpointSource, key: str, dim: int, ids: Sequence[int]) -> None:
+        self.source, self.key, self.dim, self.ids = source, key, dim, list(ids)
+
+    def __getitem__(self, item: Any) -> torch.Tensor:
+        return self.source.read_rows(self.key, self.dim, self.ids)[item]
 
 
 def _align(model: nn.Module) -> None:

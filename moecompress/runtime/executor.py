@@ -24,7 +24,8 @@ differ per layer for sliding-window families; rotary tables are shared) and stop
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,9 +34,11 @@ from torch import nn
 
 from moecompress.errors import MoecompressError
 from moecompress.io.checkpoint import CheckpointSource, build_skeleton, layer_of, release, stored_dtype
-from moecompress.models.base import MoEArch
+from moecompress.models.base import MoEArch, resolve
 
 __all__ = ["LayerStream", "ModelSource", "Placement", "resolve_device"]
+
+_PER_EXPERT = re.compile(r"\.experts\.(\d+)\.")  # a checkpoint that stores one tensor per expert
 
 
 def resolve_device(spec: str | torch.device | None) -> torch.device:
@@ -109,12 +112,20 @@ class LayerStream:
 
     def __init__(self, source: ModelSource, batches: Sequence[torch.Tensor], placement: Placement | None = None,
                  packed_modules: dict | None = None, packed_activations: dict | None = None,
-                 embed_transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+                 embed_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 experts: Mapping[int, Sequence[int]] | None = None) -> None:
         """``embed_transform``: a function of the input embedding's weight whose result embeds the tokens while
         the first-layer inputs are computed (a stage that changes the embedding: a residual rotation); the
-        model's own embedding is left as it is."""
+        model's own embedding is left as it is.
+
+        ``experts``: for a directory source, read only these routed experts (stored ids, kept in this order)
+        of these MoE layers, with their router rows; ``source.config`` must already count ``len(ids)`` experts
+        (the surgery done while reading: the skeleton is the pruned model)."""
+        if experts is not None and source.in_memory:
+            raise ValueError("an expert subset is read from a directory source only")
         self.source, self.arch = source, source.arch
         self._embed_transform = embed_transform
+        self.experts = {int(k): [int(e) for e in v] for k, v in (experts or {}).items()}
         self.placement = placement or Placement()
         self.device = self.placement.device
         self.batches = list(batches)
@@ -138,6 +149,7 @@ class LayerStream:
             self.files = CheckpointSource(source.directory, self.model, self.arch.layers, quantized)
         self.layers: nn.ModuleList = self.arch.decoder_layers(self.model)
         self.loaded: set[int] = set()
+        self.partial: set[int] = set()  # loaded without their routed experts (`load(i, routed=False)`)
         self.kwargs: list[list[dict]] = [[] for _ in self.layers]
         self.hidden: list[torch.Tensor] = []
         self.next_layer = 0
@@ -154,10 +166,11 @@ class LayerStream:
         want = [k for k in keys if self.files.target[k] in emb_names]
         return want if which == "embed" else [k for k in keys if k not in want]
 
-    def _read(self, keys: list[str], module: nn.Module) -> None:
-        """Read stored ``keys`` into the model, then cast ``module``'s tensors stored in the stored dtype to the
-        compute dtype, one at a time (tensors the family keeps in float32 stay so)."""
-        self.files.load(self.model, keys, self.device, self.stored)
+    def _read(self, keys: list[str], module: nn.Module, rows: dict | None = None, rename: dict | None = None) -> None:
+        """Read stored ``keys`` into the model (``rows``/``rename``: see `CheckpointSource.load`), then cast
+        ``module``'s tensors stored in the stored dtype to the compute dtype, one at a time (tensors the family
+        keeps in float32 stay so)."""
+        self.files.load(self.model, keys, self.device, self.stored, rows=rows, rename=rename)
         if self.dtype == self.stored:
             return
         for sub in module.modules():
@@ -193,22 +206,65 @@ class LayerStream:
     def num_layers(self) -> int:
         return len(self.layers)
 
-    def load(self, i: int) -> nn.Module:
-        """Layer ``i`` with its weights on the device (read from disk for a directory source)."""
-        if self.files is not None and i not in self.loaded:
-            self._read(self.files.layer_keys(i), self.layers[i])
-            missing = [n for n, p in self.layers[i].named_parameters() if p.is_meta]
+    def load(self, i: int, routed: bool = True) -> nn.Module:
+        """Layer ``i`` with its weights on the device (read from disk for a directory source). ``routed=False``
+        leaves the routed experts' weights unread (on the meta device): the layer can run up to its experts
+        (a routing probe), not through them."""
+        if self.files is not None and i not in self.loaded and (routed or i not in self.partial):
+            keys, rows, rename, experts = self._reads(i, routed)
+            self._read(keys, self.layers[i], rows=rows, rename=rename)
+            missing = [n for n, p in self.layers[i].named_parameters() if p.is_meta and not n.startswith(experts)]
             if missing:
                 raise MoecompressError(f"{str(self.source.directory)!r} lacks layer {i}'s {missing[0]}",
                                        "the checkpoint does not match its config.json; re-save it")
-            self.loaded.add(i)
+            (self.loaded if routed else self.partial).add(i)
         return self.layers[i]
+
+    def _reads(self, i: int, routed: bool) -> tuple[list[str], dict, dict, tuple[str, ...]]:
+        """Layer ``i``'s stored keys to read, the ones read in part (``{key: (dim, ids)}``), the renamed ones,
+        and the routed experts' parameter prefix within the layer (what ``routed=False`` leaves unread)."""
+        keys = self.files.layer_keys(i)
+        moe = i in self.arch.moe_layer_indices(self.source.config)
+        experts_prefix = (f"{self.arch.moe_block}.{self.arch.experts}.",) if moe else ()
+        ids = self.experts.get(i)
+        if not moe or (routed and ids is None):
+            return keys, {}, {}, experts_prefix
+        block = f"{self.arch.layers}.{i}.{self.arch.moe_block}"
+        expert_params = {f"{block}.{self.arch.experts}.{n}" for n, _ in
+                         resolve(self.layers[i], f"{self.arch.moe_block}.{self.arch.experts}").named_parameters()}
+        if not routed:
+            return [k for k in keys if self.files.target[k] not in expert_params], {}, {}, experts_prefix
+        router = {f"{block}.{self.arch.router}.{p}" for p in
+                  (self.arch.router_weight, self.arch.router_bias, self.arch.correction_bias) if p is not None}
+        weight = f"{block}.{self.arch.router}.{self.arch.router_weight}"
+        stored = next((self.files.shape(k)[0] for k in keys if self.files.target[k] == weight), None)
+        out, rows, rename = [], {}, {}
+        for k in keys:
+            target = self.files.target[k]
+            if target in expert_params:
+                m = _PER_EXPERT.search(k)
+                if m:  # one stored tensor per expert: read the kept ones, renumbered
+                    e = int(m.group(1))
+                    if e in ids:
+                        rename[k] = f"{k[:m.start()]}.experts.{ids.index(e)}.{k[m.end():]}"
+                        out.append(k)
+                    continue
+                if self.files.shape(k)[0] != stored:
+                    raise MoecompressError(f"cannot tell the experts apart in checkpoint tensor {k!r}",
+                                           "re-save the model with transformers 5")
+                rows[k] = (0, ids)
+            elif target in router:
+                shape = self.files.shape(k)
+                rows[k] = (1 if len(shape) == 2 and shape[0] == 1 else 0, ids)
+            out.append(k)
+        return out, rows, rename, experts_prefix
 
     def release(self, i: int) -> None:
         """Free layer ``i`` (a directory source; an in-memory model keeps its weights)."""
-        if self.files is not None and i in self.loaded:
+        if self.files is not None and (i in self.loaded or i in self.partial):
             release(self.layers[i])
             self.loaded.discard(i)
+            self.partial.discard(i)
 
     @torch.no_grad()
     def run_layer(self, i: int, store: bool = True, batches: Sequence[int] | None = None) -> None:
@@ -257,8 +313,13 @@ class LayerStream:
         """``[B, S, V]`` logits of batch ``b`` once every layer has run (call `load_head` first)."""
         if self.next_layer != self.num_layers:
             raise RuntimeError("run every layer before asking for logits")
+        return self.logits_of(self.hidden[b])
+
+    @torch.no_grad()
+    def logits_of(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[B, S, V]`` logits of final hidden states ``hidden`` (call `load_head` first)."""
         final_norm = self.model.get_submodule(self.arch.final_norm)
-        logits = self.model.get_output_embeddings()(final_norm(self.hidden[b].to(self.device)))
+        logits = self.model.get_output_embeddings()(final_norm(hidden.to(self.device)))
         if self.arch.logits_divisor_key:
             logits = logits / getattr(self.model.config, self.arch.logits_divisor_key)
         return logits

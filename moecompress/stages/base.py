@@ -66,6 +66,8 @@ class StageSpec:
     changes: Literal["experts", "weights"] | None = None  # the expert set, or the weights' representation
     needs_profile: bool = False  # reads a profile (its `profile` key, or an earlier profile stage's)
     makes_profile: bool = False
+    needs_patterns: bool = False  # reads a pattern store (its `store` key, or an earlier patterns stage's)
+    makes_patterns: bool = False
 
 
 STAGES: Registry[StageSpec] = Registry("stage")
@@ -74,14 +76,15 @@ STAGES: Registry[StageSpec] = Registry("stage")
 def register_stage(config: type[StageConfig], *, modifies_model: bool, writes_output: bool = True,
                    uses_text: bool = False, needs_original: bool = False,
                    changes: Literal["experts", "weights"] | None = None, needs_profile: bool = False,
-                   makes_profile: bool = False) -> Callable:
+                   makes_profile: bool = False, needs_patterns: bool = False,
+                   makes_patterns: bool = False) -> Callable:
     """Decorator for a stage's run function; the name is the default of the config's ``stage`` field."""
     name = config.model_fields["stage"].default
 
     def deco(fn: Callable) -> Callable:
         doc = (fn.__doc__ or config.__doc__ or name).strip().splitlines()[0]
         STAGES.add(name, StageSpec(name, config, fn, modifies_model, doc, writes_output, uses_text, needs_original,
-                                   changes, needs_profile, makes_profile))
+                                   changes, needs_profile, makes_profile, needs_patterns, makes_patterns))
         return fn
 
     return deco

@@ -7,17 +7,20 @@ to apply an expert selection made elsewhere; the ``prune`` stage chooses the exp
 from __future__ import annotations
 
 import copy
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Any, Literal, Protocol
 
 import torch
 
 from pydantic import model_validator
 
 from moecompress.errors import MoecompressError
+from moecompress.io.checkpoint import build_skeleton
 from moecompress.models.surgery import check_keep, keep_layer, set_expert_count
+from moecompress.runtime.executor import ModelSource
 from moecompress.stages.base import StageConfig, StageContext, register_stage
 
-__all__ = ["KeepExpertsConfig", "apply_keep", "mask_dead"]
+__all__ = ["KeepExpertsConfig", "LayerWork", "apply_keep", "mask_dead"]
 
 
 class KeepExpertsConfig(StageConfig):
@@ -71,35 +74,77 @@ def run(ctx: StageContext, cfg: KeepExpertsConfig) -> dict[str, Any]:
             "params_after": after["params"], "kept_experts": {str(k): v for k, v in plan.items()}}
 
 
+class LayerWork(Protocol):
+    """Per-layer work around the surgery on a stream of ``batches`` (router recalibration, in ``prune``)."""
+
+    batches: list[torch.Tensor]
+
+    def layer(self, stream: Any, i: int, cut: Callable[[], None] | None) -> None:
+        """Layer ``i`` is loaded as stored and ``stream.hidden`` holds its inputs: call ``cut()`` (the surgery of
+        layer ``i``; None for a layer the plan leaves alone) once, and run the layer (``stream.run_layer(i)``)."""
+
+    def end(self, stream: Any) -> None:
+        """After the last layer (the head can be loaded: ``stream.load_head()``)."""
+
+
 def apply_keep(ctx: StageContext, keep: dict[int, list[int]], regroup: bool = False,
-               dead: dict[int, list[int]] | None = None):
+               dead: dict[int, list[int]] | None = None, work: LayerWork | None = None, reads: list | None = None):
     """Stream the model through the surgery: keep ``keep[layer]`` experts per MoE layer (renumbered in that
     order), one layer at a time, into the stage's sink. ``dead``: positions (after renumbering) to make
-    unreachable (padding experts: a -1e4 router or correction bias, zero weights). Returns the checked plan
-    and the expert / parameter counts before and after."""
+    unreachable (padding experts: a -1e4 router or correction bias, zero weights). ``work``: per-layer work
+    around the surgery (`LayerWork`). ``reads``: a list the stream's checkpoint reader is appended to (its
+    ``read_log``: bytes read per stored tensor). Returns the checked plan and the expert / parameter counts before
+    and after.
+
+    A model read from disk with no ``work`` is read pruned: only the kept experts' tensors (and router rows) are
+    read, into the skeleton of the pruned model, so pruning to half the experts reads half the expert bytes.
+    ``work`` needs every expert (it compares with the unpruned layer), so the whole layers are read then."""
     arch, config = ctx.arch, ctx.config
     plan = check_keep(arch, config, keep, regroup)
     E = arch.num_experts(config)
     n = len(next(iter(plan.values())))
     sink = ctx.sink()
-    params = {"before": 0, "after": 0}
-    with ctx.stream([]) as stream:
-        for i, layer in stream.layers_in_order():
-            params["before"] += sum(p.numel() for p in layer.parameters())
-            if i in plan:
+    new_config = config if sink.in_place else copy.deepcopy(config)
+    if not sink.in_place:
+        set_expert_count(new_config, arch, n, regroup)
+    src = ctx.source
+    pruned_read = work is None and not src.in_memory
+    if pruned_read:
+        src = ModelSource(new_config, arch, directory=src.directory, tokenizer=src.tokenizer,
+                          stored_dtype=src.stored_dtype, label=src.label, path=src.path)
+    with ctx.stream(work.batches if work is not None else [], source=src,
+                    **({"experts": plan} if pruned_read else {})) as stream:
+        before = _params(build_skeleton(config, stream.dtype, "meta") if pruned_read else stream.model)
+        if reads is not None and stream.files is not None:
+            reads.append(stream.files)
+        for i in range(stream.num_layers):
+            stream.load(i)
+
+            def cut(i: int = i) -> None:
                 view = arch.block(stream.model, i)
-                keep_layer(view, plan[i], regroup)
+                keep_layer(view, range(n) if pruned_read else plan[i], regroup)
                 if dead and dead.get(i):
                     mask_dead(view, dead[i])
-            params["after"] += sum(p.numel() for p in layer.parameters())
+
+            if work is None:
+                if i in plan:
+                    cut()
+            else:
+                work.layer(stream, i, cut if i in plan else None)
             sink.layer(stream, i)
-        outside = stream.outside_state()
-        rest = sum(t.numel() for t in {t.data_ptr(): t for t in outside.values()}.values())
-        sink.outside(stream, outside)
-    new_config = config if sink.in_place else copy.deepcopy(config)
-    set_expert_count(new_config, arch, n, regroup)
+            stream.release(i)
+        if work is not None:
+            work.end(stream)
+        after = _params(stream.model)
+        sink.outside(stream)
+    if sink.in_place:
+        set_expert_count(new_config, arch, n, regroup)
     ctx.adopt(sink, new_config)
-    return plan, {"experts": E, "params": params["before"] + rest}, {"experts": n, "params": params["after"] + rest}
+    return plan, {"experts": E, "params": before}, {"experts": n, "params": after}
+
+
+def _params(model) -> int:
+    return sum(p.numel() for p in model.parameters())  # tied parameters once
 
 
 @torch.no_grad()

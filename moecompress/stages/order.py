@@ -12,9 +12,12 @@ see refuses, with the order that works:
 * ``prune`` with no profile, or with a profile taken before an earlier stage changed the experts;
 * ``keep_experts`` after another expert change (its ids would mean renumbered experts);
 * ``prune`` tasks that its profile does not have (checked against the recipe's calibration tasks or the
-  profile file's header, not after a long profiling pass).
+  profile file's header, not after a long profiling pass);
+* ``retrieve`` with no pattern store, or with one (its own, or an earlier ``patterns`` stage's) that describes the
+  experts before an earlier stage changed them.
 
-The working order is: profile, then prune / keep_experts, then quantize / ternary, then evaluate.
+The working order is: profile, then patterns, then prune / keep_experts / retrieve, then quantize / ternary, then
+evaluate.
 """
 
 from __future__ import annotations
@@ -43,11 +46,13 @@ class InputState:
 def _rank(spec: StageSpec) -> int:
     if spec.makes_profile:
         return 0
-    if spec.changes == "experts":
+    if spec.makes_patterns:
         return 1
-    if spec.changes == "weights":
+    if spec.changes == "experts":
         return 2
-    return 3
+    if spec.changes == "weights":
+        return 3
+    return 4
 
 
 def working_order(specs: Sequence[StageSpec]) -> list[str]:
@@ -79,6 +84,7 @@ def check_order(configs: Sequence[StageConfig], specs: Sequence[StageSpec], stat
     weights_by: int | None = None  # index of the stage that quantized the weights in this recipe
     experts_by: int | None = None  # index of the last stage that changed the expert set
     profile_at: int | None = None  # index of the last profile stage
+    patterns_at: int | None = None  # index of the last patterns stage
     for i, (cfg, spec) in enumerate(zip(configs, specs)):
         here = _where(i, spec, n)
         if spec.needs_original:
@@ -99,6 +105,8 @@ def check_order(configs: Sequence[StageConfig], specs: Sequence[StageSpec], stat
                 "choose the experts in one stage (a single keep_experts or prune)")
         if spec.needs_profile:
             _check_profile(cfg, here, i, specs, profile_at, experts_by, calibration_tasks, num_experts)
+        if spec.needs_patterns:
+            _check_patterns(cfg, here, i, specs, patterns_at, experts_by)
         if getattr(cfg, "baseline", None) == "original" and not state.original and not any(
                 s.modifies_model for s in specs[:i]):
             raise MoecompressError(f"{here} compares with the original, but {state.label} records none (it was not "
@@ -106,6 +114,8 @@ def check_order(configs: Sequence[StageConfig], specs: Sequence[StageSpec], stat
                                    "give a baseline model (--baseline PATH), or evaluate alone (--no-baseline)")
         if spec.makes_profile:
             profile_at = i
+        if spec.makes_patterns:
+            patterns_at = i
         if spec.changes == "experts":
             experts_by = i
         elif spec.changes == "weights":
@@ -149,3 +159,26 @@ def _check_profile(cfg: Any, here: str, i: int, specs: Sequence[StageSpec], prof
     if missing:
         raise MoecompressError(f"{here}: task {missing[0]!r} is not in {source} (it has {', '.join(tasks)})",
                                f"use one of {', '.join(tasks)}, or profile {missing[0]!r} too")
+
+
+def _check_patterns(cfg: Any, here: str, i: int, specs: Sequence[StageSpec], patterns_at: int | None,
+                    experts_by: int | None) -> None:
+    n = len(specs)
+    name = specs[i].name
+    if getattr(cfg, "store", None) is None:
+        if patterns_at is None:
+            raise MoecompressError(f"{here} needs a pattern store and none comes before it",
+                                   f"add '- stage: patterns' (after a profile) before {name}, or give a pattern "
+                                   "store (--store DIR)")
+        if experts_by is not None and experts_by > patterns_at:
+            raise MoecompressError(
+                f"{here} would use the patterns of {_where(patterns_at, specs[patterns_at], n)}, taken before "
+                f"{_where(experts_by, specs[experts_by], n)} changed the experts",
+                f"choose the experts in one stage, or add '- stage: profile' and '- stage: patterns' right before "
+                f"{name}")
+    elif experts_by is not None:
+        raise MoecompressError(
+            f"{here}: the pattern store {str(cfg.store)!r} describes the model before "
+            f"{_where(experts_by, specs[experts_by], n)} changed its experts",
+            f"choose the experts in one stage, or add '- stage: profile' and '- stage: patterns' right before {name} "
+            "and drop 'store:'")

@@ -2,7 +2,9 @@
 
 Per MoE layer, keep the best experts for the chosen tasks by the chosen score (TCESS, frequency, REAP,
 EAN, gate, random), protecting super experts; structural surgery through the adapters, so the result
-is a standard checkpoint plain transformers loads. Optionally recalibrate the routers by distillation.
+is a standard checkpoint plain transformers loads, written one decoder layer at a time (reading only the kept
+experts' tensors). Optionally recalibrate the kept routers layer by layer (`runtime.router_refit`): each pruned
+block is fitted to reproduce its unpruned output on its inputs.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from moecompress.algorithms.expert_scores import SCORES, super_experts
 from moecompress.algorithms.pruning import cumulative_counts, select_experts
 from moecompress.errors import MoecompressError
 from moecompress.formats.profile import Profile
-from moecompress.models.identity import check_identity, config_identity, model_identity
-from moecompress.models.surgery import keep_experts
-from moecompress.runtime.router_kd import recalibrate_routers, teacher_targets
+from moecompress.models.identity import check_identity, config_identity
+from moecompress.runtime.identity import source_identity
+from moecompress.runtime.router_refit import RouterRefit
 from moecompress.stages.base import StageConfig, StageContext, register_stage
+from moecompress.stages.keep_experts import apply_keep
 
 __all__ = ["PruneConfig"]
 
@@ -51,8 +54,8 @@ class PruneConfig(StageConfig):
     protect_super: bool = True
     uneven: Literal["fill", "mask"] = "fill"  # cumulative: pad layers with next-best experts, or with dead ones
     regroup: bool = False
-    recalibrate_router: bool = False
-    recalibrate_steps: int = Field(100, ge=1)
+    recalibrate_router: bool = False  # refit each kept router to its block's unpruned output (runtime.router_refit)
+    recalibrate_steps: int = Field(100, ge=1)  # full-batch Adam steps per MoE layer (the best step is kept)
     recalibrate_lr: float = Field(1e-3, gt=0.0)
 
     @model_validator(mode="after")
@@ -104,20 +107,21 @@ def _resolve_profile(ctx: StageContext, cfg: PruneConfig) -> Profile:
 @register_stage(PruneConfig, modifies_model=True, needs_original=True, changes="experts", needs_profile=True)
 def run(ctx: StageContext, cfg: PruneConfig) -> dict[str, Any]:
     """Keep the best experts per layer for given tasks by a profile score (TCESS, frequency, REAP, ...)."""
-    model, arch = ctx.model, ctx.arch
+    arch, config = ctx.arch, ctx.config
     profile = _resolve_profile(ctx, cfg)
-    check_identity(profile.model, model_identity(model, arch), "the profile",
+    # the router weights alone are read for this check, before anything is written
+    check_identity(profile.model, source_identity(ctx.source, ctx.placement), "the profile",
                    "profile this model first: moecompress profile MODEL -o PROFILE")
     tasks = cfg.tasks or profile.tasks
     scores = profile.scores(cfg.score, tasks, cfg.seed)  # [L, E]; raises for unknown tasks
+    layers = arch.moe_layer_indices(config)
     bad = (~torch.isfinite(scores)).any(-1).nonzero().flatten().tolist()
     if bad:
-        raise MoecompressError(f"the {cfg.score} scores of MoE layer {arch.moe_layer_indices(model.config)[bad[0]]} "
+        raise MoecompressError(f"the {cfg.score} scores of MoE layer {layers[bad[0]]} "
                                "are not finite (NaN or infinite)", "profile the model again, or use another --score")
     stats, _ = profile.combined(tasks)
-    layers = arch.moe_layer_indices(model.config)
-    E = arch.num_experts(model.config)
-    rule = arch.moe_blocks(model)[0].routing
+    E = arch.num_experts(config)
+    rule = arch.routing(config, layers[0])
     groups = rule.n_group if rule.group_score and not cfg.regroup else 1
     protect = super_experts(stats["act_max"]) if cfg.protect_super else None
     needed = None
@@ -136,17 +140,16 @@ def run(ctx: StageContext, cfg: PruneConfig) -> dict[str, Any]:
         own = select_experts(scores, needed, protect, groups)
         for j, (ids, mine) in enumerate(zip(selection, own)):
             dead[layers[j]] = [pos for pos, e in enumerate(ids) if e not in set(mine)]
-    targets = None
+    keep = {layer: ids for layer, ids in zip(layers, selection)}
+    refit = None
     if cfg.recalibrate_router:
-        targets = teacher_targets(model, torch.cat(list(ctx.windows("calib").values())))
-    params_before = sum(p.numel() for p in model.parameters())
-    plan = keep_experts(model, arch, {layer: ids for layer, ids in zip(layers, selection)}, regroup=cfg.regroup)
-    if dead:
-        _mask_dead(model, arch, dead)
-    kd = None
-    if targets is not None:
-        kd = recalibrate_routers(model, arch, targets, cfg.recalibrate_steps, cfg.recalibrate_lr,
-                                 progress=ctx.progress, seed=cfg.seed)
+        windows = ctx.windows("calib")
+        batches = [w[i:i + 8] for w in windows.values() for i in range(0, len(w), 8)]
+        with ctx.progress.task("pruning, recalibrating routers", total=cfg.recalibrate_steps * len(layers)) as bar:
+            refit = RouterRefit(arch, batches, cfg.recalibrate_steps, cfg.recalibrate_lr, bar)
+            plan, before, after = apply_keep(ctx, keep, cfg.regroup, dead, work=refit)
+    else:
+        plan, before, after = apply_keep(ctx, keep, cfg.regroup, dead)
     earlier = ctx.artifacts.get("kept_experts")  # an earlier prune in this recipe: map ids back to the input's
     ctx.artifacts["kept_experts"] = {k: [earlier[k][e] for e in v] if earlier and k in earlier else v
                                      for k, v in plan.items()}
@@ -157,26 +160,11 @@ def run(ctx: StageContext, cfg: PruneConfig) -> dict[str, Any]:
         "profile": str(profile.path) if profile.path else "(this recipe)", "tasks": tasks, "score": cfg.score,
         "score_note": {"tcess": "PreMoe TCESS on raw router logits", "tcess_prob": "TCESS on routing probabilities"
                        }.get(cfg.score, cfg.score),
-        "experts_before": E, "experts_after": n, "params_before": params_before,
-        "params_after": sum(p.numel() for p in model.parameters()),
+        "experts_before": E, "experts_after": n, "params_before": before["params"], "params_after": after["params"],
         "needed_per_layer": needed, "dead_padding": {str(k): v for k, v in dead.items()} or None,
         "score_coverage_per_layer": [round(c, 4) for c in coverage],
         "protected_super_experts": [] if protect is None else
         [[layers[j], e] for j, e in protect.nonzero().tolist()],
-        "kept_experts": {str(k): v for k, v in plan.items()}, "router_recalibration": kd,
+        "kept_experts": {str(k): v for k, v in plan.items()},
+        "router_recalibration": refit.report() if refit is not None else None,
     }
-
-
-@torch.no_grad()
-def _mask_dead(model, arch, dead: dict[int, list[int]]) -> None:
-    """Make padding experts unreachable: a -1e4 router or correction bias, zero weights."""
-    for view in arch.moe_blocks(model):
-        pos = dead.get(view.index)
-        if not pos:
-            continue
-        bias = view.correction_bias if view.correction_bias is not None else view.router_bias
-        bias.view(-1)[pos] = -1e4
-        for proj in ("gate", "up", "down"):
-            w = view.experts.stacked(proj).clone()
-            w[pos] = 0
-            view.experts.set_stacked(proj, w)

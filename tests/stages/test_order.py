@@ -21,6 +21,8 @@ CALIB = {"tasks": ["prose", "code"], "samples": 2, "seq_len": 32}
 def profile_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("profile") / "p"
     pipeline.run(validate_recipe({"model": MODEL, "calibration": CALIB, "stages": [{"stage": "profile"}]}), output=out)
+    pipeline.run(validate_recipe({"model": MODEL, "calibration": CALIB, "stages": [  # and its pattern store
+        {"stage": "patterns", "profile": str(out), "signature_layers": 1}]}), output=out.parent / "store")
     return out
 
 
@@ -32,6 +34,9 @@ def _stage(name, profile_dir):
         "quantize": {"stage": "quantize", "scheme": "w4a16", "group_size": 8, "method": "rtn"},
         "ternary": {"stage": "ternary", "method": "absmean", "group_size": 8},
         "evaluate": {"stage": "evaluate", "baseline": None, "samples": 2},
+        "patterns": {"stage": "patterns", "profile": str(profile_dir), "signature_layers": 1},
+        "retrieve": {"stage": "retrieve", "store": str(profile_dir.parent / "store"), "prompt": "def f(x): return x",
+                     "keep": 4, "max_distance": 10.0},
     }[name]
 
 
