@@ -81,6 +81,10 @@ class Context:
         wrote, once it is complete)."""
         new = sink.close(config if config is not None else self.config, self.arch, tokenizer)
         self.dist.barrier()
+        if getattr(sink, "reread_config", False):  # written by rank 0 (packed: its quantization_config)
+            from transformers import AutoConfig
+
+            new.config = AutoConfig.from_pretrained(new.directory, local_files_only=True)
         if new is not self.source:
             new.label = f"{self.original.label} (compressed in this run)"
         self.source = new

@@ -221,7 +221,7 @@ CASES = [
                  ("shard index", "corrupt")),
     weights_case("nan-weights", lambda d: _edit_tensor(d, _nan), ("NaN or infinite", "experts")),
     weights_case("integer-weights-no-quant", _bad_dtype, ("stored as I8", "declares no quantization")),
-    weights_case("wrong-shape", _wrong_shape, ("cannot load the weights",)),
+    weights_case("wrong-shape", _wrong_shape, ("has shape [63, 64], config.json implies [64, 64]",)),
     weights_case("corrupt-sidecar", lambda d: (d / "moecompress.json").write_text("{"), ("moecompress.json", "corrupt")),
     # profiles
     profile_case("profile-missing", lambda p, b: shutil.rmtree(p), ("no profile at",)),

@@ -40,7 +40,6 @@ from moecompress.errors import MoecompressError
 from moecompress.formats.checkpoint import FORMAT_VERSION, QUANT_METHOD
 from moecompress.formats.inspect import storage_summary
 from moecompress.io.checkpoint import layer_of
-from moecompress.io.validate import check_finite
 from moecompress.progress import NullProgress, Progress
 from moecompress.runtime.executor import LayerStream, ModelSource, Placement
 from moecompress.runtime.hooks import capture_routing
@@ -160,8 +159,7 @@ class _AsSaved:
         if self.source.in_memory:
             return None
         self._verify(stream, [k for k in self.checksums if layer_of(k, stream.arch.layers) == i])
-        layer = stream.layers[i]
-        check_finite(itertools.chain(layer.named_parameters(), layer.named_buffers()), f"{self.where} layer {i}")
+        layer = stream.layers[i]  # finite: checked as read (LayerStream)
         if self.act is None:
             return None
         from moecompress.nn.act_quant import ActQuantHandle, install_layer_act_quant
@@ -176,8 +174,6 @@ class _AsSaved:
         if self.source.in_memory:
             return
         self._verify(stream, [k for k in self.checksums if layer_of(k, stream.arch.layers) is None])
-        outside = [(n, p) for n, p in stream.model.named_parameters() if layer_of(n, stream.arch.layers) is None]
-        check_finite(outside, self.where)
 
 
 # ---------------------------------------------------------------------------------------------- streaming

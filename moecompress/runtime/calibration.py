@@ -38,30 +38,71 @@ class LinearStats:
 
 @dataclass
 class ExpertStats:
-    H: torch.Tensor  # [E, C, C] gate-weighted, routed tokens (base batches)
-    H_down: torch.Tensor  # [E, I, I]
+    """Per-expert statistics of one MoE block. Hessians are kept for the experts this process computes
+    (``owned``, all of them in one process; `runtime.dist`): ``H[j]`` is expert ``owned[j]``'s. The near-miss and
+    reserve Hessians exist only for experts that were topped up (``{expert: [C, C]}``). Counts and maxima cover
+    every expert (summed over processes after each pass)."""
+
+    H: torch.Tensor  # [E_own, C, C] gate-weighted, routed tokens (base batches)
+    H_down: torch.Tensor  # [E_own, I, I]
     count: torch.Tensor  # [E] routed tokens (base batches)
     gate_sum: torch.Tensor  # [E]
     act_max: torch.Tensor  # [E, C] over routed tokens
     h_max: torch.Tensor  # [E, I]
-    near_H: torch.Tensor  # [E, C, C] near-miss tokens, weighted by routing probability
-    near_H_down: torch.Tensor
     near_count: torch.Tensor  # [E]
-    res_H: torch.Tensor  # [E, C, C] reserve batches (routed)
-    res_H_down: torch.Tensor
     res_count: torch.Tensor  # [E]
     router_act_max: torch.Tensor  # [C] over all tokens
+    owned: range = range(0)
+    near_H: dict[int, torch.Tensor] = field(default_factory=dict)  # near-miss tokens, weighted by routing probability
+    near_H_down: dict[int, torch.Tensor] = field(default_factory=dict)
+    res_H: dict[int, torch.Tensor] = field(default_factory=dict)  # reserve batches (routed)
+    res_H_down: dict[int, torch.Tensor] = field(default_factory=dict)
     short: set[int] = field(default_factory=set)  # experts to top up in "near" / "reserve" passes
     sample: list[torch.Tensor] = field(default_factory=list)  # router inputs [n, C]
     sample_logits: list[torch.Tensor] = field(default_factory=list)  # their router logits [n, E]
 
     @classmethod
-    def empty(cls, E: int, C: int, I: int, device: torch.device | str = "cpu") -> ExpertStats:
+    def empty(cls, E: int, C: int, I: int, device: torch.device | str = "cpu",
+              owned: range | None = None) -> ExpertStats:
+        owned = range(E) if owned is None else owned
+
         def z(*shape: int) -> torch.Tensor:
             return torch.zeros(*shape, device=device)
 
-        return cls(z(E, C, C), z(E, I, I), z(E), z(E), z(E, C), z(E, I), z(E, C, C), z(E, I, I), z(E),
-                   z(E, C, C), z(E, I, I), z(E), z(C))
+        return cls(z(len(owned), C, C), z(len(owned), I, I), z(E), z(E), z(E, C), z(E, I), z(E), z(E), z(C),
+                   owned)
+
+    def row(self, e: int) -> int:
+        """Index of expert ``e`` in ``H``/``H_down``."""
+        return e - self.owned.start
+
+    def extra(self, which: str, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert ``e``'s near-miss (``near``) or reserve (``res``) Hessians, allocated at first use."""
+        Hs, Hds = getattr(self, f"{which}_H"), getattr(self, f"{which}_H_down")
+        if e not in Hs:
+            Hs[e] = torch.zeros_like(self.H[0])
+            Hds[e] = torch.zeros_like(self.H_down[0])
+        return Hs[e], Hds[e]
+
+    def rescale(self, s: torch.Tensor, down: bool = False) -> None:
+        """Hessians of inputs divided by ``s`` (``[C]``, or per expert ``[E, I]`` with ``down``): ``H / (s s^T)``."""
+        own = slice(self.owned.start, self.owned.stop)
+        if down:
+            ss = s[:, :, None] * s[:, None, :]
+            self.H_down /= ss[own]
+            tables = (self.near_H_down, self.res_H_down)
+        else:
+            ss = s[:, None] * s[None, :]
+            self.H /= ss
+            tables = (self.near_H, self.res_H)
+        for table in tables:
+            for e, M in table.items():
+                M /= ss[e] if down else ss
+
+    def sum_over(self, dist, fields: tuple[str, ...]) -> None:
+        """Counts / maxima filled by each process for its own experts (zeros elsewhere), summed exactly."""
+        for f in fields:
+            setattr(self, f, dist.all_sum(getattr(self, f)))
 
 
 @dataclass
@@ -96,7 +137,7 @@ def _expert_step(st: ExpertStats, view: MoEBlockView, x: torch.Tensor, logits: t
         probs = logits.float().sigmoid() if view.routing.score == "sigmoid" else logits.float().softmax(-1)
         order = logits.float().argsort(dim=-1, descending=True)  # [T, E] experts by logit
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(E, device=order.device).expand_as(order))  # [T, E] ranks
-    for e in range(E):
+    for e in st.owned:
         if mode != "routed" and e not in st.short:
             continue
         routed = (index == e)  # [T, K]
@@ -114,17 +155,14 @@ def _expert_step(st: ExpertStats, view: MoEBlockView, x: torch.Tensor, logits: t
         uu = nn.functional.linear(xs, w.up[e].float(), None if w.up_bias is None else w.up_bias[e].float())
         h = glu(gg, uu, act)
         hw = h * g.sqrt()[:, None]
-        if target == "near":
-            st.near_H[e] += xw.T @ xw
-            st.near_H_down[e] += hw.T @ hw
-            st.near_count[e] += len(sel)
-        elif target == "reserve":
-            st.res_H[e] += xw.T @ xw
-            st.res_H_down[e] += hw.T @ hw
-            st.res_count[e] += len(sel)
+        if target in ("near", "reserve"):
+            He, Hde = st.extra("near" if target == "near" else "res", e)
+            He += xw.T @ xw
+            Hde += hw.T @ hw
+            (st.near_count if target == "near" else st.res_count)[e] += len(sel)
         else:
-            st.H[e] += xw.T @ xw
-            st.H_down[e] += hw.T @ hw
+            st.H[st.row(e)] += xw.T @ xw
+            st.H_down[st.row(e)] += hw.T @ hw
             st.count[e] += len(sel)
             st.gate_sum[e] += float(g.sum())
             st.act_max[e] = torch.maximum(st.act_max[e], xs.abs().amax(0))
@@ -133,9 +171,9 @@ def _expert_step(st: ExpertStats, view: MoEBlockView, x: torch.Tensor, logits: t
 
 @contextlib.contextmanager
 def collect(layer: nn.Module, views: list[MoEBlockView], attn_norm: nn.Module | None, near_miss: int = 2,
-            sample_tokens: int = 8192) -> Iterator[LayerStats]:
+            sample_tokens: int = 8192, owned: range | None = None) -> Iterator[LayerStats]:
     """Hooks that fill a `LayerStats` while ``layer`` runs; removed on exit. Statistics live on the layer's device
-    (float32)."""
+    (float32). ``owned``: the experts whose statistics this process computes (default all)."""
     stats = LayerStats(sample_tokens=sample_tokens)
     handles: list = []
     norm_out: dict[str, torch.Tensor] = {}  # held, so that no other tensor can reuse its memory meanwhile
@@ -151,7 +189,7 @@ def collect(layer: nn.Module, views: list[MoEBlockView], attn_norm: nn.Module | 
                 lambda m, a, g=v.shared_gate: shared_gate_value.__setitem__("w", torch.sigmoid(g(a[0])).detach())))
         C = v.router_weight.shape[1]
         E, I = v.num_experts, v.experts.stacked("down").shape[2]
-        stats.experts = ExpertStats.empty(E, C, I, v.router_weight.device)
+        stats.experts = ExpertStats.empty(E, C, I, v.router_weight.device, owned)
     for tag, norm in (("attn_norm", attn_norm), ("moe_norm", views[0].pre_moe_norm if views else None)):
         if norm is not None:
             handles.append(norm.register_forward_hook(

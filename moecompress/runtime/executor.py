@@ -24,6 +24,7 @@ differ per layer for sliding-window families; rotary tables are shared) and stop
 from __future__ import annotations
 
 import contextlib
+import itertools
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ import torch
 from torch import nn
 
 from moecompress.errors import MoecompressError
+from moecompress.io.validate import check_finite
 from moecompress.io.checkpoint import CheckpointSource, build_skeleton, layer_of, release, stored_dtype
 from moecompress.models.base import MoEArch, resolve
 
@@ -89,7 +91,7 @@ class ModelSource:
 
     def __init__(self, config, arch: MoEArch, directory: str | Path | None = None, model: nn.Module | None = None,
                  tokenizer=None, stored_dtype: torch.dtype | None = None, label: str | None = None,
-                 path: Path | None = None) -> None:
+                 path: Path | None | str = "directory") -> None:
         if (directory is None) == (model is None):
             raise ValueError("give a directory or a model")
         self.config, self.arch, self.tokenizer = config, arch, tokenizer
@@ -97,7 +99,8 @@ class ModelSource:
         self.model = model
         self.stored_dtype = stored_dtype or (next(model.parameters()).dtype if model is not None else None)
         self.label = label or (str(directory) if directory is not None else "model")  # what the user asked for
-        self.path = path if path is not None else self.directory  # the user's directory (None: tiny/in memory)
+        # the user's directory: by default the one read; None for a model the run made (tiny:) or holds in memory
+        self.path = self.directory if path == "directory" else (None if path is None else Path(path))
 
     @property
     def in_memory(self) -> bool:
@@ -171,6 +174,9 @@ class LayerStream:
         ``module``'s tensors stored in the stored dtype to the compute dtype, one at a time (tensors the family
         keeps in float32 stay so)."""
         self.files.load(self.model, keys, self.device, self.stored, rows=rows, rename=rename)
+        prefix = next((f"{n}." for n, m in self.model.named_modules() if m is module and n), "")
+        check_finite(((prefix + n, t) for n, t in itertools.chain(module.named_parameters(), module.named_buffers())),
+                     repr(str(self.source.path or self.source.directory)))
         if self.dtype == self.stored:
             return
         for sub in module.modules():

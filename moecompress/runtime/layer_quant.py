@@ -14,12 +14,13 @@ import torch
 from torch import nn
 
 from moecompress.algorithms.gptq import gptq_quantize
-from moecompress.algorithms.quant_grid import QuantGrid, rtn_quantize
+from moecompress.algorithms.quant_grid import QuantGrid, QuantResult, rtn_quantize
 from moecompress.algorithms.router_align import align_router
 from moecompress.algorithms.smooth import aggregate_scales, down_outlier_scales, smooth_scales
 from moecompress.formats.quant_record import QuantRecord
 from moecompress.models.base import MoEBlockView
 from moecompress.runtime.calibration import LayerStats
+from moecompress.runtime.dist import Dist
 
 __all__ = ["QuantOptions", "quantize_experts", "quantize_linears", "quantize_router", "smooth_layer"]
 
@@ -94,9 +95,7 @@ def smooth_layer(layer: nn.Module, views: list[MoEBlockView], stats: LayerStats,
             if st.source == "moe_norm":
                 st.H /= s[:, None] * s[None, :]
                 st.act_max /= s
-        ss = s[:, None] * s[None, :]
-        for H in (ex.H, ex.near_H, ex.res_H):
-            H /= ss
+        ex.rescale(s)
         ex.act_max /= s
         ex.router_act_max /= s
         ex.sample = [x / s for x in ex.sample]
@@ -113,9 +112,7 @@ def smooth_layer(layer: nn.Module, views: list[MoEBlockView], stats: LayerStats,
                 if b is not None:
                     b.div_(sd.to(b.dtype))
                 v.experts.set_stacked("down", v.experts.stacked("down").float() * sd[:, None, :])
-                sds = sd[:, :, None] * sd[:, None, :]
-                for H in (ex.H_down, ex.near_H_down, ex.res_H_down):
-                    H /= sds
+                ex.rescale(sd, down=True)
                 ex.h_max /= sd
                 used["down"] = sd
     return used
@@ -138,50 +135,67 @@ def quantize_linears(layer: nn.Module, stats: LayerStats, opt: QuantOptions, rec
 
 @torch.no_grad()
 def quantize_experts(view: MoEBlockView, stats: LayerStats, opt: QuantOptions, record: QuantRecord, prefix: str,
-                     balance: bool, n_min: float, down_rotation: torch.Tensor | None = None) -> dict[str, Any]:
+                     balance: bool, n_min: float, down_rotation: torch.Tensor | None = None,
+                     dist: Dist | None = None) -> dict[str, Any]:
     """GPTQ all experts of the block at once ([E, O, C] with [E, C, C] Hessians), with calibration balance:
     an expert short of ``n_min`` routed tokens is topped up from reserve batches, then near-miss tokens,
     else falls back to RTN (clip search). Experts with no token at all always fall back to RTN.
 
     ``down_rotation`` ``Q [I, I]``: the down projections are quantized in the rotated basis (``W Q`` with
     Hessian ``Q^T H Q``, as an online Hadamard before them would see), the record keeps those codes and the
-    checkpoint the dequantized weights rotated back (``W_hat Q^T``), so a weights-only load stays exact."""
+    checkpoint the dequantized weights rotated back (``W_hat Q^T``), so a weights-only load stays exact.
+
+    ``dist`` (torchrun): this process quantizes its own experts (``stats.experts.owned``) and the results are
+    gathered, so every process ends with the whole quantized block (each expert computed as one process would)."""
     ex = stats.experts
     E = view.num_experts
+    dist = dist or Dist()
+    own = slice(ex.owned.start, ex.owned.stop)
     H, Hd, n = ex.H.clone(), ex.H_down.clone(), ex.count.clone()
     reserve_used, near_used, fallback = [], [], []
     for e in range(E):
+        mine = e in ex.owned
         if balance and n[e] < n_min and ex.res_count[e] > 0:
-            H[e] += ex.res_H[e]
-            Hd[e] += ex.res_H_down[e]
+            if mine:
+                H[ex.row(e)] += ex.res_H[e]
+                Hd[ex.row(e)] += ex.res_H_down[e]
             n[e] += ex.res_count[e]
             reserve_used.append(e)
         if balance and n[e] < n_min and ex.near_count[e] > 0:
-            H[e] += ex.near_H[e]
-            Hd[e] += ex.near_H_down[e]
+            if mine:
+                H[ex.row(e)] += ex.near_H[e]
+                Hd[ex.row(e)] += ex.near_H_down[e]
             n[e] += ex.near_count[e]
             near_used.append(e)
         if n[e] == 0 or (balance and n[e] < n_min):
-            H[e] = 0  # an all-zero Hessian is the identity in gptq_quantize: RTN with clip search
-            Hd[e] = 0
+            if mine:
+                H[ex.row(e)] = 0  # an all-zero Hessian is the identity in gptq_quantize: RTN with clip search
+                Hd[ex.row(e)] = 0
             fallback.append(e)
-    gate, up = view.experts.stacked("gate").float(), view.experts.stacked("up").float()
+    gate, up = view.experts.stacked("gate")[own].float(), view.experts.stacked("up")[own].float()
     I = gate.shape[1]
-    res = _quantize(torch.cat([gate, up], dim=1), H, opt)  # gate and up share their input
+    res = _gathered(_quantize(torch.cat([gate, up], dim=1), H, opt), dist, E)  # gate and up share their input
     view.experts.set_stacked("gate", res.weight[:, :I])
     view.experts.set_stacked("up", res.weight[:, I:])
     record.add(f"{prefix}:gate", res.codes[:, :I], res.scales[:, :I], res.zeros[:, :I])
     record.add(f"{prefix}:up", res.codes[:, I:], res.scales[:, I:], res.zeros[:, I:])
-    down = view.experts.stacked("down").float()  # [E, H, I]
+    down = view.experts.stacked("down")[own].float()  # [E_own, H, I]
     Q = None if down_rotation is None else down_rotation.to(down.device, torch.float32)
     if Q is not None:
         down = down @ Q
         Hd = Q.T @ Hd @ Q  # an all-zero Hessian (RTN fallback) stays all-zero
-    res = _quantize(down, Hd, opt)
+    res = _gathered(_quantize(down, Hd, opt), dist, E)
     view.experts.set_stacked("down", res.weight if Q is None else res.weight @ Q.T)
     record.add(f"{prefix}:down", res.codes, res.scales, res.zeros)
     return {"routed_tokens": [int(c) for c in ex.count], "tokens_used": [int(c) for c in n], "min_tokens": n_min,
             "topped_up_reserve": reserve_used, "topped_up_near_miss": near_used, "rtn_fallback": fallback}
+
+
+def _gathered(res: QuantResult, dist: Dist, E: int) -> QuantResult:
+    """Every process's experts of ``res``, in expert order (``res`` itself in one process)."""
+    if not dist.active:
+        return res
+    return QuantResult(*(dist.gather(t, E) for t in (res.weight, res.codes, res.scales, res.zeros)))
 
 
 @torch.no_grad()

@@ -42,10 +42,13 @@ class PackedSink:
     is written, the model stays fake-quantized in memory)."""
 
     def __init__(self, source: ModelSource, target: Path | None, meta: dict[str, Any],
-                 ternary_codec: str = "ternary-b3") -> None:
+                 ternary_codec: str = "ternary-b3", writer: bool = True) -> None:
+        """``writer=False``: another process (torchrun rank 0) writes ``target``; this one only computes."""
         if target is None and not source.in_memory:
             raise ValueError("a model read from disk must be written somewhere")
         self.source, self.target, self.meta, self.ternary_codec = source, target, meta, ternary_codec
+        self.writes = writer
+        self.reread_config = not writer  # the packed config.json exists once rank 0 has closed
         self._writer: PackedWriter | None = None
         self.stats: dict[str, Any] | None = None
 
@@ -67,12 +70,12 @@ class PackedSink:
 
     def layer(self, stream: LayerStream, i: int, record: QuantRecord, views: list[MoEBlockView]) -> None:
         """Write decoder layer ``i`` as it is now, its recorded weights packed (``views``: its MoE blocks)."""
-        if self.target is not None:
+        if self.target is not None and self.writes:
             self._open().add(stream.layer_state(i), record, _experts_info(stream.arch, views))
 
     def outside(self, stream: LayerStream, tensors: dict[str, torch.Tensor] | None = None) -> None:
         """Write everything outside the decoder layers (or ``tensors``), dense."""
-        if self.target is None:
+        if self.target is None or not self.writes:
             return
         state = stream.outside_state() if tensors is None else tensors
         self._open().add({k: v for k, v in state.items() if layer_of(k, stream.arch.layers) is None})
@@ -80,6 +83,10 @@ class PackedSink:
     def close(self, config, arch: MoEArch, tokenizer=None) -> ModelSource:
         if self.target is None:
             return self.source
+        if not self.writes:  # rank 0 writes; the others read its directory after the barrier
+            return ModelSource(config, arch, directory=self.target,
+                               tokenizer=tokenizer if tokenizer is not None else self.source.tokenizer,
+                               stored_dtype=self._stored())
         writer = self._open()
         config.save_pretrained(self.target)
         cfg = json.loads((self.target / "config.json").read_text())

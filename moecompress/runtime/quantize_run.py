@@ -31,6 +31,7 @@ from moecompress.formats.quant_record import QuantRecord
 from moecompress.nn.act_quant import ActQuant, ActQuantHandle, install_layer_act_quant, rotation_matrix
 from moecompress.progress import NullProgress, Progress
 from moecompress.runtime.calibration import collect
+from moecompress.runtime.dist import Dist
 from moecompress.runtime.executor import LayerStream
 from moecompress.runtime.hooks import capture_routing
 from moecompress.runtime.layer_quant import (
@@ -127,15 +128,20 @@ def _topk(traces, i: int) -> torch.Tensor:
 @torch.no_grad()
 def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_reserve: int, probe: Sequence[int],
                     rotation: ResidualRotation | None = None, progress: Progress | None = None,
-                    label: str = "quantizing") -> QuantRun:
+                    label: str = "quantizing", dist: Dist | None = None) -> QuantRun:
     """Quantize the model ``stream`` runs, layer by layer, into ``sink`` (`runtime.pack.PackedSink` or
     `FakeQuantSink`); see the module doc.
 
     The stream's batches are: ``n_base`` calibration batches, then ``n_reserve`` reserve batches (only experts
     short of tokens use them), then the ``probe`` batches (indices) whose routing is compared with the
     original model's. With ``rotation`` the stream must have computed its first-layer inputs with the rotated
-    embedding (``embed_transform=rotation.embedding``). The caller opens the stream and closes the sink."""
+    embedding (``embed_transform=rotation.embedding``). The caller opens the stream and closes the sink.
+
+    ``dist`` (torchrun): each process collects statistics and runs GPTQ for its share of every MoE layer's
+    experts; counts and maxima are summed and quantized experts gathered, so all processes run identical
+    forwards (`runtime.dist`)."""
     progress = progress or NullProgress()
+    dist = dist or Dist()
     arch, model = stream.arch, stream.model
     config = model.config
     moe = arch.moe_layer_indices(config)
@@ -175,16 +181,21 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
             ref = [park(y) for y in ref_out]
             del ref_out
             # 2. statistics
-            with collect(layer, lv, attn_norm, plan.near_miss) as stats, _skip_experts(lv):
+            owned = dist.experts(E) if dist.active else None
+            with collect(layer, lv, attn_norm, plan.near_miss, owned=owned) as stats, _skip_experts(lv):
                 stream.run_layer(i, store=False, batches=base)
+                if lv:
+                    stats.experts.sum_over(dist, ("count", "gate_sum", "act_max", "h_max"))
                 if plan.balance and lv and plan.experts is not None:  # top up rare experts: reserve, near-miss
                     stats.experts.short = set((stats.experts.count < n_min).nonzero().flatten().tolist())
                     if stats.experts.short and n_reserve:
                         stats.mode = "reserve"
                         stream.run_layer(i, store=False, batches=reserve)
+                        stats.experts.sum_over(dist, ("res_count",))
                     if stats.experts.short and plan.near_miss:
                         stats.mode = "near"
                         stream.run_layer(i, store=False, batches=base)
+                        stats.experts.sum_over(dist, ("near_count",))
             # 3. smoothing, linears, experts, router
             record = QuantRecord()
             entry: dict[str, Any] = {}
@@ -202,7 +213,7 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
                     q_inter = rotation_matrix(v.experts.stacked("down").shape[2], plan.rotation_seed) \
                         if plan.rotate_intermediate else None
                     entry["experts"] = quantize_experts(v, stats, plan.experts, record, f"{block}.{arch.experts}",
-                                                        plan.balance, n_min, q_inter)
+                                                        plan.balance, n_min, q_inter, dist)
                 if plan.router_bits:
                     entry["router"] = quantize_router(v, stats, plan.router_bits, plan.align_router, record,
                                                       f"{block}.{arch.router}", plan.align_objective)

@@ -140,14 +140,15 @@ def quantize(ctx: StageContext, plan: QuantPlan, base: list, extra: list, meta: 
     probe = batches_of([torch.cat([w[:2] for w in base])], plan.batch_size)  # routing agreement vs the original
     rotation = ResidualRotation(ctx.config.hidden_size, plan.rotation_seed) if plan.rotate else None
     if save_format == "packed":
-        sink = PackedSink(ctx.source, ctx.write_to, meta, ternary_codec)
+        sink = PackedSink(ctx.source, ctx.write_to, meta, ternary_codec, writer=ctx.dist.writer)
     else:  # the record goes with the written model (in place: into the run's output directory, if any)
-        sink = FakeQuantSink(ctx.sink(), ctx.write_to if ctx.write_to is not None else ctx.out_dir)
+        record_dir = ctx.write_to if ctx.write_to is not None else ctx.out_dir
+        sink = FakeQuantSink(ctx.sink(), record_dir if ctx.dist.writer else None)
     n = len(batches) + len(reserve)
     with ctx.stream(batches + reserve + probe,
                     embed_transform=None if rotation is None else rotation.embedding) as stream:
         result = quantize_stream(stream, sink, plan, len(batches), len(reserve), range(n, n + len(probe)), rotation,
-                                 ctx.progress, label)
+                                 ctx.progress, label, ctx.dist)
     config = ctx.config
     if result.untied_lm_head:  # the rotated head is written on its own
         if not ctx.source.in_memory:  # the source's config stays the source's

@@ -55,6 +55,12 @@ def _files(d: Path) -> dict[str, object]:
 @pytest.mark.slow
 @pytest.mark.parametrize("command", [
     ["profile", "tiny:mixtral", "--tasks", "prose,code", "--samples", "2", "--seq-len", "32"],
+    # GPTQ with calibration balance (reserve and near-miss top-ups), smoothing, aligned 8-bit router
+    ["quantize", "tiny:mixtral", "--scheme", "w4a8", "--router-bits", "8", "--tasks", "prose,code", "--samples", "4",
+     "--seq-len", "32"],
+    ["quantize", "tiny:deepseek_v3", "--scheme", "w4a16", "--group-size", "8", "--fake-quant", "--tasks", "math", "--samples", "4",
+     "--seq-len", "32"],
+    ["ternary", "tiny:qwen3_moe", "--group-size", "8", "--tasks", "prose", "--samples", "4", "--seq-len", "32"],
 ])
 def test_two_gloo_processes_write_the_bytes_of_one(command, tmp_path):
     one = _files(_run(command, tmp_path / "one", 1))

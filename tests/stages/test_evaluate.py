@@ -202,26 +202,13 @@ def test_keep_experts_recipe_with_evaluate_on_tiny(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- quantized
 def _quantized(tmp_path, family, scheme, save_format):
-    """A quantized checkpoint written from an in-memory quantize run: packed (write_packed) or fake-quantized
-    (plain weights; the scheme, with its activation quantization, in moecompress.json)."""
-    from moecompress.context import Context
-    from moecompress.recipe import CalibrationConfig
-    from moecompress.runtime.pack import write_packed
-    from moecompress.stages import STAGES
-
-    loaded = load_model(f"tiny:{family}")
-    ctx = Context(loaded, CalibrationConfig(tasks=["prose"], samples=2, seq_len=32), None)
-    spec = STAGES.get("quantize")
-    spec.run(ctx, spec.config.model_validate({"stage": "quantize", "scheme": scheme, "group_size": 8,
-                                              "method": "rtn", "save_format": save_format}))
-    meta = ctx.artifacts["sidecar"]["quantization"]
+    """A quantized checkpoint written by the quantize stage: packed, or fake-quantized (plain weights; the
+    scheme, with its activation quantization, in moecompress.json)."""
     out = tmp_path / f"{family}-{scheme}-{save_format}"
-    if save_format == "packed":
-        write_packed(loaded, ctx.artifacts["quant_record"], meta, out)
-    else:
-        ctx.artifacts["act_quant"].remove()  # save the plain (fake-quantized) weights
-        save_model(loaded, out)
-    (out / SIDECAR).write_text(json.dumps({"source_model": f"tiny:{family}", "quantization": meta}))
+    run(validate_recipe({"model": f"tiny:{family}", "calibration": {"tasks": ["prose"], "samples": 2, "seq_len": 32},
+                         "stages": [{"stage": "quantize", "scheme": scheme, "group_size": 8, "method": "rtn",
+                                     "save_format": save_format}]}), output=out)
+    assert json.loads((out / SIDECAR).read_text())["source_model"] == f"tiny:{family}"
     return out
 
 

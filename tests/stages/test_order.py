@@ -102,14 +102,14 @@ def test_pair_is_refused_up_front_or_equals_the_working_order(first, second, pro
                                   ("quantize", "ternary"), ("ternary", "quantize"), ("quantize", "profile"),
                                   ("keep_experts", "keep_experts"), ("prune", "prune"), ("keep_experts", "prune")])
 def test_senseless_pairs_are_refused_before_loading(pair, profile_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("weights were read"))
+    monkeypatch.setattr(pipeline, "open_source", lambda *a, **k: pytest.fail("weights were read"))
     with pytest.raises(MoecompressError):
         _run(list(pair), profile_dir, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
 def test_prune_needs_a_profile_of_the_current_experts(tmp_path, monkeypatch):
-    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("weights were read"))
+    monkeypatch.setattr(pipeline, "open_source", lambda *a, **k: pytest.fail("weights were read"))
 
     def refused(stages, *needles):
         with pytest.raises(MoecompressError) as e:
