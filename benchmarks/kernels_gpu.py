@@ -194,8 +194,11 @@ CHECK_SHAPES = ((333, 768, 128), (1024, 2048, 128), (96, 160, 32))  # (N, K, gro
 def check_configs(td) -> dict:
     """Fixed configurations of the correctness checks (GEMV, split-K GEMV, tensor-core decode with split-K,
     prefill tile); the timing section checks whatever the autotuner picks."""
-    return {1: td.DECODE_CONFIGS[0], 2: td.DECODE_CONFIGS[5], 4: td.DECODE_CONFIGS[6], 16: td.DECODE_CONFIGS[7],
-            128: td.GEMM_CONFIGS[0]}
+    def first(cfgs, bm, split):
+        return next(c for c in cfgs if (c.kwargs["BLOCK_M"] == 1) == (bm == 1) and (c.kwargs["SPLIT_K"] > 1) == split)
+
+    return {1: first(td.DECODE_CONFIGS, 1, False), 2: first(td.DECODE_CONFIGS, 1, True),
+            4: first(td.DECODE_CONFIGS, 16, False), 16: first(td.DECODE_CONFIGS, 16, True), 128: td.GEMM_CONFIGS[0]}
 
 
 def _cfg(c) -> dict:
@@ -225,7 +228,8 @@ def precompile(k, arch: int, jobs: int, quick: bool, shapes, ms) -> dict:
                 for cfg in td.plain_tuner(M).configs:
                     if 1 <= cfg.kwargs["BLOCK_K"] // td.geometry(*c4[:3]).SP2 <= 256:
                         specs.append(aot.mm_spec(c4, "fp16", N, K, GROUP, M, cfg))
-    for name, (E, top, H, I) in MOES.items():
+    moes = {**MOES, "graph-check": (8, 2, 1024, 512)}
+    for name, (E, top, H, I) in moes.items():
         for codec in (CODECS[1], CODECS[6]):
             c4 = codec[1:]
             for T in (1, 2, 4, 8, 16, 64, 512):

@@ -128,7 +128,7 @@ def launch_values(spec: KernelSpec):
     zero = _placeholder(torch.uint8) if asym else None
     dt = _TORCH_DTYPES[spec.dtype]
     if spec.kernel == "dequant":
-        values = td.dequant_arguments(data, scale, zero, _placeholder(dt), R=8 * N, C=K, W=W, G=G, geo=geo)
+        values = td.dequant_arguments(data, scale, zero, _placeholder(dt), R=N, C=K, W=W, G=G, geo=geo)  # E = 1
         return td._dequant_kernel, values, {"num_warps": 4}
     cfg = dict(spec.config)
     opts = {k: cfg.pop(k) for k in ("num_warps", "num_stages") if k in cfg}

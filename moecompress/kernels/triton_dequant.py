@@ -23,9 +23,12 @@ Design (docs/BENCHMARKS.md, "Packed kernels", has the reasoning and the GPU meas
   which rounds exactly as the reference does; bf16: the same in fp32, then one rounding), reshaped to
   [BLOCK_K, BLOCK_N] and fed to ``tl.dot`` with fp32 accumulation (fp16/bf16 inputs; no ``ieee`` fp32 dots).
   Base-3 units hold 5 codes: the tile is padded to 8 slots per byte (the extra slots meet zero activations).
-* **Group scales.** Loaded once per unit and tile (``SCALE_MODE`` 0: units never straddle a group); when a
-  unit can straddle one boundary (base 3 with groups of 128: 5 does not divide 128) two partial sums per unit
-  are kept (mode 1); only groups smaller than a unit (test-sized groups) load a scale per element (mode 2).
+* **Group scales.** The group size is a compile-time constant (``GROUP``; 0 = one group per row), so group
+  indices are shifts. A K tile that lies inside one group (e.g. 128 elements at group 128, or one group per
+  row) loads one scale (and zero) per row; a larger tile loads one per storage unit (``SCALE_MODE`` 0: units
+  never straddle a group). When a unit can straddle one boundary (base 3 with groups of 128: 5 does not divide
+  128) two partial sums per unit are kept (mode 1); only groups smaller than a unit (test-sized groups) load
+  a scale per element (mode 2).
 * **Grouped MoE.** vLLM's fused-MoE layout, computed on the device by `moe_align`: (token, slot) rows sorted
   by expert, each expert's segment padded to ``BLOCK_M`` (padding rows = ``num_rows``), one expert id per
   M-block (``-1`` past the end: those programs run no K iterations). With ``BLOCK_M = 1`` (decode: about one
@@ -131,12 +134,24 @@ def _as_f32(q):
 
 
 @triton.jit
-def _scale_zero3(scale_ptr, zero_ptr, srow, u, n_ok, G, GROUP, SLOTS: tl.constexpr, SP2: tl.constexpr,
-                 SCALE_MODE: tl.constexpr, HAS_ZERO: tl.constexpr, ZC: tl.constexpr):
-    """Scale and zero (fp32) broadcastable to the [BN, BU, SP2] code tile of units ``u`` [1, BU]."""
-    kb = u * SLOTS  # first element of each unit
-    if SCALE_MODE == 0:  # a unit never straddles a group: one load per unit
-        g = kb // GROUP
+def _scale_zero3(scale_ptr, zero_ptr, srow, u, n_ok, G, k0, KSTEP: tl.constexpr, GROUP: tl.constexpr,
+                 SLOTS: tl.constexpr, SP2: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_ZERO: tl.constexpr,
+                 ZC: tl.constexpr):
+    """Scale and zero (fp32) broadcastable to the [BN, BU, SP2] code tile of units ``u`` [1, BU] whose first
+    element is ``k0`` (``GROUP == 0``: one group per row)."""
+    ONE_GROUP: tl.constexpr = (GROUP % KSTEP) == 0  # the whole tile lies in one group: one load per row
+    if SCALE_MODE == 0 and ONE_GROUP:
+        if GROUP == 0:
+            g = 0
+        else:
+            g = k0 // GROUP
+        s = tl.load(scale_ptr + srow + g, mask=n_ok, other=0.0).to(tl.float32)[:, :, None]
+        if HAS_ZERO:
+            z = tl.load(zero_ptr + srow + g, mask=n_ok, other=0).to(tl.float32)[:, :, None]
+        else:
+            z = tl.zeros_like(s) + ZC
+    elif SCALE_MODE == 0:  # a unit never straddles a group: one load per unit
+        g = (u * SLOTS) // GROUP
         m = n_ok & (g < G)
         s = tl.load(scale_ptr + srow + g, mask=m, other=0.0).to(tl.float32)[:, :, None]
         if HAS_ZERO:
@@ -144,6 +159,7 @@ def _scale_zero3(scale_ptr, zero_ptr, srow, u, n_ok, G, GROUP, SLOTS: tl.constex
         else:
             z = tl.zeros_like(s) + ZC
     elif SCALE_MODE == 1:  # at most one boundary inside a unit: two loads, one select per element
+        kb = u * SLOTS
         j = tl.arange(0, SP2)[None, None, :]
         g = kb // GROUP
         lo = j < ((g + 1) * GROUP - kb)[:, :, None]
@@ -158,7 +174,7 @@ def _scale_zero3(scale_ptr, zero_ptr, srow, u, n_ok, G, GROUP, SLOTS: tl.constex
             z = tl.zeros_like(s) + ZC
     else:  # groups smaller than a unit: per element
         j = tl.arange(0, SP2)[None, None, :]
-        g = (kb[:, :, None] + j) // GROUP
+        g = ((u * SLOTS)[:, :, None] + j) // GROUP
         m = n_ok[:, :, None] & (g < G)
         s = tl.load(scale_ptr + srow[:, :, None] + g, mask=m, other=0.0).to(tl.float32)
         if HAS_ZERO:
@@ -196,14 +212,16 @@ def _k_range(K, pid_k, KSTEP: tl.constexpr, SPLIT_K: tl.constexpr):
 
 
 @triton.jit
-def _gemv(x_ptr, data_ptr, scale_ptr, zero_ptr, out_ptr, expert_ptr, M, N, K, W, G, GROUP, X_DIV,
-          stride_e_data, stride_e_scale,
+def _gemv(x_ptr, data_ptr, scale_ptr, zero_ptr, out_ptr, expert_ptr, M, N, K, W, G, X_DIV,
+          stride_e_data, stride_e_scale, GROUP: tl.constexpr,
           BITS: tl.constexpr, KIND: tl.constexpr, HAS_ZERO: tl.constexpr, SCALE_MODE: tl.constexpr,
           SLOTS: tl.constexpr, SP2: tl.constexpr, ZC: tl.constexpr, GROUPED: tl.constexpr,
           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-    """One row, BLOCK_N outputs, one K split; fp32 FMAs, unit-wise scales (module docstring)."""
+    """One row, BLOCK_N outputs, one K split; fp32 FMAs, scales once per tile (tile inside a group) or per
+    unit (module docstring)."""
     BU: tl.constexpr = BLOCK_K // SP2
     KSTEP: tl.constexpr = BU * SLOTS
+    ONE_GROUP: tl.constexpr = (GROUP % KSTEP) == 0
     row = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = (offs_n < N)[:, None]
@@ -228,8 +246,15 @@ def _gemv(x_ptr, data_ptr, scale_ptr, zero_ptr, out_ptr, expert_ptr, M, N, K, W,
         w0, w1, w2 = _load_units(data_base, row_off, u, n_ok, W, KIND, BITS)
         kb = u * SLOTS
         if SCALE_MODE == 0:
-            g = kb // GROUP
-            m = n_ok & (g < G)
+            if ONE_GROUP:  # one scale (and zero) per row for the whole tile
+                if GROUP == 0:
+                    g = 0
+                else:
+                    g = (t * KSTEP) // GROUP
+                m = n_ok
+            else:
+                g = kb // GROUP
+                m = n_ok & (g < G)
             s = tl.load(scale_base + srow + g, mask=m, other=0.0).to(tl.float32)
             p = tl.zeros([BLOCK_N, BU], dtype=tl.float32)
             sx = tl.zeros([1, BU], dtype=tl.float32)
@@ -284,8 +309,8 @@ def _gemv(x_ptr, data_ptr, scale_ptr, zero_ptr, out_ptr, expert_ptr, M, N, K, W,
 
 
 @triton.jit
-def _gemm(x_ptr, data_ptr, scale_ptr, zero_ptr, out_ptr, rows_ptr, expert_ptr, M, N, K, W, G, GROUP, X_DIV,
-          stride_e_data, stride_e_scale,
+def _gemm(x_ptr, data_ptr, scale_ptr, zero_ptr, out_ptr, rows_ptr, expert_ptr, M, N, K, W, G, X_DIV,
+          stride_e_data, stride_e_scale, GROUP: tl.constexpr,
           BITS: tl.constexpr, KIND: tl.constexpr, HAS_ZERO: tl.constexpr, SCALE_MODE: tl.constexpr,
           SLOTS: tl.constexpr, SP2: tl.constexpr, ZC: tl.constexpr, GROUPED: tl.constexpr, DOT: tl.constexpr,
           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
@@ -323,7 +348,8 @@ def _gemm(x_ptr, data_ptr, scale_ptr, zero_ptr, out_ptr, rows_ptr, expert_ptr, M
         u = t * BU + tl.arange(0, BU)[None, :]
         w0, w1, w2 = _load_units(data_base, row_off, u, n_ok, W, KIND, BITS)
         q = _codes3(w0, w1, w2, KIND, BITS, SP2)
-        s, z = _scale_zero3(scale_base, zero_base, srow, u, n_ok, G, GROUP, SLOTS, SP2, SCALE_MODE, HAS_ZERO, ZC)
+        s, z = _scale_zero3(scale_base, zero_base, srow, u, n_ok, G, t * KSTEP, KSTEP, GROUP, SLOTS, SP2, SCALE_MODE,
+                            HAS_ZERO, ZC)
         w = tl.trans(tl.reshape(_weights3(q, s, z, DOT), (BLOCK_N, BLOCK_K)))  # [BK, BN], k = u*SP2 + j
         if SP2 == SLOTS:  # contiguous elements
             kx = t * KSTEP + tl.arange(0, BLOCK_K)[None, :]
@@ -340,7 +366,7 @@ def _gemm(x_ptr, data_ptr, scale_ptr, zero_ptr, out_ptr, rows_ptr, expert_ptr, M
 
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _packed_mm_kernel(x_ptr, data_ptr, scale_ptr, zero_ptr, out_ptr, rows_ptr, expert_ptr,
-                      M, N, K, W, G, GROUP, X_DIV, stride_e_data, stride_e_scale, M_BUCKET,
+                      M, N, K, W, G, X_DIV, stride_e_data, stride_e_scale, M_BUCKET, GROUP: tl.constexpr,
                       BITS: tl.constexpr, KIND: tl.constexpr, HAS_ZERO: tl.constexpr, SCALE_MODE: tl.constexpr,
                       SLOTS: tl.constexpr, SP2: tl.constexpr, ZC: tl.constexpr, GROUPED: tl.constexpr,
                       DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -350,17 +376,17 @@ def _packed_mm_kernel(x_ptr, data_ptr, scale_ptr, zero_ptr, out_ptr, rows_ptr, e
     ``BLOCK_M == 1``: GEMV (row = program, grouped: expert ``expert_ptr[row]``); else the tensor-core GEMM
     (grouped: rows ``rows_ptr[block]``, expert ``expert_ptr[block]``). ``M_BUCKET`` is only an autotune key."""
     if BLOCK_M == 1:
-        _gemv(x_ptr, data_ptr, scale_ptr, zero_ptr, out_ptr, expert_ptr, M, N, K, W, G, GROUP, X_DIV,
-              stride_e_data, stride_e_scale, BITS, KIND, HAS_ZERO, SCALE_MODE, SLOTS, SP2, ZC, GROUPED,
+        _gemv(x_ptr, data_ptr, scale_ptr, zero_ptr, out_ptr, expert_ptr, M, N, K, W, G, X_DIV,
+              stride_e_data, stride_e_scale, GROUP, BITS, KIND, HAS_ZERO, SCALE_MODE, SLOTS, SP2, ZC, GROUPED,
               BLOCK_N, BLOCK_K, SPLIT_K)
     else:
-        _gemm(x_ptr, data_ptr, scale_ptr, zero_ptr, out_ptr, rows_ptr, expert_ptr, M, N, K, W, G, GROUP, X_DIV,
-              stride_e_data, stride_e_scale, BITS, KIND, HAS_ZERO, SCALE_MODE, SLOTS, SP2, ZC, GROUPED, DOT,
+        _gemm(x_ptr, data_ptr, scale_ptr, zero_ptr, out_ptr, rows_ptr, expert_ptr, M, N, K, W, G, X_DIV,
+              stride_e_data, stride_e_scale, GROUP, BITS, KIND, HAS_ZERO, SCALE_MODE, SLOTS, SP2, ZC, GROUPED, DOT,
               BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K)
 
 
 @triton.jit
-def _dequant_kernel(data_ptr, scale_ptr, zero_ptr, out_ptr, R, C, W, G, GROUP,
+def _dequant_kernel(data_ptr, scale_ptr, zero_ptr, out_ptr, R, C, W, G, GROUP: tl.constexpr,
                     BITS: tl.constexpr, KIND: tl.constexpr, HAS_ZERO: tl.constexpr, SCALE_MODE: tl.constexpr,
                     SLOTS: tl.constexpr, SP2: tl.constexpr, ZC: tl.constexpr,
                     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -372,7 +398,8 @@ def _dequant_kernel(data_ptr, scale_ptr, zero_ptr, out_ptr, R, C, W, G, GROUP,
     u = tl.program_id(1) * BU + tl.arange(0, BU)[None, :]
     w0, w1, w2 = _load_units(data_ptr, r64 * W, u, r_ok, W, KIND, BITS)
     q = _codes3(w0, w1, w2, KIND, BITS, SP2)
-    s, z = _scale_zero3(scale_ptr, zero_ptr, r64 * G, u, r_ok, G, GROUP, SLOTS, SP2, SCALE_MODE, HAS_ZERO, ZC)
+    s, z = _scale_zero3(scale_ptr, zero_ptr, r64 * G, u, r_ok, G, tl.program_id(1) * BU * SLOTS, BU * SLOTS, GROUP,
+                        SLOTS, SP2, SCALE_MODE, HAS_ZERO, ZC)
     v = (_as_f32(q) - z) * s
     j = tl.arange(0, SP2)[None, None, :]
     k = u[:, :, None] * SLOTS + j
@@ -425,11 +452,13 @@ def _zero_out(nargs):  # split-K programs add into the output
 
 
 # Decode (M <= 16): GEMV configurations (BLOCK_M = 1) and tensor-core ones (BLOCK_M = 16), split-K for
-# shapes with few output tiles (e.g. 14336 -> 4096). BLOCK_K counts unit slots (base 3: 8 per byte).
+# shapes with few output tiles (e.g. 14336 -> 4096). BLOCK_K counts unit slots (base 3: 8 per byte); tiles of
+# at most a group (128) load one scale per row, larger ones one per word.
 DECODE_CONFIGS = [
     _cfg(BLOCK_M=1, BLOCK_N=16, BLOCK_K=512, SPLIT_K=1),
     _cfg(BLOCK_M=1, BLOCK_N=32, BLOCK_K=256, SPLIT_K=1),
     _cfg(BLOCK_M=1, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1),
+    _cfg(BLOCK_M=1, BLOCK_N=32, BLOCK_K=128, SPLIT_K=2),
     _cfg(BLOCK_M=1, BLOCK_N=16, BLOCK_K=1024, SPLIT_K=1, num_warps=8),
     _cfg(BLOCK_M=1, BLOCK_N=32, BLOCK_K=512, SPLIT_K=2),
     _cfg(BLOCK_M=1, BLOCK_N=16, BLOCK_K=512, SPLIT_K=4),
@@ -520,8 +549,10 @@ def geometry(bits: int, ternary: bool, base3: bool) -> Geometry:
 
 
 def _group_args(K: int, G: int, slots: int) -> tuple[int, int]:
-    """``(GROUP, SCALE_MODE)``: one group per row becomes a group wider than any K."""
-    group = K // G if G > 1 else 1 << 30
+    """``(GROUP, SCALE_MODE)`` (compile-time constants): ``GROUP = 0`` means one group per row."""
+    if G == 1:
+        return 0, 0
+    group = K // G
     if group % slots == 0:
         return group, 0
     return group, (1 if slots < group else 2)

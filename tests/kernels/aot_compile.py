@@ -63,7 +63,7 @@ ODD_CODECS = ("int4-asym", "int3", "int3-asym", "ternary2", "ternary-b3")  # eve
 def specs(level: str = "ci") -> list[dict]:
     """Every specialization to compile (plain data, picklable); ``stage``: the last compiler stage to run.
 
-    ``ci`` (tests/kernels/test_aot_compile.py; about 2 minutes on 2 idle cores):
+    ``ci`` (tests/kernels/test_aot_compile.py; 471 kernels, about 2 minutes on 2 idle cores):
 
     * every codec x tensor-core path (plain GEMM, grouped BLOCK_M = 16) x fp16/bf16 x sm_80/sm_90;
     * every codec x GEMV path (plain, grouped) x sm_80/sm_90, in bf16 on sm_80 and fp16 on sm_90;
@@ -78,7 +78,7 @@ def specs(level: str = "ci") -> list[dict]:
       where the constexpr-branch type errors live, e.g. the old base-3 one).
 
     ``full``: every configuration x codec x dtype x arch, and the odd shape for every codec, through ptxas
-    (for a maintainer: about 1300 kernels, 20+ minutes here).
+    (for a maintainer: 1316 kernels, 73 minutes on a loaded 2-core machine).
     """
     out = []
     paths = _paths()
