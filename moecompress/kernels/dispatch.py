@@ -1,46 +1,110 @@
-"""Choosing a kernel: ``auto`` (Triton when a GPU is present or ``TRITON_INTERPRET=1``, else torch), ``triton``,
-or ``torch`` (the reference). Tensors and ints in, tensors out; nothing touches ``torch.cuda`` at import.
+"""Choosing a kernel: ``auto`` (Triton on a CUDA device that can run it, else the torch reference), ``triton``, or
+``torch``. Tensors and ints in, tensors out; nothing touches ``torch.cuda`` at import.
 
-``MOECOMPRESS_KERNELS`` (``auto`` / ``triton`` / ``torch``) sets the default backend.
+``MOECOMPRESS_KERNELS`` (``auto`` / ``triton`` / ``torch``) sets the default backend. Under ``auto``, a CUDA
+device where Triton cannot run (no ``triton`` package, compute capability below 8.0) or a codec without a
+Triton kernel falls back to the torch reference with one logged line naming the fallback; asking for
+``triton`` there is an error that says why. On the CPU, Triton runs only under ``TRITON_INTERPRET=1``.
+
+Both backends make every tensor on the input's device and never read device values back to the host in a
+forward pass (no ``.item()``, ``.tolist()``, ``torch.unique``, boolean-mask indexing): a packed model's forward
+can be captured in a CUDA graph. The grouped MoE path sorts rows by expert on the device (`moe_route`), once
+per layer call, shared by the gate, up and down projections.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 
 from moecompress.kernels import reference
+from moecompress.kernels.routing import MoeRoute, torch_route
 
-__all__ = ["dequantize_packed", "grouped_linear", "packed_linear", "triton_available"]
+__all__ = ["MoeRoute", "dequantize_packed", "grouped_linear", "moe_route", "packed_linear", "resolve_backend",
+           "triton_available", "triton_usable"]
+
+log = logging.getLogger("moecompress.kernels")
+
+_TRITON_IMPORT: tuple[bool, str] | None = None
+_DEVICE_OK: dict[tuple[str, int | None], tuple[bool, str]] = {}
+_WARNED: set[str] = set()
+_TORCH_BLOCK_ELEMENTS = 1 << 26  # dense weight elements the torch grouped path materialises at once
+
+
+def _triton_import() -> tuple[bool, str]:
+    global _TRITON_IMPORT
+    if _TRITON_IMPORT is None:
+        try:
+            import triton  # noqa: F401
+
+            _TRITON_IMPORT = (True, "")
+        except Exception as e:  # ImportError, or a broken install
+            _TRITON_IMPORT = (False, f"triton cannot be imported ({type(e).__name__}: {e})")
+    return _TRITON_IMPORT
+
+
+def triton_usable(device: torch.device) -> tuple[bool, str]:
+    """``(usable, reason)``: can the Triton kernels run on ``device``?"""
+    key = (device.type, device.index)
+    if key not in _DEVICE_OK:
+        ok, why = _triton_import()
+        if ok and device.type == "cuda":
+            if torch.version.hip is None:
+                cc = torch.cuda.get_device_capability(device)
+                if cc < (8, 0):
+                    ok, why = False, f"compute capability {cc[0]}.{cc[1]} < 8.0 (the kernels need sm_80 or newer)"
+        elif ok and device.type == "cpu":
+            if os.environ.get("TRITON_INTERPRET") != "1":
+                ok, why = False, "a CPU device runs Triton only under TRITON_INTERPRET=1"
+        elif ok:
+            ok, why = False, f"no Triton kernels for {device.type} devices"
+        _DEVICE_OK[key] = (ok, why)
+    return _DEVICE_OK[key]
 
 
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
+    """Triton importable and either a CUDA GPU or the interpreter present."""
+    if not _triton_import()[0]:
         return False
     return os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
 
 
-def _backend(backend: str | None) -> str:
+def _warn_once(msg: str) -> None:
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        log.warning(msg)
+
+
+def resolve_backend(backend: str | None, device: torch.device, codec: tuple | None = None) -> str:
+    """``"triton"`` or ``"torch"`` for tensors on ``device`` (``codec``: ``(bits, ternary, base3)``)."""
     backend = backend or os.environ.get("MOECOMPRESS_KERNELS", "auto")
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"unknown kernel backend {backend!r}; use auto, triton or torch")
-    if backend == "auto":
-        return "triton" if triton_available() and torch.cuda.is_available() else "torch"
-    return backend
+    if backend == "torch":
+        return "torch"
+    ok, why = triton_usable(device)
+    if ok and codec is not None:
+        from moecompress.kernels.triton_dequant import supported
+
+        if not supported(*codec):
+            ok, why = False, f"no Triton kernel for {codec[0]}-bit codes"
+    if backend == "triton":
+        if not ok:
+            raise RuntimeError(f"MOECOMPRESS_KERNELS=triton cannot run on {device}: {why}")
+        return "triton"
+    if device.type != "cuda":
+        return "torch"
+    if not ok:
+        _warn_once(f"moecompress kernels: {why}; using the torch reference kernels on {device} instead of Triton")
+        return "torch"
+    return "triton"
 
 
-def dequantize_packed(bits: int, ternary: bool, base3: bool, data: torch.Tensor, scale: torch.Tensor,
-                      zero: torch.Tensor | None, columns: int, dtype: torch.dtype = torch.float32,
-                      backend: str | None = None) -> torch.Tensor:
-    """Dense ``[E, O, C]`` weights from packed codes ``data`` (int32 words, or base-3 bytes) and group
-    ``scale`` / ``zero`` ``[E, O, G]`` (``zero=None``: symmetric, ``2^(bits-1)``; ternary: 1 after decoding)."""
-    if _backend(backend) == "triton":
-        from moecompress.kernels import triton_dequant
-
-        return triton_dequant.dequantize(bits, ternary, base3, data, scale, zero, columns, dtype)
+# ------------------------------------------------------------------------------------------- torch reference
+def _dequant_torch(bits: int, ternary: bool, base3: bool, data: torch.Tensor, scale: torch.Tensor,
+                   zero: torch.Tensor | None, columns: int, dtype: torch.dtype) -> torch.Tensor:
     if base3:
         codes = reference.unpack_trits(data, columns).to(torch.int64) + 1
     else:
@@ -54,31 +118,76 @@ def dequantize_packed(bits: int, ternary: bool, base3: bool, data: torch.Tensor,
     return reference.dequantize(codes, scale, z, dtype)
 
 
+def dequantize_packed(bits: int, ternary: bool, base3: bool, data: torch.Tensor, scale: torch.Tensor,
+                      zero: torch.Tensor | None, columns: int, dtype: torch.dtype = torch.float32,
+                      backend: str | None = None) -> torch.Tensor:
+    """Dense ``[E, O, C]`` weights from packed codes ``data`` (int32 words, or base-3 bytes) and group
+    ``scale`` / ``zero`` ``[E, O, G]`` (``zero=None``: symmetric, ``2^(bits-1)``; ternary: 1 after decoding)."""
+    if resolve_backend(backend, data.device, (bits, ternary, base3)) == "triton":
+        from moecompress.kernels import triton_dequant
+
+        return triton_dequant.dequantize(bits, ternary, base3, data, scale, zero, columns, dtype)
+    return _dequant_torch(bits, ternary, base3, data, scale, zero, columns, dtype)
+
+
 def packed_linear(x: torch.Tensor, bits: int, ternary: bool, base3: bool, data: torch.Tensor, scale: torch.Tensor,
                   zero: torch.Tensor | None, columns: int, backend: str | None = None) -> torch.Tensor:
-    """``x [T, C] @ W^T`` for one packed weight ``[1, O, C]`` -> ``[T, O]`` (fused dequant + matmul on Triton)."""
-    if _backend(backend) == "triton":
+    """``x [T, C] @ W^T`` for one packed weight ``[1, O, C]`` -> ``[T, O]`` in ``x.dtype`` (fused dequant +
+    matmul on Triton)."""
+    if resolve_backend(backend, x.device, (bits, ternary, base3)) == "triton":
         from moecompress.kernels import triton_dequant
 
         return triton_dequant.packed_matmul(x, bits, ternary, base3, data, scale, zero, columns).to(x.dtype)
-    w = dequantize_packed(bits, ternary, base3, data, scale, zero, columns, x.dtype, "torch")[0]
+    w = _dequant_torch(bits, ternary, base3, data, scale, zero, columns, x.dtype)[0]
     return x @ w.T
 
 
-def grouped_linear(x: torch.Tensor, rows_expert: torch.Tensor, bits: int, ternary: bool, base3: bool,
-                   data: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, columns: int,
-                   backend: str | None = None) -> torch.Tensor:
-    """Row ``t`` of ``x [T, C]`` times expert ``rows_expert[t]``'s packed weight -> ``[T, O]``; on Triton one
-    launch serves every active expert."""
-    if _backend(backend) == "triton":
+def moe_route(rows_expert: torch.Tensor, num_experts: int, backend: str | None = None,
+              codec: tuple | None = None) -> MoeRoute:
+    """Routing of the (token, slot) rows ``rows_expert [R]`` for `grouped_linear`; compute it once per MoE
+    layer call and pass it to each projection."""
+    if resolve_backend(backend, rows_expert.device, codec) == "triton":
         from moecompress.kernels import triton_dequant
 
-        return triton_dequant.grouped_experts_matmul(x, rows_expert, bits, ternary, base3, data, scale, zero,
-                                                     columns).to(x.dtype)
-    out = x.new_zeros(x.shape[0], data.shape[1])
-    for e in torch.unique(rows_expert).tolist():
-        sel = rows_expert == e
-        w = dequantize_packed(bits, ternary, base3, data[e:e + 1], scale[e:e + 1],
-                              None if zero is None else zero[e:e + 1], columns, x.dtype, "torch")[0]
-        out[sel] = x[sel] @ w.T
-    return out
+        return triton_dequant.moe_align(rows_expert, num_experts)
+    return torch_route(rows_expert, num_experts)
+
+
+def _grouped_torch(x: torch.Tensor, route: MoeRoute, x_div: int, bits: int, ternary: bool, base3: bool, data: torch.Tensor,
+                   scale: torch.Tensor, zero: torch.Tensor | None, columns: int) -> torch.Tensor:
+    """Blocks of ``block_m`` rows times their expert's weight (dequantized per block): ``bmm`` over a bounded
+    number of blocks at a time. Static shapes, no host sync."""
+    R, bm, nb = route.num_rows, route.block_m, route.num_blocks
+    O = data.shape[1]
+    out = x.new_zeros(R + 1, O)  # row R collects the padding rows
+    rows = route.sorted_rows.to(torch.int64)
+    experts = route.block_expert.clamp(min=0)
+    step = max(1, _TORCH_BLOCK_ELEMENTS // max(1, O * columns))
+    for b0 in range(0, nb, step):
+        b1 = min(nb, b0 + step)
+        e = experts[b0:b1]
+        w = _dequant_torch(bits, ternary, base3, data.index_select(0, e), scale.index_select(0, e),
+                           None if zero is None else zero.index_select(0, e), columns, x.dtype)  # [b, O, C]
+        r = rows[b0 * bm:b1 * bm]
+        xb = x.index_select(0, torch.clamp(r, max=R - 1) // x_div).view(b1 - b0, bm, columns)
+        out.index_put_((r,), torch.bmm(xb, w.transpose(1, 2)).reshape(-1, O))
+    return out[:R]
+
+
+def grouped_linear(x: torch.Tensor, route: MoeRoute | torch.Tensor, bits: int, ternary: bool, base3: bool, data: torch.Tensor,
+                   scale: torch.Tensor, zero: torch.Tensor | None, columns: int, backend: str | None = None,
+                   x_div: int = 1, num_experts: int | None = None) -> torch.Tensor:
+    """Row ``r`` of the result is ``x[r // x_div]`` times expert ``e(r)``'s packed weight -> ``[R, O]`` in
+    ``x.dtype``. ``route``: a `moe_route` result (or the ``[R]`` row -> expert tensor itself, routed here).
+    On Triton one launch serves every active expert."""
+    if isinstance(route, torch.Tensor):
+        route = moe_route(route, data.shape[0] if num_experts is None else num_experts, backend,
+                          (bits, ternary, base3))
+    if route.backend == "triton" and resolve_backend(backend, x.device, (bits, ternary, base3)) == "triton":
+        from moecompress.kernels import triton_dequant
+
+        return triton_dequant.grouped_matmul(x, route, x_div, bits, ternary, base3, data, scale, zero,
+                                             columns).to(x.dtype)
+    if route.backend != "torch":
+        raise ValueError("this route was made for the Triton kernels; make it with the same backend")
+    return _grouped_torch(x, route, x_div, bits, ternary, base3, data, scale, zero, columns)

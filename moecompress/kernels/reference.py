@@ -8,6 +8,9 @@ group of ``C / G`` input columns.
 
 Shapes: ``packed [E, O, W]`` int32 or ``trits [E, O, ceil(C/5)]`` uint8, ``scale``/``zero`` ``[E, O, G]``,
 activations ``x [T, C]``.
+
+Every function works on any device: tensors it makes are made on its input's device, and nothing reads a
+device value back to the host (no ``.item()`` / ``.tolist()``), so the functions can run inside a CUDA graph.
 """
 
 from __future__ import annotations
@@ -16,17 +19,14 @@ import torch
 
 __all__ = ["dequantize", "grouped_experts_matmul", "packed_matmul", "unpack_bits", "unpack_trits"]
 
-_MUL3 = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int64)  # 3^n
-
-
 def unpack_bits(packed: torch.Tensor, bits: int, columns: int) -> torch.Tensor:
     """``[..., W]`` int32 words -> ``[..., columns]`` uint8 codes."""
     *lead, W = packed.shape
     if W != (columns * bits + 31) // 32:
         raise ValueError(f"{W} words cannot hold {columns} {bits}-bit codes")
     words = packed.reshape(-1, W).to(torch.int64) & 0xFFFFFFFF
-    words = torch.cat([words, torch.zeros(words.shape[0], 1, dtype=torch.int64)], dim=1)
-    pos = torch.arange(columns, dtype=torch.int64) * bits
+    words = torch.cat([words, words.new_zeros(words.shape[0], 1)], dim=1)
+    pos = torch.arange(columns, dtype=torch.int64, device=packed.device) * bits
     word, off = pos // 32, pos % 32
     lo = words[:, word] >> off
     hi = (words[:, word + 1] << (32 - off)) * (off + bits > 32)
@@ -39,7 +39,8 @@ def unpack_trits(packed: torch.Tensor, columns: int) -> torch.Tensor:
     *lead, B = packed.shape
     if B != (columns + 4) // 5:
         raise ValueError(f"{B} bytes cannot hold {columns} trits")
-    q = (packed.to(torch.int64)[..., None] * _MUL3) & 255  # [..., B, 5]
+    mul3 = 3 ** torch.arange(5, dtype=torch.int64, device=packed.device)  # 3^n, made where the data is
+    q = (packed.to(torch.int64)[..., None] * mul3) & 255  # [..., B, 5]
     t = ((q * 3) >> 8) - 1
     return t.reshape(*lead, B * 5)[..., :columns].to(torch.int8)
 
@@ -60,9 +61,8 @@ def packed_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zer
 
 def grouped_experts_matmul(x: torch.Tensor, rows_expert: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
                            zero: torch.Tensor) -> torch.Tensor:
-    """Each row ``x[t]`` times its expert's weight: ``x [T, C]``, ``rows_expert [T]`` -> ``[T, O]``."""
-    out = x.new_zeros(x.shape[0], codes.shape[1], dtype=torch.float32)
-    for e in torch.unique(rows_expert).tolist():
-        sel = rows_expert == e
-        out[sel] = x[sel].float() @ dequantize(codes[e:e + 1], scale[e:e + 1], zero[e:e + 1])[0].T
-    return out
+    """Each row ``x[t]`` times its expert's weight: ``x [T, C]``, ``rows_expert [T]`` -> ``[T, O]`` (float32).
+
+    The specification, not a fast path: it gathers one dense ``[O, C]`` weight per row."""
+    w = dequantize(codes, scale, zero)  # [E, O, C]
+    return torch.einsum("tc,toc->to", x.float(), w[rows_expert])

@@ -5,6 +5,12 @@ active expert from its own packed slice (only the experts the tokens were routed
 names follow docs/FORMAT.md; for experts they avoid ``gate_up_proj.*`` / ``down_proj.*``, which transformers'
 reverse key conversion would split per expert. Activation quantization recorded with the checkpoint
 (A8/A4, and the online rotation of the experts' intermediate) is applied inside the modules.
+
+Devices and dtypes: every packed tensor is a registered buffer, so ``.to(device)`` / ``device_map`` move them;
+the forward makes its tensors on the input's device and never reads a device value back to the host (the
+MoE routing is sorted on the device, once per layer call), so it can be captured in a CUDA graph after one
+warm-up call (Triton autotunes on its first call of a shape). ``.to(dtype)`` / ``.half()`` leave the packed
+tensors and their float16 scales as stored (the format's values); only biases follow the model's dtype.
 """
 
 from __future__ import annotations
@@ -46,21 +52,46 @@ def dequantize_packed(codec: str, t: dict[str, torch.Tensor], dtype: torch.dtype
     return dispatch.dequantize_packed(*_args(codec, t), dtype)
 
 
-def _args(codec: str, t: dict[str, torch.Tensor]) -> tuple:
+def dequantize_packed_columns(codec: str, t: dict[str, torch.Tensor], columns: int,
+                              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """As `dequantize_packed`, with the column count given (no read of the ``shape`` tensor)."""
+    return dispatch.dequantize_packed(*_args(codec, t, columns), dtype)
+
+
+def _args(codec: str, t: dict[str, torch.Tensor], columns: int | None = None) -> tuple:
+    """Kernel arguments. ``columns`` comes from the module's attributes in a forward pass: reading it from the
+    ``shape`` buffer would copy a device value to the host (a sync) on every call."""
     c = CODECS.get(codec)
-    return c.bits, c.ternary, c.base3, (t["trits"] if c.base3 else t["packed"]), t["scale"], t.get("zero"), \
-        int(t["shape"][2])
+    if columns is None:
+        columns = int(t["shape"][2])
+    return c.bits, c.ternary, c.base3, (t["trits"] if c.base3 else t["packed"]), t["scale"], t.get("zero"), columns
+
+
+def _codec_key(codec: str) -> tuple[int, bool, bool]:
+    c = CODECS.get(codec)
+    return c.bits, c.ternary, c.base3
 
 
 def _tensors(module: nn.Module, prefix: str, experts: slice | None = None) -> dict[str, torch.Tensor]:
+    """The packed tensors (``experts``: a slice of the stacked ones; ``shape`` is left out then)."""
     out = {}
     for local in ("packed", "trits", "scale", "zero", "shape"):
         t = getattr(module, f"{prefix}_{local}", None)
-        if t is not None:
-            out[local] = t if experts is None or local == "shape" else t[experts]
-    if experts is not None:
-        out["shape"] = torch.tensor([experts.stop - experts.start, *out["shape"][1:].tolist()])
+        if t is not None and not (experts is not None and local == "shape"):
+            out[local] = t if experts is None else t[experts]
     return out
+
+
+def _keep_scales(module: nn.Module, fn, apply) -> nn.Module:
+    """``Module._apply`` that moves the packed tensors (device) but never re-types their float16 scales:
+    ``model.to(torch.bfloat16)`` must not round the stored values."""
+    scales = {k: b for k, b in module._buffers.items() if k.endswith("_scale") and b is not None}
+    apply(fn)
+    for k, b in scales.items():
+        moved = module._buffers[k]
+        if moved is not None and moved.dtype != b.dtype:
+            module._buffers[k] = b.to(device=moved.device)
+    return module
 
 
 class PackedLinear(nn.Module):
@@ -75,14 +106,17 @@ class PackedLinear(nn.Module):
         _buffers(self, "weight", codec, (1, out_features, in_features), group_size, symmetric)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
 
+    def _apply(self, fn, recurse=True):
+        return _keep_scales(self, fn, lambda f: super(PackedLinear, self)._apply(f, recurse))
+
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize_packed(self.codec, _tensors(self, "weight"), dtype)[0]  # [O, C]
+        return dequantize_packed_columns(self.codec, _tensors(self, "weight"), self.in_features, dtype)[0]  # [O, C]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act is not None:
             x = self.act(x)
         flat = x.reshape(-1, x.shape[-1])
-        y = dispatch.packed_linear(flat, *_args(self.codec, _tensors(self, "weight")))
+        y = dispatch.packed_linear(flat, *_args(self.codec, _tensors(self, "weight"), self.in_features))
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -150,31 +184,60 @@ class PackedExperts(nn.Module):
     def expert_view(self) -> _PackedExpertView:
         return _PackedExpertView(self)
 
+    def _apply(self, fn, recurse=True):
+        self._rotations = {}
+        return _keep_scales(self, fn, lambda f: super(PackedExperts, self)._apply(f, recurse))
+
+    def _columns(self, proj: str) -> int:
+        return self.intermediate if proj == "down" else self.hidden
+
+    def rotation(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The intermediate rotation ``Q`` on ``device``: built once per (device, dtype) on first use (a host to
+        device copy; the warm-up call before a CUDA graph capture makes it), then reused."""
+        key = (device, dtype)
+        rot = getattr(self, "_rotations", None)
+        if rot is None:
+            rot = self._rotations = {}
+        if key not in rot:
+            rot[key] = rotation_matrix(self.intermediate, self.inter_rotation_seed, device).to(dtype=dtype)
+        return rot[key]
+
     def dequantized(self, proj: str, experts: slice | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        w = dequantize_packed(self.codecs[proj], _tensors(self, proj, experts), dtype)
+        w = dequantize_packed_columns(self.codecs[proj], _tensors(self, proj, experts), self._columns(proj), dtype)
         if proj == "down" and self.inter_rotation_seed is not None:  # stored as W Q: give back W = (W Q) Q^T
-            w = w @ rotation_matrix(self.intermediate, self.inter_rotation_seed, w.device).to(dtype).T
+            w = w @ self.rotation(w.device, dtype).T
         return w
+
+    def _backend(self, device: torch.device) -> str:
+        """One backend for the three projections (their routing is shared): Triton only if all can use it."""
+        b = {dispatch.resolve_backend(None, device, _codec_key(self.codecs[p])) for p in PROJS}
+        return "triton" if b == {"triton"} else "torch"
+
+    def _project(self, x: torch.Tensor, route, proj: str, backend: str, x_div: int) -> torch.Tensor:
+        return dispatch.grouped_linear(x, route, *_args(self.codecs[proj], _tensors(self, proj), self._columns(proj)),
+                                       backend=backend, x_div=x_div)
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
         """Every (token, slot) pair through its expert: gate/up, the GLU, down; weighted sum over slots.
-        On Triton each projection is one grouped launch over all active experts."""
+        The rows are routed once (on the device); on Triton each projection is one grouped launch over all
+        active experts, and gate/up read the token rows directly (no copy per slot)."""
         hidden, index, weights = experts_call_args(args, kwargs)
         x = hidden if self.act is None else self.act(hidden)
         T, K = index.shape
-        rows_expert = index.reshape(-1)  # [T*K]
-        xs = x.repeat_interleave(K, dim=0)  # [T*K, H], row t*K + k is token t's k-th slot
+        rows_expert = index.reshape(-1)  # [T*K], row t*K + k is token t's k-th slot
+        backend = self._backend(x.device)
+        route = dispatch.moe_route(rows_expert, self.num_experts, backend)
         gb, ub, db = (getattr(self, f"{p}_bias", None) for p in PROJS)
-        g = dispatch.grouped_linear(xs, rows_expert, *_args(self.codecs["gate"], _tensors(self, "gate")))
-        u = dispatch.grouped_linear(xs, rows_expert, *_args(self.codecs["up"], _tensors(self, "up")))
+        g = self._project(x, route, "gate", backend, K)
+        u = self._project(x, route, "up", backend, K)
         if gb is not None:
             g, u = g + gb[rows_expert].to(g.dtype), u + ub[rows_expert].to(u.dtype)
         h = glu(g, u, self.activation)
         if self.inter_rotation_seed is not None:  # the online rotation the rotated down weights expect
-            h = h @ rotation_matrix(self.intermediate, self.inter_rotation_seed, h.device).to(h.dtype)
+            h = h @ self.rotation(h.device, h.dtype)
         if self.act is not None:
             h = self.act(h)
-        y = dispatch.grouped_linear(h, rows_expert, *_args(self.codecs["down"], _tensors(self, "down")))
+        y = self._project(h, route, "down", backend, 1)
         if db is not None:
             y = y + db[rows_expert].to(y.dtype)
         y = y * weights.reshape(-1, 1).to(y.dtype)

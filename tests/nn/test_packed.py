@@ -134,3 +134,37 @@ def test_config_that_does_not_match_the_tensors(built, tmp_path, edit, match):
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(MoecompressError, match=match):
         load_model(str(d))
+
+
+@pytest.mark.parametrize("case", [0, 5, 6], ids=["mixtral-int4", "olmoe-ternary-b3", "mixtral-ternary2-int8"])
+@torch.no_grad()
+def test_packed_model_in_half_precision(case, built):
+    """``model.to(float16 / bfloat16)`` keeps the packed tensors and their float16 scales as stored and gives
+    the float32 model's logits within 3e-3 (fp16) / 3e-2 (bf16) of their largest magnitude (the whole model,
+    attention and norms included, runs in the lower precision)."""
+    ref_model = load_model(str(built[case][0])).model
+    x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(case))
+    ref = ref_model(input_ids=x).logits
+    stored = {k: v.clone() for k, v in ref_model.named_buffers() if k.endswith(("_packed", "_trits", "_scale", "_zero"))}
+    for dtype, tol in ((torch.float16, 3e-3), (torch.bfloat16, 3e-2)):
+        m = load_model(str(built[case][0])).model.to(dtype)
+        for k, v in m.named_buffers():
+            if k in stored:
+                assert v.dtype == stored[k].dtype and torch.equal(v, stored[k]), k
+        out = m(input_ids=x).logits
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.float(), ref, atol=tol * float(ref.abs().max()), rtol=tol)
+
+
+@pytest.mark.parametrize("case", [1, 5], ids=["gpt_oss-w3a16", "olmoe-ternary-b3"])
+@torch.no_grad()
+def test_triton_backend_logits_equal_torch_backend(case, built, monkeypatch):
+    """The Triton kernels (interpreted without a GPU) through the whole model: logits within 1e-4 of the
+    torch reference's largest magnitude (float32 model)."""
+    pytest.importorskip("triton")
+    x = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(case))
+    out = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("MOECOMPRESS_KERNELS", backend)
+        out[backend] = load_model(str(built[case][0])).model(input_ids=x).logits
+    torch.testing.assert_close(out["triton"], out["torch"], atol=1e-4 * float(out["torch"].abs().max()), rtol=1e-4)
