@@ -125,10 +125,20 @@ def run_procs(workdir: Path, results: dict) -> None:
     results["processes"] = {"one": one, "two": two, "identical_output": same}
 
 
-def run_demo(workdir: Path, results: dict) -> None:
+def run_demo(workdir: Path, results: dict, before: Path | None = None) -> None:
+    """``moecompress quantize`` (defaults) on the demo model; with ``before`` (a checkout of the pre-streaming
+    code) the same command run from that checkout right after, on the same machine."""
     out = workdir / "demo-q"
     shutil.rmtree(out, ignore_errors=True)
     results["demo_quantize"] = measure(moecompress("quantize", "-o", str(out)), workdir / "demo-q.log")
+    if before is not None:
+        old = workdir / "demo-q-before"
+        shutil.rmtree(old, ignore_errors=True)
+        results["demo_quantize_before"] = measure(
+            ["bash", "-c", f"cd {before} && {sys.executable} -m moecompress quantize -o {old}"],
+            workdir / "demo-q-before.log")
+        results["demo_quantize_before"]["code"] = subprocess.run(
+            ["git", "-C", str(before), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 
 
 def main() -> None:
@@ -138,12 +148,17 @@ def main() -> None:
     ap.add_argument("--big", action="store_true", help="also the larger-than-RAM model (about 40 GB of disk)")
     ap.add_argument("--procs", action="store_true", help="also 2 processes vs 1 (torchrun, gloo on CPU)")
     ap.add_argument("--only", choices=["depth", "big", "procs", "demo"], action="append")
+    ap.add_argument("--before", type=Path, help="a checkout of the code to compare the demo quantize time with")
     a = ap.parse_args()
     a.workdir.mkdir(parents=True, exist_ok=True)
-    results: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "shape": SHAPE}
+    results: dict = json.loads(a.out.read_text()) if a.out.is_file() else {}  # parts run separately accumulate
+    results.update({"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "shape": SHAPE})
     todo = a.only or ["demo", "depth"] + (["big"] if a.big else []) + (["procs"] if a.procs else [])
     for what in todo:
-        {"depth": run_depth, "big": run_big, "procs": run_procs, "demo": run_demo}[what](a.workdir, results)
+        if what == "demo":
+            run_demo(a.workdir, results, a.before)
+        else:
+            {"depth": run_depth, "big": run_big, "procs": run_procs}[what](a.workdir, results)
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(results, indent=1) + "\n")
         print(json.dumps({what: results.get({"big": "larger_than_ram", "procs": "processes",
