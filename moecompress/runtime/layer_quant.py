@@ -34,10 +34,24 @@ class QuantOptions:
     block_size: int = 128
 
 
+WORKSPACE_BYTES = 2 << 30  # GPTQ's float32 workspace per call: experts are quantized in chunks that fit it
+
+
 def _quantize(W: torch.Tensor, H: torch.Tensor | None, opt: QuantOptions):
+    """RTN, or GPTQ over ``W [E, O, C]`` with ``H [E, C, C]`` in chunks of experts: GPTQ holds about six
+    ``[C, C]`` and four ``[O, C]`` float32 matrices per expert, so a Mixtral-8x7B down projection (C = 14336) is
+    quantized one expert at a time instead of needing about 40 GB at once. Each expert's result is the same."""
     if opt.method == "rtn" or H is None:
         return rtn_quantize(W, opt.grid)
-    return gptq_quantize(W, H, opt.grid, block_size=opt.block_size, damp=opt.damp, act_order=opt.act_order)
+    E, O, C = W.shape
+    per_expert = 4 * (6 * C * C + 4 * O * C)
+    step = max(1, min(E, WORKSPACE_BYTES // per_expert))
+    parts = [gptq_quantize(W[a:a + step], H[a:a + step], opt.grid, block_size=opt.block_size, damp=opt.damp,
+                           act_order=opt.act_order) for a in range(0, E, step)]
+    if len(parts) == 1:
+        return parts[0]
+    return QuantResult(*(torch.cat([getattr(p, f) for p in parts]) for f in ("weight", "codes", "scales", "zeros",
+                                                                             "loss")))
 
 
 @torch.no_grad()
@@ -151,7 +165,7 @@ def quantize_experts(view: MoEBlockView, stats: LayerStats, opt: QuantOptions, r
     E = view.num_experts
     dist = dist or Dist()
     own = slice(ex.owned.start, ex.owned.stop)
-    H, Hd, n = ex.H.clone(), ex.H_down.clone(), ex.count.clone()
+    H, Hd, n = ex.H, ex.H_down, ex.count.clone()  # the Hessians are topped up in place (not used afterwards)
     reserve_used, near_used, fallback = [], [], []
     for e in range(E):
         mine = e in ex.owned
