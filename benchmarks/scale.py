@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 SHAPE = dict(hidden=2048, intermediate=5632, experts=8, top_k=2)
-CALIB = ["--samples", "8", "--seq-len", "256"]
+CALIB = ["--tasks", "prose,code", "--samples", "4", "--seq-len", "256"]  # 2,048 calibration tokens
 
 
 def layer_bytes(hidden: int, intermediate: int, experts: int, heads: int = 16, kv_heads: int = 4) -> int:
@@ -84,7 +84,8 @@ def run_depth(workdir: Path, results: dict) -> None:
                                out / "profile.log"),
             "quantize_gptq_w4a16": measure(moecompress("quantize", str(model), *CALIB, "-o", str(out / "q")),
                                            out / "quantize.log"),
-            "eval": measure(moecompress("eval", str(model), "--no-baseline", "--samples", "4"), out / "eval.log"),
+            "eval": measure(moecompress("eval", str(model), "--no-baseline", "--tasks", "prose,code", "--samples", "4"),
+                            out / "eval.log"),
         }
     one = layer_bytes(**{k: SHAPE[k] for k in ("hidden", "intermediate", "experts")})
     results["depth"] = {"layer_bf16_bytes": one, "runs": rows,
