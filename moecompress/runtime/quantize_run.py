@@ -50,7 +50,7 @@ from moecompress.runtime.rotate import (
     rotate_outside,
 )
 
-__all__ = ["QuantPlan", "QuantRun", "batches_of", "quantize_stream"]
+__all__ = ["QuantPlan", "QuantRun", "batches_of", "needs_no_statistics", "quantize_stream"]
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,7 @@ class QuantRun:
     rotation_max_change: float = 0.0  # largest relative change of a rotated layer's outputs (checked per layer)
     expert_codes: int = 0  # routed experts' codes written
     expert_code_ones: int = 0  # of which equal to 1 (ternary: the trit 0)
+    probe_only: bool = False  # RTN without smoothing/router: only the probe windows ran (no statistics needed)
 
     def fallbacks(self) -> dict[str, int]:
         return {k: len(v["experts"].get("rtn_fallback", [])) for k, v in self.layers.items() if "experts" in v}
@@ -114,6 +115,13 @@ def _skip_experts(views):
 def batches_of(windows: list[torch.Tensor], size: int) -> list[torch.Tensor]:
     """``[N, S]`` windows per task cut into batches of at most ``size`` windows (tasks never mixed)."""
     return [w[i:i + size] for w in windows for i in range(0, len(w), size)]
+
+
+def needs_no_statistics(plan: QuantPlan) -> bool:
+    """Round-to-nearest without smoothing or a quantized router needs no calibration statistics: only the probe
+    windows run (for the routing agreement), so the command is bound by reading and writing the weights."""
+    return not plan.smooth and not plan.router_bits and all(
+        o is None or o.method == "rtn" for o in (plan.experts, plan.linears))
 
 
 def _forward(layer: nn.Module, h: torch.Tensor, kwargs: dict, device: torch.device) -> torch.Tensor:
@@ -157,6 +165,13 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
     probe_set = set(probe)
     out = QuantRun(ActQuantHandle(), min_tokens_per_expert=n_min, rotated_residual=rotation is not None)
     base, reserve = range(n_base), range(n_base, n_base + n_reserve)
+    rtn_only = needs_no_statistics(plan)
+    if rtn_only:  # the stream holds the probe windows only (`needs_no_statistics`): they find the linears
+        if n_base or n_reserve:
+            raise ValueError("a round-to-nearest plan streams the probe windows only")
+        base = list(probe)
+    balance = plan.balance and not rtn_only
+    out.probe_only = rtn_only
     with progress.task(label, total=stream.num_layers) as bar:
         for i in range(stream.num_layers):
             layer = stream.load(i)
@@ -186,7 +201,7 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
                 stream.run_layer(i, store=False, batches=base)
                 if lv:
                     stats.experts.sum_over(dist, ("count", "gate_sum", "act_max", "h_max"))
-                if plan.balance and lv and plan.experts is not None:  # top up rare experts: reserve, near-miss
+                if balance and lv and plan.experts is not None:  # top up rare experts: reserve, near-miss
                     stats.experts.short = set((stats.experts.count < n_min).nonzero().flatten().tolist())
                     if stats.experts.short and n_reserve:
                         stats.mode = "reserve"
@@ -213,7 +228,7 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
                     q_inter = rotation_matrix(v.experts.stacked("down").shape[2], plan.rotation_seed) \
                         if plan.rotate_intermediate else None
                     entry["experts"] = quantize_experts(v, stats, plan.experts, record, f"{block}.{arch.experts}",
-                                                        plan.balance, n_min, q_inter, dist)
+                                                        balance, n_min, q_inter, dist)
                 if plan.router_bits:
                     entry["router"] = quantize_router(v, stats, plan.router_bits, plan.align_router, record,
                                                       f"{block}.{arch.router}", plan.align_objective)

@@ -24,7 +24,7 @@ from moecompress.formats.quant_record import RECORD_FILE
 from moecompress.nn.act_quant import ActQuant
 from moecompress.runtime.layer_quant import QuantOptions
 from moecompress.runtime.pack import FakeQuantSink, PackedSink
-from moecompress.runtime.quantize_run import QuantPlan, QuantRun, batches_of, quantize_stream
+from moecompress.runtime.quantize_run import QuantPlan, QuantRun, batches_of, needs_no_statistics, quantize_stream
 from moecompress.runtime.rotate import ResidualRotation, check_rotatable
 from moecompress.stages.base import StageConfig, StageContext, register_stage
 
@@ -138,6 +138,8 @@ def quantize(ctx: StageContext, plan: QuantPlan, base: list, extra: list, meta: 
     record), one decoder layer at a time; the written model becomes the context's model."""
     batches, reserve = batches_of(base, plan.batch_size), batches_of(extra, plan.batch_size)
     probe = batches_of([torch.cat([w[:2] for w in base])], plan.batch_size)  # routing agreement vs the original
+    if needs_no_statistics(plan):
+        batches, reserve = [], []
     rotation = ResidualRotation(ctx.config.hidden_size, plan.rotation_seed) if plan.rotate else None
     if save_format == "packed":
         sink = PackedSink(ctx.source, ctx.write_to, meta, ternary_codec, writer=ctx.dist.writer)
@@ -177,6 +179,9 @@ def finish(ctx: StageContext, result: QuantRun, meta: dict[str, Any], base: list
            "layers": result.layers}
     if result.rotated_residual:
         out["rotation_max_relative_change"] = result.rotation_max_change
+    if result.probe_only:  # round-to-nearest needs no statistics: the calibration windows were not run
+        out["calibration_windows"], out["reserve_windows"] = 0, 0
+        out["note"] = "round-to-nearest: no calibration statistics needed; only the routing-agreement probe ran"
     return out
 
 

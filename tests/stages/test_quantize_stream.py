@@ -254,3 +254,28 @@ def test_old_single_file_record_still_reads(tmp_path):
     save_file(t, str(tmp_path / RECORD_FILE), metadata={"format": "moecompress-quant-record"})
     back = QuantRecord.load(tmp_path)
     assert back.weights() == ["a:gate"] and torch.equal(back.dequantize("a:gate", 8), torch.ones(1, 2, 8))
+
+
+def test_round_to_nearest_runs_only_the_probe_and_writes_rtn_codes(tmp_path):
+    """RTN without smoothing or a quantized router needs no calibration statistics: the summary says no
+    calibration window ran, and every expert's codes are round-to-nearest of the original weights."""
+    from moecompress.algorithms.quant_grid import QuantGrid, rtn_quantize
+
+    r = run(validate_recipe({"model": "tiny:qwen3_moe", "calibration": CALIB, "stages": [
+        {"stage": "quantize", "scheme": "w4a16", "group_size": 8, "method": "rtn", "save_format": "fake-quant"}]}),
+        output=tmp_path / "q")
+    s = r.report["stages"][0]["result"]
+    assert s["calibration_windows"] == 0 and "round-to-nearest" in s["note"]
+    original = load_model("tiny:qwen3_moe")
+    moe = original.arch.moe_layer_indices(original.model.config)
+    assert len(s["routing_topk_agreement_calib"]) == len(moe)  # the probe still ran through every layer
+    record = QuantRecord.load(tmp_path / "q")
+    arch = original.arch
+    for i in arch.moe_layer_indices(original.model.config):
+        view = arch.block(original.model, i)
+        gate_up = torch.cat([view.experts.stacked("gate"), view.experts.stacked("up")], 1).float()
+        want = rtn_quantize(gate_up, QuantGrid(4, 8, False, True)).codes
+        I = view.experts.stacked("gate").shape[1]
+        name = f"{arch.layers}.{i}.{arch.moe_block}.{arch.experts}"
+        assert torch.equal(record.tensors[f"{name}:gate.codes"], want[:, :I])
+        assert torch.equal(record.tensors[f"{name}:up.codes"], want[:, I:])
