@@ -46,17 +46,22 @@ def layer_bytes(hidden: int, intermediate: int, experts: int, heads: int = 16, k
     return 2 * (attn + experts * 3 * hidden * intermediate + experts * hidden + 2 * hidden)
 
 
-def synthetic(workdir: Path, layers: int) -> Path:
+def synthetic(workdir: Path, layers: int, shape: dict | None = None) -> Path:
     from make_synthetic_moe import write_synthetic_moe
 
-    out = workdir / f"mixtral-{layers}L"
+    shape = shape or SHAPE
+    tag = "" if shape == SHAPE else f"-h{shape['hidden']}"
+    out = workdir / f"mixtral{tag}-{layers}L"
     if not (out / "config.json").is_file():
-        write_synthetic_moe(out, model_type="mixtral", layers=layers, **SHAPE, seed=0)
+        write_synthetic_moe(out, model_type="mixtral", layers=layers, **shape, seed=0)
     return out
 
 
 def measure(args: list[str], log: Path, env: dict | None = None) -> dict:
     """Run ``args`` in a fresh process; its peak RSS (bytes) and wall time (s)."""
+    done = log.with_suffix(".json")  # a step that completed is not run again (resumable; delete to rerun)
+    if done.is_file():
+        return json.loads(done.read_text())
     stats = log.with_suffix(".time")
     cmd = ["/usr/bin/time", "-f", "%M %e", "-o", str(stats), *args]
     t0 = time.time()
@@ -64,21 +69,24 @@ def measure(args: list[str], log: Path, env: dict | None = None) -> dict:
         r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     wall = time.time() - t0
     rss_kb, elapsed = stats.read_text().split()[-2:]
-    return {"command": " ".join(args), "exit": r.returncode, "peak_rss_bytes": int(rss_kb) * 1024,
-            "seconds": float(elapsed), "wall_seconds": round(wall, 1), "log": str(log)}
+    row = {"command": " ".join(args), "exit": r.returncode, "peak_rss_bytes": int(rss_kb) * 1024,
+           "seconds": float(elapsed), "wall_seconds": round(wall, 1), "log": str(log)}
+    if r.returncode == 0:
+        done.write_text(json.dumps(row) + "\n")
+    return row
 
 
 def moecompress(*args: str) -> list[str]:
     return [sys.executable, "-m", "moecompress", *args]
 
 
-def run_depth(workdir: Path, results: dict) -> None:
+def run_depth(workdir: Path, results: dict, shape: dict | None = None) -> None:
+    shape = shape or SHAPE
     rows = {}
     for layers in (4, 16):
-        model = synthetic(workdir, layers)
-        out = workdir / f"out-{layers}L"
-        shutil.rmtree(out, ignore_errors=True)
-        out.mkdir()
+        model = synthetic(workdir, layers, shape)
+        out = workdir / f"out{model.name.removeprefix('mixtral')}"
+        out.mkdir(exist_ok=True)
         rows[layers] = {
             "profile": measure(moecompress("profile", str(model), *CALIB, "-o", str(out / "profile")),
                                out / "profile.log"),
@@ -87,8 +95,9 @@ def run_depth(workdir: Path, results: dict) -> None:
             "eval": measure(moecompress("eval", str(model), "--no-baseline", "--tasks", "prose,code", "--samples", "4"),
                             out / "eval.log"),
         }
-    one = layer_bytes(**{k: SHAPE[k] for k in ("hidden", "intermediate", "experts")})
-    results["depth"] = {"layer_bf16_bytes": one, "runs": rows,
+    one = layer_bytes(**{k: shape[k] for k in ("hidden", "intermediate", "experts")})
+    key = "depth" if shape == SHAPE else f"depth_hidden{shape['hidden']}"
+    results[key] = {"shape": shape, "layer_bf16_bytes": one, "runs": rows,
                         "ratio_16_over_4": {c: rows[16][c]["peak_rss_bytes"] / rows[4][c]["peak_rss_bytes"]
                                             for c in rows[4]}}
 
@@ -96,8 +105,7 @@ def run_depth(workdir: Path, results: dict) -> None:
 def run_big(workdir: Path, results: dict, layers: int = 48) -> None:
     model = synthetic(workdir, layers)
     out = workdir / f"out-{layers}L"
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir()
+    out.mkdir(exist_ok=True)
     size = sum(f.stat().st_size for f in model.glob("*.safetensors"))
     rows = {
         "profile": measure(moecompress("profile", str(model), *CALIB, "-o", str(out / "profile")), out / "p.log"),
@@ -150,6 +158,8 @@ def main() -> None:
     ap.add_argument("--procs", action="store_true", help="also 2 processes vs 1 (torchrun, gloo on CPU)")
     ap.add_argument("--only", choices=["depth", "big", "procs", "demo"], action="append")
     ap.add_argument("--before", type=Path, help="a checkout of the code to compare the demo quantize time with")
+    ap.add_argument("--hidden", type=int, help="depth runs at this width instead (intermediate 2.75x): a quicker "
+                    "check of flatness on a slow machine")
     a = ap.parse_args()
     a.workdir.mkdir(parents=True, exist_ok=True)
     results: dict = json.loads(a.out.read_text()) if a.out.is_file() else {}  # parts run separately accumulate
@@ -159,7 +169,11 @@ def main() -> None:
         if what == "demo":
             run_demo(a.workdir, results, a.before)
         else:
-            {"depth": run_depth, "big": run_big, "procs": run_procs}[what](a.workdir, results)
+        elif what == "depth":
+            run_depth(a.workdir, results, None if a.hidden is None else
+                      {**SHAPE, "hidden": a.hidden, "intermediate": a.hidden * 11 // 4})
+        else:
+            {"big": run_big, "procs": run_procs}[what](a.workdir, results)
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(results, indent=1) + "\n")
         print(json.dumps({what: results.get({"big": "larger_than_ram", "procs": "processes",
