@@ -168,7 +168,6 @@ def main() -> None:
     for what in todo:
         if what == "demo":
             run_demo(a.workdir, results, a.before)
-        else:
         elif what == "depth":
             run_depth(a.workdir, results, None if a.hidden is None else
                       {**SHAPE, "hidden": a.hidden, "intermediate": a.hidden * 11 // 4})
