@@ -181,7 +181,7 @@ def collect(layer: nn.Module, views: list[MoEBlockView], attn_norm: nn.Module | 
     shared_linears: set[int] = set()
     shared_gate_value: dict[str, torch.Tensor] = {}  # per-token sigmoid(shared gate) of the current call
     for v in views:
-        skip.update({id(v.router), id(v.experts.module)})
+        skip.update({id(m) for m in v.router.modules()} | {id(v.experts.module)})  # a router may wrap a Linear (HunYuan gate.wg)
         if v.shared_gate is not None:
             skip.add(id(v.shared_gate))
             shared_linears.update(id(m) for m in v.shared.module.modules())
