@@ -18,8 +18,8 @@ fresh process with plain ``from_pretrained``; ``tests/test_export.py``):
   would run them without activation quantization;
 * families whose checkpoints keep experts fused (gpt-oss, Granite), rotated down projections, other codecs.
 
-Linears left in full precision (LM head, routers, shared-expert gates) are listed in ``ignore`` under both
-their in-memory names (what compressed-tensors matches inside transformers) and their checkpoint names
+Linears left in full precision (LM head, shared-expert gates) and every router are listed in ``ignore`` under
+both their in-memory names (what compressed-tensors matches inside transformers) and their checkpoint names
 (what vLLM matches). A router that the packed checkpoint stores quantized is written dequantized (float32),
 as every MoE runtime builds routers unquantized.
 """
@@ -97,18 +97,19 @@ def _check_scheme(qc: dict, side: dict) -> int:
         raise MoecompressError(
             f"compressed-tensors export supports W4A16 and W8A16, not {what}: transformers loads compressed-tensors "
             "MoE experts only as packed or FP8 weights and runs them without activation quantization",
-            "quantize with --scheme w4a16 or w8a16 (symmetric) to export, or keep the moecompress checkpoint",
+            "quantize W4A16 or W8A16 with `symmetric: true` to export, or keep the moecompress checkpoint",
         )
     if len(codecs) != 1 or not codecs <= set(_BITS):
         raise MoecompressError(
             f"compressed-tensors export supports W4A16 and W8A16, not {what}",
-            "quantize with --scheme w4a16 or w8a16 (symmetric) to export",
+            "quantize W4A16 or W8A16 with `symmetric: true` to export",
         )
     if not all(s["symmetric"] for s in specs):
         raise MoecompressError(
             f"{what} has asymmetric weights, which transformers 5.x + compressed-tensors cannot load (packed zero "
             "points: Linear size mismatch, MoE experts decompressed without them)",
-            "quantize with symmetric weights (`symmetric: true` in the recipe's quantize stage) to export",
+            "quantize with symmetric weights (`symmetric: true` in the recipe's quantize stage, as in "
+            "recipes/demo/quantize_w4a16_sym.yaml) to export",
         )
     if any(s["type"] == "experts" and s.get("intermediate_rotation_seed") is not None for s in specs):
         raise MoecompressError(
@@ -203,7 +204,7 @@ def export_compressed_tensors(src: str | Path, output: str | Path, force: bool =
     ignore = set()
     for n, m in meta.named_modules():
         disk = _original(f"{n}.weight", renamings)[: -len(".weight")]
-        if _is_linear(m) and disk not in quantized:
+        if (_is_linear(m) or n in routers) and disk not in quantized:  # routers: whatever class a runtime uses
             ignore |= {n, disk}
     weights = {
         "num_bits": bits,
