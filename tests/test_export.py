@@ -24,8 +24,8 @@ ct = pytest.importorskip("compressed_tensors")
 IDS = [[1, 5, 9, 33, 77, 100, 200, 255, 17, 42, 3, 250, 7, 64, 128, 300]]
 FUSED = {"gpt_oss", "granitemoe"}  # checkpoints keep experts fused: refused
 # transformers dequantizes MoE experts in the scales' dtype (float16), moecompress in float32: each expert weight
-# differs by up to 2^-11 relative. Measured on every family below: relative L2 <= 8e-5, max |diff| <= 1.1e-4 of the
-# largest logit (with float32 scales the same comparison gives 1.5e-7); allowed: 5e-4 for both.
+# differs by up to 2^-11 relative. Measured on every case below: relative L2 <= 8.2e-5, max |diff| <= 1.2e-4 of the
+# largest logit (1.3e-4 / 1.8e-4 on the bf16 demo model; with float32 scales 1.5e-7); allowed: 5e-4 for both.
 TOL = 5e-4
 
 # A fresh interpreter with only torch + transformers (compressed-tensors through transformers): loads the export,
