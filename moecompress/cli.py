@@ -448,12 +448,12 @@ def inspect(directory: Annotated[Path, typer.Argument(help="A model directory (p
 
 @app.command()
 def export(
-    directory: Annotated[Path, typer.Argument(help="A packed W4A16 or W8A8 directory from `moecompress quantize`.")],
+    directory: Annotated[Path, typer.Argument(help="A packed symmetric W4A16 or W8A16 directory.")],
     to: Annotated[str, typer.Option("--to", help="Target format (compressed-tensors).")] = "compressed-tensors",
     output: Annotated[Path, typer.Option("--output", "-o", help="Directory to write.")] = ...,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
 ) -> None:
-    """Export to another format: compressed-tensors (vLLM, llm-compressor) for W4A16 and W8A8."""
+    """Export to another format: compressed-tensors (vLLM, llm-compressor) for symmetric W4A16 and W8A16."""
     with handled():
         if to != "compressed-tensors":
             raise MoecompressError(f"unknown export format {to!r}", "use --to compressed-tensors")

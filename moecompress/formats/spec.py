@@ -33,5 +33,5 @@ FORMATS.add("packed:ternary-b3", FormatSpec(
     "packed:ternary-b3", "moecompress packed v1, ternary, five trits per byte in base 3 (GGUF TQ1_0 encoding)",
     "1.6 + 16/g"))
 FORMATS.add("compressed-tensors", FormatSpec(
-    "compressed-tensors", "export target (moecompress export --to compressed-tensors): W4A16 pack-quantized, "
-    "W8A8 int-quantized", "4.125 / 8"))
+    "compressed-tensors", "export target (moecompress export --to compressed-tensors): symmetric W4A16 / W8A16 "
+    "pack-quantized", "4 + 16/g / 8 + 16/g"))
