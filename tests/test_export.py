@@ -103,19 +103,11 @@ def _case(family, scheme, group, slow=True, **kw):
     )
 
 
-_HUNYUAN = pytest.mark.xfail(
-    strict=True,
-    raises=AttributeError,
-    reason=(
-        "moecompress quantizes HunYuan's router gate.wg as a plain linear and the packed checkpoint cannot run "
-        "(PackedLinear has no .weight); the export itself loads (its router is written dequantized)"
-    ),
-)
 CASES = [
     _case("mixtral", "w4a16", 8, slow=False),
     _case("qwen2_moe", "w8a16", -1, slow=False),  # shared experts, 8-bit, one group per row ("channel")
     *[
-        _case(f, "w4a16", 8, marks=[_HUNYUAN] if f == "hunyuan_v1_moe" else [])
+        _case(f, "w4a16", 8)
         for f in sorted(set(FAMILY) - FUSED - {"mixtral"})
     ],
     _case("deepseek_v3", "w4a16", -1),
