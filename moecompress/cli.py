@@ -354,6 +354,8 @@ def quantize(
     group_size: Annotated[Optional[int], typer.Option("--group-size", help="Weight group size; -1 = per "
                                                       "output channel (default: 128 weight-only, -1 otherwise).")] = None,
     method: Annotated[str, typer.Option(help="gptq | rtn")] = "gptq",
+    symmetric: Annotated[bool, typer.Option("--symmetric/--asymmetric", help="Weight grid without/with zero points "
+                                            "(symmetric W4A16/W8A16 exports to compressed-tensors).")] = False,
     smooth: Annotated[Optional[bool], typer.Option("--smooth/--no-smooth", help="EAQuant expert-aware smoothing "
                                                    "(default: on when activations are quantized).")] = None,
     smooth_alpha: Annotated[float, typer.Option("--smooth-alpha")] = 0.6,
@@ -385,7 +387,8 @@ def quantize(
         from moecompress.pipeline import run as run_pipeline
         from moecompress.recipe import validate_command
 
-        stage = {"stage": "quantize", "scheme": scheme, "group_size": group_size, "method": method, "smooth": smooth,
+        stage = {"stage": "quantize", "scheme": scheme, "group_size": group_size, "method": method,
+                 "symmetric": symmetric, "smooth": smooth,
                  "smooth_alpha": smooth_alpha, "router_bits": router_bits, "align_router": align_router,
                  "align_objective": align_objective, "balance": balance, "rotate_intermediate": rotate_intermediate,
                  "rotate": rotate, "save_format": "fake-quant" if fake_quant else "packed"}

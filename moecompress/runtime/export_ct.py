@@ -102,14 +102,14 @@ def _check_scheme(qc: dict, side: dict) -> int:
     if len(codecs) != 1 or not codecs <= set(_BITS):
         raise MoecompressError(
             f"compressed-tensors export supports W4A16 and W8A16, not {what}",
-            "quantize W4A16 or W8A16 with `symmetric: true` to export",
+            "quantize W4A16 or W8A16 with --symmetric (`symmetric: true` in a recipe) to export",
         )
     if not all(s["symmetric"] for s in specs):
         raise MoecompressError(
             f"{what} has asymmetric weights, which transformers 5.x + compressed-tensors cannot load (packed zero "
             "points: Linear size mismatch, MoE experts decompressed without them)",
-            "quantize with symmetric weights (`symmetric: true` in the recipe's quantize stage, as in "
-            "recipes/demo/quantize_w4a16_sym.yaml) to export",
+            "quantize with symmetric weights (`moecompress quantize --symmetric`, or `symmetric: true` in the "
+            "recipe's quantize stage) to export",
         )
     if any(s["type"] == "experts" and s.get("intermediate_rotation_seed") is not None for s in specs):
         raise MoecompressError(
