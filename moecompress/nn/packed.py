@@ -23,8 +23,8 @@ from torch import nn
 from moecompress.algorithms.moe_math import ExpertWeights, glu
 from moecompress.formats.codecs import CODECS
 from moecompress.kernels import dispatch
+from moecompress.models.calls import experts_call_args
 from moecompress.nn.act_quant import ActQuant, rotation_matrix
-from moecompress.runtime.hooks import experts_call_args
 from moecompress.types import Activation, Proj
 
 __all__ = ["PackedExperts", "PackedLinear"]

@@ -23,7 +23,7 @@ from torch import nn
 
 from moecompress.algorithms.moe_math import glu
 from moecompress.models.base import MoEBlockView
-from moecompress.runtime.hooks import experts_call_args
+from moecompress.models.calls import experts_call_args
 
 __all__ = ["ExpertStats", "LayerStats", "LinearStats", "collect"]
 
