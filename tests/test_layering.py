@@ -9,8 +9,8 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "moecompress"
 LEVEL = {
     "types": 0, "errors": 0, "registry": 0, "progress": 0, "algorithms": 0, "kernels": 0,
-    "models": 1, "formats": 1, "calib": 1, "io": 1,
-    "runtime": 2, "eval": 2, "nn": 2, "testing": 2,
+    "models": 1, "formats": 1, "calib": 1, "io": 1, "testing": 1,
+    "runtime": 2, "eval": 2, "nn": 2,
     "stages": 3,
     "pipeline": 4, "recipe": 4, "context": 4, "taer": 4,
     "cli": 5, "console": 5, "__main__": 5, "__init__": 5,

@@ -40,11 +40,11 @@ from moecompress.errors import MoecompressError
 from moecompress.formats.checkpoint import FORMAT_VERSION, QUANT_METHOD
 from moecompress.formats.inspect import storage_summary
 from moecompress.io.checkpoint import layer_of
+from moecompress.io.model import LoadedModel, recorded_activations
 from moecompress.progress import NullProgress, Progress
 from moecompress.runtime.executor import LayerStream, ModelSource, Placement
 from moecompress.runtime.hooks import capture_routing
 from moecompress.runtime.memory import memory_report, peak_rss_bytes
-from moecompress.runtime.modelio import LoadedModel, read_sidecar
 
 __all__ = ["as_source", "evaluate_models", "model_size"]
 
@@ -134,8 +134,7 @@ class _AsSaved:
             self.checksums = dict(qc.get("checksums") or {})
             return
         if activations is None:
-            side = read_sidecar(source.directory) or {}
-            activations = (side.get("quantization") or {}).get("activations")
+            activations = recorded_activations(source.directory)
         if activations:
             from moecompress.nn.act_quant import ActQuant
 

@@ -23,7 +23,7 @@ from moecompress.errors import MoecompressError
 from moecompress.formats.bitpack import pack_bits
 from moecompress.formats.checkpoint import QUANT_METHOD, write_checkpoint
 from moecompress.formats.codecs import decode
-from moecompress.runtime.outdir import atomic_output, check_output
+from moecompress.io.outdir import atomic_output, check_output
 
 __all__ = ["export_compressed_tensors"]
 

@@ -15,7 +15,8 @@ from moecompress.recipe import CalibrationConfig, validate_recipe
 from moecompress.runtime.calibration import collect
 from moecompress.runtime.executor import LayerStream, ModelSource
 from moecompress.runtime.layer_quant import quantize_router, smooth_layer
-from moecompress.runtime.modelio import LoadedModel, load_model, tiny_tokenizer
+from moecompress.io.model import LoadedModel, tiny_tokenizer
+from moecompress.runtime.source import load_model
 from moecompress.stages import STAGES
 from moecompress.stages.quantize import QuantizeConfig
 from moecompress.testing import FAMILY, tiny_config, tiny_moe
