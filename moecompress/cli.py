@@ -457,7 +457,7 @@ def export(
     with handled():
         if to != "compressed-tensors":
             raise MoecompressError(f"unknown export format {to!r}", "use --to compressed-tensors")
-        from moecompress.runtime.export_ct import export_compressed_tensors
+        from moecompress.formats.export_ct import export_compressed_tensors
 
         r = export_compressed_tensors(directory, output, force)
         success(f"wrote {r['output']}: {r['modules']} linears in compressed-tensors {r['format']} "
