@@ -23,6 +23,7 @@ from moecompress.errors import MoecompressError
 from moecompress.formats.bitpack import pack_bits
 from moecompress.formats.checkpoint import QUANT_METHOD, write_checkpoint
 from moecompress.formats.codecs import decode
+from moecompress.formats.spec import PROJS, module_specs
 from moecompress.io.outdir import atomic_output, check_output
 
 __all__ = ["export_compressed_tensors"]
@@ -91,8 +92,8 @@ def export_compressed_tensors(src: str | Path, output: str | Path, force: bool =
                                "quantize it first (moecompress quantize ... writes the packed format)")
     side = json.loads((src / "moecompress.json").read_text()) if (src / "moecompress.json").is_file() else {}
     scheme = (side.get("quantization") or {}).get("scheme")
-    codecs = {s.get("codec") for s in qc["modules"].values() if s["type"] == "linear"} | \
-        {c for s in qc["modules"].values() if s["type"] == "experts" for c in s["codecs"].values()}
+    modules = module_specs(qc["modules"])
+    codecs = {c for s in modules.values() for c in s.all_codecs}
     acts = qc.get("activations")
     if codecs == {"int4"} and not acts:
         fmt, bits, act = "pack-quantized", 4, None
@@ -102,7 +103,7 @@ def export_compressed_tensors(src: str | Path, output: str | Path, force: bool =
     else:
         raise MoecompressError(f"compressed-tensors export supports W4A16 and W8A8, not {scheme or sorted(codecs)}",
                                "quantize with --scheme w4a16 or w8a8")
-    if any(s["type"] == "experts" and s.get("intermediate_rotation_seed") is not None for s in qc["modules"].values()):
+    if any(s.type == "experts" and s.intermediate_rotation_seed is not None for s in modules.values()):
         raise MoecompressError("the experts' down projections are stored in a rotated basis",
                                "quantize without --rotate-intermediate to export")
     config = AutoConfig.from_pretrained(src, local_files_only=True)
@@ -111,28 +112,28 @@ def export_compressed_tensors(src: str | Path, output: str | Path, force: bool =
     new: dict[str, torch.Tensor] = {}
     packed_prefixes = []
     group_sizes, symmetric = set(), set()
-    for path, spec in qc["modules"].items():
-        symmetric.add(spec["symmetric"])
-        group_sizes.add(spec["group_size"])
-        if spec["type"] == "experts":
-            if set(pats) != {"gate", "up", "down"} or spec.get("bias"):
+    for path, spec in modules.items():
+        symmetric.add(spec.symmetric)
+        group_sizes.add(spec.group_size)
+        if spec.type == "experts":
+            if set(pats) != set(PROJS) or spec.bias:
                 raise MoecompressError(f"{config.model_type} checkpoints keep experts fused",
                                        "compressed-tensors needs one linear per expert")
-            for p in ("gate", "up", "down"):
+            for p in PROJS:
                 local = {k[len(path) + len(p) + 2:]: v for k, v in sd.items() if k.startswith(f"{path}.{p}_")}
-                codes, scale, zero = decode(spec["codecs"][p], local)
+                codes, scale, zero = decode(spec.codecs[p], local)
                 for e in range(codes.shape[0]):
                     suffix = pats[p].split("experts", 1)[1].replace("*", str(e))  # ".{e}.w1.weight"
                     name = _original(f"{path}{suffix}", renamings)[: -len(".weight")]
-                    for k, v in _ct_tensors(fmt, codes[e], scale[e], zero[e], bits, spec["symmetric"]).items():
+                    for k, v in _ct_tensors(fmt, codes[e], scale[e], zero[e], bits, spec.symmetric).items():
                         new[f"{name}.{k}"] = v
                     packed_prefixes.append(name)
                 sd = {k: v for k, v in sd.items() if not k.startswith(f"{path}.{p}_")}
         else:
             local = {k[len(path) + len("weight_") + 1:]: v for k, v in sd.items() if k.startswith(f"{path}.weight_")}
-            codes, scale, zero = decode(spec["codec"], local)
+            codes, scale, zero = decode(spec.codec, local)
             name = _original(f"{path}.weight", renamings)[: -len(".weight")]
-            for k, v in _ct_tensors(fmt, codes[0], scale[0], zero[0], bits, spec["symmetric"]).items():
+            for k, v in _ct_tensors(fmt, codes[0], scale[0], zero[0], bits, spec.symmetric).items():
                 new[f"{name}.{k}"] = v
             packed_prefixes.append(name)
             sd = {k: v for k, v in sd.items() if not k.startswith(f"{path}.weight_")}
