@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from moecompress.algorithms.gptq import gptq_quantize
-from moecompress.algorithms.quant_grid import QuantGrid, QuantResult, rtn_quantize
+from moecompress.algorithms.quant_grid import QuantGrid, QuantResult, TernaryGrid, rtn_quantize
 from moecompress.algorithms.router_align import align_router
 from moecompress.algorithms.smooth import (down_outlier_scales, fold_down, fold_into_columns, fold_into_norm,
                                            moe_smooth_scales, smooth_scales)
@@ -28,11 +28,19 @@ __all__ = ["QuantOptions", "quantize_experts", "quantize_linears", "quantize_rou
 
 @dataclass(frozen=True)
 class QuantOptions:
-    grid: QuantGrid
-    method: str = "gptq"  # or "rtn"
-    act_order: bool = True
-    damp: float = 0.01
-    block_size: int = 128
+    """How one group of weights is quantized (every value given: the defaults live in the stage configs)."""
+
+    grid: QuantGrid | TernaryGrid
+    method: str  # "gptq" or "rtn"
+    act_order: bool
+    damp: float
+    block_size: int
+
+    @classmethod
+    def of(cls, grid: QuantGrid | TernaryGrid, settings: Any, **given: Any) -> QuantOptions:
+        """``grid`` and ``given`` as given, the other fields read by name from ``settings`` (a stage config)."""
+        names = ("method", "act_order", "damp", "block_size")
+        return cls(grid, **given, **{n: getattr(settings, n) for n in names if n not in given})
 
 
 def _quantize(W: torch.Tensor, H: torch.Tensor | None, opt: QuantOptions):
@@ -212,7 +220,7 @@ def _gathered(res: QuantResult, dist: Dist, E: int) -> QuantResult:
 
 @torch.no_grad()
 def quantize_router(view: MoEBlockView, stats: LayerStats, bits: int, align: bool, record: QuantRecord,
-                    prefix: str, objective: str = "topk_rest") -> dict[str, Any]:
+                    prefix: str, objective: str) -> dict[str, Any]:
     """Quantize the router per row (asymmetric); with ``align``, search each row's clip ratio to minimise
     the top-k KL of routing probabilities on calibration inputs."""
     W = view.router_weight
