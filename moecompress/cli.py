@@ -18,11 +18,11 @@ import click
 import typer
 import typer.rich_utils
 
-from moecompress import __version__
 from moecompress.console import (SHOW, RichProgress, console, error, print_eval, print_table, setup_console,
                                  show_generic, show_inspect, show_prune, show_quantize, success, warn)
 from moecompress.errors import MoecompressError, shorten
 from moecompress.io.fsops import disk_full_error, signals_as_interrupts
+from moecompress.version import __version__
 
 app = typer.Typer(
     name="moecompress", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,

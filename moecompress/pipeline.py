@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 
-from moecompress import __version__
 from moecompress.calib import parse_data_specs, resolve_tasks
 from moecompress.context import Context
 from moecompress.errors import MoecompressError
@@ -36,6 +35,7 @@ from moecompress.runtime.memory import memory_report
 from moecompress.runtime.source import open_source
 from moecompress.stages import STAGES
 from moecompress.stages.order import InputState, check_order
+from moecompress.version import __version__
 
 __all__ = ["RunResult", "open_source", "placement_of", "run"]
 
