@@ -27,7 +27,7 @@ from moecompress.calib import bundled_tasks, read_documents, token_windows
 from moecompress.eval.perplexity import score_windows
 from moecompress.eval.routing import histograms_from_traces, nearest_centroid_accuracy, routing_histograms
 from moecompress.runtime.hooks import capture_routing
-from moecompress.runtime.modelio import load_model
+from moecompress.runtime.source import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -468,7 +468,9 @@ def end_to_end(k, budget: Budget, layers: int, new_tokens: int) -> dict:
     try:
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        from moecompress.formats.spec import ModuleSpec
         from moecompress.nn.packed import PackedExperts
+        from moecompress.types import Activation
     except Exception as e:
         return {"skipped": f"cannot import transformers / moecompress.nn.packed: {type(e).__name__}: {e}"}
     if not budget.ok(45):
@@ -502,10 +504,10 @@ def end_to_end(k, budget: Budget, layers: int, new_tokens: int) -> dict:
         if dn.shape != (E, H, I2 // 2):
             return {**out, "skipped": f"unexpected expert layout {tuple(gu.shape)} / {tuple(dn.shape)}"}
         I = I2 // 2
-        spec = {"codecs": {"gate": "int4", "up": "int4", "down": "int4"}, "group_size": GROUP, "symmetric": True,
-                "bias": False, "activation": {"kind": "glu", "fn": "silu"}, "intermediate_rotation_seed": None}
+        spec = ModuleSpec.experts((E, I, H), {"gate": "int4", "up": "int4", "down": "int4"}, GROUP, True, False,
+                                  Activation("glu", "silu"))
         with torch.device("cuda"):
-            pe = PackedExperts(E, H, I, spec)
+            pe = PackedExperts(spec)
         for proj, wt in (("gate", gu[:, :I]), ("up", gu[:, I:]), ("down", dn)):
             for e in range(E):  # one expert at a time: small temporaries
                 q, s = _rtn_int4(wt[e].float())

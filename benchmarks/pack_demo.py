@@ -27,7 +27,8 @@ from moecompress.eval.perplexity import score_windows
 from moecompress.formats.inspect import inspect_dir
 from moecompress.pipeline import run
 from moecompress.recipe import validate_recipe
-from moecompress.runtime.modelio import DEMO_MODEL, load_model
+from moecompress.io.model import DEMO_MODEL
+from moecompress.runtime.source import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = [("bf16 (original)", None)] + [

@@ -35,7 +35,8 @@ from moecompress.formats.patterns import PatternStore
 from moecompress.pipeline import run
 from moecompress.recipe import CalibrationConfig, validate_recipe
 from moecompress.runtime.executor import LayerStream, ModelSource
-from moecompress.runtime.modelio import DEMO_MODEL, LoadedModel, load_model
+from moecompress.io.model import DEMO_MODEL, LoadedModel
+from moecompress.runtime.source import load_model
 from moecompress.runtime.prompt_routing import cosine_distance, routing_signatures
 from moecompress.stages import STAGES
 from moecompress.stages.prune import PruneConfig

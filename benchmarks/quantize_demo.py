@@ -40,7 +40,8 @@ from moecompress.calib import bundled_tasks, read_documents, token_windows
 from moecompress.context import Context
 from moecompress.recipe import CalibrationConfig
 from moecompress.runtime.hooks import capture_routing
-from moecompress.runtime.modelio import DEMO_MODEL, load_model
+from moecompress.io.model import DEMO_MODEL
+from moecompress.runtime.source import load_model
 from moecompress.stages import STAGES
 from moecompress.stages.quantize import QuantizeConfig
 

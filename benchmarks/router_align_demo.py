@@ -28,7 +28,7 @@ from moecompress.algorithms.router_align import align_router, topk_agreement, to
 from moecompress.calib import bundled_tasks, read_documents, token_windows
 from moecompress.context import Context
 from moecompress.recipe import CalibrationConfig
-from moecompress.runtime.modelio import load_model
+from moecompress.runtime.source import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,8 +5,8 @@ Importing the package registers the ``moecompress`` quantization method with tra
 """
 
 from moecompress.nn.hf_quantizer import register as _register
+from moecompress.version import __version__
 
-__version__ = "0.1.0"
 __all__ = ["__version__"]
 
 _register()

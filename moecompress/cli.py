@@ -18,11 +18,11 @@ import click
 import typer
 import typer.rich_utils
 
-from moecompress import __version__
 from moecompress.console import (SHOW, RichProgress, console, error, print_eval, print_table, setup_console,
                                  show_generic, show_inspect, show_prune, show_quantize, success, warn)
 from moecompress.errors import MoecompressError, shorten
-from moecompress.runtime.outdir import disk_full_error, signals_as_interrupts
+from moecompress.io.fsops import disk_full_error, signals_as_interrupts
+from moecompress.version import __version__
 
 app = typer.Typer(
     name="moecompress", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -165,7 +165,7 @@ def _routing_text(arch) -> str:
 def info(model: ModelArg = None) -> None:
     """Describe a model: MoE layout, routing rule, parameters by role (reads the config only)."""
     with handled():
-        from moecompress.runtime.describe import describe_model
+        from moecompress.io.describe import describe_model
 
         d = describe_model(model)
         print_table(f"{d['model']}", ["property", "value"], [[k, v] for k, v in d.items() if k != "model"])
@@ -460,7 +460,7 @@ def export(
     with handled():
         if to != "compressed-tensors":
             raise MoecompressError(f"unknown export format {to!r}", "use --to compressed-tensors")
-        from moecompress.runtime.export_ct import export_compressed_tensors
+        from moecompress.formats.export_ct import export_compressed_tensors
 
         r = export_compressed_tensors(directory, output, force)
         success(f"wrote {r['output']}: {r['modules']} linears in compressed-tensors {r['format']} "
@@ -563,7 +563,7 @@ def generate(
     A demonstration: the whole model is loaded onto the device (float32 on the CPU, its stored dtype on a GPU),
     so it must fit there; the other commands stream large models one decoder layer at a time."""
     with handled():
-        from moecompress.runtime.modelio import generate_text
+        from moecompress.runtime.source import generate_text
 
         console.print(generate_text(model, prompt, max_new_tokens, temperature, seed, device), soft_wrap=True,
                       markup=False, highlight=False)
@@ -595,8 +595,8 @@ def eval_cmd(
 
         from moecompress.pipeline import run as run_pipeline
         from moecompress.recipe import validate_command
-        from moecompress.runtime.modelio import read_sidecar
-        from moecompress.runtime.outdir import atomic_write, check_output_file
+        from moecompress.io.model import read_sidecar
+        from moecompress.io.outdir import atomic_write, check_output_file
 
         base = None if no_baseline else baseline
         if base is None and not no_baseline and model not in (None, "demo") and not str(model).startswith("tiny:"):

@@ -11,11 +11,11 @@ import torch
 
 from moecompress.calib import resolve_tasks, task_windows
 from moecompress.errors import MoecompressError
+from moecompress.io.model import LoadedModel
 from moecompress.progress import NullProgress, Progress
 from moecompress.recipe import CalibrationConfig
 from moecompress.runtime.dist import Dist
 from moecompress.runtime.executor import LayerStream, ModelSource, Placement
-from moecompress.runtime.modelio import LoadedModel
 from moecompress.runtime.sink import LayerSink
 
 __all__ = ["Context"]

@@ -2,7 +2,7 @@
 
 Outputs are written to a temporary directory beside the target and renamed into place at the end, so
 a failed run leaves nothing half-written; an existing output is replaced only with ``force`` (and only
-one moecompress wrote, never an input: see runtime/outdir).
+one moecompress wrote, never an input: see io/outdir).
 """
 
 from __future__ import annotations
@@ -17,24 +17,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moecompress import __version__
+import torch
+
 from moecompress.calib import parse_data_specs, resolve_tasks
 from moecompress.context import Context
 from moecompress.errors import MoecompressError
+from moecompress.formats.inspect import storage_summary
+from moecompress.io.model import SIDECAR, input_facts, load_config, model_label
+from moecompress.io.outdir import check_output, discard, finish, new_temp_dir
+from moecompress.io.validate import check_weight_files
 from moecompress.models import find_arch
 from moecompress.progress import NullProgress, Progress
 from moecompress.recipe import Recipe
-from moecompress.formats.inspect import storage_summary
-from moecompress.runtime.memory import memory_report
-import torch
-
-from moecompress.io.validate import check_weight_files
 from moecompress.runtime.dist import init_dist
 from moecompress.runtime.executor import ModelSource, Placement, resolve_device
-from moecompress.runtime.modelio import SIDECAR, input_facts, load_config, model_label, open_source
-from moecompress.runtime.outdir import check_output, discard, finish, new_temp_dir
+from moecompress.runtime.memory import memory_report
+from moecompress.runtime.source import open_source
 from moecompress.stages import STAGES
 from moecompress.stages.order import InputState, check_order
+from moecompress.version import __version__
 
 __all__ = ["RunResult", "open_source", "placement_of", "run"]
 

@@ -28,7 +28,7 @@ SMALL = ["--samples", "2", "--seq-len", "32", "--tasks", "prose"]
 def base(tmp_path_factory) -> Path:
     """A tiny Mixtral directory, its profile, and a packed W4A16 copy (built once)."""
     from moecompress.models import find_arch
-    from moecompress.runtime.modelio import LoadedModel, save_model, tiny_tokenizer
+    from moecompress.io.model import LoadedModel, save_model, tiny_tokenizer
     from moecompress.testing import tiny_moe
 
     root = tmp_path_factory.mktemp("bad")

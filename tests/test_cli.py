@@ -161,7 +161,7 @@ def test_profile_bad_inputs(tmp_path):
 
 def _tiny_dir(tmp_path, family="mixtral", seed=0):
     from moecompress.models import find_arch
-    from moecompress.runtime.modelio import LoadedModel, save_model, tiny_tokenizer
+    from moecompress.io.model import LoadedModel, save_model, tiny_tokenizer
     from moecompress.testing import tiny_moe
 
     m = tiny_moe(family, seed=seed)
@@ -266,7 +266,7 @@ def test_tables_into_a_pipe_never_wrap(tmp_path):
 
 
 def test_a_bug_is_still_one_line(monkeypatch):
-    import moecompress.runtime.describe as describe
+    import moecompress.io.describe as describe
 
     def boom(*args, **kwargs):
         raise RuntimeError("something\nwent wrong")

@@ -6,7 +6,7 @@ import torch
 from moecompress.context import Context
 from moecompress.errors import MoecompressError
 from moecompress.recipe import CalibrationConfig
-from moecompress.runtime.modelio import load_model
+from moecompress.runtime.source import load_model
 
 
 def test_windows_from_bundled_and_user_text(tmp_path):

@@ -16,7 +16,7 @@ from moecompress.formats.codecs import decode
 from moecompress.kernels.reference import dequantize
 from moecompress.pipeline import run
 from moecompress.recipe import validate_recipe
-from moecompress.runtime.export_ct import export_compressed_tensors
+from moecompress.formats.export_ct import export_compressed_tensors
 from moecompress.testing import FAMILY
 
 ct = pytest.importorskip("compressed_tensors")

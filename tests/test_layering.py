@@ -1,6 +1,19 @@
-"""Imports point down: cli -> pipeline -> stages -> runtime/eval/nn -> models/formats/calib -> algorithms/kernels.
+"""Imports point down, through the layers the code really has (docs: README "Layout").
 
-Checked with ``ast`` over every module (function-level imports included). Only cli/console touch typer/rich.
+    0  types errors registry progress version, algorithms/ kernels/   pure math, kernels, small shared types
+    1  models/ calib/ testing                                          adapters (and tiny models of them); text
+    2  io/                                                             checkpoints, whole models, outputs on disk
+    3  formats/                                                        the packed format, its record, exports
+    4  nn/                                                             packed runtime modules
+    5  runtime/                                                        the layer-streaming executor, hooks, calibration
+    6  eval/                                                           metrics
+    7  stages/                                                         one file per stage
+    8  pipeline recipe context                                         recipe -> stages -> output
+    9  cli console __main__, the package root                         Typer + rich
+
+A module may import its own level and the levels below. Checked with ``ast`` over every module, imports inside
+functions included; ``from moecompress import x`` counts as importing ``moecompress.x``. Only cli/console touch
+typer/rich.
 """
 
 import ast
@@ -8,12 +21,16 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "moecompress"
 LEVEL = {
-    "types": 0, "errors": 0, "registry": 0, "progress": 0, "algorithms": 0, "kernels": 0,
-    "models": 1, "formats": 1, "calib": 1, "io": 1,
-    "runtime": 2, "eval": 2, "nn": 2, "testing": 2,
-    "stages": 3,
-    "pipeline": 4, "recipe": 4, "context": 4, "taer": 4,
-    "cli": 5, "console": 5, "__main__": 5, "__init__": 5,
+    "types": 0, "errors": 0, "registry": 0, "progress": 0, "version": 0, "algorithms": 0, "kernels": 0,
+    "models": 1, "calib": 1, "testing": 1,
+    "io": 2,
+    "formats": 3,
+    "nn": 4,
+    "runtime": 5,
+    "eval": 6,
+    "stages": 7,
+    "pipeline": 8, "recipe": 8, "context": 8,
+    "cli": 9, "console": 9, "__main__": 9, "__init__": 9,
 }
 
 
@@ -37,12 +54,19 @@ def _imports(path: Path):
             for a in node.names:
                 yield a.name, node.lineno
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            yield node.module, node.lineno
+            if node.module == "moecompress":  # from moecompress import x: the submodule x, or the package root
+                for a in node.names:
+                    top = a.name if a.name in LEVEL else "__init__"
+                    yield ("moecompress" if top == "__init__" else f"moecompress.{top}"), node.lineno
+            else:
+                yield node.module, node.lineno
 
 
 def test_every_module_has_a_level():
     for name, _ in _modules():
         _level(name)
+    assert {p.stem if p.is_file() else p.name for p in PKG.iterdir()
+            if (p.suffix == ".py" or (p / "__init__.py").is_file())} <= set(LEVEL)
 
 
 def test_imports_point_down():
@@ -50,9 +74,16 @@ def test_imports_point_down():
     for name, path in _modules():
         mine = _level(name)
         for target, line in _imports(path):
-            if target.startswith("moecompress.") and _level(target) > mine:
+            if (target == "moecompress" or target.startswith("moecompress.")) and _level(target) > mine:
                 bad.append(f"{path.relative_to(PKG.parent)}:{line} imports {target}")
     assert not bad, "\n".join(bad)
+
+
+def test_the_checker_sees_function_level_and_package_imports(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("def f():\n    from moecompress.runtime.executor import LayerStream\n"
+                 "from moecompress import __version__, nn\n")
+    assert sorted(_imports(f)) == [("moecompress", 3), ("moecompress.nn", 3), ("moecompress.runtime.executor", 2)]
 
 
 def test_only_cli_and_console_touch_typer_and_rich():

@@ -6,7 +6,7 @@ import pytest
 
 from moecompress.models import find_arch
 from moecompress.recipe import load_recipe
-from moecompress.runtime.modelio import load_config
+from moecompress.io.model import load_config
 
 RECIPES = sorted(Path(__file__).resolve().parents[1].glob("recipes/**/*.yaml"))
 

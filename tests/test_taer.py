@@ -16,7 +16,8 @@ from moecompress.pipeline import run
 from moecompress.recipe import validate_recipe
 from moecompress.runtime.executor import LayerStream, ModelSource
 from moecompress.runtime.hooks import capture_routing
-from moecompress.runtime.modelio import LoadedModel, load_model, save_model, tiny_tokenizer
+from moecompress.io.model import LoadedModel, save_model, tiny_tokenizer
+from moecompress.runtime.source import load_model
 from moecompress.runtime.prompt_routing import routing_signatures
 from moecompress.testing import tiny_moe
 

@@ -39,12 +39,13 @@ import torch
 from moecompress.errors import MoecompressError
 from moecompress.formats.checkpoint import FORMAT_VERSION, QUANT_METHOD
 from moecompress.formats.inspect import storage_summary
+from moecompress.formats.spec import module_specs
 from moecompress.io.checkpoint import layer_of
+from moecompress.io.model import LoadedModel, recorded_activations
 from moecompress.progress import NullProgress, Progress
 from moecompress.runtime.executor import LayerStream, ModelSource, Placement
 from moecompress.runtime.hooks import capture_routing
 from moecompress.runtime.memory import memory_report, peak_rss_bytes
-from moecompress.runtime.modelio import LoadedModel, read_sidecar
 
 __all__ = ["as_source", "evaluate_models", "model_size"]
 
@@ -130,12 +131,11 @@ class _AsSaved:
                 raise MoecompressError(f"{self.where}: moecompress packed format version "
                                        f"{qc.get('format_version')!r} is not supported (this moecompress reads "
                                        f"version {FORMAT_VERSION})", "upgrade moecompress, or re-pack the model")
-            self.kwargs = {"packed_modules": qc["modules"], "packed_activations": qc.get("activations")}
+            self.kwargs = {"packed_modules": module_specs(qc["modules"]), "packed_activations": qc.get("activations")}
             self.checksums = dict(qc.get("checksums") or {})
             return
         if activations is None:
-            side = read_sidecar(source.directory) or {}
-            activations = (side.get("quantization") or {}).get("activations")
+            activations = recorded_activations(source.directory)
         if activations:
             from moecompress.nn.act_quant import ActQuant
 

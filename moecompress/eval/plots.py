@@ -9,7 +9,7 @@ import torch
 from moecompress.algorithms.expert_scores import js_divergence
 from moecompress.errors import MoecompressError
 from moecompress.formats.profile import Profile
-from moecompress.runtime.outdir import atomic_file
+from moecompress.io.outdir import atomic_file
 
 __all__ = ["plot_profile"]
 

@@ -12,6 +12,7 @@ from safetensors import SafetensorError, safe_open
 from moecompress.errors import MoecompressError
 from moecompress.formats.checkpoint import FORMAT_VERSION, QUANT_METHOD
 from moecompress.formats.quant_record import is_record_file
+from moecompress.formats.spec import module_specs
 
 __all__ = ["inspect_dir", "storage_summary"]
 
@@ -54,14 +55,14 @@ def inspect_dir(directory: str | Path) -> dict[str, Any]:
         if qc.get("format_version") != FORMAT_VERSION:
             raise MoecompressError(f"unknown moecompress format version {qc.get('format_version')!r}",
                                    f"this moecompress reads version {FORMAT_VERSION}")
-        for path, spec in sorted(qc["modules"].items()):
-            E, O, C = spec["shape"]
-            weights = (3 if spec["type"] == "experts" else 1) * E * O * C
+        for path, spec in sorted(module_specs(qc["modules"]).items()):
+            E, O, C = spec.shape
+            weights = (3 if spec.type == "experts" else 1) * E * O * C
             mine = {k: b for k, (_, b) in tensors.items()
                     if (k.startswith(path + ".") or k.startswith(path + "_")) and not k.endswith("bias")}
             nbytes = sum(mine.values())
-            codec = spec["codec"] if spec["type"] == "linear" else "/".join(sorted(set(spec["codecs"].values())))
-            rows.append({"module": path, "type": spec["type"], "codec": codec, "group_size": spec["group_size"],
+            codec = "/".join(sorted(set(spec.all_codecs)))
+            rows.append({"module": path, "type": spec.type, "codec": codec, "group_size": spec.group_size,
                          "weights": weights, "bytes": nbytes, "bits_per_weight": 8 * nbytes / weights})
             dense_weights += weights
             packed_bytes += nbytes

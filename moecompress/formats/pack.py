@@ -7,7 +7,8 @@ conversion; routed experts as ``<experts>.<proj>_<packed|trits|scale|zero|shape>
 ``<experts>.<proj>_bias``); everything else (norms, embeddings, routers, biases, unquantized linears) is
 written as is, in the checkpoint's dtype (score-correction biases stay float32). The tensors go to disk at
 once (`io.CheckpointWriter`, bounded shards); only the small per-module specs, checksums and sizes are kept
-until `close` writes them into ``config.json``'s ``quantization_config``.
+until `close` writes them into ``config.json``'s ``quantization_config`` (one `formats.spec.ModuleSpec` per
+packed module).
 
 Routers quantized by ``--router-bits`` stay dense (their values are already on the quantization grid).
 """
@@ -25,20 +26,19 @@ from moecompress.errors import MoecompressError
 from moecompress.formats.checkpoint import FORMAT_VERSION, QUANT_METHOD, checksum
 from moecompress.formats.codecs import encode, packed_bits_per_weight
 from moecompress.formats.quant_record import QuantRecord
+from moecompress.formats.spec import PROJS, ModuleSpec
 from moecompress.io.checkpoint import CheckpointWriter
+from moecompress.types import Activation
 
 __all__ = ["PackedExpertsInfo", "PackedWriter"]
-
-PROJS = ("gate", "up", "down")
-
 
 @dataclass(frozen=True)
 class PackedExpertsInfo:
     """What the format needs to know of one routed-experts module besides its codes: the dense per-projection
-    biases ``[E, O]`` (None: no biases) and the activation (``asdict(types.Activation)``)."""
+    biases ``[E, O]`` (None: no biases) and the activation."""
 
     biases: dict[str, torch.Tensor | None]
-    activation: dict[str, Any]
+    activation: Activation
 
 
 def _codec(meta: dict | None, ternary_codec: str) -> tuple[str, bool]:
@@ -61,7 +61,7 @@ class PackedWriter:
         self.directory = Path(directory)
         self.stored, self.meta, self.ternary_codec = stored, meta, ternary_codec
         self.writer = CheckpointWriter(self.directory, shard_bytes)
-        self.modules: dict[str, dict] = {}
+        self.modules: dict[str, ModuleSpec] = {}
         self.checksums: dict[str, str] = {}
         self.stats: dict[str, Any] = {"modules": {}, "packed_bytes": 0, "dense_equivalent_bytes": 0}
 
@@ -109,12 +109,10 @@ class PackedWriter:
                 bpw = packed_bits_per_weight(codec, C, C // s.shape[-1], symmetric)
                 self.stats["modules"][name] = {"codec": codec, "bits_per_weight": bpw, "weights": q.numel()}
             rotation = self.meta.get("rotation") or {}
-            self.modules[path] = {
-                "type": "experts", "shape": shape, "codecs": {p: codec for p in PROJS},
-                "group_size": shape[2] // record.tensors[f"{path}:gate.scales"].shape[-1],
-                "symmetric": symmetric, "bias": info.biases.get("gate") is not None,
-                "activation": info.activation,
-                "intermediate_rotation_seed": rotation.get("seed") if rotation.get("intermediate") else None}
+            self.modules[path] = ModuleSpec.experts(
+                shape, {p: codec for p in PROJS}, shape[2] // record.tensors[f"{path}:gate.scales"].shape[-1],
+                symmetric, info.biases.get("gate") is not None, info.activation,
+                rotation.get("seed") if rotation.get("intermediate") else None)
         for name in names:
             if ":" in name:
                 continue
@@ -127,9 +125,8 @@ class PackedWriter:
             for local, t in encode(codec, q.cpu(), s.cpu(), z.cpu(), symmetric).items():
                 packed[f"{name}.weight_{local}"] = t
             _, O, C = q.shape
-            self.modules[name] = {"type": "linear", "shape": [1, O, C], "codec": codec,
-                                  "group_size": C // s.shape[-1], "symmetric": symmetric,
-                                  "bias": f"{name}.bias" in sd}
+            self.modules[name] = ModuleSpec.linear((1, O, C), codec, C // s.shape[-1], symmetric,
+                                                   f"{name}.bias" in sd)
             self.stats["modules"][name] = {"codec": codec, "weights": q.numel(),
                                            "bits_per_weight": packed_bits_per_weight(codec, C, C // s.shape[-1],
                                                                                       symmetric)}
@@ -145,7 +142,8 @@ class PackedWriter:
         cfg = dict(config)
         cfg["dtype"] = str(self.stored).replace("torch.", "")
         cfg["quantization_config"] = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION,
-                                      "modules": self.modules, "checksums": self.checksums,
+                                      "modules": {k: m.to_dict() for k, m in self.modules.items()},
+                                      "checksums": self.checksums,
                                       "activations": self.meta.get("activations")}
         (self.directory / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         item = torch.empty(0, dtype=self.stored).element_size()

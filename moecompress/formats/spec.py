@@ -1,12 +1,89 @@
-"""Output formats moecompress writes. Packed codecs register here as they are added."""
+"""Output formats moecompress writes (packed codecs register here as they are added), and the packed format's
+per-module record (`ModuleSpec`, one entry of ``quantization_config.modules`` in ``config.json``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
 
 from moecompress.registry import Registry
+from moecompress.types import Activation
 
-__all__ = ["FORMATS", "FormatSpec"]
+__all__ = ["FORMATS", "PROJS", "FormatSpec", "ModuleSpec", "module_specs"]
+
+PROJS = ("gate", "up", "down")  # the projections of a routed expert, in the order the format lists them
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """One packed module as ``config.json`` records it (docs/FORMAT.md, format version 1)::
+
+        linear:  {"type": "linear", "shape": [1, O, C], "codec", "group_size", "symmetric", "bias"}
+        experts: {"type": "experts", "shape": [E, I, H], "codecs": {proj: codec}, "group_size", "symmetric",
+                  "bias", "activation": {"kind", "fn", "alpha", "limit"}, "intermediate_rotation_seed"}
+
+    ``shape`` is ``(E, O, C)``: E = 1 for a linear; for experts the gate/up shape ``(E, I, H)`` (down is
+    ``(E, H, I)``). ``group_size`` counts columns per scale (-1 / 0: one group per row); ``symmetric``: no
+    zero point stored; ``bias``: dense biases stored beside the packed tensors (``P.bias``, ``P.<proj>_bias``);
+    ``intermediate_rotation_seed``: the experts' down projections are stored in that rotated basis (None: not).
+    `to_dict` writes exactly these keys, so the JSON on disk is what the format has always been.
+    """
+
+    type: Literal["linear", "experts"]
+    shape: tuple[int, int, int]
+    group_size: int
+    symmetric: bool
+    bias: bool
+    codec: str | None = None  # linear
+    codecs: Mapping[str, str] | None = None  # experts: proj -> codec
+    activation: Activation | None = None  # experts
+    intermediate_rotation_seed: int | None = None  # experts
+
+    @classmethod
+    def linear(cls, shape: tuple[int, int, int], codec: str, group_size: int, symmetric: bool,
+               bias: bool) -> ModuleSpec:
+        return cls("linear", tuple(shape), group_size, symmetric, bias, codec=codec)
+
+    @classmethod
+    def experts(cls, shape: tuple[int, int, int], codecs: Mapping[str, str], group_size: int, symmetric: bool,
+                bias: bool, activation: Activation, intermediate_rotation_seed: int | None = None) -> ModuleSpec:
+        return cls("experts", tuple(shape), group_size, symmetric, bias, codecs=dict(codecs), activation=activation,
+                   intermediate_rotation_seed=intermediate_rotation_seed)
+
+    @property
+    def all_codecs(self) -> tuple[str, ...]:
+        """The codec of every packed weight of the module (one for a linear; gate, up, down for experts)."""
+        return (self.codec,) if self.type == "linear" else tuple(self.codecs[p] for p in PROJS)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ModuleSpec:
+        """Read one entry of ``quantization_config.modules`` (KeyError / ValueError when it is malformed)."""
+        kind = d["type"]
+        if kind == "linear":
+            return cls.linear(tuple(d["shape"]), d["codec"], d["group_size"], d["symmetric"], d["bias"])
+        if kind == "experts":
+            return cls.experts(tuple(d["shape"]), d["codecs"], d["group_size"], d["symmetric"], bool(d.get("bias")),
+                               Activation(**d["activation"]), d.get("intermediate_rotation_seed"))
+        raise ValueError(f"unknown packed module type {kind!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON entry (lists, not tuples)."""
+        out: dict[str, Any] = {"type": self.type, "shape": list(self.shape)}
+        if self.type == "linear":
+            out["codec"] = self.codec
+        else:
+            out["codecs"] = dict(self.codecs)
+        out.update(group_size=self.group_size, symmetric=self.symmetric, bias=self.bias)
+        if self.type == "experts":
+            out["activation"] = asdict(self.activation)
+            out["intermediate_rotation_seed"] = self.intermediate_rotation_seed
+        return out
+
+
+def module_specs(modules: Mapping[str, Mapping[str, Any]]) -> dict[str, ModuleSpec]:
+    """``quantization_config.modules`` as typed specs, by module path."""
+    return {path: ModuleSpec.from_dict(d) for path, d in modules.items()}
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from moecompress.algorithms.moe_math import glu
 from moecompress.algorithms.quant_grid import fake_quant_tokens
 from moecompress.algorithms.rotation import random_orthogonal
 from moecompress.models.base import MoEArch, MoEBlockView
-from moecompress.runtime.hooks import experts_call_args
+from moecompress.models.calls import experts_call_args
 
 __all__ = ["ActQuant", "ActQuantHandle", "install_act_quant", "install_layer_act_quant", "rotation_matrix"]
 

@@ -10,6 +10,7 @@ loading fails: never random weights. An unknown format version fails before anyt
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from moecompress.formats.checkpoint import FORMAT_VERSION, QUANT_METHOD, checksum
+from moecompress.formats.spec import ModuleSpec, module_specs
 from moecompress.nn.act_quant import ActQuant
 from moecompress.nn.packed import PackedExperts, PackedLinear
 
@@ -36,27 +38,19 @@ class MoecompressQuantConfig(QuantizationConfigMixin):
             setattr(self, k, v)
 
 
-def _act(spec: dict | None) -> ActQuant | None:
-    if not spec:
-        return None
-    return ActQuant(spec["bits"], spec.get("clip_ratio", 1.0), spec.get("symmetric", True), spec.get("router", False),
-                    spec.get("intermediate_rotation_seed"))
-
-
-def build_packed_modules(model: torch.nn.Module, modules: dict[str, dict], activations: dict | None) -> None:
+def build_packed_modules(model: torch.nn.Module, modules: Mapping[str, ModuleSpec], activations: dict | None) -> None:
     """Swap every module listed in a packed checkpoint's ``modules`` for its packed counterpart (in place)."""
-    aq = _act(activations)
+    aq = ActQuant.from_record(activations)
     for path, spec in modules.items():
         parent_path, _, name = path.rpartition(".")
         parent = model.get_submodule(parent_path)
         old = getattr(parent, name)
-        if spec["type"] == "linear":
-            E, O, C = spec["shape"]
-            new = PackedLinear(C, O, spec["codec"], spec["group_size"], spec["symmetric"], spec["bias"])
+        if spec.type == "linear":
+            E, O, C = spec.shape
+            new = PackedLinear(C, O, spec.codec, spec.group_size, spec.symmetric, spec.bias)
             new.act = aq
         else:
-            E, I, H = spec["shape"]
-            new = PackedExperts(E, H, I, spec)
+            new = PackedExperts(spec)
             new.act = None if aq is None else ActQuant(aq.bits, aq.clip_ratio, aq.symmetric, aq.router, None)
         del old
         setattr(parent, name, new)
@@ -85,7 +79,8 @@ class MoecompressQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, **kwargs: Any):
         with torch.device("meta"):
-            build_packed_modules(model, self.quantization_config.modules, self.quantization_config.activations)
+            build_packed_modules(model, module_specs(self.quantization_config.modules),
+                                 self.quantization_config.activations)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs: Any):

@@ -15,21 +15,18 @@ tensors and their float16 scales as stored (the format's values); only biases fo
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
 from moecompress.algorithms.moe_math import ExpertWeights, glu
 from moecompress.formats.codecs import CODECS
+from moecompress.formats.spec import PROJS, ModuleSpec
 from moecompress.kernels import dispatch
+from moecompress.models.calls import experts_call_args
 from moecompress.nn.act_quant import ActQuant, rotation_matrix
-from moecompress.runtime.hooks import experts_call_args
-from moecompress.types import Activation, Proj
+from moecompress.types import Proj
 
 __all__ = ["PackedExperts", "PackedLinear"]
-
-PROJS = ("gate", "up", "down")
 
 
 def _buffers(module: nn.Module, prefix: str, codec: str, shape: tuple[int, int, int], group: int,
@@ -163,22 +160,23 @@ class _PackedExpertView:
 
 
 class PackedExperts(nn.Module):
-    """Routed experts with packed gate/up ``[E, I, H]`` and down ``[E, H, I]`` weights."""
+    """Routed experts with packed gate/up ``[E, I, H]`` and down ``[E, H, I]`` weights, as ``spec`` (an
+    ``experts`` `ModuleSpec`, shape ``(E, I, H)``) lays them out."""
 
-    def __init__(self, num_experts: int, hidden: int, intermediate: int, spec: dict[str, Any],
-                 dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, spec: ModuleSpec, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
+        num_experts, intermediate, hidden = spec.shape
         self.num_experts, self.hidden, self.intermediate = num_experts, hidden, intermediate
         self.spec = spec
-        self.codecs = spec["codecs"]  # proj -> codec
-        self.activation = Activation(**spec["activation"])
-        self.inter_rotation_seed = spec.get("intermediate_rotation_seed")
+        self.codecs = dict(spec.codecs)  # proj -> codec
+        self.activation = spec.activation
+        self.inter_rotation_seed = spec.intermediate_rotation_seed
         self.act: ActQuant | None = None
         shapes = {"gate": (num_experts, intermediate, hidden), "up": (num_experts, intermediate, hidden),
                   "down": (num_experts, hidden, intermediate)}
         for p in PROJS:
-            _buffers(self, p, self.codecs[p], shapes[p], spec["group_size"], spec["symmetric"])
-            if spec.get("bias"):
+            _buffers(self, p, self.codecs[p], shapes[p], spec.group_size, spec.symmetric)
+            if spec.bias:
                 self.register_parameter(f"{p}_bias", nn.Parameter(torch.zeros(shapes[p][:2], dtype=dtype)))
 
     def expert_view(self) -> _PackedExpertView:

@@ -23,7 +23,7 @@ from torch import nn
 
 from moecompress.algorithms.moe_math import glu
 from moecompress.models.base import MoEBlockView
-from moecompress.runtime.hooks import experts_call_args
+from moecompress.models.calls import experts_call_args
 
 __all__ = ["ExpertStats", "LayerStats", "LinearStats", "collect"]
 
@@ -170,10 +170,11 @@ def _expert_step(st: ExpertStats, view: MoEBlockView, x: torch.Tensor, logits: t
 
 
 @contextlib.contextmanager
-def collect(layer: nn.Module, views: list[MoEBlockView], attn_norm: nn.Module | None, near_miss: int = 2,
+def collect(layer: nn.Module, views: list[MoEBlockView], attn_norm: nn.Module | None, near_miss: int,
             sample_tokens: int = 8192, owned: range | None = None) -> Iterator[LayerStats]:
     """Hooks that fill a `LayerStats` while ``layer`` runs; removed on exit. Statistics live on the layer's device
-    (float32). ``owned``: the experts whose statistics this process computes (default all)."""
+    (float32). ``near_miss``: the routing ranks past top-k recorded for topping up rare experts (the ``near_miss``
+    recipe key); ``owned``: the experts whose statistics this process computes (default all)."""
     stats = LayerStats(sample_tokens=sample_tokens)
     handles: list = []
     norm_out: dict[str, torch.Tensor] = {}  # held, so that no other tensor can reuse its memory meanwhile

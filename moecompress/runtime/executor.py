@@ -34,8 +34,9 @@ import torch
 from torch import nn
 
 from moecompress.errors import MoecompressError
-from moecompress.io.validate import check_finite
+from moecompress.formats.spec import ModuleSpec
 from moecompress.io.checkpoint import CheckpointSource, build_skeleton, layer_of, release, stored_dtype
+from moecompress.io.validate import check_finite
 from moecompress.models.base import MoEArch, resolve
 
 __all__ = ["LayerStream", "ModelSource", "Placement", "resolve_device"]
@@ -114,7 +115,7 @@ class LayerStream:
     both do nothing and the runner works on the model itself (its parameters are computed in their dtype)."""
 
     def __init__(self, source: ModelSource, batches: Sequence[torch.Tensor], placement: Placement | None = None,
-                 packed_modules: dict | None = None, packed_activations: dict | None = None,
+                 packed_modules: Mapping[str, ModuleSpec] | None = None, packed_activations: dict | None = None,
                  embed_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  experts: Mapping[int, Sequence[int]] | None = None) -> None:
         """``embed_transform``: a function of the input embedding's weight whose result embeds the tokens while

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from moecompress.models.base import MoEArch
+from moecompress.models.calls import experts_call_args
 
-__all__ = ["RoutingTrace", "capture_routing", "experts_call_args", "hooks"]
+__all__ = ["RoutingTrace", "capture_routing", "hooks"]
 
 
 @contextlib.contextmanager
@@ -42,15 +43,6 @@ class RoutingTrace:
     def cat(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(logits [T, E], index [T, K], weights [T, K])`` over every call."""
         return torch.cat(self.logits), torch.cat(self.index), torch.cat(self.weights)
-
-
-def experts_call_args(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(hidden [T, H], top-k index [T, K], top-k weights [T, K])`` of an experts-module call, positional or
-    keyword (gpt-oss names them ``router_indices`` / ``routing_weights``)."""
-    names = ("hidden_states", "top_k_index", "top_k_weights")
-    alt = {"top_k_index": "router_indices", "top_k_weights": "routing_weights"}
-    vals = list(args[:3]) + [kwargs.get(n, kwargs.get(alt.get(n, ""))) for n in names[len(args):]]
-    return vals[0], vals[1], vals[2]
 
 
 RouteCallback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]

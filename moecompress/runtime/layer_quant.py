@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from moecompress.algorithms.gptq import gptq_quantize
-from moecompress.algorithms.quant_grid import QuantGrid, QuantResult, rtn_quantize
+from moecompress.algorithms.quant_grid import QuantGrid, QuantResult, TernaryGrid, rtn_quantize
 from moecompress.algorithms.router_align import align_router
-from moecompress.algorithms.smooth import aggregate_scales, down_outlier_scales, smooth_scales
+from moecompress.algorithms.smooth import (down_outlier_scales, fold_down, fold_into_columns, fold_into_norm,
+                                           moe_smooth_scales, smooth_scales)
 from moecompress.formats.quant_record import QuantRecord
 from moecompress.models.base import MoEBlockView
 from moecompress.runtime.calibration import LayerStats
@@ -27,11 +28,19 @@ __all__ = ["QuantOptions", "quantize_experts", "quantize_linears", "quantize_rou
 
 @dataclass(frozen=True)
 class QuantOptions:
-    grid: QuantGrid
-    method: str = "gptq"  # or "rtn"
-    act_order: bool = True
-    damp: float = 0.01
-    block_size: int = 128
+    """How one group of weights is quantized (every value given: the defaults live in the stage configs)."""
+
+    grid: QuantGrid | TernaryGrid
+    method: str  # "gptq" or "rtn"
+    act_order: bool
+    damp: float
+    block_size: int
+
+    @classmethod
+    def of(cls, grid: QuantGrid | TernaryGrid, settings: Any, **given: Any) -> QuantOptions:
+        """``grid`` and ``given`` as given, the other fields read by name from ``settings`` (a stage config)."""
+        names = ("method", "act_order", "damp", "block_size")
+        return cls(grid, **given, **{n: getattr(settings, n) for n in names if n not in given})
 
 
 WORKSPACE_BYTES = 2 << 30  # GPTQ's float32 workspace per call: experts are quantized in chunks that fit it
@@ -55,16 +64,31 @@ def _quantize(W: torch.Tensor, H: torch.Tensor | None, opt: QuantOptions):
 
 
 @torch.no_grad()
-def _scale_norm(norm: nn.Module, s: torch.Tensor) -> None:
-    norm.weight.div_(s.to(norm.weight.dtype))
-    if getattr(norm, "bias", None) is not None:
-        norm.bias.div_(s.to(norm.bias.dtype))
+def _fold_norm(norm: nn.Module, s: torch.Tensor) -> None:
+    weight, bias = fold_into_norm(norm.weight, getattr(norm, "bias", None), s)
+    norm.weight.copy_(weight)
+    if bias is not None:
+        norm.bias.copy_(bias)
+
+
+@torch.no_grad()
+def _fold_columns(weight: torch.Tensor, s: torch.Tensor) -> None:
+    weight.copy_(fold_into_columns(weight, s))
+
+
+def _smooth_stats(st, s: torch.Tensor) -> None:
+    """A linear's statistics after its input is divided by ``s``: ``H' = H / (s s^T)``, ``max|x'| = max|x| / s``."""
+    st.H /= s[:, None] * s[None, :]
+    st.act_max /= s
 
 
 @torch.no_grad()
 def smooth_layer(layer: nn.Module, views: list[MoEBlockView], stats: LayerStats, attn_norm: nn.Module | None,
                  alpha: float, aggregate: str, router_term: bool, attention: bool, down: str) -> dict[str, torch.Tensor]:
     """Fold SmoothQuant / EAQuant smoothing into the layer and its statistics; returns the vectors used.
+
+    The vectors and the folds are `algorithms.smooth`; this writes them into the modules through the adapter
+    views and keeps the collected statistics consistent with the folded weights.
 
     ``down``: ``outlier`` (EAQuant: scale only outlier channels of each expert's down input), ``full``
     (SmoothQuant per expert on its down input: each expert's intermediate is its own, so no aggregation is
@@ -77,38 +101,32 @@ def smooth_layer(layer: nn.Module, views: list[MoEBlockView], stats: LayerStats,
             act = torch.stack([stats.linears[n].act_max for n in consumers]).amax(0)
             wmax = torch.stack([modules[n].weight.abs().amax(0).float() for n in consumers]).amax(0)
             s = smooth_scales(act, wmax, alpha)
-            _scale_norm(attn_norm, s)
+            _fold_norm(attn_norm, s)
             for n in consumers:
-                modules[n].weight.mul_(s.to(modules[n].weight.dtype))
-                st = stats.linears[n]
-                st.H /= s[:, None] * s[None, :]
-                st.act_max /= s
+                _fold_columns(modules[n].weight, s)
+                _smooth_stats(stats.linears[n], s)
             used["attn"] = s
     for v in views:
         ex = stats.experts
         gate, up = v.experts.stacked("gate").float(), v.experts.stacked("up").float()  # [E, I, H]
         w_max = torch.maximum(gate.abs().amax(1), up.abs().amax(1))  # [E, H]
-        per_expert = smooth_scales(ex.act_max, w_max, alpha)
-        per_expert[ex.count == 0] = 0  # experts without tokens do not vote
-        if bool((ex.count == 0).all()):
-            continue
         weights = ex.count if aggregate == "freq" else ex.gate_sum
-        rterm = smooth_scales(ex.router_act_max, v.router_weight.abs().amax(0).float(), alpha) if router_term else None
-        s = aggregate_scales(per_expert, aggregate, weights, rterm).clamp(min=1e-5)
-        s = torch.where(ex.router_act_max > 0, s, torch.ones_like(s))
-        _scale_norm(v.pre_moe_norm, s)
-        v.router_weight.mul_(s.to(v.router_weight.dtype))
+        router_w_max = v.router_weight.abs().amax(0).float() if router_term else None
+        s = moe_smooth_scales(ex.act_max, w_max, ex.count, alpha, aggregate, weights, ex.router_act_max, router_w_max)
+        if s is None:  # no expert saw a token
+            continue
+        _fold_norm(v.pre_moe_norm, s)
+        _fold_columns(v.router_weight, s)
         for proj, w in (("gate", gate), ("up", up)):
-            v.experts.set_stacked(proj, w * s)
+            v.experts.set_stacked(proj, fold_into_columns(w, s))
         if v.shared is not None:
             for proj in ("gate", "up"):
-                v.shared.set_stacked(proj, v.shared.stacked(proj).float() * s)
+                v.shared.set_stacked(proj, fold_into_columns(v.shared.stacked(proj).float(), s))
         if v.shared_gate is not None:
-            v.shared_gate.weight.mul_(s.to(v.shared_gate.weight.dtype))
+            _fold_columns(v.shared_gate.weight, s)
         for st in stats.linears.values():
             if st.source == "moe_norm":
-                st.H /= s[:, None] * s[None, :]
-                st.act_max /= s
+                _smooth_stats(st, s)
         ex.rescale(s)
         ex.act_max /= s
         ex.router_act_max /= s
@@ -121,11 +139,13 @@ def smooth_layer(layer: nn.Module, views: list[MoEBlockView], stats: LayerStats,
             else:
                 sd = down_outlier_scales(ex.h_max)  # [E, I]
             if bool((sd != 1).any()):
-                v.experts.set_stacked("up", v.experts.stacked("up").float() / sd[:, :, None])
                 b = v.experts.bias("up")
+                up_new, down_new, b_new = fold_down(v.experts.stacked("up").float(),
+                                                    v.experts.stacked("down").float(), sd, b)
+                v.experts.set_stacked("up", up_new)
                 if b is not None:
-                    b.div_(sd.to(b.dtype))
-                v.experts.set_stacked("down", v.experts.stacked("down").float() * sd[:, None, :])
+                    b.copy_(b_new)
+                v.experts.set_stacked("down", down_new)
                 ex.rescale(sd, down=True)
                 ex.h_max /= sd
                 used["down"] = sd
@@ -214,7 +234,7 @@ def _gathered(res: QuantResult, dist: Dist, E: int) -> QuantResult:
 
 @torch.no_grad()
 def quantize_router(view: MoEBlockView, stats: LayerStats, bits: int, align: bool, record: QuantRecord,
-                    prefix: str, objective: str = "topk_rest") -> dict[str, Any]:
+                    prefix: str, objective: str) -> dict[str, Any]:
     """Quantize the router per row (asymmetric); with ``align``, search each row's clip ratio to minimise
     the top-k KL of routing probabilities on calibration inputs."""
     W = view.router_weight

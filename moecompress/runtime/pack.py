@@ -15,7 +15,6 @@ memory with nowhere to write is changed in place and nothing is written (the rec
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ __all__ = ["FakeQuantSink", "PackedSink"]
 
 def _experts_info(arch: MoEArch, views: list[MoEBlockView]) -> dict[str, PackedExpertsInfo]:
     return {f"{arch.layers}.{v.index}.{arch.moe_block}.{arch.experts}":
-            PackedExpertsInfo({p: v.experts.bias(p) for p in ("gate", "up", "down")}, asdict(v.activation))
+            PackedExpertsInfo({p: v.experts.bias(p) for p in ("gate", "up", "down")}, v.activation)
             for v in views}
 
 

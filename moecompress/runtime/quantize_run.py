@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -55,25 +55,37 @@ __all__ = ["QuantPlan", "QuantRun", "batches_of", "needs_no_statistics", "quanti
 
 @dataclass(frozen=True)
 class QuantPlan:
+    """What `quantize_stream` does, every value given: the defaults live in the stage configs only.
+
+    The first five are what a stage derives from its scheme (quantization options, activation quantization,
+    smoothing and the intermediate rotation resolved); the others are recipe keys, named as the ``quantize``
+    stage config names them, so `of` reads them from a config object."""
+
     experts: QuantOptions | None  # routed experts (None: keep them in full precision)
     linears: QuantOptions | None  # attention, dense and shared MLPs (None: keep)
-    act: ActQuant | None = None
-    smooth: bool = False
-    smooth_alpha: float = 0.6
-    smooth_aggregate: str = "max"
-    smooth_router: bool = False
-    smooth_attention: bool = True
-    smooth_down: str = "outlier"
-    router_bits: int | None = None
-    align_router: bool = True
-    balance: bool = True
-    balance_ratio: float = 2.0
-    near_miss: int = 2
-    rotate: bool = False
-    rotate_intermediate: bool = False
-    rotation_seed: int = 0
-    batch_size: int = 8
-    align_objective: str = "topk_rest"
+    act: ActQuant | None
+    smooth: bool
+    rotate_intermediate: bool
+    smooth_alpha: float
+    smooth_aggregate: str
+    smooth_router: bool
+    smooth_attention: bool
+    smooth_down: str
+    router_bits: int | None
+    align_router: bool
+    align_objective: str
+    balance: bool
+    balance_ratio: float  # min routed tokens per expert = ratio * seq_len * K / E
+    near_miss: int
+    rotate: bool
+    rotation_seed: int
+    batch_size: int
+
+    @classmethod
+    def of(cls, settings: Any, **resolved: Any) -> QuantPlan:
+        """The plan of a stage config: ``resolved`` (at least the five derived fields) as given, every other
+        field read by name from ``settings``."""
+        return cls(**resolved, **{f.name: getattr(settings, f.name) for f in fields(cls) if f.name not in resolved})
 
 
 @dataclass

@@ -47,9 +47,10 @@ __all__ = ["RouterRefit"]
 class RouterRefit:
     """The per-layer work of router recalibration around ``apply_keep``'s surgery (``stages.keep_experts``)."""
 
-    def __init__(self, arch: MoEArch, batches: list[torch.Tensor], steps: int = 100, lr: float = 1e-3,
+    def __init__(self, arch: MoEArch, batches: list[torch.Tensor], steps: int, lr: float,
                  bar: ProgressTask | None = None) -> None:
-        """``bar``: advanced once per optimisation step (``steps`` per pruned MoE layer)."""
+        """``steps`` / ``lr``: Adam steps per pruned MoE layer and its learning rate (the prune stage's
+        ``recalibrate_steps`` / ``recalibrate_lr``); ``bar``: advanced once per optimisation step."""
         self.arch, self.batches, self.steps, self.lr = arch, list(batches), steps, lr
         self.bar = bar
         self.teacher: list[torch.Tensor] | None = None  # hidden states of the unpruned model

@@ -15,7 +15,8 @@ from pydantic import Field
 
 from moecompress.errors import MoecompressError
 from moecompress.eval.compare import evaluate_models
-from moecompress.runtime.modelio import open_source, read_sidecar
+from moecompress.io.model import read_sidecar
+from moecompress.runtime.source import open_source
 from moecompress.stages.base import StageConfig, StageContext, register_stage
 
 __all__ = ["EvaluateConfig"]

@@ -146,7 +146,7 @@ def run(ctx: StageContext, cfg: PruneConfig) -> dict[str, Any]:
         windows = ctx.windows("calib")
         batches = [w[i:i + 8] for w in windows.values() for i in range(0, len(w), 8)]
         with ctx.progress.task("pruning, recalibrating routers", total=cfg.recalibrate_steps * len(layers)) as bar:
-            refit = RouterRefit(arch, batches, cfg.recalibrate_steps, cfg.recalibrate_lr, bar)
+            refit = RouterRefit(arch, batches, steps=cfg.recalibrate_steps, lr=cfg.recalibrate_lr, bar=bar)
             plan, before, after = apply_keep(ctx, keep, cfg.regroup, dead, work=refit)
     else:
         plan, before, after = apply_keep(ctx, keep, cfg.regroup, dead)

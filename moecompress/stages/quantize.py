@@ -195,18 +195,14 @@ def plan_of(cfg: QuantizeConfig) -> tuple[QuantPlan, dict[str, Any]]:
     """The quantization plan of a config, and the metadata recorded for loaders (``moecompress.json``)."""
     wbits, abits = cfg.bits
     smooth = cfg.smooth if cfg.smooth is not None else abits is not None
-    opt = QuantOptions(QuantGrid(wbits, cfg.groups(), cfg.symmetric, cfg.clip_search), cfg.method, cfg.act_order,
-                       cfg.damp, cfg.block_size)
+    opt = QuantOptions.of(QuantGrid(wbits, cfg.groups(), cfg.symmetric, cfg.clip_search), cfg)
     rotate_inter = cfg.rotate_intermediate if cfg.rotate_intermediate is not None else bool(abits and abits <= 4)
     aq = None
     if abits:
         sym = cfg.act_symmetric if cfg.act_symmetric is not None else abits >= 8
         aq = ActQuant(abits, cfg.act_clip or (1.0 if abits >= 8 else 0.9), sym, router=cfg.router_bits is not None,
                       inter_rotation_seed=cfg.rotation_seed if rotate_inter else None)
-    plan = QuantPlan(opt, opt, aq, smooth, cfg.smooth_alpha, cfg.smooth_aggregate, cfg.smooth_router,
-                     cfg.smooth_attention, cfg.smooth_down, cfg.router_bits, cfg.align_router, cfg.balance,
-                     cfg.balance_ratio, cfg.near_miss, cfg.rotate, rotate_inter, cfg.rotation_seed, cfg.batch_size,
-                     cfg.align_objective)
+    plan = QuantPlan.of(cfg, experts=opt, linears=opt, act=aq, smooth=smooth, rotate_intermediate=rotate_inter)
     meta = {"scheme": cfg.scheme,
             "weights": {"kind": "int", "bits": wbits, "group_size": cfg.groups(), "symmetric": cfg.symmetric,
                         "method": cfg.method},

@@ -58,12 +58,14 @@ class TernaryConfig(StageConfig):
 def plan_of(cfg: TernaryConfig) -> tuple[QuantPlan, dict[str, Any]]:
     """The quantization plan of a config, and the metadata recorded for loaders (``moecompress.json``)."""
     rule = "absmean" if cfg.method == "absmean" else "twn"
-    experts = QuantOptions(TernaryGrid(rule, cfg.group_size), "gptq" if cfg.method == "gptq" else "rtn",
-                           damp=cfg.damp)
+    # what this stage does not expose runs as the quantize stage's defaults (GPTQ's act order and block size,
+    # the calibration balance's ratio and near-miss ranks); no smoothing, rotation or router quantization
+    q = QuantizeConfig(damp=cfg.damp, balance=cfg.balance, batch_size=cfg.batch_size)
+    experts = QuantOptions.of(TernaryGrid(rule, cfg.group_size), q, method="gptq" if cfg.method == "gptq" else "rtn")
     others = None
     if cfg.others != "bf16":
-        others = QuantOptions(QuantGrid(8 if cfg.others == "int8" else 4, cfg.others_group_size), "gptq", damp=cfg.damp)
-    plan = QuantPlan(experts, others, balance=cfg.balance, batch_size=cfg.batch_size)
+        others = QuantOptions.of(QuantGrid(8 if cfg.others == "int8" else 4, cfg.others_group_size), q, method="gptq")
+    plan = QuantPlan.of(q, experts=experts, linears=others, act=None, smooth=False, rotate_intermediate=False)
     meta = {"scheme": f"ternary-{cfg.method}",
             "experts": {"kind": "ternary", "rule": rule, "method": cfg.method, "group_size": cfg.group_size},
             "weights": None if others is None else {"kind": "int", "bits": others.grid.bits,

@@ -16,7 +16,7 @@ from moecompress.calib import (
     token_windows,
 )
 from moecompress.errors import MoecompressError
-from moecompress.runtime.modelio import DEMO_MODEL, tiny_tokenizer
+from moecompress.io.model import DEMO_MODEL, tiny_tokenizer
 
 TASKS = ["chat", "code", "math", "multilingual", "prose"]
 # What the defaults need from every bundled task: held-out windows of 256 tokens (demo tokenizer) and

@@ -13,7 +13,7 @@ from moecompress.algorithms.routing import route
 from moecompress.models import ARCHS, find_arch
 from moecompress.models.surgery import keep_experts
 from moecompress.runtime.hooks import capture_routing
-from moecompress.runtime.modelio import LoadedModel, save_model, tiny_tokenizer
+from moecompress.io.model import LoadedModel, save_model, tiny_tokenizer
 from moecompress.testing import FAMILY, tiny_moe
 
 FAMILIES = sorted(FAMILY)

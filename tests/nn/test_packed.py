@@ -13,7 +13,7 @@ from moecompress.errors import MoecompressError
 from moecompress.nn.packed import PackedExperts, PackedLinear
 from moecompress.pipeline import run
 from moecompress.recipe import validate_recipe
-from moecompress.runtime.modelio import load_model
+from moecompress.runtime.source import load_model
 
 CASES = [
     ("mixtral", {"stage": "quantize", "scheme": "w4a16"}),

@@ -25,9 +25,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from moecompress.formats.codecs import CODECS, encode  # noqa: E402
+from moecompress.formats.spec import ModuleSpec  # noqa: E402
 from moecompress.kernels import dispatch  # noqa: E402
 from moecompress.nn.act_quant import ActQuant, rotation_matrix  # noqa: E402
 from moecompress.nn.packed import PackedExperts, PackedLinear  # noqa: E402
+from moecompress.types import Activation  # noqa: E402
 
 HAS_TRITON = dispatch._triton_import()[0]
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="no triton"))]
@@ -52,12 +54,12 @@ def _fill(module, prefix, codec, shape, group, symmetric, g):
 
 def make_experts(codecs=("int4", "int4", "int4"), symmetric=False, E=5, H=48, I=32, group=16, bias=False,
                  rotation_seed=None, act=None, seed=0):
-    spec = {"codecs": dict(zip(("gate", "up", "down"), codecs)), "group_size": group, "symmetric": symmetric,
-            "bias": bias, "activation": {"kind": "glu", "fn": "silu"}, "intermediate_rotation_seed": rotation_seed}
-    m = PackedExperts(E, H, I, spec)
+    spec = ModuleSpec.experts((E, I, H), dict(zip(("gate", "up", "down"), codecs)), group, symmetric, bias,
+                              Activation("glu", "silu"), rotation_seed)
+    m = PackedExperts(spec)
     g = torch.Generator().manual_seed(seed)
     for p, shape in (("gate", (E, I, H)), ("up", (E, I, H)), ("down", (E, H, I))):
-        _fill(m, p, spec["codecs"][p], shape, group, symmetric, g)
+        _fill(m, p, spec.codecs[p], shape, group, symmetric, g)
         if bias:
             getattr(m, f"{p}_bias").data.normal_(generator=g)
     m.act = act

@@ -13,7 +13,7 @@ from moecompress.errors import MoecompressError
 from moecompress.io.checkpoint import CheckpointSource, build_skeleton, layer_of
 from moecompress.models import find_arch
 from moecompress.runtime.executor import LayerStream, ModelSource, Placement, resolve_device
-from moecompress.runtime.modelio import LoadedModel, save_model, tiny_tokenizer
+from moecompress.io.model import LoadedModel, save_model, tiny_tokenizer
 from moecompress.runtime.sink import LayerSink
 from moecompress.testing import FAMILY, tiny_moe
 

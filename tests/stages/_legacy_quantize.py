@@ -29,7 +29,7 @@ from moecompress.runtime.layer_quant import quantize_experts, quantize_linears, 
 from moecompress.runtime.quantize_run import QuantPlan
 
 
-# ---------------------------------------------------------------- runtime/sequential.py
+# ---------------------------------------------------------------- runtime/sequential.py (deleted from the package)
 @contextlib.contextmanager
 def _identity_layers(layers: nn.ModuleList, record: list[list[dict]], first: list[torch.Tensor]) -> Iterator[None]:
     originals = [layer.forward for layer in layers]

@@ -23,7 +23,8 @@ from moecompress.pipeline import run
 from moecompress.recipe import validate_recipe
 from moecompress.runtime.executor import ModelSource
 from moecompress.runtime.hooks import capture_routing
-from moecompress.runtime.modelio import SIDECAR, LoadedModel, load_config, load_model, save_model, tiny_tokenizer
+from moecompress.io.model import SIDECAR, LoadedModel, load_config, save_model, tiny_tokenizer
+from moecompress.runtime.source import load_model
 from moecompress.testing import tiny_moe
 
 CALIB = {"tasks": ["prose", "code"], "samples": 3, "seq_len": 24}

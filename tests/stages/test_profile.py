@@ -11,7 +11,7 @@ from moecompress.models import find_arch
 from moecompress.models.identity import check_identity, model_identity
 from moecompress.recipe import CalibrationConfig
 from moecompress.runtime.hooks import capture_routing
-from moecompress.runtime.modelio import LoadedModel, tiny_tokenizer
+from moecompress.io.model import LoadedModel, tiny_tokenizer
 from moecompress.stages import STAGES
 from moecompress.stages.profile import ProfileConfig
 from moecompress.testing import FAMILY, tiny_moe
@@ -112,7 +112,7 @@ def test_streamed_profile_equals_the_in_memory_one(family, tmp_path):
     in memory."""
     from moecompress.pipeline import run
     from moecompress.recipe import validate_recipe
-    from moecompress.runtime.modelio import save_model
+    from moecompress.io.model import save_model
 
     model = tiny_moe(family)
     d = tmp_path / "m"

@@ -14,7 +14,7 @@ from moecompress.errors import MoecompressError
 from moecompress.models import find_arch
 from moecompress.recipe import CalibrationConfig
 from moecompress.runtime.hooks import capture_routing
-from moecompress.runtime.modelio import LoadedModel, save_model, tiny_tokenizer
+from moecompress.io.model import LoadedModel, save_model, tiny_tokenizer
 from moecompress.stages import STAGES
 from moecompress.stages.profile import ProfileConfig
 from moecompress.stages.prune import PruneConfig

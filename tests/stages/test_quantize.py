@@ -15,7 +15,8 @@ from moecompress.recipe import CalibrationConfig, validate_recipe
 from moecompress.runtime.calibration import collect
 from moecompress.runtime.executor import LayerStream, ModelSource
 from moecompress.runtime.layer_quant import quantize_router, smooth_layer
-from moecompress.runtime.modelio import LoadedModel, load_model, tiny_tokenizer
+from moecompress.io.model import LoadedModel, tiny_tokenizer
+from moecompress.runtime.source import load_model
 from moecompress.stages import STAGES
 from moecompress.stages.quantize import QuantizeConfig
 from moecompress.testing import FAMILY, tiny_config, tiny_moe
@@ -33,7 +34,7 @@ def _layer_stats(model, arch, i):
         runner.run_layer(j)
     layer = runner.layers[i]
     views = [arch.block(model, i)]
-    with collect(layer, views, getattr(layer, arch.pre_attn_norm)) as stats:
+    with collect(layer, views, getattr(layer, arch.pre_attn_norm), near_miss=2) as stats:
         runner.run_layer(i, store=False)
     return runner, layer, views, stats
 
@@ -63,10 +64,10 @@ def test_router_alignment_lowers_router_kl():
     X = torch.cat(stats.experts.sample)
     ref = X @ v.router_weight.T.clone()
     W0 = v.router_weight.clone()
-    plain = quantize_router(v, stats, 3, False, QuantRecord(), "p")
+    plain = quantize_router(v, stats, 3, False, QuantRecord(), "p", "topk_rest")
     kl_plain = float(topk_kl(ref, X @ v.router_weight.T, 2, objective="topk_rest"))
     v.router_weight.copy_(W0)
-    aligned = quantize_router(v, stats, 3, True, QuantRecord(), "p")
+    aligned = quantize_router(v, stats, 3, True, QuantRecord(), "p", "topk_rest")
     kl_aligned = float(topk_kl(ref, X @ v.router_weight.T, 2, objective="topk_rest"))
     assert aligned["aligned"] and not plain["aligned"]
     assert kl_aligned <= kl_plain and aligned["kl_after"] <= aligned["kl_before"]

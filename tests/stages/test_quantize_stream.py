@@ -19,7 +19,8 @@ from moecompress.models import find_arch
 from moecompress.pipeline import run
 from moecompress.recipe import CalibrationConfig, validate_recipe
 from moecompress.runtime import rotate as rotate_mod
-from moecompress.runtime.modelio import LoadedModel, load_model, save_model, tiny_tokenizer
+from moecompress.io.model import LoadedModel, save_model, tiny_tokenizer
+from moecompress.runtime.source import load_model
 from moecompress.stages import STAGES
 from moecompress.stages import quantize as quantize_stage
 from moecompress.stages import ternary as ternary_stage

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moecompress.models import find_arch
-from moecompress.runtime.modelio import model_dir, load_config, model_label
+from moecompress.io.model import load_config, model_dir, model_label
 
 __all__ = ["describe_model"]
 

@@ -1,5 +1,7 @@
-"""Load and save models: local Hugging Face directories, the bundled demo model, and ``tiny:<type>`` ids.
+"""Read and save models: local Hugging Face directories, the bundled demo model, and ``tiny:<type>`` ids.
 
+Only files and transformers: the streamed source of a run and the whole model as a checkpoint behaves (with
+its recorded activation quantization simulated) are built on this in `runtime.source`.
 Nothing here touches the network: loads are ``local_files_only``. A model spec is:
   * ``None`` / ``"demo"``: the bundled demo MoE (``moecompress/assets/demo-moe``);
   * ``"tiny:<model_type>"``: a seeded random tiny model of a registered family (tests, smoke runs);
@@ -20,9 +22,8 @@ from moecompress.errors import MoecompressError, shorten
 from moecompress.io.validate import check_finite, check_weight_files
 from moecompress.models import MoEArch, find_arch
 
-__all__ = ["DEMO_MODEL", "SIDECAR", "LoadedModel", "generate_text", "input_facts", "load_config", "load_model",
-           "load_tokenizer", "model_dir", "model_label", "open_source",
-           "read_sidecar", "save_model", "tiny_tokenizer"]
+__all__ = ["DEMO_MODEL", "SIDECAR", "LoadedModel", "input_facts", "load_config", "load_tokenizer", "model_dir",
+           "model_label", "read_model", "read_sidecar", "recorded_activations", "save_model", "tiny_tokenizer"]
 
 log = logging.getLogger(__name__)
 DEMO_MODEL = Path(__file__).resolve().parent.parent / "assets" / "demo-moe"
@@ -38,6 +39,13 @@ def read_sidecar(path: Path | None) -> dict | None:
         return json.loads(f.read_text())
     except (OSError, json.JSONDecodeError):
         raise MoecompressError(f"{str(f)!r} is corrupt", "re-create the directory with moecompress") from None
+
+
+def recorded_activations(path: Path | None) -> dict | None:
+    """The activation quantization a fake-quantized directory records (``quantization.activations`` of its
+    ``moecompress.json``), or None."""
+    side = read_sidecar(path) or {}
+    return (side.get("quantization") or {}).get("activations")
 
 
 @dataclass
@@ -121,8 +129,11 @@ def input_facts(spec: str | None, config) -> dict:
     return {"representation": "original", "scheme": None, "original": original}
 
 
-def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a model for compression on CPU in ``dtype`` (eager experts: the fast CPU path)."""
+def read_model(spec: str | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Read a whole model onto the CPU in ``dtype`` (eager experts: the fast CPU path), checked as read.
+
+    Its weights only: a fake-quantized checkpoint's recorded activation quantization is not simulated here
+    (`runtime.source.load_model` does that); packed modules build themselves through the registered quantizer."""
     config = load_config(spec)
     arch = find_arch(config)  # fails early (before reading weights) on dense / unknown models
     if spec and str(spec).startswith("tiny:"):
@@ -151,15 +162,6 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32) -> L
                                "the checkpoint does not match its config.json; re-save it")
     check_finite(list(model.named_parameters()) + list(model.named_buffers()), str(path))
     model.eval()
-    side = read_sidecar(path) or {}
-    acts = (side.get("quantization") or {}).get("activations")
-    packed = getattr(getattr(model.config, "quantization_config", None), "quant_method", None) == "moecompress"
-    if acts and not packed:  # fake-quantized with simulated activation quantization: keep simulating it
-        # (packed modules apply the recorded activation quantization themselves)
-        from moecompress.nn.act_quant import ActQuant, install_act_quant
-
-        install_act_quant(model, arch, ActQuant(acts["bits"], acts.get("clip_ratio", 1.0), acts.get("symmetric", True),
-                                                acts.get("router", False), acts.get("intermediate_rotation_seed")))
     return LoadedModel(model, load_tokenizer(path), arch, model_label(spec), path, disk_dtype)
 
 
@@ -194,58 +196,6 @@ def save_model(loaded: LoadedModel, out_dir: Path, dtype: torch.dtype | None = N
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     if loaded.tokenizer is not None:
         loaded.tokenizer.save_pretrained(out_dir)
-
-
-def open_source(spec: str | None, scratch: Path, config=None, dist=None):
-    """The model a run reads, as a streamed directory source (`runtime.executor.ModelSource`). A ``tiny:<type>``
-    model is written to ``scratch / "input"`` first (it is small), so every run reads the same way; under
-    torchrun (``dist``: a `runtime.dist.Dist`) rank 0 writes it and the others wait."""
-    from moecompress.runtime.dist import Dist
-    from moecompress.runtime.executor import ModelSource
-
-    config = config if config is not None else load_config(spec)
-    arch = find_arch(config)
-    dist = dist or Dist()
-    if spec and str(spec).startswith("tiny:"):
-        loaded = load_model(spec)
-        d = Path(scratch) / "input"
-        if dist.writer:
-            save_model(loaded, d)
-        dist.barrier()
-        return ModelSource(loaded.model.config, arch, directory=d, tokenizer=loaded.tokenizer,
-                           stored_dtype=loaded.disk_dtype, label=str(spec), path=None)
-    path = model_dir(spec)
-    check_weight_files(path, getattr(config, "quantization_config", None) is not None)
-    tokenizer = load_tokenizer(path)
-    return ModelSource(config, arch, directory=path, tokenizer=tokenizer, label=model_label(spec), path=path)
-
-
-def generate_text(spec: str | None, prompt: str, max_new_tokens: int = 40, temperature: float = 0.0,
-                  seed: int = 0, device: str | torch.device | None = "auto") -> str:
-    """Continue ``prompt`` with a model spec (greedy when ``temperature`` is 0); returns prompt + continuation.
-
-    A demonstration: the whole model is loaded onto ``device`` (auto: the first GPU when there is one), in
-    float32 on the CPU and in its stored dtype on a GPU; fake-quantized checkpoints keep their simulated
-    activation quantization and packed ones compute from their packed weights."""
-    from moecompress.runtime.executor import Placement, resolve_device
-
-    dev = resolve_device(device)
-    if not prompt:
-        raise MoecompressError("the prompt is empty", "give some text with --prompt")
-    stored = getattr(load_config(spec), "dtype", None) or torch.float32
-    stored = getattr(torch, stored) if isinstance(stored, str) else stored
-    loaded = load_model(spec, Placement(dev).compute_dtype(stored))
-    if loaded.tokenizer is None:
-        raise MoecompressError(f"model {loaded.source!r} has no tokenizer", "save its tokenizer files with it")
-    model = loaded.model.to(dev)
-    ids = loaded.tokenizer(prompt, return_tensors="pt").input_ids.to(dev)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        out = model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-            temperature=temperature if temperature > 0 else None, top_k=None, top_p=None,
-            pad_token_id=loaded.tokenizer.pad_token_id or loaded.tokenizer.eos_token_id)
-    return loaded.tokenizer.decode(out[0].cpu(), skip_special_tokens=True)
 
 
 def tiny_tokenizer():

@@ -42,7 +42,8 @@ from moecompress.formats.checkpoint import QUANT_METHOD, write_checkpoint
 from moecompress.formats.codecs import decode
 from moecompress.kernels.reference import dequantize
 from moecompress.models import find_arch
-from moecompress.runtime.outdir import atomic_output, check_output
+from moecompress.formats.spec import PROJS, module_specs
+from moecompress.io.outdir import atomic_output, check_output
 
 __all__ = ["export_compressed_tensors"]
 
@@ -88,9 +89,9 @@ def _is_linear(module: torch.nn.Module) -> bool:
 def _check_scheme(qc: dict, side: dict) -> int:
     """The bit width of a checkpoint this exporter can write so that transformers loads it; else a one-line error."""
     scheme = (side.get("quantization") or {}).get("scheme")
-    specs = qc["modules"].values()
-    codecs = {s.get("codec") for s in specs if s["type"] == "linear"} | {
-        c for s in specs if s["type"] == "experts" for c in s["codecs"].values()
+    specs = module_specs(qc["modules"]).values()
+    codecs = {s.codec for s in specs if s.type == "linear"} | {
+        c for s in specs if s.type == "experts" for c in s.codecs.values()
     }
     what = scheme or "+".join(sorted(c for c in codecs if c))
     if qc.get("activations"):
@@ -104,14 +105,14 @@ def _check_scheme(qc: dict, side: dict) -> int:
             f"compressed-tensors export supports W4A16 and W8A16, not {what}",
             "quantize W4A16 or W8A16 with --symmetric (`symmetric: true` in a recipe) to export",
         )
-    if not all(s["symmetric"] for s in specs):
+    if not all(s.symmetric for s in specs):
         raise MoecompressError(
             f"{what} has asymmetric weights, which transformers 5.x + compressed-tensors cannot load (packed zero "
             "points: Linear size mismatch, MoE experts decompressed without them)",
             "quantize with symmetric weights (`moecompress quantize --symmetric`, or `symmetric: true` in the "
             "recipe's quantize stage) to export",
         )
-    if any(s["type"] == "experts" and s.get("intermediate_rotation_seed") is not None for s in specs):
+    if any(s.type == "experts" and s.intermediate_rotation_seed is not None for s in specs):
         raise MoecompressError(
             "the experts' down projections are stored in a rotated basis",
             "quantize without --rotate-intermediate to export",
@@ -156,8 +157,9 @@ def export_compressed_tensors(src: str | Path, output: str | Path, force: bool =
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(config)
     renamings, pats = _naming(meta)
-    for path, spec in qc["modules"].items():
-        if spec["type"] == "experts" and (set(pats) != {"gate", "up", "down"} or spec.get("bias")):
+    modules = module_specs(qc["modules"])
+    for path, spec in modules.items():
+        if spec.type == "experts" and (set(pats) != {"gate", "up", "down"} or spec.bias):
             raise MoecompressError(
                 f"{config.model_type} checkpoints keep experts fused", "compressed-tensors needs one linear per expert"
             )
@@ -168,13 +170,13 @@ def export_compressed_tensors(src: str | Path, output: str | Path, force: bool =
     # decode every packed linear: (checkpoint name, codes [O, C], scales [O, G], zeros [O, G])
     linears: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]] = []
     dense: dict[str, torch.Tensor] = {}
-    for path, spec in qc["modules"].items():
-        projs = ("gate", "up", "down") if spec["type"] == "experts" else ("weight",)
+    for path, spec in modules.items():
+        projs = PROJS if spec.type == "experts" else ("weight",)
         for p in projs:
             local = {k[len(path) + len(p) + 2 :]: v for k, v in sd.items() if k.startswith(f"{path}.{p}_")}
             sd = {k: v for k, v in sd.items() if not k.startswith(f"{path}.{p}_")}
-            codes, scale, zero = decode(spec["codecs"][p] if spec["type"] == "experts" else spec["codec"], local)
-            if spec["type"] != "experts":
+            codes, scale, zero = decode(spec.codecs[p] if spec.type == "experts" else spec.codec, local)
+            if spec.type != "experts":
                 if any(path == r or path.startswith(r + ".") for r in routers):  # routers stay unquantized
                     dense[f"{path}.weight"] = dequantize(codes, scale, zero)[0]
                 else:

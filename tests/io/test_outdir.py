@@ -1,4 +1,4 @@
-"""runtime/outdir: exchange-rename replacement, --force refusals, stale leftovers of dead runs, atomic files."""
+"""io/outdir and io/fsops: exchange-rename replacement, --force refusals, stale leftovers of dead runs, atomic files."""
 
 from __future__ import annotations
 
@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 
 from moecompress.errors import MoecompressError
-from moecompress.runtime import outdir
-from moecompress.runtime.outdir import (MARKER, Interrupted, atomic_file, atomic_output, atomic_write, check_output,
-                                        check_output_file, clean_stale, disk_full_error, exchange, finish,
-                                        is_moecompress_output, new_temp_dir, signals_as_interrupts)
+from moecompress.io import fsops, outdir
+from moecompress.io.fsops import Interrupted, disk_full_error, exchange, signals_as_interrupts
+from moecompress.io.outdir import (MARKER, atomic_file, atomic_output, atomic_write, check_output, check_output_file,
+                                   clean_stale, finish, is_moecompress_output, new_temp_dir)
 
 PKG = Path(outdir.__file__).resolve().parents[1]
-# A child Python that imports runtime/outdir without the package's heavy __init__ (transformers): ~50 ms.
+# A child Python that imports io/outdir without the package's heavy __init__ (transformers): ~50 ms.
 STUB = (f"import sys, types; pkg = types.ModuleType('moecompress'); pkg.__path__ = [{str(PKG)!r}]; "
         "sys.modules['moecompress'] = pkg\n")
 
@@ -176,7 +176,7 @@ def test_sigkill_during_replace_then_next_run_cleans(tmp_path, point, no_exchang
     r = python("""
         import json, sys
         from pathlib import Path
-        from moecompress.runtime.outdir import atomic_output
+        from moecompress.io.outdir import atomic_output
         with atomic_output(Path(sys.argv[1]), replace=True) as tmp:
             (tmp / "moecompress.json").write_text(json.dumps({"tag": "new"}))
             (tmp / "weights.bin").write_bytes(b"new" * 1000)
@@ -326,7 +326,8 @@ def test_atomic_write_on_a_full_disk_keeps_the_old_file(tmp_path):
     f.write_text("old\n")
     r = python("""
         import resource, signal, sys
-        from moecompress.runtime.outdir import atomic_write, disk_full_error
+        from moecompress.io.fsops import disk_full_error
+        from moecompress.io.outdir import atomic_write
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
         try:
@@ -371,7 +372,7 @@ def test_signals_wait_for_the_renames():
     done = []
     with pytest.raises(Interrupted):
         with signals_as_interrupts():
-            with outdir._signals_deferred():
+            with fsops.signals_deferred():
                 os.kill(os.getpid(), signal.SIGTERM)
                 time.sleep(0.05)
                 done.append(True)  # not interrupted in here

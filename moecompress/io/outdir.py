@@ -18,35 +18,29 @@ parent first removes what dead processes left there (``clean_stale``). Files are
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
-import functools
 import json
 import logging
 import os
 import re
 import shutil
 import signal
-import sys
-import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from moecompress.errors import MoecompressError
+from moecompress.io.fsops import exchange, fsync_path, fsync_tree, rename2, signals_deferred
 
-__all__ = ["MARKER", "Interrupted", "atomic_file", "atomic_output", "atomic_write", "check_output",
-           "check_output_file", "clean_stale", "discard", "disk_full_error", "exchange", "finish",
-           "is_moecompress_output", "new_temp_dir", "signals_as_interrupts"]
+__all__ = ["MARKER", "atomic_file", "atomic_output", "atomic_write", "check_output", "check_output_file", "clean_stale",
+           "discard", "finish", "is_moecompress_output", "new_temp_dir"]
 
 log = logging.getLogger(__name__)
 
 MARKER = ".moecompress-partial"  # in a directory that is not a complete output (being written or deleted)
-_SIDECAR = "moecompress.json"  # = runtime.modelio.SIDECAR (not imported: this module stays light)
+_SIDECAR = "moecompress.json"  # = io.model.SIDECAR (not imported: this module stays light)
 _OWN_FILES = {_SIDECAR: None, "profile.json": "moecompress-profile", "patterns.json": "moecompress-patterns"}
 _STALE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old|moecompress-tmp)-(?P<pid>\d+)$")
 _FAILPOINT = "MOECOMPRESS_TEST_FAILPOINT"  # tests: SIGKILL this process at a named point of finish()
-_NO_EXCHANGE = "MOECOMPRESS_TEST_NO_EXCHANGE"  # tests: behave as on a filesystem without exchange rename
 
 
 # -- checks -------------------------------------------------------------------------------------------------
@@ -75,7 +69,7 @@ def _input_paths(inputs: Iterable[object]) -> list[Path]:
         if v is None or str(v) == "" or str(v).startswith("tiny:"):
             continue
         if str(v) == "demo":
-            from moecompress.runtime.modelio import DEMO_MODEL
+            from moecompress.io.model import DEMO_MODEL
 
             v = DEMO_MODEL
         p = Path(str(v)).expanduser()
@@ -274,93 +268,9 @@ def new_temp_dir(out: Path) -> Path:
     return tmp
 
 
-def _fsync_path(p: str | Path, directory: bool = False) -> None:
-    fd = os.open(p, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
-    try:
-        os.fsync(fd)
-    except OSError:
-        if not directory:  # some filesystems cannot fsync a directory; files must reach the disk
-            raise
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(d: Path) -> None:
-    for root, _dirs, files in os.walk(d):
-        for f in files:
-            p = os.path.join(root, f)
-            if not os.path.islink(p):
-                _fsync_path(p)
-        _fsync_path(root, directory=True)
-
-
-_AT_FDCWD = -100
-_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
-_RENAME_SWAP, _RENAME_EXCL = 2, 4  # macOS renamex_np
-
-
-@functools.lru_cache(maxsize=1)
-def _libc():
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-    except OSError:
-        return None
-
-
-def _rename2(src: Path, dst: Path, exchange: bool) -> bool:
-    """An exchanging / no-replace rename; False where the platform or filesystem cannot do it."""
-    if os.environ.get(_NO_EXCHANGE):
-        return False
-    libc = _libc()
-    a, b = os.fsencode(src), os.fsencode(dst)
-    if libc is not None and hasattr(libc, "renameat2"):
-        rc = libc.renameat2(_AT_FDCWD, a, _AT_FDCWD, b, _RENAME_EXCHANGE if exchange else _RENAME_NOREPLACE)
-    elif libc is not None and sys.platform == "darwin" and hasattr(libc, "renamex_np"):
-        rc = libc.renamex_np(a, b, _RENAME_SWAP if exchange else _RENAME_EXCL)
-    else:
-        return False
-    if rc == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
-        return False  # not supported here (old kernel, or a filesystem without it)
-    raise OSError(err, os.strerror(err), str(src), None, str(dst))
-
-
-def exchange(a: Path, b: Path) -> bool:
-    """Swap two existing paths in one atomic step; False (nothing done) where that is not supported."""
-    return _rename2(a, b, exchange=True)
-
-
 def _failpoint(name: str) -> None:
     if os.environ.get(_FAILPOINT) == name:
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-@contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """Hold SIGINT / SIGTERM / SIGHUP for a few renames, then act on the first one that came."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-    old = {}
-    for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-        if s is not None:
-            with contextlib.suppress(ValueError, OSError):
-                old[s] = signal.signal(s, lambda n, _f: caught.append(n))
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            if h is not None:  # None: a handler not set from Python; leave ours rather than fail
-                signal.signal(s, h)
-        if caught:
-            h = old.get(caught[0])
-            if callable(h):
-                h(caught[0], None)
-            elif h == signal.SIG_DFL:
-                os.kill(os.getpid(), caught[0])
 
 
 def finish(tmp: Path, out: Path, replace: bool = False) -> None:
@@ -370,23 +280,23 @@ def finish(tmp: Path, out: Path, replace: bool = False) -> None:
     exchange rename, then deleted. Without it an ``out`` that appeared meanwhile is an error, never replaced.
     """
     tmp, out = Path(tmp), Path(out)
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     old = None  # the replaced output, once the new one stands at ``out``
     try:
-        with _signals_deferred():
+        with signals_deferred():
             os.unlink(tmp / MARKER)  # complete: from here the sidecar says it is ours
             _failpoint("before-rename")
             appeared = MoecompressError(f"output {str(out)!r} appeared while this run was writing it",
                                         "choose another -o, or pass --force to replace it")
             if not os.path.lexists(out):
                 try:
-                    if not _rename2(tmp, out, exchange=False):  # no-replace rename where there is one
+                    if not rename2(tmp, out, exchange=False):  # no-replace rename where there is one
                         if os.path.lexists(out):
                             raise FileExistsError(errno.EEXIST, "exists", str(out))
                         os.rename(tmp, out)
                 except FileExistsError:
                     raise appeared from None
-                _fsync_path(out.parent, directory=True)
+                fsync_path(out.parent, directory=True)
                 return
             if not replace:
                 raise appeared
@@ -405,7 +315,7 @@ def finish(tmp: Path, out: Path, replace: bool = False) -> None:
                     os.rename(moved, out)  # put the old one back
                     raise
                 old = moved
-            _fsync_path(out.parent, directory=True)
+            fsync_path(out.parent, directory=True)
     finally:  # also when a signal that waited for the renames is acted on now
         if old is not None:
             with contextlib.suppress(OSError):
@@ -440,7 +350,7 @@ def atomic_file(path: str | Path, replace: bool = True) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.moecompress-tmp-{os.getpid()}")
     try:
         yield tmp
-        _fsync_path(tmp)
+        fsync_path(tmp)
         if replace:
             os.replace(tmp, path)
         else:
@@ -456,7 +366,7 @@ def atomic_file(path: str | Path, replace: bool = True) -> Iterator[Path]:
                 os.replace(tmp, path)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-        _fsync_path(path.parent, directory=True)
+        fsync_path(path.parent, directory=True)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -469,63 +379,3 @@ def atomic_write(path: str | Path, data: str | bytes, replace: bool = True) -> P
         with open(tmp, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
     return Path(path)
-
-
-# -- errors and signals --------------------------------------------------------------------------------------
-
-_EDQUOT = getattr(errno, "EDQUOT", 122)
-_DISK_WHY = {errno.ENOSPC: "the disk is full", errno.EFBIG: "a file reached the file size limit",
-             _EDQUOT: "the disk quota is used up"}
-_DISK_TEXT = {"No space left on device": errno.ENOSPC, "File too large": errno.EFBIG, "Disk quota exceeded": _EDQUOT,
-              "os error 28)": errno.ENOSPC, "os error 27)": errno.EFBIG, f"os error {_EDQUOT})": _EDQUOT}
-
-
-def _disk_errno(e: BaseException) -> int | None:
-    if isinstance(e, OSError) and e.errno in _DISK_WHY:
-        return e.errno
-    text = str(e)  # safetensors / tokenizers wrap the OS error in their own exception types
-    return next((code for needle, code in _DISK_TEXT.items() if needle in text), None)
-
-
-def disk_full_error(exc: BaseException) -> MoecompressError | None:
-    """A one-line error for an exception caused by a full disk, the file size limit or a quota (ENOSPC,
-    EFBIG, EDQUOT), however a library wrapped it; None for any other exception."""
-    seen = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        code = _disk_errno(e)
-        if code is not None:
-            where = f" {e.filename!r}" if isinstance(e, OSError) and e.filename else ""
-            return MoecompressError(f"cannot write{where}: {_DISK_WHY[code]} ({errno.errorcode.get(code, code)})",
-                                    "free some space, or choose another -o (or --json) on a disk with room")
-        e = e.__cause__ or e.__context__
-    return None
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM / SIGHUP turned into what Ctrl-C raises, so the same cleanup runs; ``signum`` says which."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def _raise_interrupted(signum: int, _frame: object) -> None:
-    raise Interrupted(signum)
-
-
-@contextlib.contextmanager
-def signals_as_interrupts() -> Iterator[None]:
-    """While the block runs, SIGTERM and SIGHUP raise `Interrupted` (a KeyboardInterrupt) like SIGINT does."""
-    old = {}
-    if threading.current_thread() is threading.main_thread():
-        for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-            if s is not None:
-                with contextlib.suppress(ValueError, OSError):
-                    old[s] = signal.signal(s, _raise_interrupted)
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
