@@ -63,13 +63,15 @@ class ExpertStats:
 
     @classmethod
     def empty(cls, E: int, C: int, I: int, device: torch.device | str = "cpu",
-              owned: range | None = None) -> ExpertStats:
+              owned: range | None = None, hessians: bool = True) -> ExpertStats:
+        """``hessians=False``: no Hessians (``H``, ``H_down`` of size 0; round-to-nearest needs none)."""
         owned = range(E) if owned is None else owned
 
         def z(*shape: int) -> torch.Tensor:
             return torch.zeros(*shape, device=device)
 
-        return cls(z(len(owned), C, C), z(len(owned), I, I), z(E), z(E), z(E, C), z(E, I), z(E), z(E), z(C),
+        C2, I2 = (C, I) if hessians else (0, 0)
+        return cls(z(len(owned), C2, C2), z(len(owned), I2, I2), z(E), z(E), z(E, C), z(E, I), z(E), z(E), z(C),
                    owned)
 
     def row(self, e: int) -> int:
@@ -161,8 +163,9 @@ def _expert_step(st: ExpertStats, view: MoEBlockView, x: torch.Tensor, logits: t
             Hde += hw.T @ hw
             (st.near_count if target == "near" else st.res_count)[e] += len(sel)
         else:
-            st.H[st.row(e)] += xw.T @ xw
-            st.H_down[st.row(e)] += hw.T @ hw
+            if st.H.numel():
+                st.H[st.row(e)] += xw.T @ xw
+                st.H_down[st.row(e)] += hw.T @ hw
             st.count[e] += len(sel)
             st.gate_sum[e] += float(g.sum())
             st.act_max[e] = torch.maximum(st.act_max[e], xs.abs().amax(0))
@@ -171,7 +174,7 @@ def _expert_step(st: ExpertStats, view: MoEBlockView, x: torch.Tensor, logits: t
 
 @contextlib.contextmanager
 def collect(layer: nn.Module, views: list[MoEBlockView], attn_norm: nn.Module | None, near_miss: int,
-            sample_tokens: int = 8192, owned: range | None = None) -> Iterator[LayerStats]:
+            sample_tokens: int = 8192, owned: range | None = None, hessians: bool = True) -> Iterator[LayerStats]:
     """Hooks that fill a `LayerStats` while ``layer`` runs; removed on exit. Statistics live on the layer's device
     (float32). ``near_miss``: the routing ranks past top-k recorded for topping up rare experts (the ``near_miss``
     recipe key); ``owned``: the experts whose statistics this process computes (default all)."""
@@ -190,7 +193,7 @@ def collect(layer: nn.Module, views: list[MoEBlockView], attn_norm: nn.Module | 
                 lambda m, a, g=v.shared_gate: shared_gate_value.__setitem__("w", torch.sigmoid(g(a[0])).detach())))
         C = v.router_weight.shape[1]
         E, I = v.num_experts, v.experts.stacked("down").shape[2]
-        stats.experts = ExpertStats.empty(E, C, I, v.router_weight.device, owned)
+        stats.experts = ExpertStats.empty(E, C, I, v.router_weight.device, owned, hessians)
     for tag, norm in (("attn_norm", attn_norm), ("moe_norm", views[0].pre_moe_norm if views else None)):
         if norm is not None:
             handles.append(norm.register_forward_hook(

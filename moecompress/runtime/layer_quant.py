@@ -50,17 +50,19 @@ def _quantize(W: torch.Tensor, H: torch.Tensor | None, opt: QuantOptions):
     """RTN, or GPTQ over ``W [E, O, C]`` with ``H [E, C, C]`` in chunks of experts: GPTQ holds about six
     ``[C, C]`` and four ``[O, C]`` float32 matrices per expert, so a Mixtral-8x7B down projection (C = 14336) is
     quantized one expert at a time instead of needing about 40 GB at once. Each expert's result is the same."""
-    if opt.method == "rtn" or H is None:
-        return rtn_quantize(W, opt.grid)
     E, O, C = W.shape
-    per_expert = 4 * (6 * C * C + 4 * O * C)
-    step = max(1, min(E, WORKSPACE_BYTES // per_expert))
-    parts = [gptq_quantize(W[a:a + step], H[a:a + step], opt.grid, block_size=opt.block_size, damp=opt.damp,
-                           act_order=opt.act_order) for a in range(0, E, step)]
+    if opt.method == "rtn" or H is None:  # the clip search holds about six [O, C] float32 copies per expert
+        step = max(1, min(E, WORKSPACE_BYTES // 2 // (4 * 6 * O * C)))
+        parts = [rtn_quantize(W[a:a + step], opt.grid) for a in range(0, E, step)]
+    else:
+        per_expert = 4 * (6 * C * C + 4 * O * C)
+        step = max(1, min(E, WORKSPACE_BYTES // per_expert))
+        parts = [gptq_quantize(W[a:a + step], H[a:a + step], opt.grid, block_size=opt.block_size, damp=opt.damp,
+                               act_order=opt.act_order) for a in range(0, E, step)]
     if len(parts) == 1:
         return parts[0]
-    return QuantResult(*(torch.cat([getattr(p, f) for p in parts]) for f in ("weight", "codes", "scales", "zeros",
-                                                                             "loss")))
+    return QuantResult(*(None if getattr(parts[0], f) is None else torch.cat([getattr(p, f) for p in parts])
+                         for f in ("weight", "codes", "scales", "zeros", "loss")))
 
 
 @torch.no_grad()
@@ -217,7 +219,7 @@ def quantize_experts(view: MoEBlockView, stats: LayerStats, opt: QuantOptions, r
     Q = None if down_rotation is None else down_rotation.to(down.device, torch.float32)
     if Q is not None:
         down = down @ Q
-        Hd = Q.T @ Hd @ Q  # an all-zero Hessian (RTN fallback) stays all-zero
+        Hd = Q.T @ Hd @ Q if Hd.numel() else Hd  # an all-zero Hessian (RTN fallback) stays all-zero
     res = _gathered(_quantize(down, Hd, opt), dist, E)
     view.experts.set_stacked("down", res.weight if Q is None else res.weight @ Q.T)
     record.add(f"{prefix}:down", res.codes, res.scales, res.zeros)

@@ -209,7 +209,8 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
             del ref_out
             # 2. statistics
             owned = dist.experts(E) if dist.active else None
-            with collect(layer, lv, attn_norm, plan.near_miss, owned=owned) as stats, _skip_experts(lv):
+            with collect(layer, lv, attn_norm, plan.near_miss, owned=owned, hessians=not rtn_only) as stats, \
+                    _skip_experts(lv):
                 stream.run_layer(i, store=False, batches=base)
                 if lv:
                     stats.experts.sum_over(dist, ("count", "gate_sum", "act_max", "h_max"))
