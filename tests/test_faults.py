@@ -94,6 +94,20 @@ def leftovers(parent: Path) -> list[str]:
     return sorted(n for n in os.listdir(parent) if n.startswith("."))
 
 
+def wait_for_sigterm_handler(pid: int, timeout: float = 60.0) -> None:
+    """Until process ``pid`` catches SIGTERM (its CLI took over the signals; /proc's SigCgt mask), so that a
+    loaded machine's slow start does not turn the test into a kill before the handler exists."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("SigCgt:") and int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1:
+                    return
+        except FileNotFoundError:
+            return
+        time.sleep(0.001)
+
+
 def wait_for_tmp(parent: Path, pid: int, timeout: float = 60.0) -> bool:
     """Poll until the run's temporary directory appears (True), or the run ends first (False)."""
     tmp = parent / f".out.tmp-{pid}"
@@ -163,6 +177,7 @@ def test_killed_or_full_disk_run_leaves_old_or_new_never_neither(server, previou
     if fault.startswith("sig"):
         sig = signal.SIGTERM if fault.startswith("sigterm") else signal.SIGKILL
         if fault == "sigterm-anytime":
+            wait_for_sigterm_handler(pid)
             time.sleep(rng.uniform(0.2, max(until_renamed, 0.3)))  # after the CLI took over the signals
         elif wait_for_tmp(parent, pid):
             time.sleep(rng.uniform(0, 1.5 * window))  # somewhere in writing, renaming, deleting the old one
