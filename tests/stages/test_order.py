@@ -74,14 +74,14 @@ def test_pair_is_refused_up_front_or_equals_the_working_order(first, second, pro
     names = [first, second]
     specs = [STAGES.get(n) for n in names]
     reference = working_order(specs)
-    real_load = pipeline.load_model
+    real_load = pipeline.open_source
     loads = []
 
     def load(*args, **kwargs):
         loads.append(args)
         return real_load(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "load_model", load)
+    monkeypatch.setattr(pipeline, "open_source", load)
     try:
         got = _run(names, profile_dir, tmp_path / "out")
     except MoecompressError as e:
