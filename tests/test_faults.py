@@ -152,6 +152,7 @@ RANDOM = ["sigterm-while-writing", "sigterm-anytime", "sigkill-while-writing-1",
           "sigkill-while-writing-3", "full-disk-1", "full-disk-2"]
 CASES = ([(c, False) for c in RANDOM] + [(c, True) for c in RANDOM] + [("failpoint:before-rename", False)]
          + [(f"failpoint:{p}", True) for p in ("before-rename", "after-exchange", "deleting-old")]
+         + [("failpoint:after-layer-0", False), ("failpoint:after-layer-0", True)]  # killed mid-model
          + [(f"no-exchange,failpoint:{p}", True) for p in ("after-move-old", "deleting-old")])
 
 
@@ -218,7 +219,7 @@ def test_killed_or_full_disk_run_leaves_old_or_new_never_neither(server, previou
         state = "old"  # what the next run must put back
     elif out.exists():
         state = old_or_new()
-        if fault.startswith("full-disk") or fault.endswith("before-rename"):
+        if fault.startswith("full-disk") or fault.endswith(("before-rename", "after-layer-0")):
             assert state == "old"
         if fault.endswith(("after-exchange", "deleting-old")):
             assert state == "new"

@@ -46,23 +46,35 @@ CODECS.add("ternary2", Codec("ternary2", 2, ternary=True))
 CODECS.add("ternary-b3", Codec("ternary-b3", 8, ternary=True, base3=True))
 
 
+ROWS_ELEMENTS = 1 << 22  # codes packed at a time: packing works in int64, 8 bytes per code
+
+
+def _by_rows(pack, codes: torch.Tensor) -> torch.Tensor:
+    """``pack`` (a per-row packer of int64 codes) over ``codes [E, O, C]`` a slice of rows at a time, so
+    packing a layer's experts needs a few times ``ROWS_ELEMENTS`` bytes of int64 rather than of the whole layer
+    (each row packs alone: the result is the same as in one call)."""
+    E, O, C = codes.shape
+    flat = codes.reshape(E * O, C)
+    step = max(1, ROWS_ELEMENTS // max(C, 1))
+    parts = [pack(flat[a:a + step].to(torch.int64)) for a in range(0, E * O, step)]
+    return torch.cat(parts).reshape(E, O, -1) if parts else pack(flat.to(torch.int64)).reshape(E, O, -1)
+
+
 def encode(codec: str, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
            symmetric: bool) -> dict[str, torch.Tensor]:
     """Packed tensors for codes ``[E, O, C]`` (uint8; ternary codes are ``t + 1``)."""
     c = CODECS.get(codec)
-    codes = codes.to(torch.int64)
     if codes.dim() == 2:
         codes, scale, zero = codes[None], scale[None], zero[None]
     E, O, C = codes.shape
     out = {"shape": torch.tensor([E, O, C], dtype=torch.int64), "scale": scale.to(torch.float16).contiguous()}
     if c.ternary:
-        t = codes - 1
         if c.base3:
-            out["trits"] = pack_trits(t)
+            out["trits"] = _by_rows(lambda q: pack_trits(q - 1), codes)
         else:
-            out["packed"] = pack_bits(t + 2, 2)
+            out["packed"] = _by_rows(lambda q: pack_bits(q + 1, 2), codes)
         return out
-    out["packed"] = pack_bits(codes, c.bits)
+    out["packed"] = _by_rows(lambda q: pack_bits(q, c.bits), codes)
     if not symmetric:
         out["zero"] = zero.to(torch.uint8).contiguous()
     return out

@@ -76,22 +76,25 @@ class PackedWriter:
         experts modules among them, by module path."""
         record = record if record is not None else QuantRecord()
         experts = experts or {}
+        names = [n for n in record.weights() if not n.endswith(":router")]  # routers stay dense
+        # what is written packed is never converted to a dense copy (a layer's experts are most of its bytes)
+        packed_prefixes = tuple(f"{path}." for path in experts if any(n.startswith(path + ":") for n in names))
+        packed_linears = {f"{n}.weight" for n in names if ":" not in n}
         sd: dict[str, torch.Tensor] = {}
         seen: set[int] = set()
         for k, v in tensors.items():
             if v.numel() and v.data_ptr() in seen:  # tied weights are written once
                 continue
             seen.add(v.data_ptr())
+            if k in packed_linears or k.startswith(packed_prefixes):
+                continue
             sd[k] = self._dense(k, v.detach())
         packed: dict[str, torch.Tensor] = {}
-        names = [n for n in record.weights() if not n.endswith(":router")]  # routers stay dense
         for path, info in experts.items():
             projs = [n for n in names if n.startswith(path + ":")]
             if not projs:
                 continue
             codec, symmetric = _codec(self.meta.get("experts"), self.ternary_codec)
-            for k in [k for k in sd if k.startswith(path + ".")]:
-                del sd[k]
             shape = None
             for p in PROJS:
                 name = f"{path}:{p}"
@@ -118,10 +121,9 @@ class PackedWriter:
                 continue
             codec, symmetric = _codec(self.meta.get("weights"), self.ternary_codec)
             q, s, z = (record.tensors[f"{name}.{x}"] for x in ("codes", "scales", "zeros"))
-            if f"{name}.weight" not in sd:
+            if f"{name}.weight" not in tensors:
                 raise MoecompressError(f"the quantization record has {name}, which this part of the model lacks",
                                        "quantize the model again")
-            del sd[f"{name}.weight"]
             for local, t in encode(codec, q.cpu(), s.cpu(), z.cpu(), symmetric).items():
                 packed[f"{name}.weight_{local}"] = t
             _, O, C = q.shape

@@ -32,7 +32,7 @@ from moecompress.errors import MoecompressError
 from moecompress.io.fsops import exchange, fsync_path, fsync_tree, rename2, signals_deferred
 
 __all__ = ["MARKER", "atomic_file", "atomic_output", "atomic_write", "check_output", "check_output_file", "clean_stale",
-           "discard", "finish", "is_moecompress_output", "new_temp_dir"]
+           "discard", "failpoint", "finish", "is_moecompress_output", "new_temp_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +268,8 @@ def new_temp_dir(out: Path) -> Path:
     return tmp
 
 
-def _failpoint(name: str) -> None:
+def failpoint(name: str) -> None:
+    """Tests: ``MOECOMPRESS_TEST_FAILPOINT=name`` SIGKILLs this process here (a crash at a known point)."""
     if os.environ.get(_FAILPOINT) == name:
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -285,7 +286,7 @@ def finish(tmp: Path, out: Path, replace: bool = False) -> None:
     try:
         with signals_deferred():
             os.unlink(tmp / MARKER)  # complete: from here the sidecar says it is ours
-            _failpoint("before-rename")
+            failpoint("before-rename")
             appeared = MoecompressError(f"output {str(out)!r} appeared while this run was writing it",
                                         "choose another -o, or pass --force to replace it")
             if not os.path.lexists(out):
@@ -304,11 +305,11 @@ def finish(tmp: Path, out: Path, replace: bool = False) -> None:
                 raise MoecompressError(f"output {str(out)!r} was not written by moecompress", "choose another -o")
             if exchange(tmp, out):
                 old = tmp  # now holds the previous output
-                _failpoint("after-exchange")
+                failpoint("after-exchange")
             else:  # two steps; a kill in between is undone by the next run (clean_stale)
                 moved = out.with_name(f".{out.name}.old-{os.getpid()}")
                 os.rename(out, moved)
-                _failpoint("after-move-old")
+                failpoint("after-move-old")
                 try:
                     os.rename(tmp, out)
                 except BaseException:
@@ -320,7 +321,7 @@ def finish(tmp: Path, out: Path, replace: bool = False) -> None:
         if old is not None:
             with contextlib.suppress(OSError):
                 _write_marker(old)  # being deleted: clean_stale removes it, never restores it
-            _failpoint("deleting-old")
+            failpoint("deleting-old")
             discard(old)
 
 

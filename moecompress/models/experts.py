@@ -36,8 +36,9 @@ class ExpertView:
         """``[E, O, C]`` (a copy when the storage is transposed; treat as read-only)."""
         raise NotImplementedError
 
-    def set_stacked(self, proj: Proj, w: torch.Tensor) -> None:
-        """Write ``w [E, O, C]`` back into the storage (in place, keeping dtype and device)."""
+    def set_stacked(self, proj: Proj, w: torch.Tensor, start: int = 0) -> None:
+        """Write ``w [E', O, C]`` back into the storage of experts ``start .. start + E' - 1`` (in place, keeping
+        dtype and device)."""
         raise NotImplementedError
 
     def bias(self, proj: Proj) -> torch.Tensor | None:
@@ -104,13 +105,14 @@ class FusedExperts(ExpertView):
         return w[:, self._gate_up_cols(proj, w.shape[1])]  # [E, I, H]
 
     @torch.no_grad()
-    def set_stacked(self, proj: Proj, w: torch.Tensor) -> None:
+    def set_stacked(self, proj: Proj, w: torch.Tensor, start: int = 0) -> None:
         proj = Proj(proj)
+        rows = slice(start, start + w.shape[0])
         if proj == Proj.DOWN:
-            p = getattr(self.module, self.DOWN)
+            p = getattr(self.module, self.DOWN)[rows]
             p.copy_(w.transpose(1, 2) if self.transposed else w)
             return
-        p = getattr(self.module, self.GATE_UP)
+        p = getattr(self.module, self.GATE_UP)[rows]
         if self.transposed:
             p[:, :, self._gate_up_cols(proj, p.shape[2])] = w.transpose(1, 2).to(p.dtype)
         else:
@@ -165,9 +167,9 @@ class ListExperts(ExpertView):
         return torch.stack([self._linear(e, proj).weight for e in range(self.num_experts)])
 
     @torch.no_grad()
-    def set_stacked(self, proj: Proj, w: torch.Tensor) -> None:
-        for e in range(self.num_experts):
-            self._linear(e, proj).weight.copy_(w[e])
+    def set_stacked(self, proj: Proj, w: torch.Tensor, start: int = 0) -> None:
+        for e in range(w.shape[0]):
+            self._linear(start + e, proj).weight.copy_(w[e])
 
     def bias(self, proj: Proj) -> torch.Tensor | None:
         if self._linear(0, proj).bias is None:

@@ -144,7 +144,7 @@ class _PackedExpertView:
     def weights(self) -> ExpertWeights:
         return ExpertWeights(*(self.stacked(p) for p in PROJS), *(self.bias(p) for p in PROJS))
 
-    def set_stacked(self, proj, w) -> None:
+    def set_stacked(self, proj, w, start: int = 0) -> None:
         raise TypeError("packed experts are read-only; quantize from the unpacked (fake-quant) checkpoint")
 
     def keep(self, ids) -> None:

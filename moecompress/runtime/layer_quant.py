@@ -8,6 +8,7 @@ match (``x' = x / s`` gives ``H' = H / (s s^T)``), so statistics are collected o
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -46,23 +47,43 @@ class QuantOptions:
 WORKSPACE_BYTES = 2 << 30  # GPTQ's float32 workspace per call: experts are quantized in chunks that fit it
 
 
-def _quantize(W: torch.Tensor, H: torch.Tensor | None, opt: QuantOptions):
-    """RTN, or GPTQ over ``W [E, O, C]`` with ``H [E, C, C]`` in chunks of experts: GPTQ holds about six
+def _quantize(chunk: Callable[[int, int], torch.Tensor], shape: tuple[int, int, int], H: torch.Tensor | None,
+              opt: QuantOptions, dtype: torch.dtype, finish: Callable[[torch.Tensor], torch.Tensor] | None = None,
+              store: Callable[[int, torch.Tensor], None] | None = None) -> QuantResult:
+    """RTN, or GPTQ over ``shape = (E, O, C)`` weights with ``H [E, C, C]``, in chunks of experts.
+
+    ``chunk(a, b)`` gives experts ``a..b-1`` in float32 (``[b - a, O, C]``): only one chunk is ever held in
+    float32. The dequantized weights (after ``finish`` of each float32 chunk) are handed to ``store(a, w)`` as
+    each chunk is done (the result's ``weight`` is then None), else returned in ``dtype``. GPTQ holds about six
     ``[C, C]`` and four ``[O, C]`` float32 matrices per expert, so a Mixtral-8x7B down projection (C = 14336) is
-    quantized one expert at a time instead of needing about 40 GB at once. Each expert's result is the same."""
-    E, O, C = W.shape
-    if opt.method == "rtn" or H is None:  # the clip search holds about six [O, C] float32 copies per expert
+    quantized one expert at a time instead of needing about 40 GB at once. Each expert's result is the same as
+    in one call."""
+    E, O, C = shape
+    rtn = opt.method == "rtn" or H is None
+    if rtn:  # the clip search holds about six [O, C] float32 copies per expert
         step = max(1, min(E, WORKSPACE_BYTES // 2 // (4 * 6 * O * C)))
-        parts = [rtn_quantize(W[a:a + step], opt.grid) for a in range(0, E, step)]
     else:
-        per_expert = 4 * (6 * C * C + 4 * O * C)
-        step = max(1, min(E, WORKSPACE_BYTES // per_expert))
-        parts = [gptq_quantize(W[a:a + step], H[a:a + step], opt.grid, block_size=opt.block_size, damp=opt.damp,
-                               act_order=opt.act_order) for a in range(0, E, step)]
-    if len(parts) == 1:
-        return parts[0]
-    return QuantResult(*(None if getattr(parts[0], f) is None else torch.cat([getattr(p, f) for p in parts])
-                         for f in ("weight", "codes", "scales", "zeros", "loss")))
+        step = max(1, min(E, WORKSPACE_BYTES // (4 * (6 * C * C + 4 * O * C))))
+    out: QuantResult | None = None
+    for a in range(0, E, step):
+        b = min(E, a + step)
+        W = chunk(a, b)
+        res = rtn_quantize(W, opt.grid) if rtn else gptq_quantize(
+            W, H[a:b], opt.grid, block_size=opt.block_size, damp=opt.damp, act_order=opt.act_order)
+        del W
+        weight = res.weight if finish is None else finish(res.weight)
+        if store is not None:
+            store(a, weight)
+            weight = None
+        if out is None:
+            out = QuantResult(*(None if t is None else t.new_empty((E, *t.shape[1:]), dtype=d) for t, d in (
+                (weight, dtype), (res.codes, None), (res.scales, None), (res.zeros, None), (res.loss, None))))
+        for dst, src in zip((out.weight, out.codes, out.scales, out.zeros, out.loss),
+                            (weight, res.codes, res.scales, res.zeros, res.loss)):
+            if dst is not None:
+                dst[a:b] = src
+        del res, weight
+    return out
 
 
 @torch.no_grad()
@@ -162,8 +183,10 @@ def quantize_linears(layer: nn.Module, stats: LayerStats, opt: QuantOptions, rec
     out = {}
     for name, st in stats.linears.items():
         lin = modules[name]
-        res = _quantize(lin.weight.detach().float()[None], st.H[None] if st.tokens else None, opt)
-        lin.weight.copy_(res.weight[0].to(lin.weight.dtype))
+        w = lin.weight.detach()
+        res = _quantize(lambda a, b, w=w: w.float()[None], (1, *w.shape), st.H[None] if st.tokens else None, opt,
+                        w.dtype)
+        lin.weight.copy_(res.weight[0])
         record.add(f"{prefix}.{name}", res.codes, res.scales, res.zeros)
         out[name] = {"tokens": st.tokens, "method": opt.method if st.tokens else "rtn"}
     return out
@@ -208,20 +231,36 @@ def quantize_experts(view: MoEBlockView, stats: LayerStats, opt: QuantOptions, r
                 H[ex.row(e)] = 0  # an all-zero Hessian is the identity in gptq_quantize: RTN with clip search
                 Hd[ex.row(e)] = 0
             fallback.append(e)
-    gate, up = view.experts.stacked("gate")[own].float(), view.experts.stacked("up")[own].float()
-    I = gate.shape[1]
-    res = _gathered(_quantize(torch.cat([gate, up], dim=1), H, opt), dist, E)  # gate and up share their input
-    view.experts.set_stacked("gate", res.weight[:, :I])
-    view.experts.set_stacked("up", res.weight[:, I:])
+    gate, up = view.experts.stacked("gate")[own], view.experts.stacked("up")[own]  # [E_own, I, H]
+    I, dtype = gate.shape[1], gate.dtype
+
+    def store_gate_up(a: int, w: torch.Tensor) -> None:  # one process: straight into the layer's storage
+        view.experts.set_stacked("gate", w[:, :I], a)
+        view.experts.set_stacked("up", w[:, I:], a)
+
+    res = _gathered(_quantize(lambda a, b: torch.cat([gate[a:b], up[a:b]], dim=1).float(),  # gate, up: one input
+                              (gate.shape[0], 2 * I, gate.shape[2]), H, opt, dtype,
+                              store=None if dist.active else store_gate_up), dist, E)
+    gate = up = None  # (a copy for experts stored as modules)
+    if dist.active:
+        store_gate_up(0, res.weight)
     record.add(f"{prefix}:gate", res.codes[:, :I], res.scales[:, :I], res.zeros[:, :I])
     record.add(f"{prefix}:up", res.codes[:, I:], res.scales[:, I:], res.zeros[:, I:])
-    down = view.experts.stacked("down")[own].float()  # [E_own, H, I]
+    del res
+    down = view.experts.stacked("down")[own]  # [E_own, H, I]
     Q = None if down_rotation is None else down_rotation.to(down.device, torch.float32)
     if Q is not None:
-        down = down @ Q
         Hd = Q.T @ Hd @ Q if Hd.numel() else Hd  # an all-zero Hessian (RTN fallback) stays all-zero
-    res = _gathered(_quantize(down, Hd, opt), dist, E)
-    view.experts.set_stacked("down", res.weight if Q is None else res.weight @ Q.T)
+
+    def store_down(a: int, w: torch.Tensor) -> None:
+        view.experts.set_stacked("down", w, a)
+
+    res = _gathered(_quantize(lambda a, b: down[a:b].float() if Q is None else down[a:b].float() @ Q,
+                              tuple(down.shape), Hd, opt, down.dtype, None if Q is None else (lambda w: w @ Q.T),
+                              None if dist.active else store_down), dist, E)
+    down = None
+    if dist.active:
+        store_down(0, res.weight)
     record.add(f"{prefix}:down", res.codes, res.scales, res.zeros)
     return {"routed_tokens": [int(c) for c in ex.count], "tokens_used": [int(c) for c in n], "min_tokens": n_min,
             "topped_up_reserve": reserve_used, "topped_up_near_miss": near_used, "rtn_fallback": fallback}

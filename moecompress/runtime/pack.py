@@ -23,6 +23,7 @@ import torch
 from moecompress.formats.pack import PackedExpertsInfo, PackedWriter
 from moecompress.formats.quant_record import QuantRecord, RecordWriter
 from moecompress.io.checkpoint import layer_of
+from moecompress.io.outdir import failpoint
 from moecompress.models.base import MoEArch, MoEBlockView
 from moecompress.runtime.executor import LayerStream, ModelSource
 from moecompress.runtime.sink import LayerSink
@@ -71,6 +72,7 @@ class PackedSink:
         """Write decoder layer ``i`` as it is now, its recorded weights packed (``views``: its MoE blocks)."""
         if self.target is not None and self.writes:
             self._open().add(stream.layer_state(i), record, _experts_info(stream.arch, views))
+            failpoint(f"after-layer-{i}")  # tests: killed mid-model
 
     def outside(self, stream: LayerStream, tensors: dict[str, torch.Tensor] | None = None) -> None:
         """Write everything outside the decoder layers (or ``tensors``), dense."""

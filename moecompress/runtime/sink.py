@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from moecompress.io.checkpoint import CheckpointWriter, checkpoint_names, layer_of
+from moecompress.io.outdir import failpoint
 from moecompress.runtime.executor import LayerStream, ModelSource
 
 __all__ = ["LayerSink"]
@@ -64,6 +65,7 @@ class LayerSink:
         self.layers_written.add(i)
         if self.writer is not None:
             self._write(stream, stream.layer_state(i) if tensors is None else tensors)
+            failpoint(f"after-layer-{i}")  # tests: killed mid-model, with layer i's tensors handed to the writer
 
     def outside(self, stream: LayerStream, tensors: dict[str, torch.Tensor] | None = None) -> None:
         """Write everything outside the decoder layers (embeddings, final norm, head; or ``tensors``)."""
