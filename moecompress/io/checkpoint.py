@@ -94,6 +94,27 @@ def release(module: nn.Module) -> None:
         for name, b in list(sub._buffers.items()):
             if b is not None and not b.is_meta and name not in sub._non_persistent_buffers_set:
                 sub._buffers[name] = torch.empty_like(b, device="meta")
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """Hand the C heap's free pages back to the system (glibc's ``malloc_trim``; nothing elsewhere). Tensors
+    under glibc's mmap threshold live on the heap, and a freed layer's would otherwise stay resident, mixed
+    with live blocks, so resident memory would creep up layer after layer."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 class CheckpointSource:
