@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from moecompress.errors import MoecompressError
+from moecompress.io.spool import SpooledShard
 from moecompress.io.validate import INDEX, check_weight_files
 
 __all__ = ["CheckpointSource", "CheckpointWriter", "build_skeleton", "layer_of", "release", "stored_dtype"]
@@ -296,7 +297,7 @@ _FLOAT = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
 class CheckpointWriter:
     """Write tensors as they come into ``model-XXXXX-of-YYYYY.safetensors`` shards of at most ``shard_bytes``
     (a tensor larger than that gets a shard of its own), then ``model.safetensors.index.json``; a single
-    shard is written as ``model.safetensors``. Memory: at most one shard's tensors are held."""
+    shard is written as ``model.safetensors``. Memory: no tensor is held once added (`io.spool`)."""
 
     def __init__(self, directory: str | Path, shard_bytes: int = 1 << 30, prefix: str = "model",
                  metadata: dict[str, str] | None = None) -> None:
@@ -304,8 +305,7 @@ class CheckpointWriter:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.shard_bytes, self.prefix = shard_bytes, prefix
         self.metadata = metadata or {"format": "pt"}
-        self._buffer: dict[str, torch.Tensor] = {}
-        self._size = 0
+        self._shard: SpooledShard | None = None
         self._shards: list[tuple[str, list[str]]] = []  # (temporary file name, keys)
         self.total_bytes = 0
         self.total_params = 0
@@ -315,27 +315,28 @@ class CheckpointWriter:
         if name in self._seen:
             raise ValueError(f"tensor {name} written twice")
         self._seen.add(name)
-        t = tensor.detach().to("cpu").contiguous()
-        b = t.numel() * t.element_size()
-        if self._buffer and self._size + b > self.shard_bytes:
+        b = tensor.numel() * tensor.element_size()
+        if self._shard is not None and self._shard.nbytes and self._shard.nbytes + b > self.shard_bytes:
             self.flush()
-        self._buffer[name] = t
-        self._size += b
+        if self._shard is None:
+            name_tmp = f".{self.prefix}-part-{len(self._shards) + 1:05d}.safetensors"
+            self._shard = SpooledShard(self.directory / name_tmp, self.metadata)
+        self._shard.add(name, tensor)
         self.total_bytes += b
-        self.total_params += t.numel()
+        self.total_params += tensor.numel()
 
     def add_all(self, tensors: dict[str, torch.Tensor]) -> None:
         for k in sorted(tensors):
             self.add(k, tensors[k])
 
     def flush(self) -> None:
-        """Write the buffered tensors as the next shard."""
-        if not self._buffer:
+        """Finish the current shard."""
+        if self._shard is None:
             return
-        name = f".{self.prefix}-part-{len(self._shards) + 1:05d}.safetensors"
-        save_file(self._buffer, str(self.directory / name), metadata=self.metadata)
-        self._shards.append((name, sorted(self._buffer)))
-        self._buffer, self._size = {}, 0
+        keys = sorted(self._shard.keys())
+        self._shard.finish()
+        self._shards.append((self._shard.path.name, keys))
+        self._shard = None
 
     def close(self) -> list[str]:
         """Flush, give the shards their final names and write the index (when sharded); returns the files."""
