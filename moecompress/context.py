@@ -112,7 +112,8 @@ class Context:
 
     def _texts(self, tasks: list[str] | None) -> dict[str, Any]:
         c = self.calibration
-        return {t.task: t for t in resolve_tasks(tasks or c.tasks, {k: Path(v) for k, v in c.data.items()})}
+        chosen = resolve_tasks(tasks or c.tasks, {k: Path(v) for k, v in c.data.items()})
+        return {t.task: t for t in chosen if not tasks or t.task in tasks}
 
     def window_record(self, split: str = "calib", samples: int | None = None, seq_len: int | None = None,
                       tasks: list[str] | None = None) -> dict[str, dict[str, Any]]:

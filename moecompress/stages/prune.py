@@ -126,7 +126,8 @@ def _resolve_profile(ctx: StageContext, cfg: PruneConfig) -> Profile:
     raise MoecompressError("prune needs a profile", "pass --profile DIR (from `moecompress profile`)")
 
 
-@register_stage(PruneConfig, modifies_model=True, needs_original=True, changes="experts", needs_profile=True)
+@register_stage(PruneConfig, modifies_model=True, uses_text=True, needs_original=True, changes="experts",
+                needs_profile=True)
 def run(ctx: StageContext, cfg: PruneConfig) -> dict[str, Any]:
     """Keep the best experts per layer for given tasks by a profile score (TCESS, frequency, REAP, ...)."""
     arch, config = ctx.arch, ctx.config
