@@ -107,6 +107,23 @@ def auto_experiment(base, profile: Path, windows, tasks, out: Path, ratio: float
     out.write_text(json.dumps(results, indent=1) + "\n")
 
 
+def auto_table(path: Path) -> str:
+    """The markdown table of docs/BENCHMARKS.md from ``prune_auto_demo.json``."""
+    r = json.loads(path.read_text())
+
+    def cell(v: dict) -> str:
+        return f"{v['ratio']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]"
+
+    head = ["task", *AUTO_SCORES, "auto (chosen)", "auto / best single", "auto / tcess"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for t, row in r["tasks"].items():
+        best = row["best_single_on_eval"]
+        cells = [("**" + cell(row[c]) + "**") if c == best else cell(row[c]) for c in AUTO_SCORES]
+        lines.append("| " + " | ".join([t, *cells, f"{cell(row['auto'])} ({row['auto']['chosen']})",
+                                         cell(row["auto_vs_best_single"]), cell(row["auto_vs_tcess"])]) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--windows", type=int, default=48, help="held-out windows per task for perplexity")
@@ -115,7 +132,11 @@ def main() -> None:
                     "pruning results already in --out")
     ap.add_argument("--auto", action="store_true", help="run only the score-chosen-by-evidence comparison "
                     "(writes benchmarks/results/prune_auto_demo.json)")
+    ap.add_argument("--table", action="store_true", help="print the --auto results as a markdown table")
     args = ap.parse_args()
+    if args.table:
+        print(auto_table(ROOT / "benchmarks" / "results" / "prune_auto_demo.json"))
+        return
     torch.set_num_threads(2)
     tasks = bundled_tasks()
     work = Path(tempfile.mkdtemp())
