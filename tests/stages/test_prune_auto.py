@@ -179,3 +179,26 @@ def test_no_text_left_to_hold_out_says_so(tmp_path):
         STAGES.get("prune").run(ctx, PruneConfig(profile=str(tmp_path / "p"), keep=4))
     assert "fewer --samples" in e.value.fix
     assert len(token_windows(tiny_tokenizer(), [text.read_text()], 32)) > 0
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
+def test_streamed_auto_equals_in_memory_auto(family, tmp_path):
+    """The pipeline streams the candidates' evaluation (one layer at a time, from disk) and computes what the
+    in-memory model computes: same held-out windows, losses, choice and kept experts."""
+    from moecompress.io.model import save_model
+    from moecompress.pipeline import run
+    from moecompress.recipe import validate_recipe
+
+    model = tiny_moe(family)
+    d = tmp_path / "model"
+    save_model(LoadedModel(model, tiny_tokenizer(), find_arch(model.config), family, None, torch.float32), d)
+    run(validate_recipe({"calibration": CALIB, "stages": [{"stage": "profile"}]}), model=str(d), output=tmp_path / "p")
+    stage = {"profile": str(tmp_path / "p"), "keep": 4, "auto_samples": 3}
+    got = run(validate_recipe({"calibration": CALIB, "stages": [{"stage": "prune", **stage}]}), model=str(d),
+              output=tmp_path / "streamed").report["stages"][0]["result"]
+    want = STAGES.get("prune").run(_ctx(model, tmp_path), PruneConfig(**stage))
+    a, b = got["score_auto"], want["score_auto"]
+    assert a["heldout"] == b["heldout"] and a["chosen"] == b["chosen"]
+    assert got["kept_experts"] == want["kept_experts"]
+    for c in CANDIDATES:
+        assert a["candidates"][c]["loss"] == pytest.approx(b["candidates"][c]["loss"], abs=1e-5)
