@@ -313,7 +313,7 @@ def prune(
     candidates: Annotated[str, typer.Option("--candidates", help="--score auto: the scores to compare "
                                             "(comma-separated).")] = "tcess,reap,frequency,ean,reap_freq",
     auto_samples: Annotated[int, typer.Option("--auto-samples", help="--score auto: held-out calibration windows "
-                                              "per task (--seq-len tokens each).")] = 32,
+                                              "per task (as long as the profile's).")] = 32,
     seed: Annotated[int, typer.Option(help="Seed (score random, router recalibration).")] = 0,
     protect_super: Annotated[bool, typer.Option("--protect-super/--no-protect-super",
                                                 help="Always keep super experts.")] = True,

@@ -58,7 +58,7 @@ class PruneConfig(StageConfig):
     cumulative: float | None = Field(None, gt=0.0, le=1.0)
     score: Score | Literal["auto"] = "auto"
     candidates: list[str] = list(CANDIDATES)  # score auto: the scores whose expert sets are compared
-    auto_samples: int = Field(32, ge=1)  # score auto: held-out windows per task (calibration seq_len)
+    auto_samples: int = Field(32, ge=1)  # score auto: held-out windows per task (the profile's window length)
     seed: int = 0  # for score: random
     protect_super: bool = True
     uneven: Literal["fill", "mask"] = "fill"  # cumulative: pad layers with next-best experts, or with dead ones
@@ -126,8 +126,7 @@ def _resolve_profile(ctx: StageContext, cfg: PruneConfig) -> Profile:
     raise MoecompressError("prune needs a profile", "pass --profile DIR (from `moecompress profile`)")
 
 
-@register_stage(PruneConfig, modifies_model=True, uses_text=True, needs_original=True, changes="experts",
-                needs_profile=True)
+@register_stage(PruneConfig, modifies_model=True, needs_original=True, changes="experts", needs_profile=True)
 def run(ctx: StageContext, cfg: PruneConfig) -> dict[str, Any]:
     """Keep the best experts per layer for given tasks by a profile score (TCESS, frequency, REAP, ...)."""
     arch, config = ctx.arch, ctx.config
@@ -216,8 +215,9 @@ def _choose(ctx: StageContext, cfg: PruneConfig, profile: Profile, tasks: list[s
             sets: dict[str, dict[int, list[int]]]) -> dict[str, Any]:
     """``score: auto``: every candidate's expert set on held-out calibration windows; the lowest loss wins.
 
-    Held out: windows of each task's calibration text (never its evaluation split) overlapping none of the
-    windows the profile read (its ``settings.windows``) nor this run's calibration windows. The loss of a set is
+    Held out: windows of each task's calibration text (never its evaluation split), as long as the profile's,
+    overlapping none of the windows the profile read (its ``settings.windows``) nor this run's calibration
+    windows. The loss of a set is
     the mean over ``tasks`` of each task's mean next-token NLL; candidates whose sets coincide are evaluated once.
     """
     recorded = profile.settings.get("windows")
@@ -235,7 +235,7 @@ def _choose(ctx: StageContext, cfg: PruneConfig, profile: Profile, tasks: list[s
                                    "give the --data the profile was made with, or name a --score")
         exclude[t] = [(s, s + rec["seq_len"]) for s in rec["starts"]] + \
             [(s, s + own[t]["seq_len"]) for s in own[t]["starts"]]
-    seq_len = own[tasks[0]]["seq_len"]
+    seq_len = recorded[tasks[0]]["seq_len"]  # the profile's window length (checked against the model's limit)
     windows, heldout = ctx.heldout(tasks, seq_len, cfg.auto_samples, exclude)
     batches, owner = [], []
     for t in tasks:

@@ -120,8 +120,8 @@ def test_heldout_windows_are_disjoint_from_profile_calibration_and_eval(tmp_path
     tok = tiny_tokenizer()
     for t in CALIB["tasks"]:
         h = auto["heldout"][t]
-        assert h["split"] == "calib" and h["seq_len"] == 24 and h["windows"] == 50 == len(set(h["starts"]))
-        held = _spans(h["starts"], 24)
+        assert h["split"] == "calib" and h["seq_len"] == 32 and h["windows"] == 50 == len(set(h["starts"]))
+        held = _spans(h["starts"], 32)  # as long as the profile's windows
         assert not _overlap(held, _spans(prof[t]["starts"], prof[t]["seq_len"]))  # the profile's windows
         assert not _overlap(held, _spans(own[t]["starts"], 24))  # this run's calibration windows
         assert len(prof[t]["starts"]) == 40 and len(own[t]["starts"]) == 7
