@@ -79,8 +79,12 @@ def auto_experiment(base, profile: Path, windows, tasks, out: Path, ratio: float
     base_nll = window_nll(base.model, windows)
     results = {"keep_ratio": ratio, "windows": {t: len(w) for t, w in windows.items()},
                "base_ppl": {t: float(v.mean().exp()) for t, v in base_nll.items()}, "tasks": {}}
+    if out.is_file():  # --tasks: keep the other tasks' rows
+        old = json.loads(out.read_text())
+        for k in ("windows", "base_ppl", "tasks"):
+            results[k] = {**old.get(k, {}), **results[k]}
     for t in tasks:
-        nll, row = {}, {}
+        nll, row, seen = {}, {}, {}
         for score in AUTO_SCORES + ["auto"]:
             model = copy.deepcopy(base.model)
             loaded = LoadedModel(model, base.tokenizer, base.arch, "demo", DEMO_MODEL, base.disk_dtype)
@@ -88,8 +92,11 @@ def auto_experiment(base, profile: Path, windows, tasks, out: Path, ratio: float
             r = STAGES.get("prune").run(Context(loaded, CalibrationConfig(), None),
                                         PruneConfig(profile=str(profile), tasks=[t], keep_ratio=ratio, score=score))
             seconds = time.time() - t1
-            nll[score] = score_windows(model, windows[t]).nll
+            kept = json.dumps(r["kept_experts"])  # the same experts make the same model: scored once
+            nll[score] = seen[kept] if kept in seen else score_windows(model, windows[t]).nll
+            seen[kept] = nll[score]
             row[score] = {**ratio_ci(nll[score] - base_nll[t]), "prune_seconds": round(seconds, 1)}
+            row[score]["kept_experts"] = r["kept_experts"]
             if score == "auto":
                 a = r["score_auto"]
                 row[score]["chosen"] = a["chosen"]
@@ -102,6 +109,9 @@ def auto_experiment(base, profile: Path, windows, tasks, out: Path, ratio: float
         row["auto_vs_tcess"] = ratio_ci(nll["auto"] - nll["tcess"])
         results["tasks"][t] = row
         print(t, json.dumps(row), flush=True)
+        results["tasks"] = {k: results["tasks"][k] for k in sorted(results["tasks"])}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1) + "\n")  # after every task
     results["seconds"] = round(time.time() - t0, 1)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
@@ -133,16 +143,20 @@ def main() -> None:
     ap.add_argument("--auto", action="store_true", help="run only the score-chosen-by-evidence comparison "
                     "(writes benchmarks/results/prune_auto_demo.json)")
     ap.add_argument("--table", action="store_true", help="print the --auto results as a markdown table")
+    ap.add_argument("--tasks", default=None, help="--auto: only these tasks (comma-separated; each task's numbers "
+                    "do not depend on the others), merged into the results file")
     args = ap.parse_args()
     if args.table:
         print(auto_table(ROOT / "benchmarks" / "results" / "prune_auto_demo.json"))
         return
     torch.set_num_threads(2)
     tasks = bundled_tasks()
+    if args.auto and args.tasks:
+        tasks = [t for t in args.tasks.split(",") if t]
     work = Path(tempfile.mkdtemp())
     t0 = time.time()
-    run(validate_recipe({"calibration": {"samples": 64, "seq_len": 256}, "stages": [{"stage": "profile"}]}),
-        output=work / "profile")
+    run(validate_recipe({"calibration": {"samples": 64, "seq_len": 256, "tasks": tasks},
+                         "stages": [{"stage": "profile"}]}), output=work / "profile")
     base = load_model()
     tok = base.tokenizer
     windows = {}
