@@ -11,9 +11,16 @@ Retrieval: a pattern store built from the same profile (``moecompress patterns``
 held-out 256-token window is matched to a task with the routing probe (first two MoE layers only);
 accuracy, time per match, and bytes read by ``retrieve`` at each keep ratio.
 
+Score chosen by evidence (``--auto``): the same profile; for each task, keep 4 of 8 experts with that task's
+profile by each single score and by ``score: auto`` (which compares the single scores' expert sets on 32
+held-out windows of the task's CALIBRATION text that the profile did not read). Each pruned model is scored on
+the task's held-out EVAL windows; per-window paired differences give 95 % intervals for the perplexity ratio
+to the unpruned model, and for auto against TCESS and against the best single score on the eval text.
+
 Usage::
 
     python benchmarks/prune_demo.py        # about 15 minutes on 2 cores; writes benchmarks/results/prune_demo.json
+    python benchmarks/prune_demo.py --auto # writes benchmarks/results/prune_auto_demo.json
 """
 
 from __future__ import annotations
@@ -50,19 +57,106 @@ def ppl_table(model, windows) -> dict[str, float]:
     return {t: score_windows(model, w).mean_nll for t, w in windows.items()}
 
 
+def window_nll(model, windows) -> dict[str, torch.Tensor]:
+    return {t: score_windows(model, w).nll for t, w in windows.items()}
+
+
+def ratio_ci(d: torch.Tensor) -> dict[str, float | list[float]]:
+    """Mean paired NLL difference per window -> perplexity ratio with its 95 % interval over windows."""
+    d = d.double()
+    half = 1.96 * float(d.std()) / len(d) ** 0.5
+    m = float(d.mean())
+    return {"ratio": float(torch.tensor(m).exp()), "ci95": [float(torch.tensor(m - half).exp()),
+                                                            float(torch.tensor(m + half).exp())]}
+
+
+AUTO_SCORES = ["tcess", "reap", "frequency", "ean", "reap_freq"]
+
+
+def auto_experiment(base, profile: Path, windows, tasks, out: Path, ratio: float = 0.5) -> None:
+    """Each task pruned with its own profile by each single score and by auto; eval perplexity with intervals."""
+    t0 = time.time()
+    base_nll = window_nll(base.model, windows)
+    results = {"keep_ratio": ratio, "windows": {t: len(w) for t, w in windows.items()},
+               "base_ppl": {t: float(v.mean().exp()) for t, v in base_nll.items()}, "tasks": {}}
+    if out.is_file():  # --tasks: keep the other tasks' rows
+        old = json.loads(out.read_text())
+        for k in ("windows", "base_ppl", "tasks"):
+            results[k] = {**old.get(k, {}), **results[k]}
+    for t in tasks:
+        nll, row, seen = {}, {}, {}
+        for score in AUTO_SCORES + ["auto"]:
+            model = copy.deepcopy(base.model)
+            loaded = LoadedModel(model, base.tokenizer, base.arch, "demo", DEMO_MODEL, base.disk_dtype)
+            t1 = time.time()
+            r = STAGES.get("prune").run(Context(loaded, CalibrationConfig(), None),
+                                        PruneConfig(profile=str(profile), tasks=[t], keep_ratio=ratio, score=score))
+            seconds = time.time() - t1
+            kept = json.dumps(r["kept_experts"])  # the same experts make the same model: scored once
+            nll[score] = seen[kept] if kept in seen else score_windows(model, windows[t]).nll
+            seen[kept] = nll[score]
+            row[score] = {**ratio_ci(nll[score] - base_nll[t]), "prune_seconds": round(seconds, 1)}
+            row[score]["kept_experts"] = r["kept_experts"]
+            if score == "auto":
+                a = r["score_auto"]
+                row[score]["chosen"] = a["chosen"]
+                row[score]["heldout_calib_loss"] = {c: v["loss"] for c, v in a["candidates"].items()}
+                row[score]["heldout_windows"] = a["heldout"][t]["windows"]
+            del model
+        best = min(AUTO_SCORES, key=lambda c: float(nll[c].mean()))
+        row["best_single_on_eval"] = best
+        row["auto_vs_best_single"] = ratio_ci(nll["auto"] - nll[best])
+        row["auto_vs_tcess"] = ratio_ci(nll["auto"] - nll["tcess"])
+        results["tasks"][t] = row
+        print(t, json.dumps(row), flush=True)
+        results["tasks"] = {k: results["tasks"][k] for k in sorted(results["tasks"])}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1) + "\n")  # after every task
+    results["seconds"] = round(time.time() - t0, 1)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
+
+
+def auto_table(path: Path) -> str:
+    """The markdown table of docs/BENCHMARKS.md from ``prune_auto_demo.json``."""
+    r = json.loads(path.read_text())
+
+    def cell(v: dict) -> str:
+        return f"{v['ratio']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]"
+
+    head = ["task", *AUTO_SCORES, "auto (chosen)", "auto / best single", "auto / tcess"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for t, row in r["tasks"].items():
+        best = row["best_single_on_eval"]
+        cells = [("**" + cell(row[c]) + "**") if c == best else cell(row[c]) for c in AUTO_SCORES]
+        lines.append("| " + " | ".join([t, *cells, f"{cell(row['auto'])} ({row['auto']['chosen']})",
+                                         cell(row["auto_vs_best_single"]), cell(row["auto_vs_tcess"])]) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--windows", type=int, default=48, help="held-out windows per task for perplexity")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "prune_demo.json")
     ap.add_argument("--retrieval-only", action="store_true", help="rerun only the retrieval part, keeping the "
                     "pruning results already in --out")
+    ap.add_argument("--auto", action="store_true", help="run only the score-chosen-by-evidence comparison "
+                    "(writes benchmarks/results/prune_auto_demo.json)")
+    ap.add_argument("--table", action="store_true", help="print the --auto results as a markdown table")
+    ap.add_argument("--tasks", default=None, help="--auto: only these tasks (comma-separated; each task's numbers "
+                    "do not depend on the others), merged into the results file")
     args = ap.parse_args()
+    if args.table:
+        print(auto_table(ROOT / "benchmarks" / "results" / "prune_auto_demo.json"))
+        return
     torch.set_num_threads(2)
     tasks = bundled_tasks()
+    if args.auto and args.tasks:
+        tasks = [t for t in args.tasks.split(",") if t]
     work = Path(tempfile.mkdtemp())
     t0 = time.time()
-    run(validate_recipe({"calibration": {"samples": 64, "seq_len": 256}, "stages": [{"stage": "profile"}]}),
-        output=work / "profile")
+    run(validate_recipe({"calibration": {"samples": 64, "seq_len": 256, "tasks": tasks},
+                         "stages": [{"stage": "profile"}]}), output=work / "profile")
     base = load_model()
     tok = base.tokenizer
     windows = {}
@@ -70,6 +164,10 @@ def main() -> None:
         every = token_windows(tok, read_documents(t, "eval"), 256)
         windows[t] = every if len(every) <= args.windows else token_windows(
             tok, read_documents(t, "eval"), 256, n=args.windows, seed=0)
+    if args.auto:
+        auto_experiment(base, work / "profile", windows, tasks, ROOT / "benchmarks" / "results" / "prune_auto_demo.json")
+        shutil.rmtree(work, ignore_errors=True)
+        return
     if args.retrieval_only:
         results = json.loads(args.out.read_text())
         RATIOS_RUN: list[float] = []

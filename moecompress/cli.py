@@ -307,7 +307,13 @@ def prune(
     keep_ratio: Annotated[Optional[float], typer.Option("--keep-ratio", help="Share of experts to keep.")] = None,
     cumulative: Annotated[Optional[float], typer.Option(
         "--cumulative", help="Keep experts until this share of the score is covered (per-layer counts).")] = None,
-    score: Annotated[str, typer.Option("--score", help="tcess | tcess_prob | frequency | reap | ean | gate | random")] = "tcess",
+    score: Annotated[str, typer.Option("--score", help="auto | tcess | tcess_prob | frequency | reap | reap_freq | "
+                                       "ean | gate | random. auto: try each --candidates score's experts on "
+                                       "held-out calibration text, keep the lowest loss.")] = "auto",
+    candidates: Annotated[str, typer.Option("--candidates", help="--score auto: the scores to compare "
+                                            "(comma-separated).")] = "tcess,reap,frequency,ean,reap_freq",
+    auto_samples: Annotated[int, typer.Option("--auto-samples", help="--score auto: held-out calibration windows "
+                                              "per task (as long as the profile's).")] = 32,
     seed: Annotated[int, typer.Option(help="Seed (score random, router recalibration).")] = 0,
     protect_super: Annotated[bool, typer.Option("--protect-super/--no-protect-super",
                                                 help="Always keep super experts.")] = True,
@@ -334,6 +340,7 @@ def prune(
         tasks = [t.strip() for item in task or [] for t in item.split(",") if t.strip()] or None
         stage = {"stage": "prune", "profile": str(profile_dir), "tasks": tasks, "keep": keep, "keep_ratio": keep_ratio,
                  "cumulative": cumulative, "score": score, "seed": seed, "protect_super": protect_super,
+                 "candidates": [c.strip() for c in candidates.split(",") if c.strip()], "auto_samples": auto_samples,
                  "uneven": uneven, "regroup": regroup, "recalibrate_router": recalibrate_router,
                  "recalibrate_steps": recalibrate_steps}
         recipe = validate_command("prune", model, _calibration(",".join(tasks) if tasks else None, None, samples,

@@ -95,6 +95,18 @@ def show_profile(r: dict) -> None:
 
 
 def show_prune(r: dict) -> None:
+    auto = r.get("score_auto")
+    if auto:
+        tasks = list(auto["unpruned"]["per_task"])
+        rows = [[c + (" (chosen)" if c == auto["chosen"] else ""), v["loss"]]
+                + [f"{p['ppl']:.2f} (x{p['ppl_ratio']:.3f})" for p in (v["per_task"][t] for t in tasks)]
+                + [v["same_experts_as"] or ""] for c, v in auto["candidates"].items()]
+        rows.append(["unpruned", auto["unpruned"]["loss"]]
+                    + [f"{auto['unpruned']['per_task'][t]['ppl']:.2f}" for t in tasks] + [""])
+        windows = ", ".join(f"{t} {h['windows']}" for t, h in auto["heldout"].items())
+        print_table("--score auto: each score's experts on held-out calibration windows",
+                    ["score", "loss (nats)", *(f"{t} ppl (x unpruned)" for t in tasks), "same experts as"], rows,
+                    caption=f"held-out windows per task: {windows} (calibration text the profile did not read)")
     rows = [[layer, " ".join(map(str, ids)), f"{cov:.1%}"]
             for (layer, ids), cov in zip(r["kept_experts"].items(), r["score_coverage_per_layer"])]
     print_table(f"Kept {r['experts_after']} of {r['experts_before']} experts per layer by {r['score']} "

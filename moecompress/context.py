@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from moecompress.calib import resolve_tasks, task_windows
+from moecompress.calib import heldout_windows, resolve_tasks, stream_digest, task_windows, window_starts
+from moecompress.calib.data import token_stream
 from moecompress.errors import MoecompressError
 from moecompress.io.model import LoadedModel
 from moecompress.progress import NullProgress, Progress
@@ -108,3 +109,37 @@ class Context:
             chosen = resolve_tasks(tasks or c.tasks, data)
             self._windows[key] = task_windows(self.tokenizer, chosen, split, seq_len, key[1] or None, c.seed)
         return self._windows[key]
+
+    def _texts(self, tasks: list[str] | None) -> dict[str, Any]:
+        c = self.calibration
+        chosen = resolve_tasks(tasks or c.tasks, {k: Path(v) for k, v in c.data.items()})
+        return {t.task: t for t in chosen if not tasks or t.task in tasks}
+
+    def window_record(self, split: str = "calib", samples: int | None = None, seq_len: int | None = None,
+                      tasks: list[str] | None = None) -> dict[str, dict[str, Any]]:
+        """Which tokens `windows` (same arguments) takes per task: ``{task: {"seq_len", "starts", "digest"}}``
+        (token offsets in the task's token stream, and a hash of that stream), so that later runs can hold out
+        the rest of the text."""
+        c = self.calibration
+        seq_len = seq_len or c.seq_len
+        n = (samples if samples is not None else c.samples) or None
+        out = {}
+        for name, text in self._texts(tasks).items():
+            ids = token_stream(self.tokenizer, text.documents(split))
+            out[name] = {"split": split, "seq_len": seq_len, "starts": window_starts(len(ids), seq_len, n, c.seed),
+                         "digest": stream_digest(ids)}
+        return out
+
+    def heldout(self, tasks: list[str], seq_len: int, samples: int,
+                exclude: dict[str, list[tuple[int, int]]]) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+        """Up to ``samples`` windows per task of its CALIBRATION text (never the evaluation split) that overlap
+        none of the token spans ``exclude[task]``; and their record (as `window_record` writes it)."""
+        windows, record = {}, {}
+        for name, text in self._texts(tasks).items():
+            docs = text.documents("calib")
+            label = f"the calib text of {name!r}" if text.path is None else f"{str(text.path)!r}"
+            windows[name], starts = heldout_windows(self.tokenizer, docs, seq_len, samples, exclude.get(name, []),
+                                                    self.calibration.seed + 1, label)
+            record[name] = {"split": "calib", "seq_len": seq_len, "starts": starts,
+                            "digest": stream_digest(token_stream(self.tokenizer, docs))}
+        return windows, record

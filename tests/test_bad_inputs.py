@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from moecompress.cli import app
@@ -171,6 +170,12 @@ def _profile_json(**kw):
     return edit
 
 
+def _profile_without_windows(p: Path, b: Path) -> None:  # a profile made before profiles recorded them
+    meta = json.loads((p / "profile.json").read_text())
+    del meta["settings"]["windows"]
+    (p / "profile.json").write_text(json.dumps(meta))
+
+
 def prune_case(name, args, needles):
     return Case(name, lambda b, w: ["prune", str(b / "model"), "-p", str(b / "profile"), *args,
                                      "-o", str(w / "out")], needles)
@@ -249,6 +254,11 @@ CASES = [
     prune_case("no-budget", [], ("exactly one budget",)),
     prune_case("cumulative-with-tcess", ["--cumulative", "0.9"], ("--cumulative", "tcess_prob")),
     prune_case("bad-score", ["--keep", "4", "--score", "magic"], ("--score magic",)),
+    profile_case("profile-without-windows-auto", _profile_without_windows,
+                 ("does not record which calibration windows", "moecompress profile")),
+    prune_case("bad-candidate", ["--keep", "4", "--candidates", "tcess,magic"],
+               ("--candidates", "unknown score 'magic'")),
+    prune_case("cumulative-with-auto", ["--cumulative", "0.9", "--score", "auto"], ("--cumulative", "not 'auto'")),
     command_case("bad-scheme", ["quantize", "MODEL", "--scheme", "w5a16", "-o", "WORK/out"], ("--scheme w5a16",)),
     command_case("samples-zero", ["quantize", "MODEL", "--samples", "0", "-o", "WORK/out"], ("--samples 0",)),
     command_case("samples-not-int", ["quantize", "MODEL", "--samples", "many", "-o", "WORK/out"], ("'--samples'",)),

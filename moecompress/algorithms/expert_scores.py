@@ -12,6 +12,11 @@ function of them:
   frequently chosen expert with negative logits below a rarely chosen one.
 * REAP (Lasby et al. 2025, arXiv:2510.13999, Eq. 9): mean over the expert's routed tokens of
   ``g_e(x) * ||f_e(x)||_2`` with ``g`` the weight the family really combines the expert with.
+* reap_freq: REAP weighted by the task's routing frequency, ``REAP_e * count_e / T = sum over routed tokens
+  of g_e(x) * ||f_e(x)||_2 / T``: the expected routed output norm per task token. REAP averages over the
+  expert's own tokens, so it ignores how often the task routes there; task-specific pruning wants both
+  (EASY-EP, Dong et al. 2025, arXiv:2504.06792, sums ``g * ||f||`` over the task's tokens the same way,
+  before its token-contribution factor; REAP's observer calls it ``weighted_ean_sum``).
 * EAN: sum over routed tokens of ``||f_e(x)||_2``. gate: ``sum g_e(x) / T``.
 * Super experts (Su et al. 2025, arXiv:2507.23279; after REAP's guard): experts whose largest activation
   exceeds ``max(ratio * median of the per-expert maxima, global max / 10)``, looked for in the first 75 %
@@ -28,7 +33,7 @@ __all__ = ["SCORES", "STATS", "expert_scores", "js_divergence", "routing_statist
 
 STATS = ("count", "top1", "gate_sum", "tcess_logit", "tcess_prob", "reap_sum", "ean_sum", "act_max", "out_max",
          "logit_sum")
-SCORES = ("tcess", "tcess_prob", "frequency", "reap", "ean", "gate", "random")
+SCORES = ("tcess", "tcess_prob", "frequency", "reap", "reap_freq", "ean", "gate", "random")
 
 
 def _scatter_sum(index: torch.Tensor, values: torch.Tensor, E: int) -> torch.Tensor:
@@ -89,6 +94,8 @@ def expert_scores(stats: dict[str, torch.Tensor], tokens: int, score: str, seed:
         return stats["tcess_prob"] / tokens
     if score == "reap":
         return torch.where(count > 0, stats["reap_sum"] / count.clamp(min=1), torch.zeros_like(count))
+    if score == "reap_freq":  # = reap * frequency
+        return stats["reap_sum"] / tokens
     if score == "ean":
         return stats["ean_sum"].clone()
     if score == "gate":

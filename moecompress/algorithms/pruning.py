@@ -1,5 +1,6 @@
 """Choosing which experts to keep per MoE layer from importance scores (PreMoe's PEP, Pei et al. 2025,
-arXiv:2505.17639; cumulative coverage after DeepSeek's ESFT selection rule, arXiv:2407.01906).
+arXiv:2505.17639; cumulative coverage after DeepSeek's ESFT selection rule, arXiv:2407.01906), and choosing
+among several scores' selections by their loss on held-out text (`pick_lowest`).
 
 Scores are ``[L, E]`` (higher = more important). Selections are sorted original expert ids per layer.
 """
@@ -11,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["cumulative_counts", "select_experts"]
+__all__ = ["cumulative_counts", "pick_lowest", "select_experts"]
 
 
 def select_experts(
@@ -61,3 +62,15 @@ def cumulative_counts(scores: torch.Tensor, share: float, min_keep: int) -> list
         cum = row.sort(descending=True).values.cumsum(0) / total
         counts.append(max(min_keep, int((cum < share - 1e-12).sum()) + 1))
     return [min(c, scores.shape[1]) for c in counts]
+
+
+def pick_lowest(losses: dict[str, float]) -> str:
+    """The candidate with the lowest finite loss (the first listed among equals): the score that
+    ``prune --score auto`` keeps. Like NAEE's subset search (Lu et al. 2024, arXiv:2402.14800) it judges
+    expert sets by what they do to the model's output, here the next-token loss on held-out windows, but
+    only among the few sets the importance scores propose."""
+    finite = {k: v for k, v in losses.items() if math.isfinite(v)}
+    if not finite:
+        raise ValueError("no candidate has a finite loss")
+    best = min(finite.values())
+    return next(k for k, v in finite.items() if v == best)

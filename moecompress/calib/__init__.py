@@ -5,11 +5,14 @@ from moecompress.calib.data import (
     TaskData,
     bundled_tasks,
     data_root,
+    heldout_windows,
     parse_data_specs,
     read_documents,
     resolve_tasks,
+    stream_digest,
     task_windows,
     token_windows,
+    window_starts,
 )
 
 __all__ = [
@@ -17,9 +20,12 @@ __all__ = [
     "TaskData",
     "bundled_tasks",
     "data_root",
+    "heldout_windows",
     "parse_data_specs",
     "read_documents",
     "resolve_tasks",
+    "stream_digest",
     "task_windows",
     "token_windows",
+    "window_starts",
 ]

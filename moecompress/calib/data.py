@@ -30,12 +30,15 @@ __all__ = [
     "TaskData",
     "bundled_tasks",
     "data_root",
+    "heldout_windows",
     "parse_data_specs",
     "read_documents",
     "resolve_tasks",
+    "stream_digest",
     "task_windows",
     "token_stream",
     "token_windows",
+    "window_starts",
 ]
 
 SPLITS = ("calib", "eval")
@@ -209,6 +212,16 @@ def token_stream(tokenizer, documents: Sequence[str]) -> torch.Tensor:
     return ids
 
 
+def window_starts(total_tokens: int, seq_len: int, n: int | None = None, seed: int = 0) -> list[int]:
+    """Token offsets of the windows `token_windows` cuts from a stream of ``total_tokens`` tokens: every
+    ``seq_len``-th offset, or a seeded subset of ``n`` of them (kept in stream order)."""
+    total = total_tokens // seq_len
+    if n is None or n >= total:
+        return [k * seq_len for k in range(total)]
+    g = torch.Generator().manual_seed(seed)
+    return [int(k) * seq_len for k in torch.randperm(total, generator=g)[:n].sort().values]
+
+
 def token_windows(
     tokenizer, documents: Sequence[str], seq_len: int, n: int | None = None, seed: int = 0, label: str = ""
 ) -> torch.Tensor:
@@ -230,12 +243,41 @@ def token_windows(
         log.warning("%s has %d windows of %d tokens, fewer than the %d asked: using %d",
                     label or "the text", total, seq_len, n, total)
         n = total
-    windows = ids[: total * seq_len].view(total, seq_len).clone()  # [N, S]
-    if n is not None and n < total:
+    starts = window_starts(len(ids), seq_len, n, seed)
+    return torch.stack([ids[s:s + seq_len] for s in starts])  # [N, S]
+
+
+def stream_digest(ids: torch.Tensor) -> str:
+    """A short hash of a token stream (the same text under the same tokenizer gives the same digest)."""
+    return hashlib.sha256(ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def heldout_windows(
+    tokenizer, documents: Sequence[str], seq_len: int, n: int, exclude: Sequence[tuple[int, int]],
+    seed: int = 0, label: str = "",
+) -> tuple[torch.Tensor, list[int]]:
+    """``n`` windows of ``seq_len`` tokens (seeded, in stream order) that overlap none of the token spans
+    ``exclude`` (``[start, end)`` offsets in the same stream), and their offsets.
+
+    Raises a `MoecompressError` when no such window is left; with fewer than ``n``, uses them all and logs one
+    warning line."""
+    ids = token_stream(tokenizer, documents)
+    spans = sorted((int(a), int(b)) for a, b in exclude)
+    free = []
+    for s in window_starts(len(ids), seq_len):
+        if not any(a < s + seq_len and s < b for a, b in spans):
+            free.append(s)
+    if not free:
+        raise MoecompressError(f"{label or 'the text'} has no window of {seq_len} tokens left outside the "
+                               f"{len(spans)} windows already used for calibration",
+                               "profile with fewer --samples (or give more text) so that some is held out")
+    if len(free) > n:
         g = torch.Generator().manual_seed(seed)
-        pick = torch.randperm(total, generator=g)[:n].sort().values
-        windows = windows[pick]
-    return windows
+        free = sorted(free[int(k)] for k in torch.randperm(len(free), generator=g)[:n])
+    elif len(free) < n:
+        log.warning("%s has %d held-out windows of %d tokens, fewer than the %d asked: using %d",
+                    label or "the text", len(free), seq_len, n, len(free))
+    return torch.stack([ids[s:s + seq_len] for s in free]), free
 
 
 def task_windows(

@@ -134,6 +134,7 @@ def run(ctx: StageContext, cfg: ProfileConfig) -> dict[str, Any]:
         model=identity_from_parts(config, arch, routers), stats=acc, tokens=tokens,
         settings={"samples": {t: len(w) for t, w in windows.items()}, "seq_len": int(next(iter(windows.values())).shape[1]),
                   "tcess_k": tcess_k, "tcess_r": cfg.tcess_r, "router_scoring": rule.score,
+                  "windows": ctx.window_record("calib"),  # the tokens profiled: `prune --score auto` holds out the rest
                   "tcess_note": "tcess = raw router logits (PreMoe); tcess_prob = routing probabilities "
                                 "(softmax, or sigmoid for sigmoid routers)"},
     )

@@ -1,7 +1,10 @@
 """Expert pruning from a profile (PreMoe's PEP; Pei et al. 2025, arXiv:2505.17639).
 
 Per MoE layer, keep the best experts for the chosen tasks by the chosen score (TCESS, frequency, REAP,
-EAN, gate, random), protecting super experts; structural surgery through the adapters, so the result
+REAP x frequency, EAN, gate, random), protecting super experts. ``score: auto`` (the default) lets evidence
+choose: every candidate score's expert set at the budget is evaluated, in one streamed pass
+(`eval.expert_sets`), on held-out windows of the tasks' CALIBRATION text that the profile (and this run's
+calibration) did not read, and the set with the lowest next-token loss is kept; structural surgery through the adapters, so the result
 is a standard checkpoint plain transformers loads, written one decoder layer at a time (reading only the kept
 experts' tensors). Optionally recalibrate the kept routers layer by layer (`runtime.router_refit`): each pruned
 block is fitted to reproduce its unpruned output on its inputs.
@@ -13,11 +16,12 @@ import math
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from moecompress.algorithms.expert_scores import SCORES, super_experts
-from moecompress.algorithms.pruning import cumulative_counts, select_experts
+from moecompress.algorithms.pruning import cumulative_counts, pick_lowest, select_experts
 from moecompress.errors import MoecompressError
+from moecompress.eval.expert_sets import UNPRUNED, expert_set_losses
 from moecompress.formats.profile import Profile
 from moecompress.models.identity import check_identity, config_identity
 from moecompress.runtime.identity import source_identity
@@ -27,8 +31,9 @@ from moecompress.stages.keep_experts import apply_keep
 
 __all__ = ["PruneConfig"]
 
-Score = Literal["tcess", "tcess_prob", "frequency", "reap", "ean", "gate", "random"]
+Score = Literal["tcess", "tcess_prob", "frequency", "reap", "reap_freq", "ean", "gate", "random"]
 assert set(Score.__args__) == set(SCORES)
+CANDIDATES = ("tcess", "reap", "frequency", "ean", "reap_freq")  # what `score: auto` compares by default
 
 
 class PruneConfig(StageConfig):
@@ -40,7 +45,9 @@ class PruneConfig(StageConfig):
           profile: out/demo-profile   # or omit after a `profile` stage in the same recipe
           tasks: [math]               # omit for every task in the profile
           keep_ratio: 0.5             # or keep: 4, or cumulative: 0.9
-          score: tcess
+          score: auto                 # or one score: tcess, reap, frequency, ...
+          candidates: [tcess, reap, frequency, ean, reap_freq]   # what auto compares
+          auto_samples: 32            # held-out calibration windows per task for auto
     """
 
     stage: Literal["prune"] = "prune"
@@ -49,7 +56,9 @@ class PruneConfig(StageConfig):
     keep: int | None = Field(None, ge=1)
     keep_ratio: float | None = Field(None, gt=0.0, le=1.0)
     cumulative: float | None = Field(None, gt=0.0, le=1.0)
-    score: Score = "tcess"
+    score: Score | Literal["auto"] = "auto"
+    candidates: list[str] = list(CANDIDATES)  # score auto: the scores whose expert sets are compared
+    auto_samples: int = Field(32, ge=1)  # score auto: held-out windows per task (the profile's window length)
     seed: int = 0  # for score: random
     protect_super: bool = True
     uneven: Literal["fill", "mask"] = "fill"  # cumulative: pad layers with next-best experts, or with dead ones
@@ -58,13 +67,26 @@ class PruneConfig(StageConfig):
     recalibrate_steps: int = Field(100, ge=1)  # full-batch Adam steps per MoE layer (the best step is kept)
     recalibrate_lr: float = Field(1e-3, gt=0.0)
 
+    @field_validator("candidates")
+    @classmethod
+    def _known_candidates(cls, v: list[str]) -> list[str]:
+        bad = [c for c in v if c not in SCORES]
+        if bad:
+            raise ValueError(f"unknown score {bad[0]!r} among the candidates; use some of {', '.join(SCORES)}")
+        if not v or len(set(v)) != len(v):
+            raise ValueError("give at least one candidate score, each once")
+        return v
+
     @model_validator(mode="after")
     def _one_budget(self) -> PruneConfig:
         if sum(x is not None for x in (self.keep, self.keep_ratio, self.cumulative)) != 1:
             raise ValueError("give exactly one budget: keep, keep_ratio or cumulative")
+        if self.cumulative is not None and self.score == "auto":
+            raise ValueError("cumulative coverage sets per-layer counts from one named score, not 'auto': "
+                             "use score tcess_prob, frequency, reap, reap_freq, ean or gate")
         if self.cumulative is not None and self.score in ("tcess", "random"):
             raise ValueError(f"cumulative coverage needs a non-negative score, not {self.score!r}: "
-                             "use tcess_prob, frequency, reap, ean or gate")
+                             "use tcess_prob, frequency, reap, reap_freq, ean or gate")
         return self
 
     def count(self, num_experts: int) -> int | None:
@@ -113,19 +135,22 @@ def run(ctx: StageContext, cfg: PruneConfig) -> dict[str, Any]:
     check_identity(profile.model, source_identity(ctx.source, ctx.placement), "the profile",
                    "profile this model first: moecompress profile MODEL -o PROFILE")
     tasks = cfg.tasks or profile.tasks
-    scores = profile.scores(cfg.score, tasks, cfg.seed)  # [L, E]; raises for unknown tasks
     layers = arch.moe_layer_indices(config)
-    bad = (~torch.isfinite(scores)).any(-1).nonzero().flatten().tolist()
-    if bad:
-        raise MoecompressError(f"the {cfg.score} scores of MoE layer {layers[bad[0]]} "
-                               "are not finite (NaN or infinite)", "profile the model again, or use another --score")
-    stats, _ = profile.combined(tasks)
+    stats, _ = profile.combined(tasks)  # raises for unknown tasks
     E = arch.num_experts(config)
     rule = arch.routing(config, layers[0])
     groups = rule.n_group if rule.group_score and not cfg.regroup else 1
     protect = super_experts(stats["act_max"]) if cfg.protect_super else None
-    needed = None
     n = cfg.count(E)
+    auto = None
+    score = cfg.score
+    if score == "auto":
+        sets = {c: select_experts(_scores(profile, c, tasks, cfg.seed, layers), n, protect, groups)
+                for c in cfg.candidates}
+        auto = _choose(ctx, cfg, profile, tasks, {c: dict(zip(layers, v)) for c, v in sets.items()})
+        score = auto["chosen"]
+    scores = _scores(profile, score, tasks, cfg.seed, layers)  # [L, E]
+    needed = None
     if n is None:  # cumulative: per-layer counts, rounded up to whole groups
         needed = [max(rule.top_k, c) for c in cumulative_counts(scores, cfg.cumulative, rule.top_k)]
         needed = [min(E, math.ceil(c / groups) * groups) for c in needed]
@@ -153,13 +178,19 @@ def run(ctx: StageContext, cfg: PruneConfig) -> dict[str, Any]:
     earlier = ctx.artifacts.get("kept_experts")  # an earlier prune in this recipe: map ids back to the input's
     ctx.artifacts["kept_experts"] = {k: [earlier[k][e] for e in v] if earlier and k in earlier else v
                                      for k, v in plan.items()}
+    if auto is not None:  # the choice and its figures, at the top of moecompress.json
+        ctx.artifacts.setdefault("sidecar", {})["prune_score"] = {
+            "chosen": auto["chosen"], "tasks": tasks,
+            "heldout_loss": {c: round(v["loss"], 6) for c, v in auto["candidates"].items()},
+            "unpruned_loss": round(auto["unpruned"]["loss"], 6)}
     positive = scores.clamp(min=0)
     coverage = [float(positive[j, ids].sum() / positive[j].sum()) if positive[j].sum() > 0 else 1.0
                 for j, ids in enumerate(selection)]
     return {
-        "profile": str(profile.path) if profile.path else "(this recipe)", "tasks": tasks, "score": cfg.score,
-        "score_note": {"tcess": "PreMoe TCESS on raw router logits", "tcess_prob": "TCESS on routing probabilities"
-                       }.get(cfg.score, cfg.score),
+        "profile": str(profile.path) if profile.path else "(this recipe)", "tasks": tasks, "score": score,
+        "score_note": {"tcess": "PreMoe TCESS on raw router logits", "tcess_prob": "TCESS on routing probabilities",
+                       "reap_freq": "REAP x routing frequency"}.get(score, score),
+        "score_auto": auto,
         "experts_before": E, "experts_after": n, "params_before": before["params"], "params_after": after["params"],
         "needed_per_layer": needed, "dead_padding": {str(k): v for k, v in dead.items()} or None,
         "score_coverage_per_layer": [round(c, 4) for c in coverage],
@@ -168,3 +199,73 @@ def run(ctx: StageContext, cfg: PruneConfig) -> dict[str, Any]:
         "kept_experts": {str(k): v for k, v in plan.items()},
         "router_recalibration": refit.report() if refit is not None else None,
     }
+
+
+def _scores(profile: Profile, score: str, tasks: list[str], seed: int, layers: list[int]) -> torch.Tensor:
+    """``[L, E]`` importance by ``score``; one line for scores that are not finite."""
+    scores = profile.scores(score, tasks, seed)
+    bad = (~torch.isfinite(scores)).any(-1).nonzero().flatten().tolist()
+    if bad:
+        raise MoecompressError(f"the {score} scores of MoE layer {layers[bad[0]]} "
+                               "are not finite (NaN or infinite)", "profile the model again, or use another --score")
+    return scores
+
+
+def _choose(ctx: StageContext, cfg: PruneConfig, profile: Profile, tasks: list[str],
+            sets: dict[str, dict[int, list[int]]]) -> dict[str, Any]:
+    """``score: auto``: every candidate's expert set on held-out calibration windows; the lowest loss wins.
+
+    Held out: windows of each task's calibration text (never its evaluation split), as long as the profile's,
+    overlapping none of the windows the profile read (its ``settings.windows``) nor this run's calibration
+    windows. The loss of a set is
+    the mean over ``tasks`` of each task's mean next-token NLL; candidates whose sets coincide are evaluated once.
+    """
+    recorded = profile.settings.get("windows")
+    if not isinstance(recorded, dict) or any(t not in recorded for t in tasks):
+        raise MoecompressError("the profile does not record which calibration windows it read, so --score auto "
+                               "cannot hold out the rest",
+                               "profile again with this moecompress (moecompress profile MODEL -o DIR), "
+                               "or name a --score")
+    own = ctx.window_record("calib", tasks=tasks)
+    exclude: dict[str, list[tuple[int, int]]] = {}
+    for t in tasks:
+        rec = recorded[t]
+        if rec.get("digest") != own[t]["digest"]:
+            raise MoecompressError(f"the profile read other calibration text for task {t!r} than this run has",
+                                   "give the --data the profile was made with, or name a --score")
+        exclude[t] = [(s, s + rec["seq_len"]) for s in rec["starts"]] + \
+            [(s, s + own[t]["seq_len"]) for s in own[t]["starts"]]
+    seq_len = recorded[tasks[0]]["seq_len"]  # the profile's window length (checked against the model's limit)
+    windows, heldout = ctx.heldout(tasks, seq_len, cfg.auto_samples, exclude)
+    batches, owner = [], []
+    for t in tasks:
+        for i in range(0, len(windows[t]), 8):
+            batches.append(windows[t][i:i + 8])
+            owner += [t] * len(batches[-1])
+    distinct: dict[tuple, str] = {}
+    same = {c: distinct.setdefault(tuple(tuple(v) for v in plan.values()), c) for c, plan in sets.items()}
+    with ctx.stream(batches) as stream, \
+            ctx.progress.task("pruning, comparing scores", total=stream.num_layers) as bar:
+        nll = expert_set_losses(stream, {c: sets[c] for c in sets if same[c] == c}, cfg.regroup, bar)
+    owner_t = {t: torch.tensor([o == t for o in owner]) for t in tasks}
+
+    def figures(v: torch.Tensor) -> dict[str, Any]:
+        per = {t: float(v[owner_t[t]].mean()) for t in tasks}
+        out = {"loss": sum(per.values()) / len(per), "per_task": {}}
+        for t in tasks:
+            d = (v - nll[UNPRUNED])[owner_t[t]].double()  # paired with the unpruned model, per window
+            half = 1.96 * float(d.std()) / len(d) ** 0.5 if len(d) > 1 else float("nan")
+            out["per_task"][t] = {"loss": per[t], "ppl": math.exp(per[t]),
+                                  "ppl_ratio": math.exp(float(d.mean())),
+                                  "ppl_ratio_ci95": [math.exp(float(d.mean()) - half), math.exp(float(d.mean()) + half)]}
+        return out
+
+    cands = {c: {**figures(nll[same[c]]), "same_experts_as": same[c] if same[c] != c else None} for c in sets}
+    chosen = pick_lowest({c: v["loss"] for c, v in cands.items()})
+    return {"chosen": chosen, "candidates": cands, "unpruned": figures(nll[UNPRUNED]),
+            "heldout": {t: {**r, "windows": len(r["starts"])} for t, r in heldout.items()},
+            "heldout_note": "windows of each task's calibration text (never its eval split) disjoint from the "
+                            "windows the profile read and from this run's calibration windows; loss = mean over "
+                            "tasks of the mean next-token NLL (nats); ppl_ratio_ci95: 95 % interval over windows "
+                            "of the ratio to the unpruned model",
+            "objective": "lowest held-out loss among the candidates (first listed among equals)"}
