@@ -55,7 +55,10 @@ ROWS = [
     ("GPTQ + router W8", {**BASE, "router_bits": 8, "align_router": False}),
     ("GPTQ + router W8 aligned", {**BASE, "router_bits": 8, "align_router": True}),
     ("GPTQ + balance", {**BASE, "balance": True}),
+    ("GPTQ - act order", {**BASE, "act_order": False}),
+    ("GPTQ + rotation", {**BASE, "rotate": True}),
     ("GPTQ + intermediate rotation", {**BASE, "rotate_intermediate": True}),
+    ("GPTQ + both rotations", {**BASE, "rotate": True, "rotate_intermediate": True}),
     ("all (default)", {}),
     ("all + router W8 aligned", {"router_bits": 8, "align_router": True}),
 ]
@@ -174,7 +177,7 @@ def main() -> None:
     torch.save(calib_ids, work / "calib.pt")
     for scheme in args.schemes.split(","):
         for name, over in ROWS:
-            if "rotation" in name and not scheme.endswith("a4") or methods is not None and name not in methods:
+            if methods is not None and name not in methods:
                 continue
             loaded = load_model()
             ctx = Context(loaded, CalibrationConfig(samples=args.samples, seq_len=256), None)

@@ -15,6 +15,8 @@ from torch import nn
 
 from moecompress.algorithms.gptq import gptq_quantize
 from moecompress.algorithms.quant_grid import QuantGrid, QuantResult, TernaryGrid, rtn_quantize
+from moecompress.algorithms.rare_experts import pooled_hessians
+from moecompress.algorithms.refit import refit_groups
 from moecompress.algorithms.router_align import align_router
 from moecompress.algorithms.smooth import (down_outlier_scales, fold_down, fold_into_columns, fold_into_norm,
                                            moe_smooth_scales, smooth_scales)
@@ -35,11 +37,12 @@ class QuantOptions:
     act_order: bool
     damp: float
     block_size: int
+    refit: bool  # refit each group's scale (and zero) after GPTQ, codes fixed (`algorithms.refit`)
 
     @classmethod
     def of(cls, grid: QuantGrid | TernaryGrid, settings: Any, **given: Any) -> QuantOptions:
         """``grid`` and ``given`` as given, the other fields read by name from ``settings`` (a stage config)."""
-        names = ("method", "act_order", "damp", "block_size")
+        names = ("method", "act_order", "damp", "block_size", "refit")
         return cls(grid, **given, **{n: getattr(settings, n) for n in names if n not in given})
 
 
@@ -59,6 +62,9 @@ def _quantize(W: torch.Tensor, H: torch.Tensor | None, opt: QuantOptions):
         step = max(1, min(E, WORKSPACE_BYTES // per_expert))
         parts = [gptq_quantize(W[a:a + step], H[a:a + step], opt.grid, block_size=opt.block_size, damp=opt.damp,
                                act_order=opt.act_order) for a in range(0, E, step)]
+        if opt.refit and isinstance(opt.grid, QuantGrid):
+            parts = [refit_groups(W[a:a + step], H[a:a + step], p, opt.grid.symmetric, opt.damp)[0]
+                     for a, p in zip(range(0, E, step), parts)]
     if len(parts) == 1:
         return parts[0]
     return QuantResult(*(None if getattr(parts[0], f) is None else torch.cat([getattr(p, f) for p in parts])
@@ -171,11 +177,13 @@ def quantize_linears(layer: nn.Module, stats: LayerStats, opt: QuantOptions, rec
 
 @torch.no_grad()
 def quantize_experts(view: MoEBlockView, stats: LayerStats, opt: QuantOptions, record: QuantRecord, prefix: str,
-                     balance: bool, n_min: float, down_rotation: torch.Tensor | None = None,
+                     balance: bool, n_min: float, rare: str, down_rotation: torch.Tensor | None = None,
                      dist: Dist | None = None) -> dict[str, Any]:
     """GPTQ all experts of the block at once ([E, O, C] with [E, C, C] Hessians), with calibration balance:
-    an expert short of ``n_min`` routed tokens is topped up from reserve batches, then near-miss tokens,
-    else falls back to RTN (clip search). Experts with no token at all always fall back to RTN.
+    an expert short of ``n_min`` routed tokens is topped up from reserve batches, then near-miss tokens; one
+    still short (with balance; without it, one with no token at all) is then, with ``rare="pooled"``, topped up
+    to ``n_min`` tokens' worth with the layer's other tokens (`algorithms.rare_experts`), or with ``"rtn"``
+    falls back to RTN (clip search).
 
     ``down_rotation`` ``Q [I, I]``: the down projections are quantized in the rotated basis (``W Q`` with
     Hessian ``Q^T H Q``, as an online Hadamard before them would see), the record keeps those codes and the
@@ -188,7 +196,7 @@ def quantize_experts(view: MoEBlockView, stats: LayerStats, opt: QuantOptions, r
     dist = dist or Dist()
     own = slice(ex.owned.start, ex.owned.stop)
     H, Hd, n = ex.H, ex.H_down, ex.count.clone()  # the Hessians are topped up in place (not used afterwards)
-    reserve_used, near_used, fallback = [], [], []
+    reserve_used, near_used, fallback, pooled = [], [], [], []
     for e in range(E):
         mine = e in ex.owned
         if balance and n[e] < n_min and ex.res_count[e] > 0:
@@ -204,6 +212,11 @@ def quantize_experts(view: MoEBlockView, stats: LayerStats, opt: QuantOptions, r
             n[e] += ex.near_count[e]
             near_used.append(e)
         if n[e] == 0 or (balance and n[e] < n_min):
+            if rare == "pooled" and ex.sample:
+                if mine:
+                    _pool(view, ex, e, H, Hd, n_min - float(n[e]))
+                pooled.append(e)
+                continue
             if mine:
                 H[ex.row(e)] = 0  # an all-zero Hessian is the identity in gptq_quantize: RTN with clip search
                 Hd[ex.row(e)] = 0
@@ -224,7 +237,20 @@ def quantize_experts(view: MoEBlockView, stats: LayerStats, opt: QuantOptions, r
     view.experts.set_stacked("down", res.weight if Q is None else res.weight @ Q.T)
     record.add(f"{prefix}:down", res.codes, res.scales, res.zeros)
     return {"routed_tokens": [int(c) for c in ex.count], "tokens_used": [int(c) for c in n], "min_tokens": n_min,
-            "topped_up_reserve": reserve_used, "topped_up_near_miss": near_used, "rtn_fallback": fallback}
+            "topped_up_reserve": reserve_used, "topped_up_near_miss": near_used, "topped_up_pooled": pooled,
+            "rtn_fallback": fallback}
+
+
+def _pool(view: MoEBlockView, ex, e: int, H: torch.Tensor, Hd: torch.Tensor, deficit: float) -> None:
+    """Top expert ``e``'s Hessians up with ``deficit`` tokens' worth of the layer's sampled tokens, weighted by
+    the layer's mean gate score (an expert's Hessian sums gate-weighted tokens)."""
+    w = view.experts.weights()
+    X = torch.cat(ex.sample)
+    gate_mean = float(ex.gate_sum.sum() / ex.count.sum().clamp(min=1)) if ex.count.sum() > 0 else 1.0
+    bias = (None if b is None else b[e:e + 1] for b in (w.gate_bias, w.up_bias))
+    Hx, Hh = pooled_hessians(X, w.gate[e:e + 1], w.up[e:e + 1], view.activation, *bias)
+    H[ex.row(e)] += deficit * gate_mean * Hx
+    Hd[ex.row(e)] += deficit * gate_mean * Hh[0]
 
 
 def _gathered(res: QuantResult, dist: Dist, E: int) -> QuantResult:
