@@ -47,21 +47,26 @@ from moecompress.stages.quantize import QuantizeConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / ".cache" / "venv-llmcompressor"
-BASE = {"smooth": False, "balance": False, "rotate_intermediate": False, "router_bits": None}
+BASE = {"smooth": False, "balance": False, "rotate_intermediate": False, "router_bits": None, "refit": False,
+        "rare_experts": "rtn"}
 ROWS = [
     ("RTN", {**BASE, "method": "rtn"}),
     ("GPTQ", {**BASE}),
+    ("GPTQ - act order", {**BASE, "act_order": False}),
     ("GPTQ + smoothing", {**BASE, "smooth": True}),
     ("GPTQ + router W8", {**BASE, "router_bits": 8, "align_router": False}),
     ("GPTQ + router W8 aligned", {**BASE, "router_bits": 8, "align_router": True}),
     ("GPTQ + balance", {**BASE, "balance": True}),
-    ("GPTQ - act order", {**BASE, "act_order": False}),
+    ("GPTQ + balance + pooled rare experts", {**BASE, "balance": True, "rare_experts": "pooled"}),
+    ("GPTQ + refit", {**BASE, "refit": True}),
     ("GPTQ + rotation", {**BASE, "rotate": True}),
     ("GPTQ + intermediate rotation", {**BASE, "rotate_intermediate": True}),
     ("GPTQ + both rotations", {**BASE, "rotate": True, "rotate_intermediate": True}),
+    ("GPTQ + both rotations + refit", {**BASE, "rotate": True, "rotate_intermediate": True, "refit": True}),
     ("all (default)", {}),
     ("all + router W8 aligned", {"router_bits": 8, "align_router": True}),
 ]
+PAIRED = "all (default)"  # the row compared window by window with llm-compressor
 SCHEMES = ["w8a8", "w4a16", "w3a16", "w2a16", "w4a4", "w3a4"]
 
 
@@ -90,6 +95,23 @@ def compare(base, cand, owners, tasks):
         out["tasks"][t] = {"ppl_ratio": float(d.mean().exp()), "ci95": [float((d.mean() - half).exp()),
                                                                       float((d.mean() + half).exp())]}
     out["routing_topk_agreement"] = [float((cr[layer] == br[layer]).all(-1).float().mean()) for layer in sorted(br)]
+    return out
+
+
+def paired(ours: torch.Tensor, theirs: torch.Tensor, base: torch.Tensor, owners, tasks) -> dict:
+    """Per task: our perplexity over theirs from the per-window differences of log-perplexity (ours minus
+    theirs, paired by window) with a 95 % interval, and each tool's gap to the original with the ratio of gaps."""
+    out = {}
+    for t in tasks:
+        sel = owners == tasks.index(t)
+        d = ours[sel] - theirs[sel]
+        half = 1.96 * float(d.std()) / len(d) ** 0.5
+        gap_ours = float((ours[sel] - base[sel]).mean().exp()) - 1
+        gap_theirs = float((theirs[sel] - base[sel]).mean().exp()) - 1
+        out[t] = {"ppl_ratio": float(d.mean().exp()),
+                  "ci95": [float((d.mean() - half).exp()), float((d.mean() + half).exp())],
+                  "gap_ours": gap_ours, "gap_theirs": gap_theirs,
+                  "gap_ratio": gap_ours / gap_theirs if gap_theirs > 0 else None}
     return out
 
 
@@ -151,6 +173,8 @@ def main() -> None:
     ap.add_argument("--merge", action="store_true", help="replace the matching rows of an existing --out file "
                     "and keep the others (re-measuring some rows after a change)")
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--eval-windows", type=int, default=None, help="only the first N held-out windows per task "
+                    "(quick probes; the tables use every window)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "quantize_demo.json")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -158,7 +182,7 @@ def main() -> None:
     base_model = load_model()
     tok, arch = base_model.tokenizer, base_model.arch
     tasks = bundled_tasks()
-    evw = {t: token_windows(tok, read_documents(t, "eval"), 256) for t in tasks}
+    evw = {t: token_windows(tok, read_documents(t, "eval"), 256)[:args.eval_windows] for t in tasks}
     windows = torch.cat([evw[t] for t in tasks])
     owners = torch.cat([torch.full((len(evw[t]),), i) for i, t in enumerate(tasks)])
     base = evaluate(base_model.model, arch, windows)
@@ -185,22 +209,35 @@ def main() -> None:
             t0 = time.time()
             rep = STAGES.get("quantize").run(ctx, cfg)
             seconds = time.time() - t0
+            got = evaluate(loaded.model, arch, windows)
             row = {"scheme": scheme, "method": name, "seconds": round(seconds, 1),
-                   "rtn_fallbacks": sum(rep["rtn_fallback_experts_per_layer"].values()),
-                   **compare(base, evaluate(loaded.model, arch, windows), owners, tasks)}
+                   "rtn_fallbacks": rep["rtn_fallback_experts_per_layer"],
+                   "pooled_experts": rep.get("pooled_experts_per_layer", {}),
+                   **compare(base, got, owners, tasks)}
+            if name == PAIRED:
+                row["window_nll"] = [round(float(x), 6) for x in got[0]]
             results["runs"].append(row)
             results["runs"].sort(key=_order)
-            print(json.dumps(row), flush=True)
+            print(json.dumps({k: v for k, v in row.items() if k != "window_nll"}), flush=True)
             _save(args.out, results, partial=True)
     if not args.no_peer:
         py = ensure_venv()
         for bits in (4, 3, 2):
             dest, run = llmcompressor_model(py, work / "calib.pt", bits, work)
             peer = load_model(str(dest))
+            got = evaluate(peer.model, arch, windows)
             row = {"scheme": f"w{bits}a16", "method": "llm-compressor GPTQ", "seconds": round(run["seconds"], 1),
-                   "peer_run": run, **compare(base, evaluate(peer.model, arch, windows), owners, tasks)}
+                   "peer_run": run, **compare(base, got, owners, tasks),
+                   "window_nll": [round(float(x), 6) for x in got[0]]}
             results["runs"].append(row)
-            print(json.dumps(row), flush=True)
+            print(json.dumps({k: v for k, v in row.items() if k != "window_nll"}), flush=True)
+            _save(args.out, results, partial=True)
+    results["paired"] = {}
+    for scheme in ("w4a16", "w3a16", "w2a16"):
+        by = {r["method"]: r for r in results["runs"] if r["scheme"] == scheme and "window_nll" in r}
+        if PAIRED in by and "llm-compressor GPTQ" in by:
+            ours, theirs = (torch.tensor(by[m]["window_nll"]) for m in (PAIRED, "llm-compressor GPTQ"))
+            results["paired"][scheme] = paired(ours, theirs, base[0], owners, tasks)
     _save(args.out, results, partial=False)
     shutil.rmtree(work, ignore_errors=True)
 
