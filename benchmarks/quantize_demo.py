@@ -173,6 +173,8 @@ def main() -> None:
     ap.add_argument("--merge", action="store_true", help="replace the matching rows of an existing --out file "
                     "and keep the others (re-measuring some rows after a change)")
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--peer-from", type=Path, default=None, help="take the llm-compressor rows from this results "
+                    "file (same eval windows) instead of running llm-compressor")
     ap.add_argument("--eval-windows", type=int, default=None, help="only the first N held-out windows per task "
                     "(quick probes; the tables use every window)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "quantize_demo.json")
@@ -220,7 +222,11 @@ def main() -> None:
             results["runs"].sort(key=_order)
             print(json.dumps({k: v for k, v in row.items() if k != "window_nll"}), flush=True)
             _save(args.out, results, partial=True)
-    if not args.no_peer:
+    if args.peer_from is not None:
+        results["runs"] = [r for r in results["runs"] if r["method"] != "llm-compressor GPTQ"]
+        results["runs"] += [r for r in json.loads(args.peer_from.read_text())["runs"]
+                            if r["method"] == "llm-compressor GPTQ"]
+    elif not args.no_peer:
         py = ensure_venv()
         for bits in (4, 3, 2):
             dest, run = llmcompressor_model(py, work / "calib.pt", bits, work)

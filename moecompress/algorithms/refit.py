@@ -22,7 +22,7 @@ from moecompress.algorithms.quant_grid import QuantResult, dequantize, storable
 
 __all__ = ["refit_groups", "row_errors"]
 
-CHUNK_BYTES = 256 << 20  # the block Gram products ``[E, R, G, C]`` are built in chunks of rows within this
+CHUNK_BYTES = 256 << 20  # rows are refit in chunks whose float64 systems fit this
 
 
 def row_errors(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
@@ -62,19 +62,34 @@ def refit_groups(W: torch.Tensor, H: torch.Tensor, res: QuantResult, symmetric: 
 
     ``H`` is the Hessian GPTQ used (an all-zero one, an expert without tokens, counts as the identity: plain
     squared error). The normal equations are solved on ``H`` plus ``damp`` times its mean diagonal (as GPTQ
-    damps); rows are accepted on the undamped error only."""
+    damps); rows are accepted on the undamped error only. Rows are independent: they are refit in chunks whose
+    float64 systems fit `CHUNK_BYTES`."""
     E, O, C = W.shape
     G = res.scales.shape[-1]
-    gs = C // G
-    W = W.detach().double()
     H = H.detach().double().clone()
     empty = H.diagonal(dim1=1, dim2=2).sum(-1) == 0
     H[empty] = torch.eye(C, dtype=H.dtype, device=H.device)
     Hs = H + damp * H.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None] * torch.eye(C, dtype=H.dtype, device=H.device)
+    step = max(1, CHUNK_BYTES // (8 * E * (4 * G * G + 4 * C)))
+    parts = [_refit_rows(W[:, a:a + step].detach().double(), H, Hs, res.codes[:, a:a + step],
+                         res.scales[:, a:a + step].double(), res.zeros[:, a:a + step].double(),
+                         res.weight[:, a:a + step].float(), symmetric, zero_max) for a in range(0, O, step)]
+    scale, zero, Wq, before, best = (torch.cat([p[i] for p in parts], 1) for i in range(5))
+    changed = (scale != res.scales.double()).any(-1) | (zero != res.zeros.double()).any(-1)
+    out = QuantResult(Wq, res.codes, scale.float(), zero.float(), res.loss)
+    return out, {"rows_changed": float(changed.double().mean()), "error_before": float(before.sum()),
+                 "error_after": float(best.sum())}
+
+
+def _refit_rows(W: torch.Tensor, H: torch.Tensor, Hs: torch.Tensor, codes: torch.Tensor, scale0: torch.Tensor,
+                zero0: torch.Tensor, Wq: torch.Tensor, symmetric: bool, zero_max: int) -> tuple[torch.Tensor, ...]:
+    """`refit_groups` on rows ``[E, R, C]``: ``(scale, zero, weight, error before, error after)``."""
+    E, R, C = W.shape
+    G = scale0.shape[-1]
+    gs = C // G
     Hb = Hs.view(E, G, gs, G, gs)
-    q = res.codes.double().view(E, O, G, gs)
-    v = torch.bmm(W, Hs).view(E, O, G, gs)  # w H: the right-hand sides are its group sums against the columns
-    scale0, zero0 = res.scales.double(), res.zeros.double()
+    q = codes.double().view(E, R, G, gs)
+    v = torch.bmm(W, Hs).view(E, R, G, gs)  # w H: the right-hand sides are its group sums against the columns
 
     def scales_for(zero: torch.Tensor) -> torch.Tensor:  # zero fixed: w_hat = sum_g s_g (q_g - z_g)
         a = q - zero[..., None]
@@ -83,10 +98,9 @@ def refit_groups(W: torch.Tensor, H: torch.Tensor, res: QuantResult, symmetric: 
 
     cands_s, cands_z = [scales_for(zero0)], [zero0]
     if not symmetric:  # joint fit of (s, m = -s z): the zero it implies, rounded, then the scales again
-        ones = torch.ones_like(q)
-        Mqq, M11 = _gram(q, Hb), _gram(ones[:1, :1].expand(E, 1, G, gs), Hb).expand(E, O, G, G)
-        Hrow1 = Hb.sum(-1)  # [E, G, gs, G]: H_gh 1
-        Mq1 = torch.einsum("eogi,egih->eogh", q, Hrow1)
+        ones = torch.ones(E, 1, G, gs, dtype=q.dtype, device=q.device)
+        Mqq, M11 = _gram(q, Hb), _gram(ones, Hb).expand(E, R, G, G)
+        Mq1 = torch.einsum("eogi,egih->eogh", q, Hb.sum(-1))  # Hb.sum(-1) [E, G, gs, G]: H_gh 1
         M = torch.cat([torch.cat([Mqq, Mq1], -1), torch.cat([Mq1.transpose(-1, -2), M11], -1)], -2)
         p = _solve(M, torch.cat([(q * v).sum(-1), v.sum(-1)], -1))
         s, m = p[..., :G], p[..., G:]
@@ -95,23 +109,15 @@ def refit_groups(W: torch.Tensor, H: torch.Tensor, res: QuantResult, symmetric: 
         cands_s.append(scales_for(z))
         cands_z.append(z)
     qf = q.float()
-
-    def weight(s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:  # as dequantized downstream (float32)
-        return dequantize(qf, s.float()[..., None], z.float()[..., None]).view(E, O, C)
-
-    Wq = res.weight.float()
     best = row_errors(W, Wq, H)
     before = best.clone()
     scale, zero = scale0.clone(), zero0.clone()
     for s, z in zip(cands_s, cands_z):
-        cand = weight(s, z)
+        cand = dequantize(qf, s.float()[..., None], z.float()[..., None]).view(E, R, C)  # as dequantized downstream
         err = row_errors(W, cand, H)
         better = err < best
         best = torch.where(better, err, best)
         scale = torch.where(better[..., None], s, scale)
         zero = torch.where(better[..., None], z, zero)
         Wq = torch.where(better[..., None], cand, Wq)
-    changed = (scale != scale0).any(-1) | (zero != zero0).any(-1)
-    out = QuantResult(Wq, res.codes, scale.float(), zero.float(), res.loss)
-    return out, {"rows_changed": float(changed.double().mean()), "error_before": float(before.sum()),
-                 "error_after": float(best.sum())}
+    return scale, zero, Wq, before, best

@@ -88,6 +88,19 @@ def test_refit_rejects_a_worse_fit_row_by_row():
     assert torch.equal(out.weight, exact) and info["rows_changed"] == 0
 
 
+def test_refit_in_row_chunks_equals_one_chunk(monkeypatch):
+    import moecompress.algorithms.refit as refit
+
+    grid = QuantGrid(2, 16)
+    W, H = _random(3)
+    res = gptq_quantize(W, H, grid)
+    whole, _ = refit_groups(W, H, res, False)
+    monkeypatch.setattr(refit, "CHUNK_BYTES", 1)  # one row at a time
+    rows, _ = refit_groups(W, H, res, False)
+    for f in ("weight", "scales", "zeros"):
+        torch.testing.assert_close(getattr(rows, f), getattr(whole, f), atol=1e-6, rtol=1e-5)
+
+
 def test_pooled_hessians_are_the_tokens_own_statistics():
     g = torch.Generator().manual_seed(0)
     X, gate, up = torch.randn(50, 16, generator=g), torch.randn(3, 8, 16, generator=g), torch.randn(3, 8, 16, generator=g)
