@@ -48,7 +48,7 @@ from moecompress.stages.quantize import QuantizeConfig
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / ".cache" / "venv-llmcompressor"
 BASE = {"smooth": False, "balance": False, "rotate_intermediate": False, "router_bits": None, "refit": False,
-        "rare_experts": "rtn"}
+        "code_sweeps": 0, "rare_experts": "rtn"}
 ROWS = [
     ("RTN", {**BASE, "method": "rtn"}),
     ("GPTQ", {**BASE}),
@@ -59,10 +59,11 @@ ROWS = [
     ("GPTQ + balance", {**BASE, "balance": True}),
     ("GPTQ + balance + pooled rare experts", {**BASE, "balance": True, "rare_experts": "pooled"}),
     ("GPTQ + refit", {**BASE, "refit": True}),
+    ("GPTQ + code sweeps", {**BASE, "code_sweeps": 2}),
+    ("GPTQ + code sweeps + refit", {**BASE, "code_sweeps": 2, "refit": True}),
     ("GPTQ + rotation", {**BASE, "rotate": True}),
     ("GPTQ + intermediate rotation", {**BASE, "rotate_intermediate": True}),
     ("GPTQ + both rotations", {**BASE, "rotate": True, "rotate_intermediate": True}),
-    ("GPTQ + both rotations + refit", {**BASE, "rotate": True, "rotate_intermediate": True, "refit": True}),
     ("all (default)", {}),
     ("all + router W8 aligned", {"router_bits": 8, "align_router": True}),
 ]

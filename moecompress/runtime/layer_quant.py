@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from moecompress.algorithms.coord_descent import refine_codes
 from moecompress.algorithms.gptq import gptq_quantize
 from moecompress.algorithms.quant_grid import QuantGrid, QuantResult, TernaryGrid, rtn_quantize
 from moecompress.algorithms.rare_experts import pooled_hessians
@@ -38,11 +39,12 @@ class QuantOptions:
     damp: float
     block_size: int
     refit: bool  # refit each group's scale (and zero) after GPTQ, codes fixed (`algorithms.refit`)
+    code_sweeps: int  # coordinate-descent sweeps over the codes after GPTQ, each followed by the refit (QuantEase)
 
     @classmethod
     def of(cls, grid: QuantGrid | TernaryGrid, settings: Any, **given: Any) -> QuantOptions:
         """``grid`` and ``given`` as given, the other fields read by name from ``settings`` (a stage config)."""
-        names = ("method", "act_order", "damp", "block_size", "refit")
+        names = ("method", "act_order", "damp", "block_size", "refit", "code_sweeps")
         return cls(grid, **given, **{n: getattr(settings, n) for n in names if n not in given})
 
 
@@ -62,13 +64,24 @@ def _quantize(W: torch.Tensor, H: torch.Tensor | None, opt: QuantOptions):
         step = max(1, min(E, WORKSPACE_BYTES // per_expert))
         parts = [gptq_quantize(W[a:a + step], H[a:a + step], opt.grid, block_size=opt.block_size, damp=opt.damp,
                                act_order=opt.act_order) for a in range(0, E, step)]
-        if opt.refit and isinstance(opt.grid, QuantGrid):
-            parts = [refit_groups(W[a:a + step], H[a:a + step], p, opt.grid.symmetric, opt.damp)[0]
-                     for a, p in zip(range(0, E, step), parts)]
+        if isinstance(opt.grid, QuantGrid):
+            parts = [_refine(W[a:a + step], H[a:a + step], p, opt) for a, p in zip(range(0, E, step), parts)]
     if len(parts) == 1:
         return parts[0]
     return QuantResult(*(None if getattr(parts[0], f) is None else torch.cat([getattr(p, f) for p in parts])
                          for f in ("weight", "codes", "scales", "zeros", "loss")))
+
+
+def _refine(W: torch.Tensor, H: torch.Tensor, res: QuantResult, opt: QuantOptions) -> QuantResult:
+    """After GPTQ: the scale/zero refit, then ``code_sweeps`` times a coordinate-descent sweep over the codes and
+    the refit again (block coordinate descent on GPTQ's objective; no step increases it)."""
+    if opt.refit:
+        res = refit_groups(W, H, res, opt.grid.symmetric, opt.damp)[0]
+    for _ in range(opt.code_sweeps):
+        res = refine_codes(W, H, res, opt.grid.maxq)
+        if opt.refit:
+            res = refit_groups(W, H, res, opt.grid.symmetric, opt.damp)[0]
+    return res
 
 
 @torch.no_grad()

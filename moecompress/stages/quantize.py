@@ -54,6 +54,7 @@ class QuantizeConfig(StageConfig):
     clip_search: bool = True
     act_order: bool = True
     refit: bool = True  # refit each group's scale/zero after GPTQ to the Hessian-weighted error (codes fixed)
+    code_sweeps: int = Field(2, ge=0, le=8)  # coordinate-descent sweeps over the codes after GPTQ (QuantEase)
     damp: float = Field(0.01, ge=0.0)
     block_size: int = Field(128, ge=1)
     act_clip: float | None = Field(None, gt=0.0, le=1.0)  # default: 1.0 for A8, 0.9 for A4
