@@ -116,6 +116,32 @@ def paired(ours: torch.Tensor, theirs: torch.Tensor, base: torch.Tensor, owners,
     return out
 
 
+def add_paired(results: dict) -> None:
+    """``results["paired"][scheme]``: `paired` for every weight-only scheme with both tools' per-window NLLs."""
+    tasks = list(results["eval_windows"])
+    owners = torch.cat([torch.full((n,), i) for i, n in enumerate(results["eval_windows"].values())])
+    base = torch.tensor(results["base_window_nll"])
+    results["paired"] = {}
+    for scheme in ("w4a16", "w3a16", "w2a16"):
+        by = {r["method"]: r for r in results["runs"] if r["scheme"] == scheme and "window_nll" in r}
+        if PAIRED in by and "llm-compressor GPTQ" in by:
+            ours, theirs = (torch.tensor(by[m]["window_nll"]) for m in (PAIRED, "llm-compressor GPTQ"))
+            results["paired"][scheme] = paired(ours, theirs, base, owners, tasks)
+
+
+def combine(files: list[Path], out: Path) -> None:
+    """Merge result files measured on the same evaluation windows (runs of several processes) into ``out``."""
+    parts = [json.loads(f.read_text()) for f in files]
+    first = parts[0]
+    for p in parts[1:]:
+        if p["base_window_nll"] != first["base_window_nll"]:
+            raise SystemExit("the result files were evaluated on different windows")
+    results = {k: v for k, v in first.items() if k not in ("runs", "paired", "partial")}
+    results["runs"] = sorted((r for p in parts for r in p["runs"]), key=_order)
+    add_paired(results)
+    _save(out, results, partial=any(p.get("partial") for p in parts))
+
+
 def ensure_venv() -> Path:
     py = VENV / "bin" / "python"
     if not py.exists():
@@ -179,7 +205,12 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=None, help="only the first N held-out windows per task "
                     "(quick probes; the tables use every window)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "quantize_demo.json")
+    ap.add_argument("--combine", type=Path, nargs="+", default=None, help="merge these result files (same eval "
+                    "windows, e.g. from processes run side by side) into --out, with the paired comparison; runs nothing")
     args = ap.parse_args()
+    if args.combine:
+        combine(args.combine, args.out)
+        return
     torch.set_num_threads(2)
     work = Path(tempfile.mkdtemp())
     base_model = load_model()
@@ -191,7 +222,8 @@ def main() -> None:
     base = evaluate(base_model.model, arch, windows)
     results = {"calibration": {"windows_per_task": args.samples, "seq_len": 256},
                "eval_windows": {t: len(w) for t, w in evw.items()},
-               "base_ppl": {t: float(base[0][owners == i].mean().exp()) for i, t in enumerate(tasks)}, "runs": []}
+               "base_ppl": {t: float(base[0][owners == i].mean().exp()) for i, t in enumerate(tasks)},
+               "base_window_nll": [round(float(x), 6) for x in base[0]], "runs": []}
     methods = None if args.methods is None else set(args.methods.split(","))
     if args.merge:
         old = json.loads(args.out.read_text())
@@ -202,10 +234,9 @@ def main() -> None:
     calib_ctx = Context(base_model, CalibrationConfig(samples=args.samples, seq_len=256), None)
     calib_ids = torch.cat(list(calib_ctx.windows("calib").values()))
     torch.save(calib_ids, work / "calib.pt")
+    order = ROWS if methods is None else [r for m in args.methods.split(",") for r in ROWS if r[0] == m]
     for scheme in args.schemes.split(","):
-        for name, over in ROWS:
-            if methods is not None and name not in methods:
-                continue
+        for name, over in order:
             loaded = load_model()
             ctx = Context(loaded, CalibrationConfig(samples=args.samples, seq_len=256), None)
             cfg = QuantizeConfig(scheme=scheme, **over)
@@ -239,12 +270,7 @@ def main() -> None:
             results["runs"].append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "window_nll"}), flush=True)
             _save(args.out, results, partial=True)
-    results["paired"] = {}
-    for scheme in ("w4a16", "w3a16", "w2a16"):
-        by = {r["method"]: r for r in results["runs"] if r["scheme"] == scheme and "window_nll" in r}
-        if PAIRED in by and "llm-compressor GPTQ" in by:
-            ours, theirs = (torch.tensor(by[m]["window_nll"]) for m in (PAIRED, "llm-compressor GPTQ"))
-            results["paired"][scheme] = paired(ours, theirs, base[0], owners, tasks)
+    add_paired(results)
     _save(args.out, results, partial=False)
     shutil.rmtree(work, ignore_errors=True)
 
