@@ -17,9 +17,20 @@ llm-compressor (PyPI ``llmcompressor``) runs in its own virtual environment, cre
 ``benchmarks/peers/llmcompressor_worker.py``: GPTQ W4A16 / W3A16 / W2A16, group 128, its defaults
 (symmetric, static act order, min-max scales), routers and LM head ignored.
 
+Low-bit rows (issue 12): GPTQ without act order; the scale/zero refit after GPTQ; coordinate-descent sweeps
+over the codes (QuantEase) with and without the refit; the residual rotation (QuaRot, folded), the online
+Hadamard before the experts' down projections, and both; pooled Hessians for rare experts. For the weight-only
+schemes the "all (default)" row and llm-compressor are also compared window by window (``paired``: ours minus
+theirs per held-out window, 95 % interval, and each tool's gap to the original).
+
 Usage::
 
     python benchmarks/quantize_demo.py            # about 40 minutes; writes benchmarks/results/quantize_demo.json
+    # the low-bit table of docs/BENCHMARKS.md: three processes side by side, then merged
+    python benchmarks/quantize_demo.py --schemes w2a16 --methods "GPTQ + rotation,..." --no-peer \
+        --eval-windows 32 --out benchmarks/results/quantize_lowbit_a.json
+    python benchmarks/quantize_demo.py --combine benchmarks/results/quantize_lowbit_[abc].json \
+        --out benchmarks/results/quantize_lowbit.json
 """
 
 from __future__ import annotations

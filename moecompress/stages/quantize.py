@@ -44,6 +44,9 @@ class QuantizeConfig(StageConfig):
           method: gptq          # or rtn
           smooth: true          # EAQuant expert-aware smoothing (default: on when activations are quantized)
           router_bits: 8        # quantize the router too (default: keep it in full precision)
+          refit: true           # after GPTQ: refit each group's scale/zero to the Hessian-weighted error
+          code_sweeps: 2        # coordinate-descent sweeps over the codes, each followed by the refit
+          rare_experts: pooled  # experts short of tokens: topped up with the layer's tokens (or rtn)
     """
 
     stage: Literal["quantize"] = "quantize"
