@@ -3,7 +3,7 @@
 
 The demo model's layer-1 experts' gate projections (8 x 256 x 256), a synthetic Hessian per expert (600
 Gaussian tokens with per-channel scales |N(0, 2)| + 0.2, seeded), group 128, asymmetric grids with clip
-search. Rows: GPTQ; + refit; + 2 code sweeps + refit; + 2 more sweeps + refit; each as a share of GPTQ's
+search. Rows: GPTQ; + refit; + 2 (code sweep, refit) rounds as ``--code-sweeps 2``; + 4 rounds; each as a share of GPTQ's
 error, with single-thread wall times of GPTQ and of one sweep.
 
 Usage::
@@ -45,12 +45,15 @@ def main() -> None:
         r = gptq_quantize(W, H, grid)
         t_gptq = time.time() - t
         base = float(proxy_loss(W, r.weight, H).sum())
+        def sweep_refit(x):  # one code sweep, then the refit: what `--code-sweeps` repeats after the first refit
+            return refit_groups(W, H, refine_codes(W, H, x, grid.maxq), False)[0]
+
         f1, _ = refit_groups(W, H, r, False)
         t = time.time()
-        c = refine_codes(W, H, f1, grid.maxq)
+        refine_codes(W, H, f1, grid.maxq)
         t_sweep = time.time() - t
-        f2, _ = refit_groups(W, H, refine_codes(W, H, c, grid.maxq), False)
-        f3, _ = refit_groups(W, H, refine_codes(W, H, refine_codes(W, H, f2, grid.maxq), grid.maxq), False)
+        f2 = sweep_refit(sweep_refit(f1))
+        f3 = sweep_refit(sweep_refit(f2))
         share = {name: float(proxy_loss(W, x.weight, H).sum()) / base
                  for name, x in (("refit", f1), ("2 sweeps + refit", f2), ("4 sweeps + refit", f3))}
         out[f"w{bits}"] = {"gptq_error": base, "share_of_gptq_error": share, "seconds_gptq": round(t_gptq, 2),
