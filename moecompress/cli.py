@@ -378,7 +378,7 @@ def quantize(
         "tokens, then GPTQ) | rtn (round-to-nearest fallback) (default: pooled).")] = None,
     code_sweeps: Annotated[Optional[int], typer.Option(
         "--code-sweeps", help="Coordinate-descent sweeps over the codes after GPTQ, each followed by the refit "
-        "(QuantEase; 0 = plain GPTQ codes) (default: 2).")] = None,
+        "(QuantEase; 0 = plain GPTQ codes) (default: 0).")] = None,
     act_order: Annotated[Optional[bool], typer.Option(
         "--act-order/--no-act-order", help="GPTQ columns by decreasing Hessian diagonal (default: on).")] = None,
     fake_quant: Annotated[bool, typer.Option("--fake-quant", help="Write dequantized bf16 weights and the record "

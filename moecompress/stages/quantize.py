@@ -45,7 +45,7 @@ class QuantizeConfig(StageConfig):
           smooth: true          # EAQuant expert-aware smoothing (default: on when activations are quantized)
           router_bits: 8        # quantize the router too (default: keep it in full precision)
           refit: true           # after GPTQ: refit each group's scale/zero to the Hessian-weighted error
-          code_sweeps: 2        # coordinate-descent sweeps over the codes, each followed by the refit
+          code_sweeps: 2        # coordinate-descent sweeps over the codes, each followed by the refit (default 0)
           rare_experts: pooled  # experts short of tokens: topped up with the layer's tokens (or rtn)
     """
 
@@ -57,7 +57,7 @@ class QuantizeConfig(StageConfig):
     clip_search: bool = True
     act_order: bool = True
     refit: bool = True  # refit each group's scale/zero after GPTQ to the Hessian-weighted error (codes fixed)
-    code_sweeps: int = Field(2, ge=0, le=8)  # coordinate-descent sweeps over the codes after GPTQ (QuantEase)
+    code_sweeps: int = Field(0, ge=0, le=8)  # coordinate-descent sweeps over the codes after GPTQ (QuantEase)
     damp: float = Field(0.01, ge=0.0)
     block_size: int = Field(128, ge=1)
     act_clip: float | None = Field(None, gt=0.0, le=1.0)  # default: 1.0 for A8, 0.9 for A4
