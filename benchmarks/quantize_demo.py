@@ -17,9 +17,20 @@ llm-compressor (PyPI ``llmcompressor``) runs in its own virtual environment, cre
 ``benchmarks/peers/llmcompressor_worker.py``: GPTQ W4A16 / W3A16 / W2A16, group 128, its defaults
 (symmetric, static act order, min-max scales), routers and LM head ignored.
 
+Low-bit rows (issue 12): GPTQ without act order; the scale/zero refit after GPTQ; coordinate-descent sweeps
+over the codes (QuantEase) with and without the refit; the residual rotation (QuaRot, folded), the online
+Hadamard before the experts' down projections, and both; pooled Hessians for rare experts. For the weight-only
+schemes the "all (default)" row and llm-compressor are also compared window by window (``paired``: ours minus
+theirs per held-out window, 95 % interval, and each tool's gap to the original).
+
 Usage::
 
     python benchmarks/quantize_demo.py            # about 40 minutes; writes benchmarks/results/quantize_demo.json
+    # the low-bit table of docs/BENCHMARKS.md: three processes side by side, then merged
+    python benchmarks/quantize_demo.py --schemes w2a16 --methods "GPTQ + rotation,..." --no-peer \
+        --eval-windows 32 --out benchmarks/results/quantize_lowbit_a.json
+    python benchmarks/quantize_demo.py --combine benchmarks/results/quantize_lowbit_[abc].json \
+        --out benchmarks/results/quantize_lowbit.json
 """
 
 from __future__ import annotations
@@ -47,18 +58,27 @@ from moecompress.stages.quantize import QuantizeConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / ".cache" / "venv-llmcompressor"
-BASE = {"smooth": False, "balance": False, "rotate_intermediate": False, "router_bits": None}
+BASE = {"smooth": False, "balance": False, "rotate_intermediate": False, "router_bits": None, "refit": False,
+        "code_sweeps": 0, "rare_experts": "rtn"}
 ROWS = [
     ("RTN", {**BASE, "method": "rtn"}),
     ("GPTQ", {**BASE}),
+    ("GPTQ - act order", {**BASE, "act_order": False}),
     ("GPTQ + smoothing", {**BASE, "smooth": True}),
     ("GPTQ + router W8", {**BASE, "router_bits": 8, "align_router": False}),
     ("GPTQ + router W8 aligned", {**BASE, "router_bits": 8, "align_router": True}),
     ("GPTQ + balance", {**BASE, "balance": True}),
+    ("GPTQ + balance + pooled rare experts", {**BASE, "balance": True, "rare_experts": "pooled"}),
+    ("GPTQ + refit", {**BASE, "refit": True}),
+    ("GPTQ + code sweeps", {**BASE, "code_sweeps": 2}),
+    ("GPTQ + code sweeps + refit", {**BASE, "code_sweeps": 2, "refit": True}),
+    ("GPTQ + rotation", {**BASE, "rotate": True}),
     ("GPTQ + intermediate rotation", {**BASE, "rotate_intermediate": True}),
+    ("GPTQ + both rotations", {**BASE, "rotate": True, "rotate_intermediate": True}),
     ("all (default)", {}),
     ("all + router W8 aligned", {"router_bits": 8, "align_router": True}),
 ]
+PAIRED = "all (default)"  # the row compared window by window with llm-compressor
 SCHEMES = ["w8a8", "w4a16", "w3a16", "w2a16", "w4a4", "w3a4"]
 
 
@@ -88,6 +108,49 @@ def compare(base, cand, owners, tasks):
                                                                       float((d.mean() + half).exp())]}
     out["routing_topk_agreement"] = [float((cr[layer] == br[layer]).all(-1).float().mean()) for layer in sorted(br)]
     return out
+
+
+def paired(ours: torch.Tensor, theirs: torch.Tensor, base: torch.Tensor, owners, tasks) -> dict:
+    """Per task: our perplexity over theirs from the per-window differences of log-perplexity (ours minus
+    theirs, paired by window) with a 95 % interval, and each tool's gap to the original with the ratio of gaps."""
+    out = {}
+    for t in tasks:
+        sel = owners == tasks.index(t)
+        d = ours[sel] - theirs[sel]
+        half = 1.96 * float(d.std()) / len(d) ** 0.5
+        gap_ours = float((ours[sel] - base[sel]).mean().exp()) - 1
+        gap_theirs = float((theirs[sel] - base[sel]).mean().exp()) - 1
+        out[t] = {"ppl_ratio": float(d.mean().exp()),
+                  "ci95": [float((d.mean() - half).exp()), float((d.mean() + half).exp())],
+                  "gap_ours": gap_ours, "gap_theirs": gap_theirs,
+                  "gap_ratio": gap_ours / gap_theirs if gap_theirs > 0 else None}
+    return out
+
+
+def add_paired(results: dict) -> None:
+    """``results["paired"][scheme]``: `paired` for every weight-only scheme with both tools' per-window NLLs."""
+    tasks = list(results["eval_windows"])
+    owners = torch.cat([torch.full((n,), i) for i, n in enumerate(results["eval_windows"].values())])
+    base = torch.tensor(results["base_window_nll"])
+    results["paired"] = {}
+    for scheme in ("w4a16", "w3a16", "w2a16"):
+        by = {r["method"]: r for r in results["runs"] if r["scheme"] == scheme and "window_nll" in r}
+        if PAIRED in by and "llm-compressor GPTQ" in by:
+            ours, theirs = (torch.tensor(by[m]["window_nll"]) for m in (PAIRED, "llm-compressor GPTQ"))
+            results["paired"][scheme] = paired(ours, theirs, base, owners, tasks)
+
+
+def combine(files: list[Path], out: Path) -> None:
+    """Merge result files measured on the same evaluation windows (runs of several processes) into ``out``."""
+    parts = [json.loads(f.read_text()) for f in files]
+    first = parts[0]
+    for p in parts[1:]:
+        if p["base_window_nll"] != first["base_window_nll"]:
+            raise SystemExit("the result files were evaluated on different windows")
+    results = {k: v for k, v in first.items() if k not in ("runs", "paired", "partial")}
+    results["runs"] = sorted((r for p in parts for r in p["runs"]), key=_order)
+    add_paired(results)
+    _save(out, results, partial=any(p.get("partial") for p in parts))
 
 
 def ensure_venv() -> Path:
@@ -148,20 +211,30 @@ def main() -> None:
     ap.add_argument("--merge", action="store_true", help="replace the matching rows of an existing --out file "
                     "and keep the others (re-measuring some rows after a change)")
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--peer-from", type=Path, default=None, help="take the llm-compressor rows from this results "
+                    "file (same eval windows) instead of running llm-compressor")
+    ap.add_argument("--eval-windows", type=int, default=None, help="only the first N held-out windows per task "
+                    "(quick probes; the tables use every window)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "quantize_demo.json")
+    ap.add_argument("--combine", type=Path, nargs="+", default=None, help="merge these result files (same eval "
+                    "windows, e.g. from processes run side by side) into --out, with the paired comparison; runs nothing")
     args = ap.parse_args()
+    if args.combine:
+        combine(args.combine, args.out)
+        return
     torch.set_num_threads(2)
     work = Path(tempfile.mkdtemp())
     base_model = load_model()
     tok, arch = base_model.tokenizer, base_model.arch
     tasks = bundled_tasks()
-    evw = {t: token_windows(tok, read_documents(t, "eval"), 256) for t in tasks}
+    evw = {t: token_windows(tok, read_documents(t, "eval"), 256)[:args.eval_windows] for t in tasks}
     windows = torch.cat([evw[t] for t in tasks])
     owners = torch.cat([torch.full((len(evw[t]),), i) for i, t in enumerate(tasks)])
     base = evaluate(base_model.model, arch, windows)
     results = {"calibration": {"windows_per_task": args.samples, "seq_len": 256},
                "eval_windows": {t: len(w) for t, w in evw.items()},
-               "base_ppl": {t: float(base[0][owners == i].mean().exp()) for i, t in enumerate(tasks)}, "runs": []}
+               "base_ppl": {t: float(base[0][owners == i].mean().exp()) for i, t in enumerate(tasks)},
+               "base_window_nll": [round(float(x), 6) for x in base[0]], "runs": []}
     methods = None if args.methods is None else set(args.methods.split(","))
     if args.merge:
         old = json.loads(args.out.read_text())
@@ -172,32 +245,43 @@ def main() -> None:
     calib_ctx = Context(base_model, CalibrationConfig(samples=args.samples, seq_len=256), None)
     calib_ids = torch.cat(list(calib_ctx.windows("calib").values()))
     torch.save(calib_ids, work / "calib.pt")
+    order = ROWS if methods is None else [r for m in args.methods.split(",") for r in ROWS if r[0] == m]
     for scheme in args.schemes.split(","):
-        for name, over in ROWS:
-            if "rotation" in name and not scheme.endswith("a4") or methods is not None and name not in methods:
-                continue
+        for name, over in order:
             loaded = load_model()
             ctx = Context(loaded, CalibrationConfig(samples=args.samples, seq_len=256), None)
             cfg = QuantizeConfig(scheme=scheme, **over)
             t0 = time.time()
             rep = STAGES.get("quantize").run(ctx, cfg)
             seconds = time.time() - t0
+            got = evaluate(loaded.model, arch, windows)
             row = {"scheme": scheme, "method": name, "seconds": round(seconds, 1),
-                   "rtn_fallbacks": sum(rep["rtn_fallback_experts_per_layer"].values()),
-                   **compare(base, evaluate(loaded.model, arch, windows), owners, tasks)}
+                   "rtn_fallbacks": rep["rtn_fallback_experts_per_layer"],
+                   "pooled_experts": rep.get("pooled_experts_per_layer", {}),
+                   **compare(base, got, owners, tasks)}
+            if name == PAIRED:
+                row["window_nll"] = [round(float(x), 6) for x in got[0]]
             results["runs"].append(row)
             results["runs"].sort(key=_order)
-            print(json.dumps(row), flush=True)
+            print(json.dumps({k: v for k, v in row.items() if k != "window_nll"}), flush=True)
             _save(args.out, results, partial=True)
-    if not args.no_peer:
+    if args.peer_from is not None:
+        results["runs"] = [r for r in results["runs"] if r["method"] != "llm-compressor GPTQ"]
+        results["runs"] += [r for r in json.loads(args.peer_from.read_text())["runs"]
+                            if r["method"] == "llm-compressor GPTQ"]
+    elif not args.no_peer:
         py = ensure_venv()
         for bits in (4, 3, 2):
             dest, run = llmcompressor_model(py, work / "calib.pt", bits, work)
             peer = load_model(str(dest))
+            got = evaluate(peer.model, arch, windows)
             row = {"scheme": f"w{bits}a16", "method": "llm-compressor GPTQ", "seconds": round(run["seconds"], 1),
-                   "peer_run": run, **compare(base, evaluate(peer.model, arch, windows), owners, tasks)}
+                   "peer_run": run, **compare(base, got, owners, tasks),
+                   "window_nll": [round(float(x), 6) for x in got[0]]}
             results["runs"].append(row)
-            print(json.dumps(row), flush=True)
+            print(json.dumps({k: v for k, v in row.items() if k != "window_nll"}), flush=True)
+            _save(args.out, results, partial=True)
+    add_paired(results)
     _save(args.out, results, partial=False)
     shutil.rmtree(work, ignore_errors=True)
 

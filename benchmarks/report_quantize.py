@@ -72,7 +72,35 @@ def router(path: Path) -> None:
         print(f"| {r['bits']} | {r['layer']} | {d} | {a} |")
 
 
+def lowbit(path: Path) -> None:
+    """The low-bit ablation (issue 12) and the paired comparison with llm-compressor."""
+    r = json.loads(path.read_text())
+    tasks = list(r["base_ppl"])
+    print("| scheme | method | " + " | ".join(tasks) + " | routing agreement, worst layer | seconds |")
+    print("|---|---|" + "---|" * len(tasks) + "---|---|")
+    for row in r["runs"]:
+        cells = " | ".join(cell(row["tasks"][t]) for t in tasks)
+        name = "llm-compressor 0.14 GPTQ" if row["method"] == PEER else row["method"]
+        print(f"| {row['scheme'].upper()} | {name} | {cells} | {min(row['routing_topk_agreement']):.1%} "
+              f"| {row['seconds']} |")
+    print("\nPaired, ours (all, default) minus llm-compressor per held-out window: perplexity ratio in % with its 95 % "
+          "interval; then each tool's gap to the original and ours as a share of theirs (target: at most 0.5).\n")
+    print("| scheme | " + " | ".join(tasks) + " |")
+    print("|---|" + "---|" * len(tasks))
+    for scheme, per in r.get("paired", {}).items():
+        cells = []
+        for t in tasks:
+            d = per[t]
+            share = "n/a" if d["gap_ratio"] is None else f"{d['gap_ratio']:.2f}x"
+            cells.append(f"{cell(d)}; {d['gap_ours']:+.2%} vs {d['gap_theirs']:+.2%} = {share}")
+        print(f"| {scheme.upper()} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
+    if (RESULTS / "quantize_lowbit.json").exists():
+        print("### Low-bit experts (issue 12)\n")
+        lowbit(RESULTS / "quantize_lowbit.json")
+        print()
     r = json.loads((RESULTS / "quantize_demo.json").read_text())
     tasks = list(r["base_ppl"])
     print("### Ablation\n")

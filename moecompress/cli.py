@@ -377,6 +377,17 @@ def quantize(
         "--rotate-intermediate/--no-rotate-intermediate",
         help="Online Hadamard before the experts' down projections (default: on for A4).")] = None,
     rotate: Annotated[bool, typer.Option("--rotate", help="Rotate the residual stream (QuaRot; RMSNorm models).")] = False,
+    refit: Annotated[Optional[bool], typer.Option(
+        "--refit/--no-refit", help="Refit each group's scale and zero after GPTQ to the Hessian-weighted error, "
+        "codes fixed (default: on).")] = None,
+    rare_experts: Annotated[Optional[str], typer.Option(
+        "--rare-experts", help="Experts still short of calibration tokens: pooled (topped up with the layer's other "
+        "tokens, then GPTQ) | rtn (round-to-nearest fallback) (default: pooled).")] = None,
+    code_sweeps: Annotated[Optional[int], typer.Option(
+        "--code-sweeps", help="Coordinate-descent sweeps over the codes after GPTQ, each followed by the refit "
+        "(QuantEase; 0 = plain GPTQ codes) (default: 0).")] = None,
+    act_order: Annotated[Optional[bool], typer.Option(
+        "--act-order/--no-act-order", help="GPTQ columns by decreasing Hessian diagonal (default: on).")] = None,
     fake_quant: Annotated[bool, typer.Option("--fake-quant", help="Write dequantized bf16 weights and the record "
                                                                   "instead of the packed format.")] = False,
     tasks: TasksOpt = None,
@@ -398,7 +409,10 @@ def quantize(
                  "symmetric": symmetric, "smooth": smooth,
                  "smooth_alpha": smooth_alpha, "router_bits": router_bits, "align_router": align_router,
                  "align_objective": align_objective, "balance": balance, "rotate_intermediate": rotate_intermediate,
-                 "rotate": rotate, "save_format": "fake-quant" if fake_quant else "packed"}
+                 "rotate": rotate, "save_format": "fake-quant" if fake_quant else "packed",
+                 **{k: v for k, v in (("refit", refit), ("code_sweeps", code_sweeps),
+                                                 ("rare_experts", rare_experts), ("act_order", act_order))
+                    if v is not None}}  # unset: the stage config's defaults
         recipe = validate_command("quantize", model, _calibration(tasks, data, samples, seq_len, seed), stage,
                                   {"save_format": "--fake-quant"}, _run(device, dtype, offload_hidden))
         result = run_pipeline(recipe, output=output, force=force, progress=RichProgress())

@@ -134,8 +134,10 @@ def show_quantize(r: dict) -> None:
                   f"{'activations ' + str(acts['bits']) + '-bit per token' if acts else 'activations unquantized'}"
                   f"{', smoothing' if r['smooth'] else ''}{', router ' + str(r['router_bits']) + '-bit' if r['router_bits'] else ''}"
                   f"; {r['calibration_windows']} calibration windows in {r['seconds']:.1f} s", soft_wrap=True)
-    print_table("Per MoE layer", ["layer", "top-k routing agreement (calibration)", "experts on RTN fallback"],
-                [[k, f"{a:.1%}", r["rtn_fallback_experts_per_layer"].get(k, 0)]
+    pooled = r.get("pooled_experts_per_layer", {})
+    print_table("Per MoE layer", ["layer", "top-k routing agreement (calibration)", "experts on RTN fallback",
+                                  "experts topped up with pooled tokens"],
+                [[k, f"{a:.1%}", r["rtn_fallback_experts_per_layer"].get(k, 0), pooled.get(k, 0)]
                  for k, a in zip(r["rtn_fallback_experts_per_layer"], r["routing_topk_agreement_calib"])])
 
 

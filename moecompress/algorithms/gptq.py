@@ -34,8 +34,10 @@ def gptq_quantize(
     block_size: int = 128,
     damp: float = 0.01,
     act_order: bool = True,
+    params: tuple[torch.Tensor, ...] | None = None,
 ) -> QuantResult:
-    """Quantize ``W [E, O, C]`` given Hessians ``H [E, C, C]``; returns codes in the original column order."""
+    """Quantize ``W [E, O, C]`` given Hessians ``H [E, C, C]``; returns codes in the original column order.
+    ``params``: the groups' ``(scale, zero)`` ``[E, O, G]`` to use (integer grids; default: from ``W``'s groups)."""
     E, O, C = W.shape
     G, gs = grid.groups(C), grid.size(C)
     if C % gs:
@@ -48,7 +50,8 @@ def gptq_quantize(
     idx = torch.arange(C, device=H.device)
     H[:, idx, idx] = torch.where(dead, torch.ones_like(H[:, idx, idx]), H[:, idx, idx])
     # Static groups: parameters from the original weights, fixed before any error feedback or reordering.
-    params = [p[..., 0] for p in grid.params(W.reshape(E, O, G, gs))]  # each [E, O, G]
+    params = [p[..., 0] for p in grid.params(W.reshape(E, O, G, gs))] if params is None else \
+        [p.float() for p in params]  # each [E, O, G]
     scale, zero = params[0], params[1]
     perm = torch.argsort(H.diagonal(dim1=1, dim2=2), dim=1, descending=True) if act_order else \
         idx.expand(E, C).clone()  # [E, C]

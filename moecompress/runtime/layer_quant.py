@@ -14,8 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from moecompress.algorithms.coord_descent import refine_codes
 from moecompress.algorithms.gptq import gptq_quantize
 from moecompress.algorithms.quant_grid import QuantGrid, QuantResult, TernaryGrid, rtn_quantize
+from moecompress.algorithms.rare_experts import pooled_hessians
+from moecompress.algorithms.refit import refit_groups
 from moecompress.algorithms.router_align import align_router
 from moecompress.algorithms.smooth import (down_outlier_scales, fold_down, fold_into_columns, fold_into_norm,
                                            moe_smooth_scales, smooth_scales)
@@ -36,11 +39,13 @@ class QuantOptions:
     act_order: bool
     damp: float
     block_size: int
+    refit: bool  # refit each group's scale (and zero) after GPTQ, codes fixed (`algorithms.refit`)
+    code_sweeps: int  # coordinate-descent sweeps over the codes after GPTQ, each followed by the refit (QuantEase)
 
     @classmethod
     def of(cls, grid: QuantGrid | TernaryGrid, settings: Any, **given: Any) -> QuantOptions:
         """``grid`` and ``given`` as given, the other fields read by name from ``settings`` (a stage config)."""
-        names = ("method", "act_order", "damp", "block_size")
+        names = ("method", "act_order", "damp", "block_size", "refit", "code_sweeps")
         return cls(grid, **given, **{n: getattr(settings, n) for n in names if n not in given})
 
 
@@ -68,8 +73,13 @@ def _quantize(chunk: Callable[[int, int], torch.Tensor], shape: tuple[int, int, 
     for a in range(0, E, step):
         b = min(E, a + step)
         W = chunk(a, b)
-        res = rtn_quantize(W, opt.grid) if rtn else gptq_quantize(
-            W, H[a:b], opt.grid, block_size=opt.block_size, damp=opt.damp, act_order=opt.act_order)
+        if rtn:
+            res = rtn_quantize(W, opt.grid)
+        else:
+            res = gptq_quantize(W, H[a:b], opt.grid, block_size=opt.block_size, damp=opt.damp,
+                                act_order=opt.act_order)
+            if isinstance(opt.grid, QuantGrid):
+                res = _refine(W, H[a:b], res, opt)
         del W
         weight = res.weight if finish is None else finish(res.weight)
         if store is not None:
@@ -84,6 +94,18 @@ def _quantize(chunk: Callable[[int, int], torch.Tensor], shape: tuple[int, int, 
                 dst[a:b] = src
         del res, weight
     return out
+
+
+def _refine(W: torch.Tensor, H: torch.Tensor, res: QuantResult, opt: QuantOptions) -> QuantResult:
+    """After GPTQ: the scale/zero refit, then ``code_sweeps`` times a coordinate-descent sweep over the codes and
+    the refit again (block coordinate descent on GPTQ's objective; no step increases it)."""
+    if opt.refit:
+        res = refit_groups(W, H, res, opt.grid.symmetric, opt.damp)[0]
+    for _ in range(opt.code_sweeps):
+        res = refine_codes(W, H, res, opt.grid.maxq)
+        if opt.refit:
+            res = refit_groups(W, H, res, opt.grid.symmetric, opt.damp)[0]
+    return res
 
 
 @torch.no_grad()
@@ -194,11 +216,13 @@ def quantize_linears(layer: nn.Module, stats: LayerStats, opt: QuantOptions, rec
 
 @torch.no_grad()
 def quantize_experts(view: MoEBlockView, stats: LayerStats, opt: QuantOptions, record: QuantRecord, prefix: str,
-                     balance: bool, n_min: float, down_rotation: torch.Tensor | None = None,
+                     balance: bool, n_min: float, rare: str, down_rotation: torch.Tensor | None = None,
                      dist: Dist | None = None) -> dict[str, Any]:
     """GPTQ all experts of the block at once ([E, O, C] with [E, C, C] Hessians), with calibration balance:
-    an expert short of ``n_min`` routed tokens is topped up from reserve batches, then near-miss tokens,
-    else falls back to RTN (clip search). Experts with no token at all always fall back to RTN.
+    an expert short of ``n_min`` routed tokens is topped up from reserve batches, then near-miss tokens; one
+    still short (with balance; without it, one with no token at all) is then, with ``rare="pooled"``, topped up
+    to ``n_min`` tokens' worth with the layer's other tokens (`algorithms.rare_experts`), or with ``"rtn"``
+    falls back to RTN (clip search).
 
     ``down_rotation`` ``Q [I, I]``: the down projections are quantized in the rotated basis (``W Q`` with
     Hessian ``Q^T H Q``, as an online Hadamard before them would see), the record keeps those codes and the
@@ -211,7 +235,7 @@ def quantize_experts(view: MoEBlockView, stats: LayerStats, opt: QuantOptions, r
     dist = dist or Dist()
     own = slice(ex.owned.start, ex.owned.stop)
     H, Hd, n = ex.H, ex.H_down, ex.count.clone()  # the Hessians are topped up in place (not used afterwards)
-    reserve_used, near_used, fallback = [], [], []
+    reserve_used, near_used, fallback, pooled = [], [], [], []
     for e in range(E):
         mine = e in ex.owned
         if balance and n[e] < n_min and ex.res_count[e] > 0:
@@ -227,6 +251,11 @@ def quantize_experts(view: MoEBlockView, stats: LayerStats, opt: QuantOptions, r
             n[e] += ex.near_count[e]
             near_used.append(e)
         if n[e] == 0 or (balance and n[e] < n_min):
+            if rare == "pooled" and ex.sample:
+                if mine:
+                    _pool(view, ex, e, H, Hd, n_min - float(n[e]))
+                pooled.append(e)
+                continue
             if mine:
                 H[ex.row(e)] = 0  # an all-zero Hessian is the identity in gptq_quantize: RTN with clip search
                 Hd[ex.row(e)] = 0
@@ -263,7 +292,20 @@ def quantize_experts(view: MoEBlockView, stats: LayerStats, opt: QuantOptions, r
         store_down(0, res.weight)
     record.add(f"{prefix}:down", res.codes, res.scales, res.zeros)
     return {"routed_tokens": [int(c) for c in ex.count], "tokens_used": [int(c) for c in n], "min_tokens": n_min,
-            "topped_up_reserve": reserve_used, "topped_up_near_miss": near_used, "rtn_fallback": fallback}
+            "topped_up_reserve": reserve_used, "topped_up_near_miss": near_used, "topped_up_pooled": pooled,
+            "rtn_fallback": fallback}
+
+
+def _pool(view: MoEBlockView, ex, e: int, H: torch.Tensor, Hd: torch.Tensor, deficit: float) -> None:
+    """Top expert ``e``'s Hessians up with ``deficit`` tokens' worth of the layer's sampled tokens, weighted by
+    the layer's mean gate score (an expert's Hessian sums gate-weighted tokens)."""
+    w = view.experts.weights()
+    X = torch.cat(ex.sample)
+    gate_mean = float(ex.gate_sum.sum() / ex.count.sum().clamp(min=1)) if ex.count.sum() > 0 else 1.0
+    bias = (None if b is None else b[e:e + 1] for b in (w.gate_bias, w.up_bias))
+    Hx, Hh = pooled_hessians(X, w.gate[e:e + 1], w.up[e:e + 1], view.activation, *bias)
+    H[ex.row(e)] += deficit * gate_mean * Hx
+    Hd[ex.row(e)] += deficit * gate_mean * Hh[0]
 
 
 def _gathered(res: QuantResult, dist: Dist, E: int) -> QuantResult:

@@ -77,6 +77,7 @@ class QuantPlan:
     balance: bool
     balance_ratio: float  # min routed tokens per expert = ratio * seq_len * K / E
     near_miss: int
+    rare_experts: str  # experts still short of tokens: "pooled" (the layer's other tokens) or "rtn"
     rotate: bool
     rotation_seed: int
     batch_size: int
@@ -101,8 +102,9 @@ class QuantRun:
     expert_code_ones: int = 0  # of which equal to 1 (ternary: the trit 0)
     probe_only: bool = False  # RTN without smoothing/router: only the probe windows ran (no statistics needed)
 
-    def fallbacks(self) -> dict[str, int]:
-        return {k: len(v["experts"].get("rtn_fallback", [])) for k, v in self.layers.items() if "experts" in v}
+    def fallbacks(self, kind: str = "rtn_fallback") -> dict[str, int]:
+        """Experts per layer that fell back to RTN (``kind="topped_up_pooled"``: were topped up with pooled tokens)."""
+        return {k: len(v["experts"].get(kind, [])) for k, v in self.layers.items() if "experts" in v}
 
 
 @contextlib.contextmanager
@@ -241,7 +243,7 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
                     q_inter = rotation_matrix(v.experts.stacked("down").shape[2], plan.rotation_seed) \
                         if plan.rotate_intermediate else None
                     entry["experts"] = quantize_experts(v, stats, plan.experts, record, f"{block}.{arch.experts}",
-                                                        balance, n_min, q_inter, dist)
+                                                        balance, n_min, plan.rare_experts, q_inter, dist)
                 if plan.router_bits:
                     entry["router"] = quantize_router(v, stats, plan.router_bits, plan.align_router, record,
                                                       f"{block}.{arch.router}", plan.align_objective)

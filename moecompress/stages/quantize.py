@@ -44,6 +44,9 @@ class QuantizeConfig(StageConfig):
           method: gptq          # or rtn
           smooth: true          # EAQuant expert-aware smoothing (default: on when activations are quantized)
           router_bits: 8        # quantize the router too (default: keep it in full precision)
+          refit: true           # after GPTQ: refit each group's scale/zero to the Hessian-weighted error
+          code_sweeps: 2        # coordinate-descent sweeps over the codes, each followed by the refit (default 0)
+          rare_experts: pooled  # experts short of tokens: topped up with the layer's tokens (or rtn)
     """
 
     stage: Literal["quantize"] = "quantize"
@@ -53,6 +56,8 @@ class QuantizeConfig(StageConfig):
     symmetric: bool = False
     clip_search: bool = True
     act_order: bool = True
+    refit: bool = True  # refit each group's scale/zero after GPTQ to the Hessian-weighted error (codes fixed)
+    code_sweeps: int = Field(0, ge=0, le=8)  # coordinate-descent sweeps over the codes after GPTQ (QuantEase)
     damp: float = Field(0.01, ge=0.0)
     block_size: int = Field(128, ge=1)
     act_clip: float | None = Field(None, gt=0.0, le=1.0)  # default: 1.0 for A8, 0.9 for A4
@@ -73,6 +78,7 @@ class QuantizeConfig(StageConfig):
     balance_ratio: float = Field(2.0, gt=0.0)  # min routed tokens per expert = ratio * seq_len * K / E
     near_miss: int = Field(2, ge=0)  # near-miss ranks k+1 .. k+near_miss
     reserve: float = Field(0.5, ge=0.0)  # reserve windows (for rare experts), as a share of the samples
+    rare_experts: Literal["pooled", "rtn"] = "pooled"  # experts still short of tokens: pooled layer tokens, or RTN
     batch_size: int = Field(8, ge=1)
     save_format: Literal["packed", "fake-quant"] = "packed"  # packed tensors, or dequantized bf16 + the record
 
@@ -175,6 +181,7 @@ def finish(ctx: StageContext, result: QuantRun, meta: dict[str, Any], base: list
     out = {**meta, "calibration_windows": sum(len(w) for w in base), "reserve_windows": sum(len(w) for w in extra),
            "min_tokens_per_expert": result.min_tokens_per_expert,
            "rtn_fallback_experts_per_layer": result.fallbacks(),
+           "pooled_experts_per_layer": result.fallbacks("topped_up_pooled"),
            "routing_topk_agreement_calib": result.routing_agreement, "seconds": round(time.time() - t0, 2),
            "layers": result.layers}
     if result.rotated_residual:

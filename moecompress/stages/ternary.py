@@ -61,10 +61,12 @@ def plan_of(cfg: TernaryConfig) -> tuple[QuantPlan, dict[str, Any]]:
     # what this stage does not expose runs as the quantize stage's defaults (GPTQ's act order and block size,
     # the calibration balance's ratio and near-miss ranks); no smoothing, rotation or router quantization
     q = QuantizeConfig(damp=cfg.damp, balance=cfg.balance, batch_size=cfg.batch_size)
-    experts = QuantOptions.of(TernaryGrid(rule, cfg.group_size), q, method="gptq" if cfg.method == "gptq" else "rtn")
+    experts = QuantOptions.of(TernaryGrid(rule, cfg.group_size), q, method="gptq" if cfg.method == "gptq" else "rtn",
+                              refit=False, code_sweeps=0)
     others = None
     if cfg.others != "bf16":
-        others = QuantOptions.of(QuantGrid(8 if cfg.others == "int8" else 4, cfg.others_group_size), q, method="gptq")
+        others = QuantOptions.of(QuantGrid(8 if cfg.others == "int8" else 4, cfg.others_group_size), q, method="gptq",
+                                 refit=False, code_sweeps=0)
     plan = QuantPlan.of(q, experts=experts, linears=others, act=None, smooth=False, rotate_intermediate=False)
     meta = {"scheme": f"ternary-{cfg.method}",
             "experts": {"kind": "ternary", "rule": rule, "method": cfg.method, "group_size": cfg.group_size},

@@ -294,7 +294,7 @@ def quantize_model(model, arch: MoEArch, base: list[torch.Tensor], reserve: list
                     q_inter = rotation_matrix(v.experts.stacked("down").shape[2], plan.rotation_seed) \
                         if plan.rotate_intermediate else None
                     entry["experts"] = quantize_experts(v, stats, plan.experts, out.record, f"{block}.{arch.experts}",
-                                                        plan.balance, n_min, q_inter)
+                                                        plan.balance, n_min, plan.rare_experts, q_inter)
                 if plan.router_bits:
                     entry["router"] = quantize_router(v, stats, plan.router_bits, plan.align_router, out.record,
                                                       f"{block}.{arch.router}", plan.align_objective)

@@ -73,16 +73,21 @@ def test_router_alignment_lowers_router_kl():
     assert kl_aligned <= kl_plain and aligned["kl_after"] <= aligned["kl_before"]
 
 
+@pytest.mark.parametrize("rare", ["pooled", "rtn"])
 @torch.no_grad()
-def test_every_expert_is_quantized_even_with_tiny_calibration(tmp_path):
+def test_every_expert_is_quantized_even_with_tiny_calibration(rare, tmp_path):
     model = tiny_moe("mixtral", hot_experts=(0, 1))  # the other experts get almost no tokens
     ctx = _ctx(model, tmp_path, samples=1, seq_len=8)
-    result = STAGES.get("quantize").run(ctx, QuantizeConfig(scheme="w4a16", group_size=8, save_format="fake-quant"))
+    result = STAGES.get("quantize").run(ctx, QuantizeConfig(scheme="w4a16", group_size=8, save_format="fake-quant",
+                                                            rare_experts=rare))
     record = QuantRecord.load(tmp_path)
     arch = ctx.arch
     for view in arch.moe_blocks(model):
         layer = result["layers"][str(view.index)]["experts"]
-        assert len(layer["rtn_fallback"]) > 0  # reported, never silent
+        short = layer["topped_up_pooled"] if rare == "pooled" else layer["rtn_fallback"]
+        assert len(short) > 0 and len(layer["topped_up_pooled" if rare == "rtn" else "rtn_fallback"]) == 0
+        assert sum((result["pooled_experts_per_layer"] if rare == "pooled" else
+                    result["rtn_fallback_experts_per_layer"]).values()) > 0  # reported, never silent
         for proj in ("gate", "up", "down"):
             name = f"model.layers.{view.index}.mlp.experts:{proj}"
             deq = record.dequantize(name, 8)

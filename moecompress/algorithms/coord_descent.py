@@ -1,0 +1,52 @@
+"""Coordinate-descent refinement of GPTQ's codes (QuantEase, Behdin et al. 2023, arXiv:2309.01885).
+
+With the group parameters fixed, the Hessian-weighted error ``(w - w_hat) H (w - w_hat)^T`` of a row is a
+quadratic in each code alone: holding the others, its minimum over the grid is the unconstrained optimum
+``q_j + (D H)_j / H_jj`` (``D = W - W_hat``) rounded to the nearest level and clamped, so a cyclic sweep over
+the columns never increases the error. GPTQ's result is the starting point (QuantEase starts from it too);
+a sweep costs about one GPTQ pass. Alternating sweeps with `algorithms.refit` (scales and zeros for fixed
+codes) is block coordinate descent on the same objective.
+
+Shapes: E experts, O output rows, C input columns, G groups of ``C / G`` columns.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moecompress.algorithms.quant_grid import QuantResult, dequantize
+
+__all__ = ["refine_codes"]
+
+
+@torch.no_grad()
+def refine_codes(W: torch.Tensor, H: torch.Tensor, res: QuantResult, maxq: int, sweeps: int = 1,
+                 damp: float = 0.0) -> QuantResult:
+    """``sweeps`` cyclic passes over the columns of ``W [E, O, C]`` (Hessians ``H [E, C, C]``; an all-zero one
+    counts as the identity) re-choosing each code of ``res`` on its group's fixed grid ``0 .. maxq``."""
+    E, O, C = W.shape
+    G = res.scales.shape[-1]
+    gs = C // G
+    H = H.detach().float().clone()
+    H[H.diagonal(dim1=1, dim2=2).sum(-1) == 0] = torch.eye(C, device=H.device)
+    if damp:
+        H += damp * H.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None] * torch.eye(C, device=H.device)
+    diag = H.diagonal(dim1=1, dim2=2).clone()  # [E, C]
+    live = diag > 0  # a column no token touched (and undamped) has no say in the error: keep its code
+    codes = res.codes.float().clone()
+    scale = res.scales.repeat_interleave(gs, -1)  # [E, O, C]
+    zero = res.zeros.repeat_interleave(gs, -1)
+    Wq = dequantize(codes, scale, zero)
+    P = torch.bmm(W.float() - Wq, H)  # [E, O, C]: (W - W_hat) H
+    safe = torch.where(live, diag, torch.ones_like(diag))
+    for _ in range(sweeps):
+        for j in range(C):
+            target = Wq[:, :, j] + P[:, :, j] / safe[:, None, j]
+            q = torch.clamp(torch.round(target / scale[:, :, j]) + zero[:, :, j], 0, maxq)
+            q = torch.where(live[:, None, j], q, codes[:, :, j])
+            new = (q - zero[:, :, j]) * scale[:, :, j]
+            delta = Wq[:, :, j] - new  # the change of D's column j
+            if bool((delta != 0).any()):
+                P += delta[:, :, None] * H[:, j, None, :]
+                codes[:, :, j], Wq[:, :, j] = q, new
+    return QuantResult(Wq, codes.to(torch.uint8), res.scales, res.zeros, res.loss)
