@@ -127,6 +127,18 @@ def show_quantize(r: dict) -> None:
                  for k, a in zip(r["rtn_fallback_experts_per_layer"], r["routing_topk_agreement_calib"])])
 
 
+def show_ternary(r: dict) -> None:
+    e = r["experts"]
+    how = f"{e['method']} on the {e['rule']} grid" if e["method"] in ("gptq", "rtn") else e["method"]
+    console.print(f"ternary experts by {how} (group {e['group_size']}): {r['zero_fraction']:.1%} zeros; "
+                  f"{r['calibration_windows']} calibration windows in {r['seconds']:.1f} s", soft_wrap=True)
+    per = r.get("per_layer") or {}
+    if per:
+        print_table("Per MoE layer (routed experts)", ["layer", "zeros", "rel. error", "gate/up", "down"],
+                    [[k, f"{d['zero_fraction']:.1%}", f"{d['relative_mse']:.3f}", f"{d['relative_mse_gate_up']:.3f}",
+                      f"{d['relative_mse_down']:.3f}"] for k, d in per.items()])
+
+
 def print_eval(r: dict) -> None:
     base = r.get("baseline")
     cols = ["task", "windows", "ppl"]

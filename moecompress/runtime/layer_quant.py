@@ -62,7 +62,7 @@ def _quantize(W: torch.Tensor, H: torch.Tensor | None, opt: QuantOptions):
     if len(parts) == 1:
         return parts[0]
     return QuantResult(*(None if getattr(parts[0], f) is None else torch.cat([getattr(p, f) for p in parts])
-                         for f in ("weight", "codes", "scales", "zeros", "loss")))
+                         for f in ("weight", "codes", "scales", "zeros", "loss", "neg_scales")))
 
 
 @torch.no_grad()
@@ -210,28 +210,45 @@ def quantize_experts(view: MoEBlockView, stats: LayerStats, opt: QuantOptions, r
             fallback.append(e)
     gate, up = view.experts.stacked("gate")[own].float(), view.experts.stacked("up")[own].float()
     I = gate.shape[1]
-    res = _gathered(_quantize(torch.cat([gate, up], dim=1), H, opt), dist, E)  # gate and up share their input
+    gate_up = torch.cat([gate, up], dim=1)
+    res = _gathered(_quantize(gate_up, H, opt), dist, E)  # gate and up share their input
+    error = {"gate_up": _error(gate_up, res, own, isinstance(opt.grid, TernaryGrid))}
     view.experts.set_stacked("gate", res.weight[:, :I])
     view.experts.set_stacked("up", res.weight[:, I:])
-    record.add(f"{prefix}:gate", res.codes[:, :I], res.scales[:, :I], res.zeros[:, :I])
-    record.add(f"{prefix}:up", res.codes[:, I:], res.scales[:, I:], res.zeros[:, I:])
+    neg = res.neg_scales
+    record.add(f"{prefix}:gate", res.codes[:, :I], res.scales[:, :I], res.zeros[:, :I],
+               None if neg is None else neg[:, :I])
+    record.add(f"{prefix}:up", res.codes[:, I:], res.scales[:, I:], res.zeros[:, I:],
+               None if neg is None else neg[:, I:])
     down = view.experts.stacked("down")[own].float()  # [E_own, H, I]
     Q = None if down_rotation is None else down_rotation.to(down.device, torch.float32)
     if Q is not None:
         down = down @ Q
         Hd = Q.T @ Hd @ Q if Hd.numel() else Hd  # an all-zero Hessian (RTN fallback) stays all-zero
     res = _gathered(_quantize(down, Hd, opt), dist, E)
+    error["down"] = _error(down, res, own, isinstance(opt.grid, TernaryGrid))
     view.experts.set_stacked("down", res.weight if Q is None else res.weight @ Q.T)
-    record.add(f"{prefix}:down", res.codes, res.scales, res.zeros)
-    return {"routed_tokens": [int(c) for c in ex.count], "tokens_used": [int(c) for c in n], "min_tokens": n_min,
+    record.add(f"{prefix}:down", res.codes, res.scales, res.zeros, res.neg_scales)
+    return {"weight_error": error, "routed_tokens": [int(c) for c in ex.count], "tokens_used": [int(c) for c in n], "min_tokens": n_min,
             "topped_up_reserve": reserve_used, "topped_up_near_miss": near_used, "rtn_fallback": fallback}
+
+
+def _error(W: torch.Tensor, res: QuantResult, own: slice, ternary: bool) -> dict[str, float]:
+    """Reconstruction error of this process's experts: relative squared error ``|W - W_hat|^2 / |W|^2`` and, for
+    ternary codes (``t + 1``), the zero fraction."""
+    Wq = res.weight[own]
+    out = {"relative_mse": float(((W - Wq) ** 2).sum() / (W ** 2).sum().clamp(min=1e-30))}
+    if ternary:
+        out["zero_fraction"] = float((res.codes[own] == 1).float().mean())
+    return out
 
 
 def _gathered(res: QuantResult, dist: Dist, E: int) -> QuantResult:
     """Every process's experts of ``res``, in expert order (``res`` itself in one process)."""
     if not dist.active:
         return res
-    return QuantResult(*(dist.gather(t, E) for t in (res.weight, res.codes, res.scales, res.zeros)))
+    neg = None if res.neg_scales is None else dist.gather(res.neg_scales, E)
+    return QuantResult(*(dist.gather(t, E) for t in (res.weight, res.codes, res.scales, res.zeros)), neg_scales=neg)
 
 
 @torch.no_grad()
