@@ -10,7 +10,7 @@ from typing import Any
 from safetensors import SafetensorError, safe_open
 
 from moecompress.errors import MoecompressError
-from moecompress.formats.checkpoint import FORMAT_VERSION, QUANT_METHOD
+from moecompress.formats.checkpoint import QUANT_METHOD, READABLE_VERSIONS
 from moecompress.formats.quant_record import is_record_file
 from moecompress.formats.spec import module_specs
 
@@ -52,9 +52,9 @@ def inspect_dir(directory: str | Path) -> dict[str, Any]:
     total_bytes = sum(b for _, b in tensors.values())
     rows, dense_weights, packed_bytes = [], 0, 0
     if qc.get("quant_method") == QUANT_METHOD:
-        if qc.get("format_version") != FORMAT_VERSION:
+        if qc.get("format_version") not in READABLE_VERSIONS:
             raise MoecompressError(f"unknown moecompress format version {qc.get('format_version')!r}",
-                                   f"this moecompress reads version {FORMAT_VERSION}")
+                                   f"this moecompress reads versions {', '.join(map(str, READABLE_VERSIONS))}")
         for path, spec in sorted(module_specs(qc["modules"]).items()):
             E, O, C = spec.shape
             weights = (3 if spec.type == "experts" else 1) * E * O * C

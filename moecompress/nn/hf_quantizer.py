@@ -18,7 +18,7 @@ from transformers.quantizers import HfQuantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from moecompress.formats.checkpoint import FORMAT_VERSION, QUANT_METHOD, checksum
+from moecompress.formats.checkpoint import QUANT_METHOD, READABLE_VERSIONS, checksum
 from moecompress.formats.spec import ModuleSpec, module_specs
 from moecompress.nn.act_quant import ActQuant
 from moecompress.nn.packed import PackedExperts, PackedLinear
@@ -73,9 +73,10 @@ class MoecompressQuantizer(HfQuantizer):
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         v = getattr(self.quantization_config, "format_version", None)
-        if v != FORMAT_VERSION:
+        if v not in READABLE_VERSIONS:
             raise ValueError(f"moecompress packed format version {v!r} is not supported (this moecompress reads "
-                             f"version {FORMAT_VERSION}); upgrade moecompress or re-pack the model")
+                             f"versions {', '.join(map(str, READABLE_VERSIONS))}); upgrade moecompress or re-pack "
+                             "the model")
 
     def _process_model_before_weight_loading(self, model, **kwargs: Any):
         with torch.device("meta"):
