@@ -76,7 +76,7 @@ def model_size(source: ModelSource | LoadedModel, modified: bool = False) -> dic
     params = sum(t.numel() for t in unique.values())
     size = params * per
     return {"params": params, "size_bytes": size, "bits_per_param": 8 * size / max(1, params),
-            "size_source": f"estimated ({str(dtype).replace('torch.', '')})"}
+            "expert_bits_per_weight": None, "size_source": f"estimated ({str(dtype).replace('torch.', '')})"}
 
 
 # ---------------------------------------------------------------------------------------------- routing

@@ -11,9 +11,10 @@ Packed tensors, with local names (the checkpoint prefixes them with the weight's
   codes {-1, 0, 1}), ``scale`` float16; value ``t * scale``.
 * ``ternary-b3``: ``trits`` uint8 ``[E, O, ceil(C/5)]``, five trits per byte (GGUF TQ1_0's base-3 encoding),
   ``scale`` float16; value ``t * scale``. 1.6 bits per weight + 16 / group for the scales.
-* ``ternary-dict`` (version 2): QMoE's dictionary code (formats/dictcode.py): ``dict`` int32 ``[N, 2]``,
-  ``codewords`` uint16 ``[n]``, ``row_index`` int32 ``[E O + 1]``, ``scale`` float16; below 1 bit per weight
-  at about 90 % zeros, more than base 3 below about 70 %.
+* ``ternary-dict`` (version 2): QMoE's dictionary code (formats/dictcode.py): ``dict`` int32 ``[10]`` (the
+  dictionary's size and its nine integer symbol costs: the table itself is rebuilt from them), ``codewords``
+  uint16 ``[n]``, ``row_index`` int32 ``[E O + 1]``, ``scale`` float16; below 1 bit per weight at about 90 %
+  zeros, more than base 3 below about 70 %.
 
 Ternary weights of two-level grids (QMoE's ``{min, 0, max}``; the module's ``symmetric`` is false) also carry
 ``scale_neg`` float16 ``[E, O, G]``: ``t = 1`` is ``scale``, ``t = -1`` is ``-scale_neg``.
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from moecompress.formats.bitpack import pack_bits, pack_trits, packed_width, unpack_bits, unpack_trits
-from moecompress.formats.dictcode import dict_decode, pick_and_encode
+from moecompress.formats.dictcode import dict_decode, dict_table, pick_and_encode
 from moecompress.registry import Registry
 
 __all__ = ["CODECS", "Codec", "decode", "encode", "encoded_bits_per_weight", "packed_bits_per_weight"]
@@ -89,7 +90,7 @@ def decode(codec: str, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     E, O, C = (int(v) for v in tensors["shape"])
     scale = tensors["scale"].float()
     if c.dict:
-        t = dict_decode(tensors["codewords"], tensors["row_index"], tensors["dict"], E * O, C).view(E, O, C)
+        t = dict_decode(tensors["codewords"], tensors["row_index"], dict_table(tensors["dict"]), E * O, C).view(E, O, C)
         return t.to(torch.int64) + 1, scale, torch.ones_like(scale)
     if c.ternary:
         t = unpack_trits(tensors["trits"], C) if c.base3 else unpack_bits(tensors["packed"], 2, C).to(torch.int64) - 2

@@ -21,15 +21,15 @@ uint16 codewords, each standing for a variable-length run of ternary weights.
 
 from __future__ import annotations
 
-import heapq
+import functools
 import math
 
 import torch
 
 from moecompress.kernels.reference import dict_decode, dict_entry_lengths
 
-__all__ = ["MAX_PAIRS", "build_dictionary", "check_stream", "dict_decode", "encode_rows", "pair_symbols",
-           "pick_and_encode"]
+__all__ = ["MAX_PAIRS", "build_dictionary", "check_stream", "dict_decode", "dict_table", "encode_rows", "pair_symbols",
+           "pick_and_encode", "symbol_costs"]
 
 MAX_PAIRS = 14  # pairs per codeword (28 trits: two 32-bit words of 2-bit digits after a 4-bit length)
 SIZES = (1 << 8, 1 << 10, 1 << 12, 1 << 14, 1 << 16)
@@ -44,43 +44,98 @@ def pair_symbols(t: torch.Tensor) -> torch.Tensor:
     return d[:, 0::2] + 3 * d[:, 1::2]
 
 
-def build_dictionary(counts: torch.Tensor, size: int = 1 << 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``size`` most probable pair sequences for symbol ``counts [9]`` (best-first; ties by sequence).
+def symbol_costs(counts: torch.Tensor) -> torch.Tensor:
+    """Integer code lengths ``[9]`` int32 of the pair symbols in sixteenths of a bit: ``round(16 * -log2 p)``
+    clamped to 1..1023, with ``p`` the measured frequencies (+0.5 each: every symbol possible). The checkpoint
+    stores these nine integers; the dictionary is a function of them (`build_dictionary`), computed in integer
+    arithmetic only, so every machine rebuilds the same table."""
+    c = counts.double().cpu() + 0.5
+    return (-(c / c.sum()).log2() * 16).round().clamp(1, 1023).to(torch.int32)
 
-    Returns ``(dec [size, 2] int32, parent [size] int64)``: the decode table and each entry's trie parent (-1 for a
-    single pair); entries are in expansion order, so the first ``n`` of them are the dictionary of size ``n``."""
+
+def _threshold(costs: torch.Tensor, need: int) -> tuple[int, int]:
+    """``(T, room)``: the cost of the ``need``-th cheapest sequence of 2..14 pairs, and how many sequences costing
+    exactly ``T`` are taken (counted exactly by dynamic programming over integer costs)."""
+    top = int(costs.max()) * MAX_PAIRS + 1
+    count = torch.zeros(top, dtype=torch.int64)
+    count.index_add_(0, costs, torch.ones(9, dtype=torch.int64))  # length 1
+    longer = torch.zeros(top, dtype=torch.int64)
+    for _ in range(MAX_PAIRS - 1):
+        nxt = torch.zeros(top, dtype=torch.int64)
+        for c in costs.tolist():
+            nxt[c:] += count[:top - c]
+        count = nxt
+        longer += count
+    cum = longer.cumsum(0)
+    T = int(torch.searchsorted(cum, torch.tensor([need]), right=False)[0])
+    return T, need - (int(cum[T - 1]) if T > 0 else 0)
+
+
+def build_dictionary(costs: torch.Tensor, size: int = 1 << 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``size`` cheapest pair sequences (1..14 pairs; sequence cost = the sum of its symbols' ``costs [9]``):
+    the 9 single pairs, then the ``size - 9`` cheapest longer sequences, ties at the threshold broken by (length,
+    parent, symbol). Every symbol costs at least 1, so a sequence costs more than its prefix and the set is
+    prefix-closed.
+
+    Returns ``(dec [size, 2] int32, parent [size] int64)``, entries level by level (by parent, then symbol); the
+    parent of a single pair is -1. Integer arithmetic only: deterministic on every device and platform."""
     if not 9 <= size <= 1 << 16:
         raise ValueError(f"a dictionary holds 9 .. 65536 entries, not {size}")
-    c = counts.double().cpu() + 0.5  # every symbol possible (a row may hold any)
-    logp = (c / c.sum()).log().tolist()
-    # heap items (-log p, parent entry, symbol): deterministic ties; the 9 single pairs come first
-    singles = sorted((-logp[s], -1, s) for s in range(9))
-    heap: list = []
-    parents, w0, w1, lens = [], [], [], []
-    while len(parents) < size:
-        nlp, parent, sym = singles.pop(0) if singles else heapq.heappop(heap)
-        if parent < 0:
-            a, b, n = 0, 0, 0
-        else:
-            a, b, n = w0[parent], w1[parent], lens[parent]
-        for j, d in enumerate((sym % 3, sym // 3)):
-            t = 2 * n + j
-            if t < 14:
-                a |= d << (4 + 2 * t)
-            else:
-                b |= d << (4 + 2 * (t - 14))
-        me = len(parents)
-        parents.append(parent)
-        w0.append(a)
-        w1.append(b)
-        lens.append(n + 1)
-        if n + 1 < MAX_PAIRS:
-            for s in range(9):
-                heapq.heappush(heap, (nlp - logp[s], me, s))
-    L = torch.tensor(lens, dtype=torch.int64)
-    dec = torch.stack([torch.tensor(w0, dtype=torch.int64) | L, torch.tensor(w1, dtype=torch.int64) | L], dim=1)
+    costs = costs.to(torch.int64).cpu().reshape(9)
+    if bool((costs < 1).any()) or bool((costs > 1023).any()):
+        raise ValueError("symbol costs must be 1..1023")
+    need = size - 9
+    T, room = _threshold(costs, need) if need else (-1, 0)
+    levels = [(costs.clone(), torch.full((9,), -1, dtype=torch.int64), torch.arange(9))]
+    for _ in range(MAX_PAIRS - 1 if need else 0):
+        prev = levels[-1][0]
+        cost = (prev[:, None] + costs[None, :]).reshape(-1)
+        keep = cost <= T
+        if not bool(keep.any()):
+            break
+        parent = torch.arange(prev.numel()).repeat_interleave(9)[keep]
+        sym = torch.arange(9).repeat(prev.numel())[keep]
+        levels.append((cost[keep], parent, sym))
+    # every longer sequence below T, then ties at T in (level, parent, symbol) order
+    words = [torch.zeros(9, 2, dtype=torch.int64)]
+    d0, d1 = torch.arange(9) % 3, torch.arange(9) // 3
+    words[0][:, 0] = 1 | (d0 << 4) | (d1 << 6)
+    words[0][:, 1] = 1
+    parents = [torch.full((9,), -1, dtype=torch.int64)]
+    index = torch.arange(9)  # final index of each entry of the previous level (-1: not taken)
+    offset = 9
+    for L, (cost, parent, sym) in enumerate(levels[1:], start=2):
+        take = (cost < T) & (index[parent] >= 0)
+        tie = (cost == T) & (index[parent] >= 0)
+        if room > 0:
+            n_tie = torch.cumsum(tie.to(torch.int64), 0)
+            take_tie = tie & (n_tie <= room)
+            room -= int(take_tie.sum())
+            take = take | take_tie
+        # this level's entries in (parent final index, symbol) order
+        p_final = index[parent]
+        order = torch.argsort(p_final * 9 + sym)
+        take_o = take[order]
+        sel = order[take_o]
+        new_index = torch.full((cost.numel(),), -1, dtype=torch.int64)
+        new_index[sel] = torch.arange(offset, offset + sel.numel())
+        pw = torch.cat(words)[p_final[sel]].clone()  # parent's words, extended by one pair
+        for j, d in enumerate((sym[sel] % 3, sym[sel] // 3)):
+            t = 2 * (L - 1) + j
+            pw[:, t // 14] |= d << (4 + 2 * (t % 14))
+        pw[:, 0] = (pw[:, 0] & ~15) | L
+        pw[:, 1] = (pw[:, 1] & ~15) | L
+        words.append(pw)
+        parents.append(p_final[sel])
+        offset += sel.numel()
+        index = new_index
+        if sel.numel() == 0:
+            break
+    dec = torch.cat(words)
+    if dec.shape[0] != size:
+        raise RuntimeError(f"dictionary construction gave {dec.shape[0]} entries, not {size}")
     dec = torch.where(dec >= 1 << 31, dec - (1 << 32), dec).to(torch.int32)
-    return dec, torch.tensor(parents, dtype=torch.int64)
+    return dec, torch.cat(parents)
 
 
 def _transitions(dec: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
@@ -127,33 +182,47 @@ def encode_rows(pairs: torch.Tensor, nxt: torch.Tensor, size: int) -> tuple[torc
     return codes[order], row_index
 
 
+@functools.lru_cache(maxsize=64)
+def _table(key: tuple[int, ...]) -> torch.Tensor:
+    return build_dictionary(torch.tensor(key[1:]), key[0])[0]
+
+
+def dict_table(header: torch.Tensor) -> torch.Tensor:
+    """The decode table ``[N, 2]`` int32 of a stored dictionary ``header`` (``dict`` int32 ``[10]``: ``N``, then the
+    nine symbol costs), built on the CPU (cached) and returned on the header's device. Reads the header on the
+    host."""
+    key = tuple(int(v) for v in header.cpu().tolist())
+    if len(key) != 10 or not 9 <= key[0] <= 1 << 16 or min(key[1:]) < 1:
+        raise ValueError(f"a dictionary header is [entries 9..65536, nine positive costs], not {list(key)}")
+    return _table(key).to(header.device)
+
+
 def pick_and_encode(t: torch.Tensor, sizes=SIZES) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Encode ternary rows ``t [R, C]`` with the dictionary size (among ``sizes``) that gives the fewest bytes
-    (2 per codeword, 8 per dictionary entry). Returns ``(dict [N, 2] int32, codewords [n] uint16,
-    row_index [R + 1] int32)``."""
+    """Encode ternary rows ``t [R, C]`` with the largest dictionary that pays (``sizes``: larger tables give
+    longer codewords; the stored dictionary is 40 bytes whatever its size, so the largest is the smallest
+    stream except on tiny weights, where it is chosen on the rows themselves). Returns ``(dict [10] int32 =
+    (N, nine symbol costs), codewords [n] uint16, row_index [R + 1] int32)``."""
     pairs = pair_symbols(t)
-    counts = torch.bincount(pairs.reshape(-1), minlength=9)
-    # a dictionary of 8 N bytes never pays beyond about a quarter of the weight's bits at 1 bit per weight
-    limit = max(min(sizes), t.numel() // 32)
-    sizes = [n for n in sizes if n <= limit] or [min(sizes)]
-    biggest = max(sizes)
-    dec, parent = build_dictionary(counts, biggest)
-    nxt = _transitions(dec, parent)
+    costs = symbol_costs(torch.bincount(pairs.reshape(-1), minlength=9))
     R = pairs.shape[0]
-    sample = pairs[torch.linspace(0, R - 1, min(R, 256)).round().long()] if R > 256 else pairs
+    sample = pairs[torch.linspace(0, R - 1, min(R, 64)).round().long()] if R > 64 else pairs
     best = None
-    for n in sorted(sizes):  # the size is chosen on up to 256 evenly spaced rows, then the whole weight encoded
-        codes, _ = encode_rows(sample, nxt, n)
-        cost = 2 * codes.numel() * R / sample.shape[0] + 8 * n
-        if best is None or cost < best[0]:
-            best = (cost, n)
-        elif cost > best[0] * 1.05:  # larger tables only cost more from here on
-            break
+    for n in sorted(sizes, reverse=True)[:2] if pairs.numel() > 1 << 14 else sorted(sizes):
+        dec, parent = _table_with_parents(costs, n)
+        codes, _ = encode_rows(sample, _transitions(dec, parent), n)
+        if best is None or codes.numel() < best[0]:
+            best = (codes.numel(), n)
     n = best[1]
-    codes, row_index = encode_rows(pairs, nxt, n)
+    dec, parent = _table_with_parents(costs, n)
+    codes, row_index = encode_rows(pairs, _transitions(dec, parent), n)
     if row_index[-1] >= 1 << 31:
         raise ValueError("more than 2^31 codewords in one weight; split it")
-    return dec[:n].clone(), codes.to(torch.uint16), row_index.to(torch.int32)
+    header = torch.cat([torch.tensor([n], dtype=torch.int32), costs])
+    return header, codes.to(torch.uint16), row_index.to(torch.int32)
+
+
+def _table_with_parents(costs: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return build_dictionary(costs, n)
 
 
 def check_stream(codewords: torch.Tensor, row_index: torch.Tensor, dec: torch.Tensor, rows: int,
@@ -162,7 +231,7 @@ def check_stream(codewords: torch.Tensor, row_index: torch.Tensor, dec: torch.Te
     ``rows + 1`` non-decreasing entries from 0 to the number of codewords, every codeword must name a dictionary
     entry, and every row must decode to exactly ``ceil(columns / 2)`` pairs."""
     if dec.dim() != 2 or dec.shape[1] != 2 or not 9 <= dec.shape[0] <= 1 << 16:
-        return f"the dictionary has shape {list(dec.shape)}, not [9..65536, 2]"
+        return f"the decode table has shape {list(dec.shape)}, not [9..65536, 2]"
     if row_index.dim() != 1 or row_index.numel() != rows + 1:
         return f"the row index has {row_index.numel()} entries, not {rows + 1} (truncated)"
     ri = row_index.to(torch.int64).cpu()

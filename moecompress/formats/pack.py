@@ -125,7 +125,7 @@ class PackedWriter:
                 for local, t in enc.items():
                     packed[f"{path}.{p}_{local}"] = t
                 if "codewords" in enc:
-                    lengths[p] = (enc["codewords"].numel(), enc["dict"].shape[0])
+                    lengths[p] = (enc["codewords"].numel(), int(enc["dict"][0]))
                 b = info.biases.get(p)
                 if b is not None:
                     sd[f"{path}.{p}_bias"] = b.detach().to(self.stored).contiguous()

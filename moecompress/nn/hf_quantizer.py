@@ -22,7 +22,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from moecompress.formats.checkpoint import QUANT_METHOD, READABLE_VERSIONS, checksum
 from moecompress.formats.codecs import CODECS
-from moecompress.formats.dictcode import check_stream
+from moecompress.formats.dictcode import check_stream, dict_table
 from moecompress.formats.spec import PROJS, ModuleSpec, module_specs
 from moecompress.nn.act_quant import ActQuant
 from moecompress.nn.packed import PackedExperts, PackedLinear
@@ -81,8 +81,16 @@ def verify_streams(model: torch.nn.Module) -> None:
             if not CODECS.get(m.codecs[p]).dict:
                 continue
             E, O, C = m.num_experts, *((m.hidden, m.intermediate) if p == "down" else (m.intermediate, m.hidden))
-            why = check_stream(getattr(m, f"{p}_codewords"), getattr(m, f"{p}_row_index"), getattr(m, f"{p}_dict"),
-                               E * O, C)
+            header = getattr(m, f"{p}_dict")
+            entries = (m.spec.dict_sizes or {}).get(p, (0, 0))[1]
+            if int(header[0]) != entries:
+                why = f"the dictionary has {int(header[0])} entries, the config says {entries}"
+            else:
+                try:
+                    why = check_stream(getattr(m, f"{p}_codewords"), getattr(m, f"{p}_row_index"), dict_table(header),
+                                       E * O, C)
+                except ValueError as e:
+                    why = str(e)
             if why:
                 raise ValueError(f"packed tensor {name}.{p}: {why}; the checkpoint is corrupt, re-pack the model")
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from moecompress.algorithms.moe_math import ExpertWeights, glu
 from moecompress.formats.codecs import CODECS
+from moecompress.formats.dictcode import dict_table
 from moecompress.formats.spec import PROJS, ModuleSpec
 from moecompress.kernels import dispatch
 from moecompress.models.calls import experts_call_args
@@ -38,7 +39,7 @@ def _buffers(module: nn.Module, prefix: str, codec: str, shape: tuple[int, int, 
         n, N = lengths
         module.register_buffer(f"{prefix}_codewords", torch.zeros(n, dtype=torch.uint16))
         module.register_buffer(f"{prefix}_row_index", torch.zeros(E * O + 1, dtype=torch.int32))
-        module.register_buffer(f"{prefix}_dict", torch.zeros(N, 2, dtype=torch.int32))
+        module.register_buffer(f"{prefix}_dict", torch.zeros(10, dtype=torch.int32))  # N and the symbol costs
     elif c.base3:
         module.register_buffer(f"{prefix}_trits", torch.zeros(E, O, (C + 4) // 5, dtype=torch.uint8))
     else:
@@ -75,8 +76,23 @@ def _args(codec: str, t: dict[str, torch.Tensor], columns: int | None = None) ->
     return c.bits, c.ternary, c.base3, (t["trits"] if c.base3 else t["packed"]), t["scale"], zero, columns
 
 
+_TABLES: dict = {}
+
+
+def decode_table(header: torch.Tensor) -> torch.Tensor:
+    """The decode table of a ``ternary-dict`` header, on the header's device; built once per (header, device)
+    (the first forward pass reads the 10-int header on the host; later calls do not)."""
+    key = (header.data_ptr(), header.device, header._version)  # a changed or moved header is a new key
+    table = _TABLES.get(key)
+    if table is None:
+        if len(_TABLES) > 4096:
+            _TABLES.clear()
+        table = _TABLES[key] = dict_table(header)
+    return table
+
+
 def _dict_args(t: dict[str, torch.Tensor]) -> tuple:
-    return t["codewords"], t["row_index"], t["dict"], t["scale"], t.get("scale_neg")
+    return t["codewords"], t["row_index"], decode_table(t["dict"]), t["scale"], t.get("scale_neg")
 
 
 def _codec_key(codec: str, symmetric: bool = True) -> tuple:
