@@ -207,7 +207,8 @@ def pick_and_encode(t: torch.Tensor, sizes=SIZES) -> tuple[torch.Tensor, torch.T
     R = pairs.shape[0]
     sample = pairs[torch.linspace(0, R - 1, min(R, 64)).round().long()] if R > 64 else pairs
     best = None
-    for n in sorted(sizes, reverse=True)[:2] if pairs.numel() > 1 << 14 else sorted(sizes):
+    sizes = [n for n in sizes if n <= 4 * pairs.numel()] or [min(sizes)]  # no more entries than a weight can use
+    for n in sorted(sizes, reverse=True)[:2]:
         dec, parent = _table_with_parents(costs, n)
         codes, _ = encode_rows(sample, _transitions(dec, parent), n)
         if best is None or codes.numel() < best[0]:
@@ -222,7 +223,12 @@ def pick_and_encode(t: torch.Tensor, sizes=SIZES) -> tuple[torch.Tensor, torch.T
 
 
 def _table_with_parents(costs: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return build_dictionary(costs, n)
+    return _cached_build(tuple(int(c) for c in costs.tolist()), n)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_build(costs: tuple[int, ...], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return build_dictionary(torch.tensor(costs), n)
 
 
 def check_stream(codewords: torch.Tensor, row_index: torch.Tensor, dec: torch.Tensor, rows: int,
