@@ -372,6 +372,8 @@ def quantize(
     rotate: Annotated[bool, typer.Option("--rotate", help="Rotate the residual stream (QuaRot; RMSNorm models).")] = False,
     fake_quant: Annotated[bool, typer.Option("--fake-quant", help="Write dequantized bf16 weights and the record "
                                                                   "instead of the packed format.")] = False,
+    codec: Annotated[str, typer.Option(help="Packed codec: auto (the scheme's int<b>); ternary codecs need "
+                                       "`moecompress ternary`.")] = "auto",
     tasks: TasksOpt = None,
     data: DataOpt = None,
     samples: Annotated[int, typer.Option(help="Calibration windows per task.")] = 32,
@@ -391,7 +393,7 @@ def quantize(
                  "symmetric": symmetric, "smooth": smooth,
                  "smooth_alpha": smooth_alpha, "router_bits": router_bits, "align_router": align_router,
                  "align_objective": align_objective, "balance": balance, "rotate_intermediate": rotate_intermediate,
-                 "rotate": rotate, "save_format": "fake-quant" if fake_quant else "packed"}
+                 "rotate": rotate, "save_format": "fake-quant" if fake_quant else "packed", "codec": codec}
         recipe = validate_command("quantize", model, _calibration(tasks, data, samples, seq_len, seed), stage,
                                   {"save_format": "--fake-quant"}, _run(device, dtype, offload_hidden))
         result = run_pipeline(recipe, output=output, force=force, progress=RichProgress())
