@@ -17,7 +17,7 @@ differences (benchmarks/quantize_demo.py's helpers), and the routed experts' bit
 
 Usage::
 
-    python benchmarks/ternary_dict_demo.py [--samples 16] [--part storage|quality|all]
+    python benchmarks/ternary_dict_demo.py [--samples 16] [--eval-windows N] [--part storage|quality|all]
     # writes benchmarks/results/ternary_dict_demo.json
 """
 
@@ -78,29 +78,30 @@ def storage(out: dict) -> None:
                                 "points": rows}
 
 
-CONFIGS = [  # (label, stage)
+CONFIGS = [  # (label, stage), in the order they run
     ("qmoe t=0.5 (GPTQ, auto)", {"stage": "ternary", "grid": "qmoe", "codec": "auto"}),
-    ("qmoe t=0.6 (GPTQ, auto)", {"stage": "ternary", "grid": "qmoe", "threshold": 0.6, "codec": "auto"}),
-    ("qmoe t=0.7 (GPTQ, auto)", {"stage": "ternary", "grid": "qmoe", "threshold": 0.7, "codec": "auto"}),
-    ("qmoe t=0.5 (RTN, auto)", {"stage": "ternary", "method": "rtn", "grid": "qmoe", "codec": "auto"}),
     ("GPTQ-ternary twn (b3)", {"stage": "ternary", "codec": "ternary-b3"}),
     ("W2A16 GPTQ g128", {"stage": "quantize", "scheme": "w2a16"}),
-    ("W3A16 GPTQ g128", {"stage": "quantize", "scheme": "w3a16"}),
+    ("qmoe t=0.7 (GPTQ, auto)", {"stage": "ternary", "grid": "qmoe", "threshold": 0.7, "codec": "auto"}),
     ("W4A16 GPTQ g128", {"stage": "quantize", "scheme": "w4a16"}),
+    ("W3A16 GPTQ g128", {"stage": "quantize", "scheme": "w3a16"}),
+    ("qmoe t=0.6 (GPTQ, auto)", {"stage": "ternary", "grid": "qmoe", "threshold": 0.6, "codec": "auto"}),
+    ("qmoe t=0.5 (RTN, auto)", {"stage": "ternary", "method": "rtn", "grid": "qmoe", "codec": "auto"}),
 ]
 
 
-def quality(out: dict, samples: int, only: set[str] | None, path: Path) -> None:
+def quality(out: dict, samples: int, only: set[str] | None, path: Path, per_task: int) -> None:
     base_model = load_model()
     tok, arch = base_model.tokenizer, base_model.arch
     tasks = bundled_tasks()
-    evw = {t: token_windows(tok, read_documents(t, "eval"), 256) for t in tasks}
+    evw = {t: token_windows(tok, read_documents(t, "eval"), 256)[:per_task] for t in tasks}
     windows = torch.cat([evw[t] for t in tasks])
     owners = torch.cat([torch.full((len(evw[t]),), i) for i, t in enumerate(tasks)])
     base = evaluate(base_model.model, arch, windows)
     out["quality"]["base_ppl"] = {t: float(base[0][owners == i].mean().exp()) for i, t in enumerate(tasks)}
     out["quality"]["eval_windows"] = {t: len(w) for t, w in evw.items()}
     out["quality"]["calibration"] = {"windows_per_task": samples, "seq_len": 256}
+    out["quality"]["command"] = " ".join(sys.argv)
     work = Path(tempfile.mkdtemp())
     runs = out["quality"].setdefault("runs", [])
     for label, stage in CONFIGS:
@@ -128,6 +129,7 @@ def quality(out: dict, samples: int, only: set[str] | None, path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--eval-windows", type=int, default=10 ** 9, help="held-out windows per task (default: all)")
     ap.add_argument("--part", choices=("storage", "quality", "all"), default="all")
     ap.add_argument("--configs", default=None, help="comma-separated config labels to (re)run")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "ternary_dict_demo.json")
@@ -140,7 +142,8 @@ def main() -> None:
         storage(out)
         args.out.write_text(json.dumps(out, indent=1) + "\n")
     if args.part in ("quality", "all"):
-        quality(out, args.samples, None if args.configs is None else set(args.configs.split(",")), args.out)
+        quality(out, args.samples, None if args.configs is None else set(args.configs.split(",")), args.out,
+                args.eval_windows)
     args.out.write_text(json.dumps(out, indent=1) + "\n")
 
 
