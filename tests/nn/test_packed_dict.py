@@ -133,3 +133,23 @@ def test_ternary_codec_on_an_integer_scheme_is_one_line(tmp_path):
 def test_grid_conflicting_with_method(tmp_path):
     with pytest.raises(MoecompressError, match="cannot use --grid qmoe"):
         _run("mixtral", tmp_path / "y", method="twn")
+
+
+def test_version_1_checkpoint_still_loads(mixtral, tmp_path):
+    """A checkpoint written before version 2 (same tensors, ``format_version: 1``) loads unchanged."""
+    d = tmp_path / "v1"
+    shutil.copytree(mixtral / "ternary-b3", d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"]["format_version"] = 1
+    for spec in cfg["quantization_config"]["modules"].values():  # version 1 had symmetric ternary only
+        spec["symmetric"] = True
+    sd = load_file(str(d / "model.safetensors"))
+    for k in [k for k in sd if k.endswith("_scale_neg")]:
+        del sd[k]
+        del cfg["quantization_config"]["checksums"][k]
+    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    (d / "config.json").write_text(json.dumps(cfg))
+    m = load_model(str(d))
+    assert inspect_dir(d)["format"] == "moecompress v1"
+    x = torch.randint(0, 256, (1, 6))
+    assert torch.isfinite(m.model(input_ids=x).logits).all()
