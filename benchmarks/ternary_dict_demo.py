@@ -62,15 +62,15 @@ def storage_point(weights: list[torch.Tensor], threshold: float) -> dict:
             **{f"bits_{k}": v / n for k, v in bits.items()}}
 
 
-def storage(out: dict) -> None:
+def storage(out: dict, thresholds) -> None:
     demo = load_model()
     weights = [v.experts.stacked(p).detach() for v in demo.arch.moe_blocks(demo.model) for p in ("gate", "up", "down")]
     g = torch.Generator().manual_seed(0)
     synth = [torch.randn(1, 1024, 4096, generator=g) * 0.02, torch.randn(1, 1024, 4096, generator=g) * 0.02,
              torch.randn(1, 512, 14336, generator=g) * 0.02]
-    for name, ws in (("demo", weights), ("gaussian", synth)):
+    for name, ws in (("gaussian", synth), ("demo", weights)):
         rows = []
-        for th in THRESHOLDS:
+        for th in thresholds:
             t0 = time.time()
             rows.append({**storage_point(ws, th), "seconds": round(time.time() - t0, 1)})
             print(name, json.dumps(rows[-1]), flush=True)
@@ -129,6 +129,7 @@ def quality(out: dict, samples: int, only: set[str] | None, path: Path, per_task
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--thresholds", default=",".join(map(str, THRESHOLDS)), help="storage part: QMoE thresholds")
     ap.add_argument("--eval-windows", type=int, default=10 ** 9, help="held-out windows per task (default: all)")
     ap.add_argument("--part", choices=("storage", "quality", "all"), default="all")
     ap.add_argument("--configs", default=None, help="comma-separated config labels to (re)run")
@@ -139,7 +140,7 @@ def main() -> None:
     out.setdefault("storage", {})
     out.setdefault("quality", {})
     if args.part in ("storage", "all"):
-        storage(out)
+        storage(out, [float(v) for v in args.thresholds.split(",")])
         args.out.write_text(json.dumps(out, indent=1) + "\n")
     if args.part in ("quality", "all"):
         quality(out, args.samples, None if args.configs is None else set(args.configs.split(",")), args.out,
