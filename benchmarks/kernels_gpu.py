@@ -22,7 +22,9 @@ What it does, in order (each section records what it skipped if the time budget 
    transformers' eager experts do) and ``torch._grouped_mm`` (bf16; sm_90) when available.
 5. **CUDA graph capture** of the packed MoE layer (Triton and torch backends, decode and sorted routing):
    captured after one warm-up call, replayed on new inputs, compared with eager.
-6. **End to end**: decode tokens/s of a synthetic Mixtral-shaped model (transformers, random weights,
+6. **ternary-dict** (QMoE's sub-1-bit code): the fused decoder vs the base-3 kernel vs cuBLAS bf16 at
+   Mixtral-8x7B expert shapes, batch 1 (target: within 1.5x of base 3), and its error against the reference.
+7. **End to end**: decode tokens/s of a synthetic Mixtral-shaped model (transformers, random weights,
    ``--e2e-layers`` layers) in bf16 and with its experts packed (int4, ``PackedExperts``), batch 1.
 
 Targets reported pass/fail in ``targets``: decode M=1 4096x14336 int4 >= 2.5x faster than fp16 cuBLAS;
@@ -84,12 +86,13 @@ def import_kernels():
             m = types.ModuleType(name)
             m.__path__ = [str(ROOT / "moecompress" / sub)]
             sys.modules[name] = m
-    from moecompress.formats import bitpack
+    from moecompress.formats import bitpack, dictcode
     from moecompress.kernels import aot, dispatch, reference, routing
     from moecompress.kernels import triton_dequant as td
+    from moecompress.kernels import triton_dict
 
     return types.SimpleNamespace(td=td, dispatch=dispatch, reference=reference, routing=routing, aot=aot,
-                                 bitpack=bitpack)
+                                 bitpack=bitpack, dictcode=dictcode, tdict=triton_dict)
 
 
 # ------------------------------------------------------------------------------------------------- timing
@@ -334,6 +337,47 @@ def gemm_timings(k, budget: Budget, bandwidth: float, shapes, ms) -> list[dict]:
     return rows
 
 
+def dict_timings(k, budget: Budget, bandwidth: float) -> list[dict]:
+    """The fused ternary-dict decoder (QMoE's code; 88.5 % zeros, two fp16 scales per row) against the base-3
+    kernel (symmetric, one scale per row) and cuBLAS bf16, Mixtral-8x7B expert shapes, batch 1 (CUDA graphs);
+    also its error against the torch reference."""
+    rows = []
+    for sname, (K, N) in (("mixtral-w1", (4096, 14336)), ("mixtral-w2", (14336, 4096))):
+        if not budget.ok(60):
+            rows.append({"shape": sname, "skipped": "time budget"})
+            continue
+        g = torch.Generator().manual_seed(0)
+        u = torch.rand(N, K, generator=g)
+        t = torch.where(u < 0.885, 0, torch.where(u < 0.9425, -1, 1))
+        t0 = time.time()
+        header, cw, ri = k.dictcode.pick_and_encode(t)
+        enc_s = time.time() - t0
+        dec = k.dictcode.dict_table(header).cuda()
+        cw, ri = cw.cuda(), ri.cuda()
+        s = (torch.rand(1, N, 1, generator=g) * 0.02 + 0.005).half().cuda()
+        sn = (torch.rand(1, N, 1, generator=g) * 0.02 + 0.005).half().cuda()
+        trits = k.bitpack.pack_trits(t)[None].cuda()
+        wbf = k.reference.dict_dequantize(cw, ri, dec, s, sn, K, torch.bfloat16)[0]
+        x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+        fn_dict = lambda: k.tdict.dict_matmul(x, cw, ri, dec, s, sn, K)  # noqa: E731
+        fn_b3 = lambda: k.td.packed_matmul(x, 8, True, True, trits, s, None, K)  # noqa: E731
+        want = x.float() @ wbf.float().T
+        got = fn_dict()
+        err = float((got - want).abs().max() / want.abs().max())
+        fn_b3()  # autotunes before capture
+        tg = {"dict": time_graph(fn_dict), "b3": time_graph(fn_b3), "bf16": time_graph(lambda: x @ wbf.T)}
+        dict_bytes = cw.numel() * 2 + ri.numel() * 4 + 2 * 2 * N
+        rows.append({"shape": sname, "K": K, "N": N, "M": 1, "encode_seconds": round(enc_s, 1),
+                     "dict_bits_per_weight": 8 * (dict_bytes + 40) / (N * K),
+                     "b3_bits_per_weight": 8 * (trits.numel() + 2 * N) / (N * K), "rel_err": err,
+                     "ok": err <= TOL["bf16"], **{f"{n}_graph": v for n, v in tg.items()},
+                     "dict_vs_b3": tg["dict"] / tg["b3"], "dict_vs_bf16": tg["dict"] / tg["bf16"],
+                     "dict_bandwidth_limit": dict_bytes / bandwidth / 1e9})
+        print(f"  ternary-dict {sname}: {tg['dict'] * 1e6:.1f} us, base 3 {tg['b3'] * 1e6:.1f} us, "
+              f"bf16 {tg['bf16'] * 1e6:.1f} us, err {err:.1e}", flush=True)
+    return rows
+
+
 def _packed_layer(k, E, H, I, codec, seed=0):
     return {p: random_packed(codec, E, *shape, "cuda", seed=i)
             for i, (p, shape) in enumerate((("gate", (I, H)), ("up", (I, H)), ("down", (H, I))))}
@@ -573,6 +617,10 @@ def targets(res: dict) -> dict:
     if g:
         t["grouped_8e_top2_T1-16_>=2x_bf16_loop"] = {"speedups": {r["T"]: r["speedup_vs_loop_eager"] for r in g},
                                                      "pass": all(r["speedup_vs_loop_eager"] >= 2 for r in g)}
+    for r in res.get("ternary_dict", []) if isinstance(res.get("ternary_dict"), list) else []:
+        if "dict_vs_b3" in r:
+            t[f"ternary_dict_{r['shape']}_M1_within_1.5x_base3"] = {"ratio": r["dict_vs_b3"],
+                                                                   "pass": r["dict_vs_b3"] <= 1.5 and r["ok"]}
     if res.get("graph_capture"):
         t["cuda_graph_capture"] = {"pass": all(r.get("ok") for r in res["graph_capture"])}
     if res.get("correctness"):
@@ -622,7 +670,8 @@ def main() -> int:
     sections = [("correctness", lambda: correctness(k, budget)),
                 ("gemm", lambda: gemm_timings(k, budget, bw, shapes, ms)),
                 ("grouped", lambda: grouped_timings(k, budget, args.quick)),
-                ("graph_capture", lambda: graph_capture(k))]
+                ("graph_capture", lambda: graph_capture(k)),
+                ("ternary_dict", lambda: dict_timings(k, budget, bw))]
     if not args.skip_e2e:
         sections.append(("e2e", lambda: end_to_end(k, budget, args.e2e_layers, args.e2e_tokens)))
     for sec, fn in sections:

@@ -19,7 +19,7 @@ import typer
 import typer.rich_utils
 
 from moecompress.console import (SHOW, RichProgress, console, error, print_eval, print_table, setup_console,
-                                 show_generic, show_inspect, show_prune, show_quantize, success, warn)
+                                 show_generic, show_inspect, show_prune, show_quantize, show_ternary, success, warn)
 from moecompress.errors import MoecompressError, shorten
 from moecompress.io.fsops import disk_full_error, signals_as_interrupts
 from moecompress.version import __version__
@@ -390,6 +390,8 @@ def quantize(
         "--act-order/--no-act-order", help="GPTQ columns by decreasing Hessian diagonal (default: on).")] = None,
     fake_quant: Annotated[bool, typer.Option("--fake-quant", help="Write dequantized bf16 weights and the record "
                                                                   "instead of the packed format.")] = False,
+    codec: Annotated[str, typer.Option(help="Packed codec: auto (the scheme's int<b>); ternary codecs need "
+                                       "`moecompress ternary`.")] = "auto",
     tasks: TasksOpt = None,
     data: DataOpt = None,
     samples: Annotated[int, typer.Option(help="Calibration windows per task.")] = 32,
@@ -409,7 +411,7 @@ def quantize(
                  "symmetric": symmetric, "smooth": smooth,
                  "smooth_alpha": smooth_alpha, "router_bits": router_bits, "align_router": align_router,
                  "align_objective": align_objective, "balance": balance, "rotate_intermediate": rotate_intermediate,
-                 "rotate": rotate, "save_format": "fake-quant" if fake_quant else "packed",
+                 "rotate": rotate, "save_format": "fake-quant" if fake_quant else "packed", "codec": codec,
                  **{k: v for k, v in (("refit", refit), ("code_sweeps", code_sweeps),
                                                  ("rare_experts", rare_experts), ("act_order", act_order))
                     if v is not None}}  # unset: the stage config's defaults
@@ -427,11 +429,19 @@ def quantize(
 def ternary(
     model: ModelArg = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Ternary model directory to write.")] = ...,
-    method: Annotated[str, typer.Option(help="absmean | twn | gptq (error-compensated, QMoE-style)")] = "gptq",
-    group_size: Annotated[int, typer.Option("--group-size")] = 128,
+    method: Annotated[str, typer.Option(help="absmean | twn (round to nearest on their grids) | gptq "
+                                        "(error-compensated, QMoE-style) | rtn")] = "gptq",
+    grid: Annotated[Optional[str], typer.Option(help="gptq / rtn grid: twn (default) | absmean | qmoe (QMoE's "
+                                                "sparse per-row {min, 0, max}, ~90 % zeros)")] = None,
+    threshold: Annotated[Optional[float], typer.Option(help="Zero-threshold factor of the grid (absmean 0.5, twn "
+                                                       "0.7 x mean|w|, qmoe 0.5 x max): more zeros, more error.")] = None,
+    group_size: Annotated[Optional[int], typer.Option("--group-size", help="Columns per scale (default 128; "
+                                                      "qmoe: -1, one per row).")] = None,
+    damp: Annotated[Optional[float], typer.Option(help="GPTQ damping (default 0.01; qmoe 0.1).")] = None,
     others: Annotated[str, typer.Option(help="Attention / shared experts: bf16 | int8 | int4")] = "bf16",
-    codec: Annotated[str, typer.Option(help="ternary-b3 (5 trits per byte, ~1.7 bits) | ternary2 (2-bit layout)")]
-    = "ternary-b3",
+    codec: Annotated[str, typer.Option(help="ternary-b3 (5 trits per byte, ~1.7 bits) | ternary2 (2-bit layout) | "
+                                       "ternary-dict (QMoE's dictionary code, < 1 bit at ~90 % zeros) | auto "
+                                       "(per module the smaller of b3 and dict)")] = "ternary-b3",
     fake_quant: Annotated[bool, typer.Option("--fake-quant", help="Write dequantized bf16 weights and the record "
                                                                   "instead of the packed format.")] = False,
     tasks: TasksOpt = None,
@@ -443,21 +453,21 @@ def ternary(
     offload_hidden: OffloadOpt = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
 ) -> None:
-    """Turn routed experts into {-1, 0, +1} x group scale (absmean, TWN or GPTQ-ternary), packed below 2 bits."""
+    """Turn routed experts into {-1, 0, +1} x group scale (absmean, TWN or GPTQ-ternary; QMoE's sparse grid), packed
+    below 2 bits (below 1 with ternary-dict)."""
     with handled():
         from moecompress.pipeline import run as run_pipeline
         from moecompress.recipe import validate_command
 
-        stage = {"stage": "ternary", "method": method, "group_size": group_size, "others": others, "codec": codec,
-                 "save_format": "fake-quant" if fake_quant else "packed"}
+        stage = {"stage": "ternary", "method": method, "grid": grid, "threshold": threshold, "group_size": group_size,
+                 "damp": damp, "others": others, "codec": codec, "save_format": "fake-quant" if fake_quant else "packed"}
         recipe = validate_command("ternary", model, _calibration(tasks, data, samples, seq_len, 0), stage,
                                   {"save_format": "--fake-quant"}, _run(device, dtype, offload_hidden))
         result = run_pipeline(recipe, output=output, force=force, progress=RichProgress())
         if not _rank0():
             return
         r = result.report["stages"][0]["result"]
-        console.print(f"ternary experts by {method}: {r['zero_fraction']:.1%} zeros; {r['calibration_windows']} "
-                      f"calibration windows in {r['seconds']:.1f} s")
+        show_ternary(r)
         if "packed" in result.report:
             show_inspect(result.output)
         success(f"wrote {result.output}")

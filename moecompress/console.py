@@ -141,6 +141,23 @@ def show_quantize(r: dict) -> None:
                  for k, a in zip(r["rtn_fallback_experts_per_layer"], r["routing_topk_agreement_calib"])])
 
 
+def _ebits(r: dict) -> str:
+    v = r.get("expert_bits_per_weight")
+    return "-" if v is None else f"{v:.3f}"
+
+
+def show_ternary(r: dict) -> None:
+    e = r["experts"]
+    how = f"{e['method']} on the {e['rule']} grid" if e["method"] in ("gptq", "rtn") else e["method"]
+    console.print(f"ternary experts by {how} (group {e['group_size']}): {r['zero_fraction']:.1%} zeros; "
+                  f"{r['calibration_windows']} calibration windows in {r['seconds']:.1f} s", soft_wrap=True)
+    per = r.get("per_layer") or {}
+    if per:
+        print_table("Per MoE layer (routed experts)", ["layer", "zeros", "rel. error", "gate/up", "down"],
+                    [[k, f"{d['zero_fraction']:.1%}", f"{d['relative_mse']:.3f}", f"{d['relative_mse_gate_up']:.3f}",
+                      f"{d['relative_mse_down']:.3f}"] for k, d in per.items()])
+
+
 def print_eval(r: dict) -> None:
     base = r.get("baseline")
     cols = ["task", "windows", "ppl"]
@@ -161,11 +178,12 @@ def print_eval(r: dict) -> None:
     title = f"Held-out evaluation: {_short(r['model'])}" + (f" vs {_short(base['model'])}" if base else "")
     print_table(title, cols, rows)
     size_rows = [[_short(r["model"]), _mb(r["size_bytes"]), r["params"], f"{r['bits_per_param']:.2f}",
-                  _mb(r["peak_memory_bytes"]), f"{r['tokens_per_second']:,.0f}"]]
+                  _ebits(r), _mb(r["peak_memory_bytes"]), f"{r['tokens_per_second']:,.0f}"]]
     if base:
         size_rows.append([_short(base["model"]), _mb(base["size_bytes"]), base["params"],
-                          f"{base['bits_per_param']:.2f}", "-", "-"])
-    print_table("Size and speed", ["model", "size", "params", "bits/param", "peak memory", "tokens/s"], size_rows)
+                          f"{base['bits_per_param']:.2f}", _ebits(base), "-", "-"])
+    print_table("Size and speed", ["model", "size", "params", "bits/param", "expert bits/weight", "peak memory",
+                                   "tokens/s"], size_rows)
     if r.get("routing_note"):
         console.print(r["routing_note"])
 
@@ -193,6 +211,9 @@ def show_inspect(directory: Path) -> None:
                     [[r["module"], r["codec"], r["group_size"], f"{r['bits_per_weight']:.3f}", r["bytes"]]
                      for r in d["modules"]])
         console.print(f"packed weights: {d['packed_weights']:,} at {d['packed_bits_per_weight']:.3f} bits/weight")
+        if d["expert_bits_per_weight"] is not None:
+            console.print(f"routed experts: {d['expert_weights']:,} weights at {d['expert_bits_per_weight']:.3f} "
+                          "bits/weight (codes, scales, row indices and dictionaries)")
     console.print(f"files {d['file_bytes'] / 1e6:.2f} MB for {d['params']:,} parameters: {d['bits_per_param']:.2f} "
                   f"bits/parameter, {d['compression_vs_16bit']:.2f}x smaller than 16-bit")
 

@@ -77,7 +77,7 @@ def gptq_quantize(
             g = group_of[:, i1 + i]  # [E]
             col = [p.gather(2, g[:, None, None].expand(E, O, 1))[..., 0] for p in params]  # each [E, O]
             q = grid.codes(w, *col)
-            wq = dequantize(q, col[0], col[1])
+            wq = grid.dequant(q, *col) if isinstance(grid, TernaryGrid) else dequantize(q, col[0], col[1])
             codes[:, :, i1 + i] = q
             Q[:, :, i1 + i] = wq
             err = (w - wq) / dg[:, None]
@@ -88,4 +88,5 @@ def gptq_quantize(
     inv = torch.argsort(perm, dim=1)
     Q = Q.gather(2, inv[:, None, :].expand(E, O, C))
     codes = codes.gather(2, inv[:, None, :].expand(E, O, C))
-    return QuantResult(Q, codes.to(torch.uint8), scale, zero, losses.sum(-1))
+    neg = params[3] if isinstance(grid, TernaryGrid) and grid.two_scales else None
+    return QuantResult(Q, codes.to(torch.uint8), scale, zero, losses.sum(-1), neg)

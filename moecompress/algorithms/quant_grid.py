@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["QuantGrid", "QuantResult", "TernaryGrid", "dequantize", "fake_quant_tokens", "find_params",
+__all__ = ["QuantGrid", "QuantResult", "TernaryGrid", "dequantize", "dequantize_ternary", "fake_quant_tokens", "find_params",
            "quantize_codes", "rtn_quantize", "storable", "ternary_params"]
 
 
@@ -50,17 +50,28 @@ class TernaryGrid:
 
     rule ``absmean`` (BitNet b1.58, arXiv:2402.17764): threshold ``0.5 * mean|w|``, ``alpha = mean|w|``;
     ``twn`` (Li et al. 2016, arXiv:1605.04711): threshold ``0.7 * mean|w|`` and ``alpha`` refit by least squares
-    over the surviving weights (the mean of their magnitudes).
+    over the surviving weights (the mean of their magnitudes);
+    ``qmoe`` (Frantar & Alistarh 2023, arXiv:2310.16795): asymmetric levels ``{xmin, 0, xmax}`` per group with
+    ``xmin = min(w_min, 0)``, ``xmax = max(w_max, 0)``, thresholds ``xmax / 2`` and ``xmin / 2``: 88-93 % zeros on
+    Gaussian rows. Its two levels are two scales: ``scale = xmax`` and ``scale_neg = -xmin`` (`two_scales`).
+
+    ``threshold`` (the zero-fraction control) replaces the rule's factor (0.5, 0.7, 0.5): larger gives more
+    zeros and more error.
     """
 
     rule: str = "twn"
     group_size: int = 128
+    threshold: float | None = None
     bits: int = 2  # storage width of the codes in the 2-bit layout
     symmetric: bool = True
 
     @property
     def maxq(self) -> int:
         return 2
+
+    @property
+    def two_scales(self) -> bool:
+        return self.rule == "qmoe"
 
     def groups(self, columns: int) -> int:
         return QuantGrid(2, self.group_size).groups(columns)
@@ -69,25 +80,50 @@ class TernaryGrid:
         return QuantGrid(2, self.group_size).size(columns)
 
     def params(self, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return ternary_params(w, self.rule)
+        return ternary_params(w, self.rule, self.threshold)
 
-    def codes(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, thresh: torch.Tensor) -> torch.Tensor:
+    def codes(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, thresh: torch.Tensor,
+              *neg: torch.Tensor) -> torch.Tensor:
+        if neg:  # qmoe: (scale_neg, threshold_neg), both magnitudes
+            return torch.where(w > thresh, 2.0, torch.where(w < -neg[1], 0.0, 1.0))
         return torch.where(w.abs() > thresh, torch.sign(w), torch.zeros_like(w)) + 1
 
+    def dequant(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
+        if self.two_scales:
+            return dequantize_ternary(q, scale, extra[1])
+        return dequantize(q, scale, zero)
 
-def ternary_params(w: torch.Tensor, rule: str = "twn") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(alpha, zero = 1, threshold)``, each ``[..., 1]``, for rows of ``w [..., n]``."""
+
+def dequantize_ternary(q: torch.Tensor, scale: torch.Tensor, scale_neg: torch.Tensor | None) -> torch.Tensor:
+    """Ternary codes ``q = t + 1`` to values: ``t * scale``, or with ``scale_neg`` (two-level grids such as QMoE's)
+    ``scale`` for ``t = 1`` and ``-scale_neg`` for ``t = -1``. ``q``, ``scale``, ``scale_neg`` broadcast together."""
+    if scale_neg is None:
+        return (q - 1) * scale
+    return torch.where(q > 1, scale, torch.where(q < 1, -scale_neg, torch.zeros_like(scale)))
+
+
+_DEFAULT_THRESHOLD = {"absmean": 0.5, "twn": 0.7, "qmoe": 0.5}
+
+
+def ternary_params(w: torch.Tensor, rule: str = "twn", threshold: float | None = None) -> tuple[torch.Tensor, ...]:
+    """``(alpha, zero = 1, threshold)``, each ``[..., 1]``, for rows of ``w [..., n]``; rule ``qmoe`` adds
+    ``(scale_neg, threshold_neg)`` (magnitudes of the negative level and threshold)."""
+    if rule not in _DEFAULT_THRESHOLD:
+        raise ValueError(f"unknown ternary rule {rule!r}; use absmean, twn or qmoe")
+    f = _DEFAULT_THRESHOLD[rule] if threshold is None else float(threshold)
     w = w.float()
+    if rule == "qmoe":
+        xmax = storable(w.amax(dim=-1, keepdim=True).clamp(min=0))
+        xmin = storable((-w.amin(dim=-1, keepdim=True)).clamp(min=0))
+        return xmax, torch.ones_like(xmax), f * xmax, xmin, f * xmin
     m = w.abs().mean(dim=-1, keepdim=True).clamp(min=1e-12)
     if rule == "absmean":
-        alpha, thresh = m, 0.5 * m
-    elif rule == "twn":
-        thresh = 0.7 * m
+        alpha, thresh = m, f * m
+    else:
+        thresh = f * m
         keep = w.abs() > thresh
         alpha = (w.abs() * keep).sum(-1, keepdim=True) / keep.sum(-1, keepdim=True).clamp(min=1)
         alpha = torch.where(keep.any(-1, keepdim=True), alpha, m)
-    else:
-        raise ValueError(f"unknown ternary rule {rule!r}; use absmean or twn")
     alpha = storable(alpha)
     return alpha, torch.ones_like(alpha), thresh
 
@@ -101,6 +137,7 @@ class QuantResult:
     scales: torch.Tensor  # [E, O, G]
     zeros: torch.Tensor  # [E, O, G] (integer-valued)
     loss: torch.Tensor | None = None  # [E] GPTQ's proxy loss, when computed
+    neg_scales: torch.Tensor | None = None  # [E, O, G] two-level ternary grids (qmoe): the negative level's magnitude
 
 
 def storable(scale: torch.Tensor) -> torch.Tensor:
@@ -165,8 +202,10 @@ def rtn_quantize(W: torch.Tensor, grid: QuantGrid | TernaryGrid) -> QuantResult:
     params = grid.params(Wg)  # each [E, O, G, 1]
     q = grid.codes(Wg, *params)
     scale, zero = params[0], params[1]
-    return QuantResult(dequantize(q, scale, zero).reshape(E, O, C), q.reshape(E, O, C).to(torch.uint8),
-                       scale[..., 0], zero[..., 0])
+    w = grid.dequant(q, *params) if isinstance(grid, TernaryGrid) else dequantize(q, scale, zero)
+    neg = params[3][..., 0] if isinstance(grid, TernaryGrid) and grid.two_scales else None
+    return QuantResult(w.reshape(E, O, C), q.reshape(E, O, C).to(torch.uint8), scale[..., 0], zero[..., 0],
+                       neg_scales=neg)
 
 
 def fake_quant_tokens(x: torch.Tensor, bits: int, clip_ratio: float = 1.0, symmetric: bool = True) -> torch.Tensor:

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from moecompress.errors import MoecompressError
-from moecompress.formats.checkpoint import FORMAT_VERSION, QUANT_METHOD
+from moecompress.formats.checkpoint import QUANT_METHOD, READABLE_VERSIONS
 from moecompress.formats.inspect import storage_summary
 from moecompress.formats.spec import module_specs
 from moecompress.io.checkpoint import layer_of
@@ -76,7 +76,7 @@ def model_size(source: ModelSource | LoadedModel, modified: bool = False) -> dic
     params = sum(t.numel() for t in unique.values())
     size = params * per
     return {"params": params, "size_bytes": size, "bits_per_param": 8 * size / max(1, params),
-            "size_source": f"estimated ({str(dtype).replace('torch.', '')})"}
+            "expert_bits_per_weight": None, "size_source": f"estimated ({str(dtype).replace('torch.', '')})"}
 
 
 # ---------------------------------------------------------------------------------------------- routing
@@ -127,10 +127,11 @@ class _AsSaved:
         qc = getattr(source.config, "quantization_config", None)
         qc = qc if isinstance(qc, dict) or qc is None else qc.to_dict()
         if qc is not None and qc.get("quant_method") == QUANT_METHOD:
-            if qc.get("format_version") != FORMAT_VERSION:
+            if qc.get("format_version") not in READABLE_VERSIONS:
                 raise MoecompressError(f"{self.where}: moecompress packed format version "
                                        f"{qc.get('format_version')!r} is not supported (this moecompress reads "
-                                       f"version {FORMAT_VERSION})", "upgrade moecompress, or re-pack the model")
+                                       f"versions {', '.join(map(str, READABLE_VERSIONS))})",
+                                       "upgrade moecompress, or re-pack the model")
             self.kwargs = {"packed_modules": module_specs(qc["modules"]), "packed_activations": qc.get("activations")}
             self.checksums = dict(qc.get("checksums") or {})
             return

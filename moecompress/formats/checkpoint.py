@@ -9,9 +9,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-__all__ = ["FORMAT_VERSION", "QUANT_METHOD", "checksum", "write_checkpoint"]
+__all__ = ["FORMAT_VERSION", "QUANT_METHOD", "READABLE_VERSIONS", "checksum", "write_checkpoint"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # written; 2 added the ternary-dict codec and two-level ternary scales (docs/FORMAT.md)
+READABLE_VERSIONS = (1, 2)  # every version this moecompress loads (a version 1 checkpoint is a valid version 2 one)
 QUANT_METHOD = "moecompress"
 
 

@@ -1,4 +1,4 @@
-"""Stateless codecs: quantized weights <-> packed tensors (format version 1; see docs/FORMAT.md).
+"""Stateless codecs: quantized weights <-> packed tensors (format version 2; see docs/FORMAT.md).
 
 A quantized weight is integer codes ``q [E, O, C]`` (E = 1 for a plain linear) with per-group ``scale``
 and ``zero`` ``[E, O, G]`` (group = ``C / G`` consecutive input columns); its value is ``(q - zero) * scale``.
@@ -11,6 +11,13 @@ Packed tensors, with local names (the checkpoint prefixes them with the weight's
   codes {-1, 0, 1}), ``scale`` float16; value ``t * scale``.
 * ``ternary-b3``: ``trits`` uint8 ``[E, O, ceil(C/5)]``, five trits per byte (GGUF TQ1_0's base-3 encoding),
   ``scale`` float16; value ``t * scale``. 1.6 bits per weight + 16 / group for the scales.
+* ``ternary-dict`` (version 2): QMoE's dictionary code (formats/dictcode.py): ``dict`` int32 ``[10]`` (the
+  dictionary's size and its nine integer symbol costs: the table itself is rebuilt from them), ``codewords``
+  uint16 ``[n]``, ``row_index`` int32 ``[E O + 1]``, ``scale`` float16; below 1 bit per weight at about 90 %
+  zeros, more than base 3 below about 70 %.
+
+Ternary weights of two-level grids (QMoE's ``{min, 0, max}``; the module's ``symmetric`` is false) also carry
+``scale_neg`` float16 ``[E, O, G]``: ``t = 1`` is ``scale``, ``t = -1`` is ``-scale_neg``.
 
 Every packed form also carries ``shape`` int64 ``[3]`` (E, O, C). ``decode`` returns the codes and
 parameters exactly; dequantization is in ``kernels``.
@@ -23,9 +30,10 @@ from dataclasses import dataclass
 import torch
 
 from moecompress.formats.bitpack import pack_bits, pack_trits, packed_width, unpack_bits, unpack_trits
+from moecompress.formats.dictcode import dict_decode, dict_table, pick_and_encode
 from moecompress.registry import Registry
 
-__all__ = ["CODECS", "Codec", "decode", "encode", "packed_bits_per_weight"]
+__all__ = ["CODECS", "Codec", "decode", "encode", "encoded_bits_per_weight", "packed_bits_per_weight"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +42,7 @@ class Codec:
     bits: int  # stored bits per code (ternary-b3: 8/5, reported as 1.6)
     ternary: bool = False
     base3: bool = False
+    dict: bool = False  # variable-rate dictionary code (ternary-dict)
 
     def bits_per_code(self) -> float:
         return 1.6 if self.base3 else float(self.bits)
@@ -44,6 +53,7 @@ for _b in (8, 4, 3, 2):
     CODECS.add(f"int{_b}", Codec(f"int{_b}", _b))
 CODECS.add("ternary2", Codec("ternary2", 2, ternary=True))
 CODECS.add("ternary-b3", Codec("ternary-b3", 8, ternary=True, base3=True))
+CODECS.add("ternary-dict", Codec("ternary-dict", 16, ternary=True, dict=True))
 
 
 ROWS_ELEMENTS = 1 << 22  # codes packed at a time: packing works in int64, 8 bytes per code
@@ -61,15 +71,22 @@ def _by_rows(pack, codes: torch.Tensor) -> torch.Tensor:
 
 
 def encode(codec: str, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-           symmetric: bool) -> dict[str, torch.Tensor]:
-    """Packed tensors for codes ``[E, O, C]`` (uint8; ternary codes are ``t + 1``)."""
+           symmetric: bool, scale_neg: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Packed tensors for codes ``[E, O, C]`` (uint8; ternary codes are ``t + 1``; ``scale_neg``: the negative
+    level of two-level ternary grids)."""
     c = CODECS.get(codec)
     if codes.dim() == 2:
         codes, scale, zero = codes[None], scale[None], zero[None]
+        scale_neg = None if scale_neg is None else scale_neg[None]
     E, O, C = codes.shape
     out = {"shape": torch.tensor([E, O, C], dtype=torch.int64), "scale": scale.to(torch.float16).contiguous()}
     if c.ternary:
-        if c.base3:
+        if scale_neg is not None:
+            out["scale_neg"] = scale_neg.to(torch.float16).contiguous()
+        if c.dict:
+            out["dict"], out["codewords"], out["row_index"] = pick_and_encode(
+                codes.reshape(E * O, C).to(torch.int64) - 1)
+        elif c.base3:
             out["trits"] = _by_rows(lambda q: pack_trits(q - 1), codes)
         else:
             out["packed"] = _by_rows(lambda q: pack_bits(q + 1, 2), codes)
@@ -85,6 +102,9 @@ def decode(codec: str, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     c = CODECS.get(codec)
     E, O, C = (int(v) for v in tensors["shape"])
     scale = tensors["scale"].float()
+    if c.dict:
+        t = dict_decode(tensors["codewords"], tensors["row_index"], dict_table(tensors["dict"]), E * O, C).view(E, O, C)
+        return t.to(torch.int64) + 1, scale, torch.ones_like(scale)
     if c.ternary:
         t = unpack_trits(tensors["trits"], C) if c.base3 else unpack_bits(tensors["packed"], 2, C).to(torch.int64) - 2
         codes = t.to(torch.int64) + 1
@@ -95,9 +115,23 @@ def decode(codec: str, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
 
 
 def packed_bits_per_weight(codec: str, columns: int, group: int, symmetric: bool) -> float:
-    """Storage bits per weight, scales (16 bits per group) and zero points (8 bits per group) included."""
+    """Storage bits per weight, scales (16 bits per group) and zero points (8 bits per group) included; a
+    two-level ternary grid (``symmetric`` false) stores a second scale. Fixed-rate codecs only (the dictionary
+    code's rate depends on the weights: `encoded_bits_per_weight`)."""
     c = CODECS.get(codec)
+    if c.dict:
+        raise ValueError("ternary-dict has no fixed rate; measure the encoded tensors (encoded_bits_per_weight)")
     groups = max(1, columns // group) if group > 0 else 1
     code_bits = (8 * ((columns + 4) // 5) if c.base3 else 32 * packed_width(columns, c.bits)) / columns
-    extra = 16 * groups / columns + (0 if (symmetric or c.ternary) else 8 * groups / columns)
+    extra = 16 * groups / columns + (8 * groups / columns if not symmetric else 0)
+    if c.ternary:
+        extra = 16 * groups / columns * (1 if symmetric else 2)
     return code_bits + extra
+
+
+def encoded_bits_per_weight(tensors: dict[str, torch.Tensor]) -> float:
+    """Bits per weight of one encoded weight, everything but its 24-byte ``shape`` counted (dictionary, row
+    index, scales)."""
+    E, O, C = (int(v) for v in tensors["shape"])
+    nbytes = sum(t.numel() * t.element_size() for k, t in tensors.items() if k != "shape")
+    return 8 * nbytes / (E * O * C)

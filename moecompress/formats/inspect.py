@@ -1,5 +1,7 @@
-"""Describe a model directory's storage: per quantized module the codec, bits per weight and bytes, and the
-overall compression against a 16-bit checkpoint. Reads ``config.json`` and safetensors headers only."""
+"""Describe a model directory's storage: per quantized module the codec, bits per weight and bytes, the routed
+experts' bits per weight (every stored tensor of the packed experts modules: codes, scales, row indices,
+dictionaries; biases excluded) and the whole model's bits per parameter (all weight files), and the overall
+compression against a 16-bit checkpoint. Reads ``config.json`` and safetensors headers only."""
 
 from __future__ import annotations
 
@@ -10,13 +12,13 @@ from typing import Any
 from safetensors import SafetensorError, safe_open
 
 from moecompress.errors import MoecompressError
-from moecompress.formats.checkpoint import FORMAT_VERSION, QUANT_METHOD
+from moecompress.formats.checkpoint import QUANT_METHOD, READABLE_VERSIONS
 from moecompress.formats.quant_record import is_record_file
 from moecompress.formats.spec import module_specs
 
 __all__ = ["inspect_dir", "storage_summary"]
 
-_ITEM = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_ITEM = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def _tensors(directory: Path) -> dict[str, tuple[list[int], int]]:
@@ -51,10 +53,11 @@ def inspect_dir(directory: str | Path) -> dict[str, Any]:
     tensors = _tensors(directory)
     total_bytes = sum(b for _, b in tensors.values())
     rows, dense_weights, packed_bytes = [], 0, 0
+    expert_weights, expert_bytes = 0, 0
     if qc.get("quant_method") == QUANT_METHOD:
-        if qc.get("format_version") != FORMAT_VERSION:
+        if qc.get("format_version") not in READABLE_VERSIONS:
             raise MoecompressError(f"unknown moecompress format version {qc.get('format_version')!r}",
-                                   f"this moecompress reads version {FORMAT_VERSION}")
+                                   f"this moecompress reads versions {', '.join(map(str, READABLE_VERSIONS))}")
         for path, spec in sorted(module_specs(qc["modules"]).items()):
             E, O, C = spec.shape
             weights = (3 if spec.type == "experts" else 1) * E * O * C
@@ -66,6 +69,9 @@ def inspect_dir(directory: str | Path) -> dict[str, Any]:
                          "weights": weights, "bytes": nbytes, "bits_per_weight": 8 * nbytes / weights})
             dense_weights += weights
             packed_bytes += nbytes
+            if spec.type == "experts":
+                expert_weights += weights
+                expert_bytes += nbytes
     params = 0
     for k, (shape, b) in tensors.items():
         if not any(k.startswith(r["module"] + ".") or k.startswith(r["module"] + "_") for r in rows):
@@ -77,6 +83,8 @@ def inspect_dir(directory: str | Path) -> dict[str, Any]:
     return {"directory": str(directory), "format": f"{QUANT_METHOD} v{qc['format_version']}" if rows else
             (qc.get("quant_method") or "dense"), "modules": rows, "packed_weights": dense_weights,
             "packed_bytes": packed_bytes, "packed_bits_per_weight": 8 * packed_bytes / max(1, dense_weights),
+            "expert_weights": expert_weights, "expert_bytes": expert_bytes,
+            "expert_bits_per_weight": 8 * expert_bytes / expert_weights if expert_weights else None,
             "file_bytes": total_bytes, "params": params, "bits_per_param": 8 * total_bytes / max(1, params),
             "compression_vs_16bit": (2 * params) / max(1, total_bytes)}
 
@@ -86,4 +94,4 @@ def storage_summary(directory: str | Path) -> dict[str, Any]:
     (the one definition that ``inspect``, ``eval`` and ``run`` report)."""
     d = inspect_dir(directory)
     return {"params": d["params"], "size_bytes": d["file_bytes"], "bits_per_param": d["bits_per_param"],
-            "size_source": "files", "format": d["format"]}
+            "expert_bits_per_weight": d["expert_bits_per_weight"], "size_source": "files", "format": d["format"]}

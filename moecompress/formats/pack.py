@@ -24,7 +24,7 @@ import torch
 
 from moecompress.errors import MoecompressError
 from moecompress.formats.checkpoint import FORMAT_VERSION, QUANT_METHOD, checksum
-from moecompress.formats.codecs import encode, packed_bits_per_weight
+from moecompress.formats.codecs import CODECS, encode, encoded_bits_per_weight, packed_bits_per_weight
 from moecompress.formats.quant_record import QuantRecord
 from moecompress.formats.spec import PROJS, ModuleSpec
 from moecompress.io.checkpoint import CheckpointWriter
@@ -45,8 +45,26 @@ def _codec(meta: dict | None, ternary_codec: str) -> tuple[str, bool]:
     if meta is None:
         raise MoecompressError("the quantization record has weights but no scheme", "quantize the model again")
     if meta.get("kind") == "ternary":
-        return ternary_codec, True
+        return ternary_codec, not meta.get("two_scales", False)
     return f"int{meta['bits']}", bool(meta.get("symmetric", False))
+
+
+TERNARY_CODECS = ("ternary-b3", "ternary2", "ternary-dict", "auto")
+
+
+def _encode(codec: str, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, symmetric: bool,
+            neg: torch.Tensor | None) -> tuple[str, dict[str, torch.Tensor]]:
+    """``(codec, tensors)``; ``auto`` (ternary weights): the smaller of ``ternary-b3`` and ``ternary-dict``."""
+    if codec != "auto":
+        return codec, encode(codec, q, s, z, symmetric, neg)
+    options = [(c, encode(c, q, s, z, symmetric, neg)) for c in ("ternary-b3", "ternary-dict")]
+    return min(options, key=lambda o: encoded_bits_per_weight(o[1]))
+
+
+def _bits(codec: str, tensors: dict[str, torch.Tensor], columns: int, group: int, symmetric: bool) -> float:
+    if CODECS.get(codec).dict:
+        return encoded_bits_per_weight(tensors)
+    return packed_bits_per_weight(codec, columns, group, symmetric)
 
 
 class PackedWriter:
@@ -54,10 +72,13 @@ class PackedWriter:
 
     ``stored``: the checkpoint's dtype for dense floating tensors; ``meta``: the stage's quantization metadata
     (``experts`` / ``weights`` schemes, ``rotation``, ``activations``); ``ternary_codec``: the codec of ternary
-    weights (``ternary-b3`` or ``ternary2``)."""
+    weights (``ternary-b3``, ``ternary2``, ``ternary-dict`` or ``auto``: per weight the smaller of b3 and dict)."""
 
     def __init__(self, directory: str | Path, stored: torch.dtype, meta: dict[str, Any],
                  ternary_codec: str = "ternary-b3", shard_bytes: int = 1 << 30) -> None:
+        if ternary_codec not in TERNARY_CODECS:
+            raise MoecompressError(f"{ternary_codec!r} is not a codec for ternary weights",
+                                   f"use one of {', '.join(TERNARY_CODECS)}")
         self.directory = Path(directory)
         self.stored, self.meta, self.ternary_codec = stored, meta, ternary_codec
         self.writer = CheckpointWriter(self.directory, shard_bytes)
@@ -96,30 +117,38 @@ class PackedWriter:
                 continue
             codec, symmetric = _codec(self.meta.get("experts"), self.ternary_codec)
             shape = None
+            chosen, lengths = {}, {}
             for p in PROJS:
                 name = f"{path}:{p}"
                 if name not in projs:
                     raise MoecompressError(f"the quantization record lacks {name}", "quantize the model again")
                 q, s, z = (record.tensors[f"{name}.{x}"] for x in ("codes", "scales", "zeros"))
-                for local, t in encode(codec, q.cpu(), s.cpu(), z.cpu(), symmetric).items():
+                neg = record.tensors.get(f"{name}.scales_neg")
+                chosen[p], enc = _encode(codec, q.cpu(), s.cpu(), z.cpu(), symmetric, None if neg is None else neg.cpu())
+                for local, t in enc.items():
                     packed[f"{path}.{p}_{local}"] = t
+                if "codewords" in enc:
+                    lengths[p] = (enc["codewords"].numel(), int(enc["dict"][0]))
                 b = info.biases.get(p)
                 if b is not None:
                     sd[f"{path}.{p}_bias"] = b.detach().to(self.stored).contiguous()
                 E, O, C = q.shape
                 if p == "gate":
                     shape = [E, O, C]
-                bpw = packed_bits_per_weight(codec, C, C // s.shape[-1], symmetric)
-                self.stats["modules"][name] = {"codec": codec, "bits_per_weight": bpw, "weights": q.numel()}
+                bpw = _bits(chosen[p], enc, C, C // s.shape[-1], symmetric)
+                self.stats["modules"][name] = {"codec": chosen[p], "bits_per_weight": bpw, "weights": q.numel()}
             rotation = self.meta.get("rotation") or {}
             self.modules[path] = ModuleSpec.experts(
-                shape, {p: codec for p in PROJS}, shape[2] // record.tensors[f"{path}:gate.scales"].shape[-1],
+                shape, chosen, shape[2] // record.tensors[f"{path}:gate.scales"].shape[-1],
                 symmetric, info.biases.get("gate") is not None, info.activation,
-                rotation.get("seed") if rotation.get("intermediate") else None)
+                rotation.get("seed") if rotation.get("intermediate") else None, lengths)
         for name in names:
             if ":" in name:
                 continue
             codec, symmetric = _codec(self.meta.get("weights"), self.ternary_codec)
+            if CODECS.get(codec if codec != "auto" else "ternary-dict").dict:
+                raise MoecompressError(f"{name}: ternary-dict is written for routed experts only",
+                                       "use --codec ternary-b3 for ternary linears")
             q, s, z = (record.tensors[f"{name}.{x}"] for x in ("codes", "scales", "zeros"))
             if f"{name}.weight" not in tensors:
                 raise MoecompressError(f"the quantization record has {name}, which this part of the model lacks",

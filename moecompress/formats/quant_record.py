@@ -3,7 +3,8 @@
 The record holds, per quantized weight ``NAME`` (a module path; routed experts as ``<experts module
 path>:<gate|up|down>``, a quantized router as ``<router module path>:router``): ``NAME.codes`` uint8
 ``[E, O, C]`` (E = 1 for a plain linear), ``NAME.scales`` float32 ``[E, O, G]``, ``NAME.zeros`` float32
-``[E, O, G]``; and smoothing vectors ``<layer>.smooth.attn`` ``[H]``, ``<layer>.smooth.moe`` ``[H]``,
+``[E, O, G]`` (two-level ternary grids such as QMoE's add ``NAME.scales_neg`` ``[E, O, G]``: code 0 is
+``-scales_neg``, code 2 ``scales``); and smoothing vectors ``<layer>.smooth.attn`` ``[H]``, ``<layer>.smooth.moe`` ``[H]``,
 ``<layer>.smooth.down`` ``[E, I]`` (already folded into the checkpoint's weights and norms; kept for the
 record). Dequantized weights are ``(codes - zeros) * scales`` per group of ``group_size`` input columns. The
 packed format is built from the codes, so it is exact even though the checkpoint stores the dequantized
@@ -49,10 +50,13 @@ class QuantRecord:
 
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def add(self, name: str, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> None:
+    def add(self, name: str, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+            scales_neg: torch.Tensor | None = None) -> None:
         self.tensors[f"{name}.codes"] = codes.to(torch.uint8).contiguous()
         self.tensors[f"{name}.scales"] = scales.float().contiguous()
         self.tensors[f"{name}.zeros"] = zeros.float().contiguous()
+        if scales_neg is not None:  # two-level ternary grids (qmoe): t = -1 is -scales_neg
+            self.tensors[f"{name}.scales_neg"] = scales_neg.float().contiguous()
 
     def add_vector(self, name: str, v: torch.Tensor) -> None:
         self.tensors[name] = v.float().contiguous()
@@ -64,6 +68,10 @@ class QuantRecord:
         q, s, z = (self.tensors[f"{name}.{p}"].float() for p in ("codes", "scales", "zeros"))
         E, O, C = q.shape
         G = s.shape[-1]
+        neg = self.tensors.get(f"{name}.scales_neg")
+        if neg is not None:
+            q = q.view(E, O, G, C // G)
+            return torch.where(q > 1, s[..., None], torch.where(q < 1, -neg.float()[..., None], 0.0)).view(E, O, C)
         return ((q.view(E, O, G, C // G) - z[..., None]) * s[..., None]).view(E, O, C)
 
     def save(self, directory: Path) -> None:

@@ -17,7 +17,7 @@ PROJS = ("gate", "up", "down")  # the projections of a routed expert, in the ord
 
 @dataclass(frozen=True)
 class ModuleSpec:
-    """One packed module as ``config.json`` records it (docs/FORMAT.md, format version 1)::
+    """One packed module as ``config.json`` records it (docs/FORMAT.md, format versions 1 and 2)::
 
         linear:  {"type": "linear", "shape": [1, O, C], "codec", "group_size", "symmetric", "bias"}
         experts: {"type": "experts", "shape": [E, I, H], "codecs": {proj: codec}, "group_size", "symmetric",
@@ -27,7 +27,10 @@ class ModuleSpec:
     ``(E, H, I)``). ``group_size`` counts columns per scale (-1 / 0: one group per row); ``symmetric``: no
     zero point stored; ``bias``: dense biases stored beside the packed tensors (``P.bias``, ``P.<proj>_bias``);
     ``intermediate_rotation_seed``: the experts' down projections are stored in that rotated basis (None: not).
-    `to_dict` writes exactly these keys, so the JSON on disk is what the format has always been.
+    ``dict`` (version 2, only when a weight uses ``ternary-dict``): ``{proj: [codewords, dictionary entries]}``,
+    the lengths of its variable-size tensors (a linear's key is ``weight``); ``symmetric`` false on a ternary codec
+    means a two-level grid (``scale_neg`` stored). `to_dict` writes exactly these keys, so the JSON of a version 1
+    module is unchanged.
     """
 
     type: Literal["linear", "experts"]
@@ -39,6 +42,7 @@ class ModuleSpec:
     codecs: Mapping[str, str] | None = None  # experts: proj -> codec
     activation: Activation | None = None  # experts
     intermediate_rotation_seed: int | None = None  # experts
+    dict_sizes: Mapping[str, tuple[int, int]] | None = None  # ternary-dict weights: proj -> (codewords, entries)
 
     @classmethod
     def linear(cls, shape: tuple[int, int, int], codec: str, group_size: int, symmetric: bool,
@@ -47,9 +51,11 @@ class ModuleSpec:
 
     @classmethod
     def experts(cls, shape: tuple[int, int, int], codecs: Mapping[str, str], group_size: int, symmetric: bool,
-                bias: bool, activation: Activation, intermediate_rotation_seed: int | None = None) -> ModuleSpec:
+                bias: bool, activation: Activation, intermediate_rotation_seed: int | None = None,
+                dict_sizes: Mapping[str, tuple[int, int]] | None = None) -> ModuleSpec:
         return cls("experts", tuple(shape), group_size, symmetric, bias, codecs=dict(codecs), activation=activation,
-                   intermediate_rotation_seed=intermediate_rotation_seed)
+                   intermediate_rotation_seed=intermediate_rotation_seed,
+                   dict_sizes=None if not dict_sizes else {k: tuple(v) for k, v in dict_sizes.items()})
 
     @property
     def all_codecs(self) -> tuple[str, ...]:
@@ -63,8 +69,12 @@ class ModuleSpec:
         if kind == "linear":
             return cls.linear(tuple(d["shape"]), d["codec"], d["group_size"], d["symmetric"], d["bias"])
         if kind == "experts":
-            return cls.experts(tuple(d["shape"]), d["codecs"], d["group_size"], d["symmetric"], bool(d.get("bias")),
-                               Activation(**d["activation"]), d.get("intermediate_rotation_seed"))
+            spec = cls.experts(tuple(d["shape"]), d["codecs"], d["group_size"], d["symmetric"], bool(d.get("bias")),
+                               Activation(**d["activation"]), d.get("intermediate_rotation_seed"), d.get("dict"))
+            missing = [p for p in PROJS if d["codecs"][p] == "ternary-dict" and p not in (spec.dict_sizes or {})]
+            if missing:
+                raise ValueError(f"ternary-dict weights {missing} have no 'dict' lengths")
+            return spec
         raise ValueError(f"unknown packed module type {kind!r}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -78,6 +88,8 @@ class ModuleSpec:
         if self.type == "experts":
             out["activation"] = asdict(self.activation)
             out["intermediate_rotation_seed"] = self.intermediate_rotation_seed
+        if self.dict_sizes:
+            out["dict"] = {k: list(v) for k, v in self.dict_sizes.items()}
         return out
 
 
@@ -109,6 +121,9 @@ FORMATS.add("packed:ternary2", FormatSpec(
 FORMATS.add("packed:ternary-b3", FormatSpec(
     "packed:ternary-b3", "moecompress packed v1, ternary, five trits per byte in base 3 (GGUF TQ1_0 encoding)",
     "1.6 + 16/g"))
+FORMATS.add("packed:ternary-dict", FormatSpec(
+    "packed:ternary-dict", "moecompress packed v2, sparse ternary in QMoE's dictionary code (uint16 codewords over "
+    "runs of up to 28 trits, a row index, a per-weight dictionary)", "~0.8 at 90 % zeros + 32/row + scales"))
 FORMATS.add("compressed-tensors", FormatSpec(
     "compressed-tensors", "export target (moecompress export --to compressed-tensors): symmetric W4A16 / W8A16 "
     "pack-quantized", "4 + 16/g / 8 + 16/g"))

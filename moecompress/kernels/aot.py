@@ -83,8 +83,8 @@ def compile_kernel(fn, values: dict, arch: int, options: dict, last: str = "cubi
 class KernelSpec:
     """One kernel specialization as plain data (picklable for worker processes)."""
 
-    kernel: str  # "mm", "dequant" or "align"
-    codec: tuple = ()  # (bits, ternary, base3, asymmetric)
+    kernel: str  # "mm", "dequant", "align" or "dict" (the ternary-dict decoder, triton_dict)
+    codec: tuple = ()  # (bits, ternary, base3, asymmetric); dict: (two-level scales,)
     dtype: str = "fp16"  # activations (mm) or output (dequant)
     N: int = 0
     K: int = 0
@@ -118,6 +118,8 @@ def launch_values(spec: KernelSpec):
         values = td.align_arguments(_placeholder(torch.int64), _placeholder(torch.int32), _placeholder(torch.int32),
                                     R=R, E=E, num_blocks=nb, block_m=bm)
         return td._moe_align_kernel, values, {"num_warps": values.pop("num_warps")}
+    if spec.kernel == "dict":
+        return _dict_launch(spec)
     bits, ternary, base3, asym = spec.codec
     geo = td.geometry(bits, ternary, base3)
     K, N = spec.K, spec.N
@@ -149,6 +151,24 @@ def launch_values(spec: KernelSpec):
                              stride_e=stride, geo=geo, grouped=spec.grouped)
     values.update(cfg)
     return td._packed_mm_kernel, values, opts
+
+
+def _dict_launch(spec: KernelSpec):
+    """The ternary-dict decoder's launch (`triton_dict.dict_matmul` / `grouped_dict_matmul`)."""
+    from moecompress.kernels import triton_dict as tdict
+
+    (neg,) = spec.codec
+    K, N = spec.K, spec.N
+    G = max(1, K // spec.group) if spec.group > 0 else 1
+    i32, f16 = _placeholder(torch.int32), _placeholder(torch.float16)
+    bm = spec.block_m if spec.grouped else tdict._mb(spec.M)
+    mb = 1 if spec.grouped and bm == 1 else min(16, bm)
+    values = tdict.dict_arguments(_placeholder(_TORCH_DTYPES[spec.dtype]), _placeholder(torch.uint16), i32, i32, f16,
+                                  f16 if neg else None, _placeholder(torch.float32),
+                                  _placeholder(torch.int64 if bm == 1 else torch.int32),
+                                  _placeholder(torch.int64 if bm == 1 else torch.int32), M=spec.M, N=N, K=K, G=G,
+                                  x_div=spec.x_div, subs=max(1, bm // mb), grouped=spec.grouped, block_m=bm, mb=mb)
+    return tdict._dict_mm_kernel, values, {"num_warps": values.pop("num_warps")}
 
 
 def compile_spec(spec: KernelSpec, arch: int, last: str = "cubin") -> int | None:

@@ -22,8 +22,8 @@ import torch
 from moecompress.kernels import reference
 from moecompress.kernels.routing import MoeRoute, torch_route
 
-__all__ = ["MoeRoute", "dequantize_packed", "grouped_linear", "moe_route", "packed_linear", "resolve_backend",
-           "triton_available", "triton_usable"]
+__all__ = ["MoeRoute", "dequantize_packed", "dict_dequantize", "dict_grouped_linear", "dict_linear", "grouped_linear",
+           "moe_route", "packed_linear", "resolve_backend", "triton_available", "triton_usable"]
 
 log = logging.getLogger("moecompress.kernels")
 
@@ -78,7 +78,8 @@ def _warn_once(msg: str) -> None:
 
 
 def resolve_backend(backend: str | None, device: torch.device, codec: tuple | None = None) -> str:
-    """``"triton"`` or ``"torch"`` for tensors on ``device`` (``codec``: ``(bits, ternary, base3)``)."""
+    """``"triton"`` or ``"torch"`` for tensors on ``device`` (``codec``: ``(bits, ternary, base3)``, optionally
+    followed by ``(two-level ternary, dictionary code)``)."""
     backend = backend or os.environ.get("MOECOMPRESS_KERNELS", "auto")
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"unknown kernel backend {backend!r}; use auto, triton or torch")
@@ -88,7 +89,12 @@ def resolve_backend(backend: str | None, device: torch.device, codec: tuple | No
     if ok and codec is not None:
         from moecompress.kernels.triton_dequant import supported
 
-        if not supported(*codec):
+        two_level, is_dict = (tuple(codec[3:5]) + (False, False))[:2]
+        if is_dict:
+            pass  # moecompress.kernels.triton_dict
+        elif two_level:
+            ok, why = False, "no Triton kernel for two-level ternary scales in ternary-b3 / ternary2 (ternary-dict has one)"
+        elif not supported(*codec[:3]):
             ok, why = False, f"no Triton kernel for {codec[0]}-bit codes"
     if backend == "triton":
         if not ok:
@@ -102,6 +108,10 @@ def resolve_backend(backend: str | None, device: torch.device, codec: tuple | No
     return "triton"
 
 
+def _key(bits: int, ternary: bool, base3: bool, zero: torch.Tensor | None) -> tuple:
+    return bits, ternary, base3, ternary and zero is not None, False
+
+
 # ------------------------------------------------------------------------------------------- torch reference
 def _dequant_torch(bits: int, ternary: bool, base3: bool, data: torch.Tensor, scale: torch.Tensor,
                    zero: torch.Tensor | None, columns: int, dtype: torch.dtype) -> torch.Tensor:
@@ -111,6 +121,12 @@ def _dequant_torch(bits: int, ternary: bool, base3: bool, data: torch.Tensor, sc
         codes = reference.unpack_bits(data, bits, columns).to(torch.int64)
         if ternary:
             codes = codes - 1  # stored t + 2 -> t + 1
+    if ternary and zero is not None:  # two-level ternary: ``zero`` carries the negative level (scale_neg)
+        E, O, C = codes.shape
+        G = scale.shape[-1]
+        q = codes.view(E, O, G, C // G)
+        s, neg = scale.float()[..., None], zero.float()[..., None]
+        return torch.where(q > 1, s, torch.where(q < 1, -neg, torch.zeros_like(s))).view(E, O, C).to(dtype)
     if ternary:
         z = torch.ones_like(scale, dtype=torch.float32)
     else:
@@ -122,8 +138,9 @@ def dequantize_packed(bits: int, ternary: bool, base3: bool, data: torch.Tensor,
                       zero: torch.Tensor | None, columns: int, dtype: torch.dtype = torch.float32,
                       backend: str | None = None) -> torch.Tensor:
     """Dense ``[E, O, C]`` weights from packed codes ``data`` (int32 words, or base-3 bytes) and group
-    ``scale`` / ``zero`` ``[E, O, G]`` (``zero=None``: symmetric, ``2^(bits-1)``; ternary: 1 after decoding)."""
-    if resolve_backend(backend, data.device, (bits, ternary, base3)) == "triton":
+    ``scale`` / ``zero`` ``[E, O, G]`` (``zero=None``: symmetric, ``2^(bits-1)``; ternary: 1 after decoding, or
+    when given the magnitude of the negative level of a two-level grid)."""
+    if resolve_backend(backend, data.device, _key(bits, ternary, base3, zero)) == "triton":
         from moecompress.kernels import triton_dequant
 
         return triton_dequant.dequantize(bits, ternary, base3, data, scale, zero, columns, dtype)
@@ -134,7 +151,7 @@ def packed_linear(x: torch.Tensor, bits: int, ternary: bool, base3: bool, data: 
                   zero: torch.Tensor | None, columns: int, backend: str | None = None) -> torch.Tensor:
     """``x [T, C] @ W^T`` for one packed weight ``[1, O, C]`` -> ``[T, O]`` in ``x.dtype`` (fused dequant +
     matmul on Triton)."""
-    if resolve_backend(backend, x.device, (bits, ternary, base3)) == "triton":
+    if resolve_backend(backend, x.device, _key(bits, ternary, base3, zero)) == "triton":
         from moecompress.kernels import triton_dequant
 
         return triton_dequant.packed_matmul(x, bits, ternary, base3, data, scale, zero, columns).to(x.dtype)
@@ -157,17 +174,23 @@ def _grouped_torch(x: torch.Tensor, route: MoeRoute, x_div: int, bits: int, tern
                    scale: torch.Tensor, zero: torch.Tensor | None, columns: int) -> torch.Tensor:
     """Blocks of ``block_m`` rows times their expert's weight (dequantized per block): ``bmm`` over a bounded
     number of blocks at a time. Static shapes, no host sync."""
+    def weights(e: torch.Tensor) -> torch.Tensor:
+        return _dequant_torch(bits, ternary, base3, data.index_select(0, e), scale.index_select(0, e),
+                              None if zero is None else zero.index_select(0, e), columns, x.dtype)  # [b, O, C]
+
+    return _grouped_blocks(x, route, x_div, data.shape[1], columns, weights)
+
+
+def _grouped_blocks(x: torch.Tensor, route: MoeRoute, x_div: int, O: int, columns: int, weights) -> torch.Tensor:
+    """`_grouped_torch` for any weights: ``weights(e [b])`` gives the dense ``[b, O, C]`` of experts ``e``."""
     R, bm, nb = route.num_rows, route.block_m, route.num_blocks
-    O = data.shape[1]
     out = x.new_zeros(R + 1, O)  # row R collects the padding rows
     rows = route.sorted_rows.to(torch.int64)
     experts = route.block_expert.clamp(min=0)
     step = max(1, _TORCH_BLOCK_ELEMENTS // max(1, O * columns))
     for b0 in range(0, nb, step):
         b1 = min(nb, b0 + step)
-        e = experts[b0:b1]
-        w = _dequant_torch(bits, ternary, base3, data.index_select(0, e), scale.index_select(0, e),
-                           None if zero is None else zero.index_select(0, e), columns, x.dtype)  # [b, O, C]
+        w = weights(experts[b0:b1])
         r = rows[b0 * bm:b1 * bm]
         xb = x.index_select(0, torch.clamp(r, max=R - 1) // x_div).view(b1 - b0, bm, columns)
         out.index_put_((r,), torch.bmm(xb, w.transpose(1, 2)).reshape(-1, O))
@@ -183,7 +206,7 @@ def grouped_linear(x: torch.Tensor, route: MoeRoute | torch.Tensor, bits: int, t
     if isinstance(route, torch.Tensor):
         route = moe_route(route, data.shape[0] if num_experts is None else num_experts, backend,
                           (bits, ternary, base3))
-    if route.backend == "triton" and resolve_backend(backend, x.device, (bits, ternary, base3)) == "triton":
+    if route.backend == "triton" and resolve_backend(backend, x.device, _key(bits, ternary, base3, zero)) == "triton":
         from moecompress.kernels import triton_dequant
 
         return triton_dequant.grouped_matmul(x, route, x_div, bits, ternary, base3, data, scale, zero,
@@ -191,3 +214,58 @@ def grouped_linear(x: torch.Tensor, route: MoeRoute | torch.Tensor, bits: int, t
     if route.backend != "torch":
         raise ValueError("this route was made for the Triton kernels; make it with the same backend")
     return _grouped_torch(x, route, x_div, bits, ternary, base3, data, scale, zero, columns)
+
+
+# ------------------------------------------------------------------------------- ternary-dict (QMoE's code)
+def _dict_rows(codewords: torch.Tensor, row_index: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sub-stream of ``rows``: ``(codewords, row_index)`` (sizes it from the row index: a host sync)."""
+    ri = row_index.to(torch.int64)
+    start, count = ri[rows], ri[rows + 1] - ri[rows]
+    sub_index = torch.cat([count.new_zeros(1), count.cumsum(0)])
+    total = int(sub_index[-1])
+    owner = torch.repeat_interleave(torch.arange(rows.numel(), device=rows.device), count, output_size=total)
+    idx = start[owner] + torch.arange(total, device=rows.device) - sub_index[owner]
+    return codewords[idx], sub_index
+
+
+def dict_dequantize(codewords: torch.Tensor, row_index: torch.Tensor, dec: torch.Tensor, scale: torch.Tensor,
+                    scale_neg: torch.Tensor | None, columns: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Dense ``[E, O, C]`` of a ``ternary-dict`` weight (the torch reference on every device)."""
+    return reference.dict_dequantize(codewords, row_index, dec, scale, scale_neg, columns, dtype)
+
+
+def dict_linear(x: torch.Tensor, codewords: torch.Tensor, row_index: torch.Tensor, dec: torch.Tensor,
+                scale: torch.Tensor, scale_neg: torch.Tensor | None, columns: int,
+                backend: str | None = None) -> torch.Tensor:
+    """``x [T, C] @ W^T`` for one ``ternary-dict`` weight ``[1, O, C]`` -> ``[T, O]`` in ``x.dtype``; on Triton the
+    codewords are decoded and multiplied in one pass (`triton_dict.dict_matmul`)."""
+    if resolve_backend(backend, x.device, (16, True, False, scale_neg is not None, True)) == "triton":
+        from moecompress.kernels import triton_dict
+
+        return triton_dict.dict_matmul(x, codewords, row_index, dec, scale, scale_neg, columns).to(x.dtype)
+    w = dict_dequantize(codewords, row_index, dec, scale, scale_neg, columns, x.dtype)[0]
+    return x @ w.T
+
+
+def dict_grouped_linear(x: torch.Tensor, route: MoeRoute, codewords: torch.Tensor, row_index: torch.Tensor,
+                        dec: torch.Tensor, scale: torch.Tensor, scale_neg: torch.Tensor | None, columns: int,
+                        backend: str | None = None, x_div: int = 1) -> torch.Tensor:
+    """`grouped_linear` for a ``ternary-dict`` weight: one fused decode + multiply launch on Triton; the torch
+    path decodes only the routed experts' rows (reading the row index on the host)."""
+    if route.backend == "triton" and resolve_backend(backend, x.device,
+                                                     (16, True, False, scale_neg is not None, True)) == "triton":
+        from moecompress.kernels import triton_dict
+
+        return triton_dict.grouped_dict_matmul(x, route, x_div, codewords, row_index, dec, scale, scale_neg,
+                                               columns).to(x.dtype)
+    if route.backend != "torch":
+        raise ValueError("this route was made for the Triton kernels; make it with the same backend")
+    E, O, G = scale.shape
+
+    def weights(e: torch.Tensor) -> torch.Tensor:
+        rows = (e[:, None] * O + torch.arange(O, device=e.device)).reshape(-1)
+        cw, ri = _dict_rows(codewords, row_index, rows)
+        neg = None if scale_neg is None else scale_neg.index_select(0, e)
+        return reference.dict_dequantize(cw, ri, dec, scale.index_select(0, e), neg, columns, x.dtype)
+
+    return _grouped_blocks(x, route, x_div, O, columns, weights)

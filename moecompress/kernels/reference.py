@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["dequantize", "grouped_experts_matmul", "packed_matmul", "unpack_bits", "unpack_trits"]
+__all__ = ["dequantize", "dict_decode", "dict_dequantize", "dict_entry_lengths", "grouped_experts_matmul",
+           "packed_matmul", "unpack_bits", "unpack_trits"]
 
 def unpack_bits(packed: torch.Tensor, bits: int, columns: int) -> torch.Tensor:
     """``[..., W]`` int32 words -> ``[..., columns]`` uint8 codes."""
@@ -66,3 +67,54 @@ def grouped_experts_matmul(x: torch.Tensor, rows_expert: torch.Tensor, codes: to
     The specification, not a fast path: it gathers one dense ``[O, C]`` weight per row."""
     w = dequantize(codes, scale, zero)  # [E, O, C]
     return torch.einsum("tc,toc->to", x.float(), w[rows_expert])
+
+
+# ------------------------------------------------------------------------------ ternary-dict (QMoE's code)
+def dict_entry_lengths(dec: torch.Tensor) -> torch.Tensor:
+    """Pairs per dictionary entry: the low 4 bits of ``dec [N, 2]``'s first word -> ``[N]`` int64."""
+    return dec[:, 0].to(torch.int64) & 15
+
+
+def dict_decode(codewords: torch.Tensor, row_index: torch.Tensor, dec: torch.Tensor, rows: int,
+                columns: int) -> torch.Tensor:
+    """Trits ``[rows, columns]`` int8 in {-1, 0, 1} from a dictionary-coded stream (formats/dictcode.py):
+    codeword ``k`` of row ``r`` (``row_index[r] <= k < row_index[r + 1]``) expands to ``2 len_k`` trits, trit ``t``
+    being digit ``(dec[c_k, t // 14] >> (4 + 2 (t % 14))) & 3`` (0: zero, 1: -1, 2: +1), placed after the trits of
+    the row's earlier codewords. ``codewords [n]`` uint16, ``row_index [rows + 1]`` int32, ``dec [N, 2]`` int32.
+    The stream must be valid (`formats.dictcode.check_stream`)."""
+    dev = codewords.device
+    n = codewords.numel()
+    width = columns + (columns % 2)
+    out = torch.zeros(rows, width + 2 * 14, dtype=torch.int8, device=dev)  # slack for the masked tail
+    if n == 0:
+        return out[:, :columns]
+    cw = codewords.to(torch.int64) & 0xFFFF
+    words = dec.to(torch.int64)[cw] & 0xFFFFFFFF  # [n, 2]
+    trits = 2 * (words[:, 0] & 15)  # [n]
+    ends = torch.cumsum(trits, 0)
+    starts = ends - trits  # over the whole stream
+    ri = row_index.to(torch.int64)
+    row = torch.searchsorted(ri[1:], torch.arange(n, device=dev), right=True)  # [n]
+    first = torch.cat([starts, starts.new_zeros(1)])[ri[:-1]]  # [rows] stream offset of each row's first trit
+    start = starts - first[row]  # within the row
+    t = torch.arange(28, device=dev)
+    digit = (words[:, t // 14] >> (4 + 2 * (t % 14))) & 3  # [n, 28]
+    value = torch.where(digit == 2, 1, torch.where(digit == 1, -1, 0)).to(torch.int8)
+    value = torch.where(t[None, :] < trits[:, None], value, torch.zeros_like(value))
+    pos = (start[:, None] + t[None, :]).clamp(max=width + 27)
+    flat = out.view(-1)
+    keep = t[None, :] < trits[:, None]
+    idx = (row[:, None] * (width + 28) + pos)[keep]
+    flat.index_put_((idx,), value[keep])
+    return out[:, :columns]
+
+
+def dict_dequantize(codewords: torch.Tensor, row_index: torch.Tensor, dec: torch.Tensor, scale: torch.Tensor,
+                    scale_neg: torch.Tensor | None, columns: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Dense ``[E, O, C]`` from a dictionary-coded weight with group ``scale [E, O, G]`` (and ``scale_neg``: the
+    negative level of two-level grids; None: ``-scale``)."""
+    E, O, G = scale.shape
+    t = dict_decode(codewords, row_index, dec, E * O, columns).view(E, O, G, columns // G).to(torch.float32)
+    s = scale.float()[..., None]
+    neg = s if scale_neg is None else scale_neg.float()[..., None]
+    return torch.where(t > 0, s, torch.where(t < 0, -neg, torch.zeros_like(s))).view(E, O, columns).to(dtype)

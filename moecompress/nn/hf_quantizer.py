@@ -1,11 +1,13 @@
 """The ``moecompress`` quantization method for transformers: ``import moecompress`` then
 ``AutoModelForCausalLM.from_pretrained(packed_dir)`` gives a model whose weights stay packed.
 
-``config.json`` carries ``quantization_config = {"quant_method": "moecompress", "format_version": 1,
+``config.json`` carries ``quantization_config = {"quant_method": "moecompress", "format_version": 2,
 "modules": {path: spec}, "checksums": {tensor: crc32}, "activations": {...} | null}`` (docs/FORMAT.md). Before
 weights are read, every listed module is swapped for `PackedLinear` / `PackedExperts` (on the meta device);
 after loading, every packed tensor must have been read from the checkpoint and match its checksum, or
-loading fails: never random weights. An unknown format version fails before anything is read.
+loading fails: never random weights; every ``ternary-dict`` stream must be well formed (`check_stream`: row
+index, codewords within the dictionary, every row decoding to its length). Versions 1 and 2 load; an unknown
+format version fails before anything is read.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from transformers.quantizers import HfQuantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from moecompress.formats.checkpoint import FORMAT_VERSION, QUANT_METHOD, checksum
-from moecompress.formats.spec import ModuleSpec, module_specs
+from moecompress.formats.checkpoint import QUANT_METHOD, READABLE_VERSIONS, checksum
+from moecompress.formats.codecs import CODECS
+from moecompress.formats.dictcode import check_stream, dict_table
+from moecompress.formats.spec import PROJS, ModuleSpec, module_specs
 from moecompress.nn.act_quant import ActQuant
 from moecompress.nn.packed import PackedExperts, PackedLinear
 
@@ -68,14 +72,38 @@ def verify_packed(model: torch.nn.Module, checksums: dict[str, str]) -> None:
             raise ValueError(f"packed tensor {key} does not match its checksum (corrupt checkpoint)")
 
 
+def verify_streams(model: torch.nn.Module) -> None:
+    """Every ``ternary-dict`` weight decodes (ValueError naming the weight and the problem otherwise)."""
+    for name, m in model.named_modules():
+        if not isinstance(m, PackedExperts):
+            continue
+        for p in PROJS:
+            if not CODECS.get(m.codecs[p]).dict:
+                continue
+            E, O, C = m.num_experts, *((m.hidden, m.intermediate) if p == "down" else (m.intermediate, m.hidden))
+            header = getattr(m, f"{p}_dict")
+            entries = (m.spec.dict_sizes or {}).get(p, (0, 0))[1]
+            if int(header[0]) != entries:
+                why = f"the dictionary has {int(header[0])} entries, the config says {entries}"
+            else:
+                try:
+                    why = check_stream(getattr(m, f"{p}_codewords"), getattr(m, f"{p}_row_index"), dict_table(header),
+                                       E * O, C)
+                except ValueError as e:
+                    why = str(e)
+            if why:
+                raise ValueError(f"packed tensor {name}.{p}: {why}; the checkpoint is corrupt, re-pack the model")
+
+
 class MoecompressQuantizer(HfQuantizer):
     requires_calibration = True  # only pre-quantized (packed) checkpoints
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         v = getattr(self.quantization_config, "format_version", None)
-        if v != FORMAT_VERSION:
+        if v not in READABLE_VERSIONS:
             raise ValueError(f"moecompress packed format version {v!r} is not supported (this moecompress reads "
-                             f"version {FORMAT_VERSION}); upgrade moecompress or re-pack the model")
+                             f"versions {', '.join(map(str, READABLE_VERSIONS))}); upgrade moecompress or re-pack "
+                             "the model")
 
     def _process_model_before_weight_loading(self, model, **kwargs: Any):
         with torch.device("meta"):
@@ -85,6 +113,7 @@ class MoecompressQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
         verify_packed(model, self.quantization_config.checksums)
+        verify_streams(model)
         return model
 
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:

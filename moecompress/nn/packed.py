@@ -20,6 +20,7 @@ from torch import nn
 
 from moecompress.algorithms.moe_math import ExpertWeights, glu
 from moecompress.formats.codecs import CODECS
+from moecompress.formats.dictcode import dict_table
 from moecompress.formats.spec import PROJS, ModuleSpec
 from moecompress.kernels import dispatch
 from moecompress.models.calls import experts_call_args
@@ -30,15 +31,22 @@ __all__ = ["PackedExperts", "PackedLinear"]
 
 
 def _buffers(module: nn.Module, prefix: str, codec: str, shape: tuple[int, int, int], group: int,
-             symmetric: bool) -> None:
+             symmetric: bool, lengths: tuple[int, int] | None = None) -> None:
     E, O, C = shape
     c = CODECS.get(codec)
     G = max(1, C // group) if group > 0 else 1
-    if c.base3:
+    if c.dict:
+        n, N = lengths
+        module.register_buffer(f"{prefix}_codewords", torch.zeros(n, dtype=torch.uint16))
+        module.register_buffer(f"{prefix}_row_index", torch.zeros(E * O + 1, dtype=torch.int32))
+        module.register_buffer(f"{prefix}_dict", torch.zeros(10, dtype=torch.int32))  # N and the symbol costs
+    elif c.base3:
         module.register_buffer(f"{prefix}_trits", torch.zeros(E, O, (C + 4) // 5, dtype=torch.uint8))
     else:
         module.register_buffer(f"{prefix}_packed", torch.zeros(E, O, (C * c.bits + 31) // 32, dtype=torch.int32))
     module.register_buffer(f"{prefix}_scale", torch.zeros(E, O, G, dtype=torch.float16))
+    if not symmetric and c.ternary:  # two-level ternary grid: the negative level
+        module.register_buffer(f"{prefix}_scale_neg", torch.zeros(E, O, G, dtype=torch.float16))
     if not symmetric and not c.ternary:
         module.register_buffer(f"{prefix}_zero", torch.zeros(E, O, G, dtype=torch.uint8))
     module.register_buffer(f"{prefix}_shape", torch.tensor([E, O, C], dtype=torch.int64))
@@ -46,36 +54,60 @@ def _buffers(module: nn.Module, prefix: str, codec: str, shape: tuple[int, int, 
 
 def dequantize_packed(codec: str, t: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Dense ``[E, O, C]`` from a codec's packed tensors (through the kernel dispatch)."""
-    return dispatch.dequantize_packed(*_args(codec, t), dtype)
+    return dequantize_packed_columns(codec, t, int(t["shape"][2]), dtype)
 
 
 def dequantize_packed_columns(codec: str, t: dict[str, torch.Tensor], columns: int,
                               dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """As `dequantize_packed`, with the column count given (no read of the ``shape`` tensor)."""
+    if CODECS.get(codec).dict:
+        return dispatch.dict_dequantize(*_dict_args(t), columns, dtype)
     return dispatch.dequantize_packed(*_args(codec, t, columns), dtype)
 
 
 def _args(codec: str, t: dict[str, torch.Tensor], columns: int | None = None) -> tuple:
     """Kernel arguments. ``columns`` comes from the module's attributes in a forward pass: reading it from the
-    ``shape`` buffer would copy a device value to the host (a sync) on every call."""
+    ``shape`` buffer would copy a device value to the host (a sync) on every call. A two-level ternary weight
+    passes its ``scale_neg`` in the zero point's place (the kernels' convention for ternary codecs)."""
     c = CODECS.get(codec)
     if columns is None:
         columns = int(t["shape"][2])
-    return c.bits, c.ternary, c.base3, (t["trits"] if c.base3 else t["packed"]), t["scale"], t.get("zero"), columns
+    zero = t.get("scale_neg") if c.ternary else t.get("zero")
+    return c.bits, c.ternary, c.base3, (t["trits"] if c.base3 else t["packed"]), t["scale"], zero, columns
 
 
-def _codec_key(codec: str) -> tuple[int, bool, bool]:
+_TABLES: dict = {}
+
+
+def decode_table(header: torch.Tensor) -> torch.Tensor:
+    """The decode table of a ``ternary-dict`` header, on the header's device; built once per (header, device)
+    (the first forward pass reads the 10-int header on the host; later calls do not)."""
+    key = (header.data_ptr(), header.device, header._version)  # a changed or moved header is a new key
+    table = _TABLES.get(key)
+    if table is None:
+        if len(_TABLES) > 4096:
+            _TABLES.clear()
+        table = _TABLES[key] = dict_table(header)
+    return table
+
+
+def _dict_args(t: dict[str, torch.Tensor]) -> tuple:
+    return t["codewords"], t["row_index"], decode_table(t["dict"]), t["scale"], t.get("scale_neg")
+
+
+def _codec_key(codec: str, symmetric: bool = True) -> tuple:
+    """The dispatch's codec key ``(bits, ternary, base3, two-level ternary, dictionary)``."""
     c = CODECS.get(codec)
-    return c.bits, c.ternary, c.base3
+    return c.bits, c.ternary, c.base3, c.ternary and not symmetric, c.dict
 
 
 def _tensors(module: nn.Module, prefix: str, experts: slice | None = None) -> dict[str, torch.Tensor]:
     """The packed tensors (``experts``: a slice of the stacked ones; ``shape`` is left out then)."""
     out = {}
-    for local in ("packed", "trits", "scale", "zero", "shape"):
+    for local in ("packed", "trits", "scale", "scale_neg", "zero", "shape", "codewords", "row_index", "dict"):
         t = getattr(module, f"{prefix}_{local}", None)
         if t is not None and not (experts is not None and local == "shape"):
-            out[local] = t if experts is None else t[experts]
+            out[local] = t if experts is None or local in ("codewords", "row_index", "dict") else t[experts]
     return out
 
 
@@ -175,7 +207,8 @@ class PackedExperts(nn.Module):
         shapes = {"gate": (num_experts, intermediate, hidden), "up": (num_experts, intermediate, hidden),
                   "down": (num_experts, hidden, intermediate)}
         for p in PROJS:
-            _buffers(self, p, self.codecs[p], shapes[p], spec.group_size, spec.symmetric)
+            _buffers(self, p, self.codecs[p], shapes[p], spec.group_size, spec.symmetric,
+                     (spec.dict_sizes or {}).get(p))
             if spec.bias:
                 self.register_parameter(f"{p}_bias", nn.Parameter(torch.zeros(shapes[p][:2], dtype=dtype)))
 
@@ -201,18 +234,26 @@ class PackedExperts(nn.Module):
         return rot[key]
 
     def dequantized(self, proj: str, experts: slice | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        w = dequantize_packed_columns(self.codecs[proj], _tensors(self, proj, experts), self._columns(proj), dtype)
+        if CODECS.get(self.codecs[proj]).dict:  # a variable-rate stream: decode the whole weight, then slice
+            w = dequantize_packed_columns(self.codecs[proj], _tensors(self, proj), self._columns(proj), dtype)
+            w = w if experts is None else w[experts]
+        else:
+            w = dequantize_packed_columns(self.codecs[proj], _tensors(self, proj, experts), self._columns(proj), dtype)
         if proj == "down" and self.inter_rotation_seed is not None:  # stored as W Q: give back W = (W Q) Q^T
             w = w @ self.rotation(w.device, dtype).T
         return w
 
     def _backend(self, device: torch.device) -> str:
         """One backend for the three projections (their routing is shared): Triton only if all can use it."""
-        b = {dispatch.resolve_backend(None, device, _codec_key(self.codecs[p])) for p in PROJS}
+        b = {dispatch.resolve_backend(None, device, _codec_key(self.codecs[p], self.spec.symmetric)) for p in PROJS}
         return "triton" if b == {"triton"} else "torch"
 
     def _project(self, x: torch.Tensor, route, proj: str, backend: str, x_div: int) -> torch.Tensor:
-        return dispatch.grouped_linear(x, route, *_args(self.codecs[proj], _tensors(self, proj), self._columns(proj)),
+        t = _tensors(self, proj)
+        if CODECS.get(self.codecs[proj]).dict:
+            return dispatch.dict_grouped_linear(x, route, *_dict_args(t), self._columns(proj), backend=backend,
+                                                x_div=x_div)
+        return dispatch.grouped_linear(x, route, *_args(self.codecs[proj], t, self._columns(proj)),
                                        backend=backend, x_div=x_div)
 
     def forward(self, *args, **kwargs) -> torch.Tensor:

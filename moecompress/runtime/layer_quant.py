@@ -54,7 +54,8 @@ WORKSPACE_BYTES = 2 << 30  # GPTQ's float32 workspace per call: experts are quan
 
 def _quantize(chunk: Callable[[int, int], torch.Tensor], shape: tuple[int, int, int], H: torch.Tensor | None,
               opt: QuantOptions, dtype: torch.dtype, finish: Callable[[torch.Tensor], torch.Tensor] | None = None,
-              store: Callable[[int, torch.Tensor], None] | None = None) -> QuantResult:
+              store: Callable[[int, torch.Tensor], None] | None = None,
+              error: dict[str, float] | None = None) -> QuantResult:
     """RTN, or GPTQ over ``shape = (E, O, C)`` weights with ``H [E, C, C]``, in chunks of experts.
 
     ``chunk(a, b)`` gives experts ``a..b-1`` in float32 (``[b - a, O, C]``): only one chunk is ever held in
@@ -62,7 +63,7 @@ def _quantize(chunk: Callable[[int, int], torch.Tensor], shape: tuple[int, int, 
     each chunk is done (the result's ``weight`` is then None), else returned in ``dtype``. GPTQ holds about six
     ``[C, C]`` and four ``[O, C]`` float32 matrices per expert, so a Mixtral-8x7B down projection (C = 14336) is
     quantized one expert at a time instead of needing about 40 GB at once. Each expert's result is the same as
-    in one call."""
+    in one call. ``error``: the squared error and the squared weights are added to its ``num`` and ``den``."""
     E, O, C = shape
     rtn = opt.method == "rtn" or H is None
     if rtn:  # the clip search holds about six [O, C] float32 copies per expert
@@ -80,6 +81,9 @@ def _quantize(chunk: Callable[[int, int], torch.Tensor], shape: tuple[int, int, 
                                 act_order=opt.act_order)
             if isinstance(opt.grid, QuantGrid):
                 res = _refine(W, H[a:b], res, opt)
+        if error is not None:  # relative squared error, summed over chunks (before ``finish``: W's basis)
+            error["num"] = error.get("num", 0.0) + float(((W - res.weight) ** 2).sum())
+            error["den"] = error.get("den", 0.0) + float((W ** 2).sum())
         del W
         weight = res.weight if finish is None else finish(res.weight)
         if store is not None:
@@ -87,9 +91,10 @@ def _quantize(chunk: Callable[[int, int], torch.Tensor], shape: tuple[int, int, 
             weight = None
         if out is None:
             out = QuantResult(*(None if t is None else t.new_empty((E, *t.shape[1:]), dtype=d) for t, d in (
-                (weight, dtype), (res.codes, None), (res.scales, None), (res.zeros, None), (res.loss, None))))
-        for dst, src in zip((out.weight, out.codes, out.scales, out.zeros, out.loss),
-                            (weight, res.codes, res.scales, res.zeros, res.loss)):
+                (weight, dtype), (res.codes, None), (res.scales, None), (res.zeros, None), (res.loss, None),
+                (res.neg_scales, None))))
+        for dst, src in zip((out.weight, out.codes, out.scales, out.zeros, out.loss, out.neg_scales),
+                            (weight, res.codes, res.scales, res.zeros, res.loss, res.neg_scales)):
             if dst is not None:
                 dst[a:b] = src
         del res, weight
@@ -262,20 +267,26 @@ def quantize_experts(view: MoEBlockView, stats: LayerStats, opt: QuantOptions, r
             fallback.append(e)
     gate, up = view.experts.stacked("gate")[own], view.experts.stacked("up")[own]  # [E_own, I, H]
     I, dtype = gate.shape[1], gate.dtype
+    ternary = isinstance(opt.grid, TernaryGrid)
 
     def store_gate_up(a: int, w: torch.Tensor) -> None:  # one process: straight into the layer's storage
         view.experts.set_stacked("gate", w[:, :I], a)
         view.experts.set_stacked("up", w[:, I:], a)
 
+    err_gu: dict[str, float] = {}
     res = _gathered(_quantize(lambda a, b: torch.cat([gate[a:b], up[a:b]], dim=1).float(),  # gate, up: one input
                               (gate.shape[0], 2 * I, gate.shape[2]), H, opt, dtype,
-                              store=None if dist.active else store_gate_up), dist, E)
+                              store=None if dist.active else store_gate_up, error=err_gu), dist, E)
     gate = up = None  # (a copy for experts stored as modules)
     if dist.active:
         store_gate_up(0, res.weight)
-    record.add(f"{prefix}:gate", res.codes[:, :I], res.scales[:, :I], res.zeros[:, :I])
-    record.add(f"{prefix}:up", res.codes[:, I:], res.scales[:, I:], res.zeros[:, I:])
-    del res
+    error = {"gate_up": _error(err_gu, res, own, ternary)}
+    neg = res.neg_scales
+    record.add(f"{prefix}:gate", res.codes[:, :I], res.scales[:, :I], res.zeros[:, :I],
+               None if neg is None else neg[:, :I])
+    record.add(f"{prefix}:up", res.codes[:, I:], res.scales[:, I:], res.zeros[:, I:],
+               None if neg is None else neg[:, I:])
+    del res, neg
     down = view.experts.stacked("down")[own]  # [E_own, H, I]
     Q = None if down_rotation is None else down_rotation.to(down.device, torch.float32)
     if Q is not None:
@@ -284,14 +295,16 @@ def quantize_experts(view: MoEBlockView, stats: LayerStats, opt: QuantOptions, r
     def store_down(a: int, w: torch.Tensor) -> None:
         view.experts.set_stacked("down", w, a)
 
+    err_d: dict[str, float] = {}
     res = _gathered(_quantize(lambda a, b: down[a:b].float() if Q is None else down[a:b].float() @ Q,
                               tuple(down.shape), Hd, opt, down.dtype, None if Q is None else (lambda w: w @ Q.T),
-                              None if dist.active else store_down), dist, E)
+                              None if dist.active else store_down, err_d), dist, E)
     down = None
     if dist.active:
         store_down(0, res.weight)
-    record.add(f"{prefix}:down", res.codes, res.scales, res.zeros)
-    return {"routed_tokens": [int(c) for c in ex.count], "tokens_used": [int(c) for c in n], "min_tokens": n_min,
+    error["down"] = _error(err_d, res, own, ternary)
+    record.add(f"{prefix}:down", res.codes, res.scales, res.zeros, res.neg_scales)
+    return {"weight_error": error, "routed_tokens": [int(c) for c in ex.count], "tokens_used": [int(c) for c in n], "min_tokens": n_min,
             "topped_up_reserve": reserve_used, "topped_up_near_miss": near_used, "topped_up_pooled": pooled,
             "rtn_fallback": fallback}
 
@@ -308,11 +321,21 @@ def _pool(view: MoEBlockView, ex, e: int, H: torch.Tensor, Hd: torch.Tensor, def
     Hd[ex.row(e)] += deficit * gate_mean * Hh[0]
 
 
+def _error(err: dict[str, float], res: QuantResult, own: slice, ternary: bool) -> dict[str, float]:
+    """Reconstruction error of this process's experts (``err``: `_quantize`'s sums): relative squared error
+    ``|W - W_hat|^2 / |W|^2`` and, for ternary codes (``t + 1``), the zero fraction."""
+    out = {"relative_mse": err.get("num", 0.0) / max(err.get("den", 0.0), 1e-30)}
+    if ternary:
+        out["zero_fraction"] = float((res.codes[own] == 1).float().mean())
+    return out
+
+
 def _gathered(res: QuantResult, dist: Dist, E: int) -> QuantResult:
     """Every process's experts of ``res``, in expert order (``res`` itself in one process)."""
     if not dist.active:
         return res
-    return QuantResult(*(dist.gather(t, E) for t in (res.weight, res.codes, res.scales, res.zeros)))
+    neg = None if res.neg_scales is None else dist.gather(res.neg_scales, E)
+    return QuantResult(*(dist.gather(t, E) for t in (res.weight, res.codes, res.scales, res.zeros)), neg_scales=neg)
 
 
 @torch.no_grad()

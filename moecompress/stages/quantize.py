@@ -81,6 +81,7 @@ class QuantizeConfig(StageConfig):
     rare_experts: Literal["pooled", "rtn"] = "pooled"  # experts still short of tokens: pooled layer tokens, or RTN
     batch_size: int = Field(8, ge=1)
     save_format: Literal["packed", "fake-quant"] = "packed"  # packed tensors, or dequantized bf16 + the record
+    codec: str = "auto"  # integer schemes: their int<b> codec (ternary codecs belong to the ternary stage)
 
     @property
     def bits(self) -> tuple[int, int | None]:
@@ -92,6 +93,13 @@ class QuantizeConfig(StageConfig):
     def check(self, config: Any, arch: Any) -> None:
         from transformers import AutoModelForCausalLM
 
+        if self.codec not in ("auto", f"int{self.bits[0]}"):
+            if self.codec.startswith("ternary"):
+                raise MoecompressError(f"--codec {self.codec} stores ternary weights, but scheme {self.scheme} has "
+                                       f"{self.bits[0]}-bit integer weights",
+                                       f"use `moecompress ternary --codec {self.codec}`, or leave --codec auto")
+            raise MoecompressError(f"--codec {self.codec} does not fit scheme {self.scheme}",
+                                   f"use --codec auto (int{self.bits[0]})")
         gs = self.groups()
         if gs not in (-1, 0) and gs < 1:
             raise MoecompressError(f"group size {gs} is invalid", "use a positive group size or -1 (per channel)")

@@ -63,7 +63,8 @@ ODD_CODECS = ("int4-asym", "int3", "int3-asym", "ternary2", "ternary-b3")  # eve
 def specs(level: str = "ci") -> list[dict]:
     """Every specialization to compile (plain data, picklable); ``stage``: the last compiler stage to run.
 
-    ``ci`` (tests/kernels/test_aot_compile.py; 471 kernels, about 2 minutes on 2 idle cores):
+    ``ci`` (tests/kernels/test_aot_compile.py; 471 kernels, about 2 minutes on 2 idle cores, plus the 102
+    ternary-dict specializations of `dict_specs`, about 6 more minutes on 2 loaded cores):
 
     * every codec x tensor-core path (plain GEMM, grouped BLOCK_M = 16) x fp16/bf16 x sm_80/sm_90;
     * every codec x GEMV path (plain, grouped) x sm_80/sm_90, in bf16 on sm_80 and fp16 on sm_90;
@@ -116,6 +117,34 @@ def specs(level: str = "ci") -> list[dict]:
             for path in paths:
                 for c in path[1]:
                     mm(90, codec, "fp16", path, c, "ttir")
+    out.extend(dict_specs(level))
+    return out
+
+
+# The ternary-dict decoder (moecompress/kernels/triton_dict.py): (path, grouped, block_m, example M, X_DIV)
+DICT_PATHS = [("dict-gemv", False, 1, 1, 1), ("dict-batch16", False, 16, 16, 1), ("dict-batch5", False, 8, 5, 1),
+              ("dict-grouped-gemv", True, 1, 2, 2), ("dict-grouped16", True, 16, 32, 1),
+              ("dict-grouped64", True, 64, 1024, 2)]
+
+
+def dict_specs(level: str = "ci") -> list[dict]:
+    """Every ternary-dict specialization: each path x one group per row (QMoE) / groups of 128 x one- and two-level
+    scales x fp16 / bf16 activations x sm_80 / sm_90, at Mixtral-8x7B's gate shape through PTX (the QMoE case,
+    batch 1 and grouped, through ptxas), and the odd shape (fp16, sm_90) through PTX."""
+    out = []
+    for arch in ARCHS:
+        for path, grouped, bm, m, xdiv in DICT_PATHS:
+            for group in (0, 128):
+                for neg in (True, False):
+                    for dtype in DTYPES:
+                        qmoe = group == 0 and neg and dtype == "bf16"
+                        stage = "cubin" if level == "full" or (qmoe and path in ("dict-gemv", "dict-grouped-gemv")) \
+                            else "ptx"
+                        out.append(dict(kind="dict", arch=arch, neg=neg, dtype=dtype, path=path, grouped=grouped,
+                                        block_m=bm, M=m, x_div=xdiv, shape=(REAL[0], REAL[1], group), stage=stage))
+    for path, grouped, bm, m, xdiv in DICT_PATHS:
+        out.append(dict(kind="dict", arch=90, neg=True, dtype="fp16", path=path + "-odd", grouped=grouped, block_m=bm,
+                        M=m + 3 if m > 1 else 1, x_div=xdiv, shape=ODD, stage="ptx"))
     return out
 
 
@@ -130,6 +159,9 @@ def _label(s: dict) -> str:
 def _what(s: dict) -> str:
     if s["kind"] == "align":
         return f"moe_align E={s['E']} BLOCK_M={s['block_m']} sm_{s['arch']}"
+    if s["kind"] == "dict":
+        return (f"{s['path']} ternary-dict{' two-level' if s['neg'] else ''} {s['dtype']} sm_{s['arch']} "
+                f"shape={s['shape']} M={s['M']} BM={s['block_m']}")
     base = f"{s['codec'][0]} {s['dtype']} sm_{s['arch']} shape={s['shape']}"
     if s["kind"] == "dequant":
         return "dequant " + base
@@ -144,6 +176,9 @@ def _kernel_spec(s: dict):
     if s["kind"] == "align":
         E, bm = s["E"], s["block_m"]
         return KernelSpec("align", align=(16, E, 37, bm))
+    if s["kind"] == "dict":
+        N, K, group = s["shape"]
+        return KernelSpec("dict", (s["neg"],), s["dtype"], N, K, group, s["M"], s["grouped"], s["block_m"], s["x_div"])
     _, bits, ternary, base3, asym = s["codec"]
     N, K, group = s["shape"]
     if s["kind"] == "dequant":
@@ -218,7 +253,7 @@ def main(argv=None) -> int:
         for s in todo:
             print(_label(s))
         return 0
-    from moecompress.kernels import triton_dequant  # noqa: F401  (imported once, before the workers fork)
+    from moecompress.kernels import triton_dequant, triton_dict  # noqa: F401  (imported once, before the workers fork)
 
     t0 = time.time()
     failed = 0
