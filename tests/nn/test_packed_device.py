@@ -146,7 +146,9 @@ def triton_host_only(monkeypatch, device):
 @pytest.mark.parametrize("T", [1, 7])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_forward_makes_no_cpu_tensor_and_reads_nothing_back(backend, T, dtype, monkeypatch):
-    experts = make_experts(("ternary-b3", "int4", "int3"), bias=True, rotation_seed=3, act=ActQuant(8))
+    # symmetric: a ternary codec in an asymmetric module is QMoE's two-level grid (format 2), torch only
+    experts = make_experts(("ternary-b3", "int4", "int3"), symmetric=True, bias=True, rotation_seed=3,
+                           act=ActQuant(8))
     linear = make_linear()
     idx, w = routing(T, 2, 5)
     x = torch.randn(T, 48).to(dtype)
@@ -180,7 +182,7 @@ def test_grouped_forward_values_without_host_reads(backend, dtype, monkeypatch):
     """Uneven loads, an expert with no tokens, T = 1 and T = 9 (GEMV routing and sorted blocks on Triton).
     Tolerance: 2e-2 of the largest output (fp16: the intermediate GLU output is rounded to the activation
     dtype between the projections; bf16 rounds to 8 bits)."""
-    experts = make_experts(("int4", "int4", "ternary-b3"), bias=True)
+    experts = make_experts(("int4", "int4", "ternary-b3"), symmetric=True, bias=True)
     monkeypatch.setenv("MOECOMPRESS_KERNELS", backend)
     for T in (1, 9):
         idx, w = routing(T, 2, 5, seed=T)
