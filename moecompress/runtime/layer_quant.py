@@ -256,7 +256,7 @@ def quantize_experts(view: MoEBlockView, stats: LayerStats, opt: QuantOptions, r
             n[e] += ex.near_count[e]
             near_used.append(e)
         if n[e] == 0 or (balance and n[e] < n_min):
-            if rare == "pooled" and ex.sample:
+            if rare == "pooled" and ex.sample and opt.method == "gptq" and H.numel():  # RTN reads no Hessian
                 if mine:
                     _pool(view, ex, e, H, Hd, n_min - float(n[e]))
                 pooled.append(e)
