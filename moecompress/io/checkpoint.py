@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from moecompress.errors import MoecompressError
@@ -343,7 +342,7 @@ class CheckpointWriter:
         self.flush()
         n = len(self._shards)
         if n == 0:
-            save_file({}, str(self.directory / f"{self.prefix}.safetensors"), metadata=self.metadata)
+            SpooledShard(self.directory / f"{self.prefix}.safetensors", self.metadata).finish()
             return [f"{self.prefix}.safetensors"]
         if n == 1:
             final = f"{self.prefix}.safetensors"

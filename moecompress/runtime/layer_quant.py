@@ -312,11 +312,11 @@ def quantize_experts(view: MoEBlockView, stats: LayerStats, opt: QuantOptions, r
 def _pool(view: MoEBlockView, ex, e: int, H: torch.Tensor, Hd: torch.Tensor, deficit: float) -> None:
     """Top expert ``e``'s Hessians up with ``deficit`` tokens' worth of the layer's sampled tokens, weighted by
     the layer's mean gate score (an expert's Hessian sums gate-weighted tokens)."""
-    w = view.experts.weights()
     X = torch.cat(ex.sample)
     gate_mean = float(ex.gate_sum.sum() / ex.count.sum().clamp(min=1)) if ex.count.sum() > 0 else 1.0
-    bias = (None if b is None else b[e:e + 1] for b in (w.gate_bias, w.up_bias))
-    Hx, Hh = pooled_hessians(X, w.gate[e:e + 1], w.up[e:e + 1], view.activation, *bias)
+    bias = (None if b is None else b[e:e + 1] for b in (view.experts.bias("gate"), view.experts.bias("up")))
+    Hx, Hh = pooled_hessians(X, view.experts.weight(e, "gate")[None], view.experts.weight(e, "up")[None],
+                             view.activation, *bias)  # expert e's weights only, not a stack of all
     H[ex.row(e)] += deficit * gate_mean * Hx
     Hd[ex.row(e)] += deficit * gate_mean * Hh[0]
 
