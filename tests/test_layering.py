@@ -12,8 +12,8 @@
     9  cli console __main__, the package root                         Typer + rich
 
 A module may import its own level and the levels below. Checked with ``ast`` over every module, imports inside
-functions included; ``from moecompress import x`` counts as importing ``moecompress.x``. Only cli/console touch
-typer/rich.
+functions included; ``from moecompress import x`` counts as importing ``moecompress.x``. Only console and the
+cli package (every module of it) touch typer/rich.
 """
 
 import ast
@@ -86,10 +86,14 @@ def test_the_checker_sees_function_level_and_package_imports(tmp_path):
     assert sorted(_imports(f)) == [("moecompress", 3), ("moecompress.nn", 3), ("moecompress.runtime.executor", 2)]
 
 
+def _may_touch_typer_and_rich(module: str) -> bool:
+    return module in ("moecompress.cli", "moecompress.console") or module.startswith("moecompress.cli.")
+
+
 def test_only_cli_and_console_touch_typer_and_rich():
     bad = []
     for name, path in _modules():
-        if name in ("moecompress.cli", "moecompress.console"):
+        if _may_touch_typer_and_rich(name):
             continue
         for target, line in _imports(path):
             if target.split(".")[0] in ("typer", "rich"):
@@ -103,3 +107,11 @@ def test_algorithms_import_only_shared_types():
             for target, line in _imports(path):
                 if target.startswith("moecompress."):
                     assert target.split(".")[1] in ("types", "errors", "algorithms", "kernels"), f"{name}:{line}"
+
+
+def test_the_typer_and_rich_exemption_is_exactly_the_cli_package_and_console():
+    exempt = {path.relative_to(PKG) for name, path in _modules() if _may_touch_typer_and_rich(name)}
+    cli_files = {path.relative_to(PKG) for path in (PKG / "cli").rglob("*.py")}
+    assert len(cli_files) > 1 and exempt == cli_files | {Path("console.py")}
+    assert all(_level(name) == 9 for name, _ in _modules() if _may_touch_typer_and_rich(name))
+    assert not any(map(_may_touch_typer_and_rich, ("moecompress.client", "moecompress.consoles", "moecompress.io.cli")))

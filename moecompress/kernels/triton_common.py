@@ -1,0 +1,202 @@
+"""What the packed-codec Triton kernels share: the device helpers that read a row of packed codes in storage
+units, unpack them, apply group scales and zero points and store the result (called by the kernels of
+`triton_matmul` and `triton_dequant`), and the host-side geometry of a codec (how its rows are read). The design is
+in `moecompress.kernels.triton_dequant`'s docstring.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import triton
+import triton.language as tl
+
+__all__ = ["BASE3", "INT", "INTERPRET", "TERNARY2", "Geometry", "geometry", "supported"]
+
+INT, TERNARY2, BASE3 = 0, 1, 2
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read by @triton.jit at import, as here
+
+
+# ----------------------------------------------------------------------------------------------- device code
+@triton.jit
+def _load_units(data_ptr, row_off, u, n_ok, W, KIND: tl.constexpr, BITS: tl.constexpr):
+    """Storage units ``u`` ([1, BU] unit indices) of the rows at ``row_off`` ([BN, 1]): ``(w0, w1, w2)``
+    int32 [BN, BU]; int3 units are three words, other units one word (or one byte: base 3)."""
+    if KIND == 2:
+        w0 = tl.load(data_ptr + row_off + u, mask=n_ok & (u < W), other=0).to(tl.int32)
+        w1 = w0
+        w2 = w0
+    elif BITS == 3:
+        b = u * 3
+        w0 = tl.load(data_ptr + row_off + b, mask=n_ok & (b < W), other=0)
+        w1 = tl.load(data_ptr + row_off + b + 1, mask=n_ok & (b + 1 < W), other=0)
+        w2 = tl.load(data_ptr + row_off + b + 2, mask=n_ok & (b + 2 < W), other=0)
+    else:
+        w0 = tl.load(data_ptr + row_off + u, mask=n_ok & (u < W), other=0)
+        w1 = w0
+        w2 = w0
+    return w0, w1, w2
+
+
+@triton.jit
+def _slot(w0, w1, w2, J: tl.constexpr, KIND: tl.constexpr, BITS: tl.constexpr):
+    """Code ``J`` (a compile-time slot) of every unit: unsigned ``q`` (base 3: the digit ``t + 1``)."""
+    if KIND == 2:
+        P: tl.constexpr = 3 ** J
+        q = (((w0 * P) & 255) * 3) >> 8
+    elif BITS == 3:  # bit 3J of the unit's 96-bit little-endian stream
+        if J < 10:
+            q = (w0 >> (3 * J)) & 7
+        elif J == 10:
+            q = ((w0 >> 30) & 3) | ((w1 & 1) << 2)
+        elif J < 21:
+            q = (w1 >> (3 * J - 32)) & 7
+        elif J == 21:
+            q = ((w1 >> 31) & 1) | ((w2 & 3) << 1)
+        else:
+            q = (w2 >> (3 * J - 64)) & 7
+    else:
+        q = (w0 >> (J * BITS)) & ((1 << BITS) - 1)
+    return q
+
+
+@triton.jit
+def _codes3(w0, w1, w2, KIND: tl.constexpr, BITS: tl.constexpr, SP2: tl.constexpr):
+    """All codes of the units as [BN, BU, SP2] int32 (slot ``j`` of unit ``u`` is element ``u*SLOTS + j``;
+    base 3 pads 5 slots to 8, the padding slots hold junk codes that the callers mask)."""
+    j = tl.arange(0, SP2)[None, None, :]
+    if KIND == 2:
+        a = w0[:, :, None]
+        pw = tl.where(j == 0, 1, tl.where(j == 1, 3, tl.where(j == 2, 9, tl.where(j == 3, 27, 81))))
+        q = (((a * pw) & 255) * 3) >> 8
+    elif BITS == 3:
+        lo = w0.to(tl.uint32, bitcast=True).to(tl.int64) | (w1.to(tl.uint32, bitcast=True).to(tl.int64) << 32)
+        hi = w1.to(tl.uint32, bitcast=True).to(tl.int64) | (w2.to(tl.uint32, bitcast=True).to(tl.int64) << 32)
+        p = j * 3
+        q = (tl.where(j < 21, lo[:, :, None] >> tl.minimum(p, 63), hi[:, :, None] >> tl.maximum(p - 32, 0))
+             & 7).to(tl.int32)
+    else:
+        q = (w0[:, :, None] >> (j * BITS)) & ((1 << BITS) - 1)
+    return q
+
+
+@triton.jit
+def _as_f32(q):
+    """Exact float32 of small non-negative int32 codes: ``(q | bits(2^23)) - 2^23``."""
+    return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _scale_zero3(scale_ptr, zero_ptr, srow, u, n_ok, G, k0, KSTEP: tl.constexpr, GROUP: tl.constexpr,
+                 SLOTS: tl.constexpr, SP2: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_ZERO: tl.constexpr,
+                 ZC: tl.constexpr):
+    """Scale and zero (fp32) broadcastable to the [BN, BU, SP2] code tile of units ``u`` [1, BU] whose first
+    element is ``k0`` (``GROUP == 0``: one group per row)."""
+    ONE_GROUP: tl.constexpr = (GROUP % KSTEP) == 0  # the whole tile lies in one group: one load per row
+    if SCALE_MODE == 0 and ONE_GROUP:
+        if GROUP == 0:
+            g = 0
+        else:
+            g = k0 // GROUP
+        s = tl.load(scale_ptr + srow + g, mask=n_ok, other=0.0).to(tl.float32)[:, :, None]
+        if HAS_ZERO:
+            z = tl.load(zero_ptr + srow + g, mask=n_ok, other=0).to(tl.float32)[:, :, None]
+        else:
+            z = tl.zeros_like(s) + ZC
+    elif SCALE_MODE == 0:  # a unit never straddles a group: one load per unit
+        g = (u * SLOTS) // GROUP
+        m = n_ok & (g < G)
+        s = tl.load(scale_ptr + srow + g, mask=m, other=0.0).to(tl.float32)[:, :, None]
+        if HAS_ZERO:
+            z = tl.load(zero_ptr + srow + g, mask=m, other=0).to(tl.float32)[:, :, None]
+        else:
+            z = tl.zeros_like(s) + ZC
+    elif SCALE_MODE == 1:  # at most one boundary inside a unit: two loads, one select per element
+        kb = u * SLOTS
+        j = tl.arange(0, SP2)[None, None, :]
+        g = kb // GROUP
+        lo = j < ((g + 1) * GROUP - kb)[:, :, None]
+        m0 = n_ok & (g < G)
+        m1 = n_ok & (g + 1 < G)
+        s = tl.where(lo, tl.load(scale_ptr + srow + g, mask=m0, other=0.0).to(tl.float32)[:, :, None],
+                     tl.load(scale_ptr + srow + g + 1, mask=m1, other=0.0).to(tl.float32)[:, :, None])
+        if HAS_ZERO:
+            z = tl.where(lo, tl.load(zero_ptr + srow + g, mask=m0, other=0).to(tl.float32)[:, :, None],
+                         tl.load(zero_ptr + srow + g + 1, mask=m1, other=0).to(tl.float32)[:, :, None])
+        else:
+            z = tl.zeros_like(s) + ZC
+    else:  # groups smaller than a unit: per element
+        j = tl.arange(0, SP2)[None, None, :]
+        g = ((u * SLOTS)[:, :, None] + j) // GROUP
+        m = n_ok[:, :, None] & (g < G)
+        s = tl.load(scale_ptr + srow[:, :, None] + g, mask=m, other=0.0).to(tl.float32)
+        if HAS_ZERO:
+            z = tl.load(zero_ptr + srow[:, :, None] + g, mask=m, other=0).to(tl.float32)
+        else:
+            z = tl.zeros_like(s) + ZC
+    return s, z
+
+
+@triton.jit
+def _weights3(q, s, z, DOT: tl.constexpr):
+    """``(q - z) * s`` in the dot dtype, rounded once from the exact value (as the reference rounds)."""
+    if DOT == tl.float16:
+        qf = (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)  # 1024 + q, exact
+        w = (qf - (z + 1024.0).to(tl.float16)) * s.to(tl.float16)
+    else:
+        w = ((_as_f32(q) - z) * s).to(DOT)
+    return w
+
+
+@triton.jit
+def _store_out(out_ptr, offs, val, mask, SPLIT_K: tl.constexpr):
+    if SPLIT_K == 1:
+        tl.store(out_ptr + offs, val.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(out_ptr + offs, val.to(out_ptr.dtype.element_ty), mask=mask, sem="relaxed")
+
+
+@triton.jit
+def _k_range(K, pid_k, KSTEP: tl.constexpr, SPLIT_K: tl.constexpr):
+    tiles = tl.cdiv(K, KSTEP)
+    per = tl.cdiv(tiles, SPLIT_K)
+    t0 = pid_k * per
+    return t0, tl.minimum(t0 + per, tiles)
+
+
+# -------------------------------------------------------------------------------- host code: codec geometry
+@dataclass(frozen=True)
+class Geometry:
+    """How a codec's rows are read: ``SLOTS`` codes per storage unit (``SP2``: padded to a power of two),
+    ``ZC`` the implied zero (symmetric int ``2^(b-1)``; ternary2 stores ``t + 2``; base 3 decodes ``t + 1``)."""
+
+    BITS: int
+    KIND: int
+    SLOTS: int
+    SP2: int
+    ZC: int
+
+
+def supported(bits: int, ternary: bool, base3: bool) -> bool:
+    """Whether the kernels implement this codec (every registered codec; not e.g. 5-7 bit codes)."""
+    return base3 or bits in (1, 2, 3, 4, 8)
+
+
+def geometry(bits: int, ternary: bool, base3: bool) -> Geometry:
+    if base3:
+        return Geometry(8, BASE3, 5, 8, 1)
+    if not supported(bits, ternary, base3):
+        raise ValueError(f"no Triton kernel for {bits}-bit codes")
+    slots = 32 if bits == 3 else 32 // bits
+    return Geometry(bits, TERNARY2 if ternary else INT, slots, slots, 2 if ternary else 2 ** (bits - 1))
+
+
+def _group_args(K: int, G: int, slots: int) -> tuple[int, int]:
+    """``(GROUP, SCALE_MODE)`` (compile-time constants): ``GROUP = 0`` means one group per row."""
+    if G == 1:
+        return 0, 0
+    group = K // G
+    if group % slots == 0:
+        return group, 0
+    return group, (1 if slots < group else 2)
