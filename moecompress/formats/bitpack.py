@@ -36,6 +36,13 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
         raise ValueError(f"codes out of range for {bits} bits")
     *lead, C = c.shape
     W = packed_width(C, bits)
+    if 32 % bits == 0:  # whole codes per word: OR each slot into place (a few times faster than the scatter)
+        per = 32 // bits
+        flat = torch.nn.functional.pad(c.reshape(-1, C).to(torch.int32), (0, W * per - C)).reshape(-1, W, per)
+        out = flat[..., 0].clone()
+        for j in range(1, per):
+            out |= flat[..., j] << (bits * j)  # the top slot lands in the sign bit: two's complement int32
+        return out.reshape(*lead, W)
     pos = torch.arange(C, dtype=torch.int64) * bits
     word, off = pos // 32, pos % 32
     flat = c.reshape(-1, C)
