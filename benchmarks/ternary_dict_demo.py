@@ -80,10 +80,11 @@ def storage(out: dict, thresholds) -> None:
 
 CONFIGS = [  # (label, stage), in the order they run
     ("qmoe t=0.5 (GPTQ, auto)", {"stage": "ternary", "grid": "qmoe", "codec": "auto"}),
-    ("GPTQ-ternary twn (b3)", {"stage": "ternary", "codec": "ternary-b3"}),
-    ("W2A16 GPTQ g128", {"stage": "quantize", "scheme": "w2a16"}),
-    ("qmoe t=0.7 (GPTQ, auto)", {"stage": "ternary", "grid": "qmoe", "threshold": 0.7, "codec": "auto"}),
     ("W4A16 GPTQ g128", {"stage": "quantize", "scheme": "w4a16"}),
+    ("W2A16 GPTQ g128", {"stage": "quantize", "scheme": "w2a16"}),
+    ("GPTQ-ternary twn (b3)", {"stage": "ternary", "codec": "ternary-b3"}),
+    ("qmoe t=0.7 (GPTQ, auto)", {"stage": "ternary", "grid": "qmoe", "threshold": 0.7, "codec": "auto"}),
+    ("qmoe t=0.9 (GPTQ, auto)", {"stage": "ternary", "grid": "qmoe", "threshold": 0.9, "codec": "auto"}),
     ("W3A16 GPTQ g128", {"stage": "quantize", "scheme": "w3a16"}),
     ("qmoe t=0.6 (GPTQ, auto)", {"stage": "ternary", "grid": "qmoe", "threshold": 0.6, "codec": "auto"}),
     ("qmoe t=0.5 (RTN, auto)", {"stage": "ternary", "method": "rtn", "grid": "qmoe", "codec": "auto"}),
@@ -132,7 +133,7 @@ def main() -> None:
     ap.add_argument("--thresholds", default=",".join(map(str, THRESHOLDS)), help="storage part: QMoE thresholds")
     ap.add_argument("--eval-windows", type=int, default=10 ** 9, help="held-out windows per task (default: all)")
     ap.add_argument("--part", choices=("storage", "quality", "all"), default="all")
-    ap.add_argument("--configs", default=None, help="comma-separated config labels to (re)run")
+    ap.add_argument("--configs", default=None, help="config labels to (re)run, separated by ';'")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "ternary_dict_demo.json")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -143,7 +144,7 @@ def main() -> None:
         storage(out, [float(v) for v in args.thresholds.split(",")])
         args.out.write_text(json.dumps(out, indent=1) + "\n")
     if args.part in ("quality", "all"):
-        quality(out, args.samples, None if args.configs is None else set(args.configs.split(",")), args.out,
+        quality(out, args.samples, None if args.configs is None else set(args.configs.split(";")), args.out,
                 args.eval_windows)
     args.out.write_text(json.dumps(out, indent=1) + "\n")
 
