@@ -62,20 +62,24 @@ def storage_point(weights: list[torch.Tensor], threshold: float) -> dict:
             **{f"bits_{k}": v / n for k, v in bits.items()}}
 
 
-def storage(out: dict, thresholds) -> None:
-    demo = load_model()
-    weights = [v.experts.stacked(p).detach() for v in demo.arch.moe_blocks(demo.model) for p in ("gate", "up", "down")]
+def storage(out: dict, thresholds, models=("gaussian", "demo")) -> None:
+    """Storage points of ``models`` at ``thresholds``, merged into ``out`` (a point measured again replaces the old
+    one at its threshold)."""
     g = torch.Generator().manual_seed(0)
-    synth = [torch.randn(1, 1024, 4096, generator=g) * 0.02, torch.randn(1, 1024, 4096, generator=g) * 0.02,
-             torch.randn(1, 512, 14336, generator=g) * 0.02]
-    for name, ws in (("gaussian", synth), ("demo", weights)):
-        rows = []
+    sources = {"gaussian": lambda: [torch.randn(1, 1024, 4096, generator=g) * 0.02,
+                                    torch.randn(1, 1024, 4096, generator=g) * 0.02,
+                                    torch.randn(1, 512, 14336, generator=g) * 0.02],
+               "demo": lambda: [v.experts.stacked(p).detach() for m in [load_model()]
+                                for v in m.arch.moe_blocks(m.model) for p in ("gate", "up", "down")]}
+    for name in models:
+        ws = sources[name]()
+        old = {p["threshold"]: p for p in out["storage"].get(name, {}).get("points", [])}
         for th in thresholds:
             t0 = time.time()
-            rows.append({**storage_point(ws, th), "seconds": round(time.time() - t0, 1)})
-            print(name, json.dumps(rows[-1]), flush=True)
+            old[th] = {**storage_point(ws, th), "seconds": round(time.time() - t0, 1)}
+            print(name, json.dumps(old[th]), flush=True)
         out["storage"][name] = {"weights": sum(w.numel() for w in ws), "shapes": [list(w.shape) for w in ws],
-                                "points": rows}
+                                "points": [old[t] for t in sorted(old)]}
 
 
 CONFIGS = [  # (label, stage), in the order they run
@@ -133,6 +137,7 @@ def main() -> None:
     ap.add_argument("--thresholds", default=",".join(map(str, THRESHOLDS)), help="storage part: QMoE thresholds")
     ap.add_argument("--eval-windows", type=int, default=10 ** 9, help="held-out windows per task (default: all)")
     ap.add_argument("--part", choices=("storage", "quality", "all"), default="all")
+    ap.add_argument("--models", default="gaussian,demo", help="storage part: gaussian and/or demo")
     ap.add_argument("--configs", default=None, help="config labels to (re)run, separated by ';'")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "ternary_dict_demo.json")
     args = ap.parse_args()
@@ -141,7 +146,7 @@ def main() -> None:
     out.setdefault("storage", {})
     out.setdefault("quality", {})
     if args.part in ("storage", "all"):
-        storage(out, [float(v) for v in args.thresholds.split(",")])
+        storage(out, [float(v) for v in args.thresholds.split(",")], args.models.split(","))
         args.out.write_text(json.dumps(out, indent=1) + "\n")
     if args.part in ("quality", "all"):
         quality(out, args.samples, None if args.configs is None else set(args.configs.split(";")), args.out,

@@ -240,6 +240,26 @@ def test_quantize_fake_quant_with_eaquant_alignment(tmp_path):
                    "--align-objective kl", "'topk_rest' or 'topk'")
 
 
+def test_no_clip_search_keeps_min_max_ranges(tmp_path):
+    """``--no-clip-search``: every group keeps its full min-max range; the default search only ever shrinks it."""
+    from safetensors.torch import load_file
+
+    scales = {}
+    for flag in ("--clip-search", "--no-clip-search"):
+        out = tmp_path / flag
+        r = invoke("quantize", "tiny:mixtral", "--method", "rtn", "--group-size", 8, flag, "--fake-quant",
+                   "--tasks", "prose", "--samples", 2, "--seq-len", 32, "-o", out)
+        assert r.exit_code == 0, r.output
+        rec = load_file(str(out / "quantization.safetensors"))
+        scales[flag] = {k: v for k, v in rec.items() if k.endswith(".scales")}
+    assert scales["--clip-search"].keys() == scales["--no-clip-search"].keys()
+    shrunk = 0
+    for k, full in scales["--no-clip-search"].items():
+        assert (full >= scales["--clip-search"][k]).all(), k
+        shrunk += int((full > scales["--clip-search"][k]).sum())
+    assert shrunk > 0
+
+
 def test_quantize_bad_inputs(tmp_path):
     base = ["quantize", "tiny:mixtral", "--tasks", "prose", "--samples", 2, "--seq-len", 32]
     one_line_error(invoke(*base, "--scheme", "w5a5", "-o", tmp_path / "q"), "scheme", "w4a16")

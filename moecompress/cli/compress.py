@@ -160,6 +160,9 @@ def quantize(
         "(QuantEase; 0 = plain GPTQ codes) (default: 0).")] = None,
     act_order: Annotated[Optional[bool], typer.Option(
         "--act-order/--no-act-order", help="GPTQ columns by decreasing Hessian diagonal (default: on).")] = None,
+    clip_search: Annotated[Optional[bool], typer.Option(
+        "--clip-search/--no-clip-search", help="Search each group's clipping range for the least weight error (25 "
+        "trials, most of round-to-nearest's time); off: min-max ranges (default: on).")] = None,
     fake_quant: Annotated[bool, typer.Option("--fake-quant", help="Write dequantized bf16 weights and the record "
                                                                   "instead of the packed format.")] = False,
     codec: Annotated[str, typer.Option(help="Packed codec: auto (the scheme's int<b>); ternary codecs need "
@@ -184,8 +187,8 @@ def quantize(
                  "smooth_alpha": smooth_alpha, "router_bits": router_bits, "align_router": align_router,
                  "align_objective": align_objective, "balance": balance, "rotate_intermediate": rotate_intermediate,
                  "rotate": rotate, "save_format": "fake-quant" if fake_quant else "packed", "codec": codec,
-                 **{k: v for k, v in (("refit", refit), ("code_sweeps", code_sweeps),
-                                                 ("rare_experts", rare_experts), ("act_order", act_order))
+                 **{k: v for k, v in (("refit", refit), ("code_sweeps", code_sweeps), ("rare_experts", rare_experts),
+                                     ("act_order", act_order), ("clip_search", clip_search))
                     if v is not None}}  # unset: the stage config's defaults
         recipe = validate_command("quantize", model, _calibration(tasks, data, samples, seq_len, seed), stage,
                                   {"save_format": "--fake-quant"}, _run(device, dtype, offload_hidden))
