@@ -15,6 +15,8 @@ tensors and their float16 scales as stored (the format's values); only biases fo
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -76,18 +78,22 @@ def _args(codec: str, t: dict[str, torch.Tensor], columns: int | None = None) ->
     return c.bits, c.ternary, c.base3, (t["trits"] if c.base3 else t["packed"]), t["scale"], zero, columns
 
 
-_TABLES: dict = {}
+_TABLES: dict = {}  # (pointer, device, version) -> (the header tensor, weakly; its table)
 
 
 def decode_table(header: torch.Tensor) -> torch.Tensor:
-    """The decode table of a ``ternary-dict`` header, on the header's device; built once per (header, device)
-    (the first forward pass reads the 10-int header on the host; later calls do not)."""
+    """The decode table of a ``ternary-dict`` header, on the header's device; built once per header tensor
+    (the first forward pass reads the 10-int header on the host; later calls do not). An entry belongs to the
+    tensor object it was built for: a new header at a freed one's address (same pointer, same version) is a
+    miss, never the old table."""
     key = (header.data_ptr(), header.device, header._version)  # a changed or moved header is a new key
-    table = _TABLES.get(key)
-    if table is None:
-        if len(_TABLES) > 4096:
-            _TABLES.clear()
-        table = _TABLES[key] = dict_table(header)
+    hit = _TABLES.get(key)
+    if hit is not None and hit[0]() is header:
+        return hit[1]
+    if len(_TABLES) > 4096:
+        _TABLES.clear()
+    table = dict_table(header)
+    _TABLES[key] = (weakref.ref(header), table)
     return table
 
 

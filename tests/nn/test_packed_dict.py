@@ -153,3 +153,23 @@ def test_version_1_checkpoint_still_loads(mixtral, tmp_path):
     assert inspect_dir(d)["format"] == "moecompress v1"
     x = torch.randint(0, 256, (1, 6))
     assert torch.isfinite(m.model(input_ids=x).logits).all()
+
+
+def test_decode_table_is_never_a_freed_headers():
+    """The decode-table cache must not hand a new header the table of a freed one that lived at the same address
+    (it did: two ternary-dict checkpoints loaded one after the other in a process, and the second decoded its
+    codewords with the first's dictionary: perplexity x6 to x65 instead of x1.1). Same memory, a new tensor
+    with other contents, as when an allocator or a memory map hands a freed block out again."""
+    import numpy as np
+
+    from moecompress.formats.dictcode import dict_table
+    from moecompress.nn.packed import decode_table
+
+    buf = np.array([4096, 1, 3, 3, 3, 5, 5, 3, 5, 5], dtype=np.int32)
+    first = torch.from_numpy(buf)
+    decode_table(first)
+    del first
+    buf[:] = [4096, 2, 2, 3, 4, 4, 4, 4, 4, 4]
+    second = torch.from_numpy(buf)  # the same address and version as the freed header, other contents
+    assert not torch.equal(dict_table(second), dict_table(torch.tensor([4096, 1, 3, 3, 3, 5, 5, 3, 5, 5])))
+    assert torch.equal(decode_table(second), dict_table(second))
