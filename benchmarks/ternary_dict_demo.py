@@ -92,6 +92,8 @@ CONFIGS = [  # (label, stage), in the order they run
     ("W3A16 GPTQ g128", {"stage": "quantize", "scheme": "w3a16"}),
     ("qmoe t=0.6 (GPTQ, auto)", {"stage": "ternary", "grid": "qmoe", "threshold": 0.6, "codec": "auto"}),
     ("qmoe t=0.5 (RTN, auto)", {"stage": "ternary", "method": "rtn", "grid": "qmoe", "codec": "auto"}),
+    ("qmoe t=0.6 (RTN, auto)", {"stage": "ternary", "method": "rtn", "grid": "qmoe", "threshold": 0.6, "codec": "auto"}),
+    ("qmoe t=0.8 (RTN, auto)", {"stage": "ternary", "method": "rtn", "grid": "qmoe", "threshold": 0.8, "codec": "auto"}),
 ]
 
 
