@@ -83,7 +83,7 @@ def moecompress(*args: str) -> list[str]:
     return [sys.executable, "-m", "moecompress", *args]
 
 
-def run_depth(workdir: Path, results: dict, shape: dict | None = None) -> None:
+def run_depth(workdir: Path, results: dict, shape: dict | None = None, gptq: bool = True) -> None:
     shape = shape or SHAPE
     rows = {}
     for layers in (4, 16):
@@ -93,14 +93,18 @@ def run_depth(workdir: Path, results: dict, shape: dict | None = None) -> None:
         rows[layers] = {
             "profile": measure(moecompress("profile", str(model), *CALIB, "-o", str(out / "profile")),
                                out / "profile.log"),
+            "eval": measure(moecompress("eval", str(model), "--no-baseline", "--tasks", "prose,code", "--samples", "4"),
+                            out / "eval.log"),
+        }
+        if not gptq:
+            continue
+        rows[layers].update({
             # GPTQ W4A16 with min-max group ranges: the clip search (bounded working set) would add about 4
             # CPU-minutes per full-width layer here without changing what is held per layer
             "quantize_gptq_w4a16": measure(moecompress("quantize", str(model), "--no-clip-search", *CALIB,
                                                        "-o", str(out / "q")),
                                            out / "quantize.log"),
-            "eval": measure(moecompress("eval", str(model), "--no-baseline", "--tasks", "prose,code", "--samples", "4"),
-                            out / "eval.log"),
-        }
+        })
     one = layer_bytes(**{k: shape[k] for k in ("hidden", "intermediate", "experts")})
     key = "depth" if shape == SHAPE else f"depth_hidden{shape['hidden']}"
     results[key] = {"shape": shape, "layer_bf16_bytes": one, "runs": rows,
@@ -168,6 +172,8 @@ def main() -> None:
     ap.add_argument("--procs", action="store_true", help="also 2 processes vs 1 (torchrun, gloo on CPU)")
     ap.add_argument("--only", choices=["depth", "big", "procs", "demo"], action="append")
     ap.add_argument("--before", type=Path, help="a checkout of the code to compare the demo quantize time with")
+    ap.add_argument("--no-gptq", action="store_true", help="depth runs: profile and eval only (GPTQ at full width "
+                    "takes tens of minutes per layer on a 2-core CPU)")
     ap.add_argument("--hidden", type=int, help="depth runs at this width instead (intermediate 2.75x): a quicker "
                     "check of flatness on a slow machine")
     a = ap.parse_args()
@@ -180,7 +186,7 @@ def main() -> None:
             run_demo(a.workdir, results, a.before)
         elif what == "depth":
             run_depth(a.workdir, results, None if a.hidden is None else
-                      {**SHAPE, "hidden": a.hidden, "intermediate": a.hidden * 11 // 4})
+                      {**SHAPE, "hidden": a.hidden, "intermediate": a.hidden * 11 // 4}, gptq=not a.no_gptq)
         else:
             {"big": run_big, "procs": run_procs}[what](a.workdir, results)
         a.out.parent.mkdir(parents=True, exist_ok=True)
