@@ -173,9 +173,8 @@ def find_params(w: torch.Tensor, grid: QuantGrid, rows: int = 16384) -> tuple[to
     """
     lead, n = w.shape[:-1], w.shape[-1]
     flat = w.detach().reshape(-1, n)  # parameters may require grad; the search never needs it
-    parts = [_find_rows(flat[i:i + rows].float(), grid) for i in range(0, max(flat.shape[0], 1), rows)]
-    scale = torch.cat([p[0] for p in parts]) if parts else flat.new_zeros(0, 1, dtype=torch.float32)
-    zero = torch.cat([p[1] for p in parts]) if parts else flat.new_zeros(0, 1, dtype=torch.float32)
+    parts = [_find_rows(flat[i:i + rows].float(), grid) for i in range(0, max(flat.shape[0], 1), rows)]  # >= 1
+    scale, zero = (torch.cat(p) for p in zip(*parts))
     return scale.reshape(*lead, 1), zero.reshape(*lead, 1)
 
 
