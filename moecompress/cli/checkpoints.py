@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from moecompress.cli.core import ModelArg, handled
+from moecompress.cli.core import ForceOpt, ModelArg, handled
 from moecompress.console import print_table, show_inspect, success
 from moecompress.errors import MoecompressError
 
@@ -65,7 +65,7 @@ def export(
     directory: Annotated[Path, typer.Argument(help="A packed symmetric W4A16 or W8A16 directory.")],
     to: Annotated[str, typer.Option("--to", help="Target format (compressed-tensors).")] = "compressed-tensors",
     output: Annotated[Path, typer.Option("--output", "-o", help="Directory to write.")] = ...,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
+    force: ForceOpt = False,
 ) -> None:
     """Export to another format: compressed-tensors (vLLM, llm-compressor) for symmetric W4A16 and W8A16."""
     with handled():

@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from moecompress.cli.core import (DataOpt, DeviceOpt, DtypeOpt, ModelArg, OffloadOpt, TasksOpt, _calibration, _rank0,
-                                  _run, handled)
+from moecompress.cli.core import (DataOpt, DeviceOpt, DtypeOpt, ForceOpt, ModelArg, OffloadOpt, TasksOpt, _calibration,
+                                  _rank0, _run, handled)
 from moecompress.console import (RichProgress, console, print_table, show_inspect, show_prune, show_quantize,
                                  show_ternary, success)
 from moecompress.errors import MoecompressError
@@ -30,7 +30,7 @@ def profile(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     offload_hidden: OffloadOpt = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
+    force: ForceOpt = False,
 ) -> None:
     """Profile per-task expert activation: counts, gate sums, TCESS, REAP, EAN, super experts."""
     with handled():
@@ -103,7 +103,7 @@ def prune(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     offload_hidden: OffloadOpt = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
+    force: ForceOpt = False,
 ) -> None:
     """Keep the best experts per layer for some tasks (PEP) and write a standard HF checkpoint."""
     with handled():
@@ -175,7 +175,7 @@ def quantize(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     offload_hidden: OffloadOpt = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
+    force: ForceOpt = False,
 ) -> None:
     """Expert-aware quantization: GPTQ over experts, smoothing, router alignment, calibration balance."""
     with handled():
@@ -225,7 +225,7 @@ def ternary(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     offload_hidden: OffloadOpt = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
+    force: ForceOpt = False,
 ) -> None:
     """Turn routed experts into {-1, 0, +1} x group scale (absmean, TWN or GPTQ-ternary; QMoE's sparse grid), packed
     below 2 bits (below 1 with ternary-dict)."""

@@ -132,6 +132,7 @@ DtypeOpt = Annotated[Optional[str], typer.Option(
 OffloadOpt = Annotated[bool, typer.Option(
     "--offload-hidden", help="Keep the batches' hidden states in host memory between layers (when they do not fit "
                              "on the GPU).")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
 
 
 def _run(device: str | None, dtype: str | None, offload: bool) -> dict:

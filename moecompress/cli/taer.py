@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from moecompress.cli.core import DeviceOpt, DtypeOpt, ModelArg, OffloadOpt, _calibration, _run, handled
+from moecompress.cli.core import ForceOpt, DeviceOpt, DtypeOpt, ModelArg, OffloadOpt, _calibration, _run, handled
 from moecompress.console import RichProgress, console, print_table, success
 from moecompress.errors import MoecompressError
 
@@ -24,7 +24,7 @@ def patterns(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     offload_hidden: OffloadOpt = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
+    force: ForceOpt = False,
 ) -> None:
     """Store one routing pattern per profiled task for task-adaptive expert retrieval (TAER)."""
     with handled():
@@ -58,7 +58,7 @@ def retrieve(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     offload_hidden: OffloadOpt = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
+    force: ForceOpt = False,
 ) -> None:
     """Match a prompt to the nearest task pattern and build that task's pruned model, reading only kept experts."""
     with handled():
