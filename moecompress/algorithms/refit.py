@@ -11,7 +11,15 @@ zero ``z = round(-m / s)``, then the scales are refit with the zero fixed; symme
 A row takes the candidate with the least error and keeps GPTQ's parameters unless one is strictly better,
 so the refit never increases the Hessian-weighted error.
 
-Shapes: E experts, O output rows, C input columns, G groups of ``gs = C / G`` columns.
+Cost: everything is written as a change ``d = w_hat' - w_hat = sum_g (c_g q_g + d_g 1_g)`` from GPTQ's row,
+so a candidate's error is ``e - 2 p.r + p^T M p`` with ``p = (c, d)``, ``r = (q_g . u_g, 1 . u_g)`` from the
+residual product ``u = (w - w_hat) H`` and the ``2G x 2G`` Gram ``M`` of the basis ``(q_g, 1_g)``. Per row
+that is two ``O(C^2)`` products (``u`` and the ``q``-Gram; the ``1``-Grams are per expert) instead of one per
+candidate, and no cancellation: the improvement is computed directly, not as a difference of two errors.
+A candidate is kept only if its improvement exceeds ``1e-9`` of the row's error (well above float64 rounding).
+Damping (the normal equations use ``H + damp * mean(diag H) I``, as GPTQ damps) enters as a diagonal term.
+
+Shapes: E experts, O output rows (R in a chunk), C input columns, G groups of ``gs = C / G`` columns.
 """
 
 from __future__ import annotations
@@ -22,7 +30,8 @@ from moecompress.algorithms.quant_grid import QuantResult, dequantize, storable
 
 __all__ = ["refit_groups", "row_errors"]
 
-CHUNK_BYTES = 256 << 20  # rows are refit in chunks whose float64 systems fit this
+CHUNK_BYTES = 256 << 20  # rows are refit in chunks whose float64 Gram intermediates fit this
+ACCEPT = 1e-9  # a candidate must lower the row's error by more than this fraction of it
 
 
 def row_errors(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
@@ -32,19 +41,19 @@ def row_errors(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> torch.Tens
 
 
 def _gram(A: torch.Tensor, Hb: torch.Tensor) -> torch.Tensor:
-    """``M[e, r, g, h] = A[e, r, g] . Hb[e, g, :, h, :] . A[e, r, h]``: ``[E, R, G, gs], [E, G, gs, G, gs] -> [E, R, G, G]``."""
-    E, R, G, gs = A.shape
-    step = max(1, CHUNK_BYTES // (8 * E * G * G * gs))
+    """``M[r, g, h] = A[r, g] . Hb[g, :, h, :] . A[r, h]``: ``[R, G, gs], [G, gs, G, gs] -> [R, G, G]``."""
+    R, G, gs = A.shape
+    step = max(1, CHUNK_BYTES // (8 * G * G * gs))
     out = []
     for a in range(0, R, step):
-        part = A[:, a:a + step]
-        T = torch.einsum("ergi,egihj->erghj", part, Hb)  # [E, r, G, G, gs]
-        out.append(torch.einsum("erghj,erhj->ergh", T, part))
-    return torch.cat(out, 1)
+        part = A[a:a + step]
+        T = torch.einsum("rgi,gihj->rghj", part, Hb)  # [r, G, G, gs]
+        out.append(torch.einsum("rghj,rhj->rgh", T, part))
+    return torch.cat(out, 0)
 
 
 def _solve(M: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """Least squares ``M p = r`` per row, ``[E, O, n, n], [E, O, n] -> [E, O, n]`` (a tiny ridge keeps singular
+    """Least squares ``M p = r`` per row, ``[R, n, n], [R, n] -> [R, n]`` (a tiny ridge keeps singular
     systems, e.g. a group whose codes are all equal, solvable; rows that still fail give NaN and are rejected)."""
     n = M.shape[-1]
     ridge = 1e-9 * M.diagonal(dim1=-2, dim2=-1).abs().mean(-1).clamp(min=1e-30)
@@ -62,62 +71,80 @@ def refit_groups(W: torch.Tensor, H: torch.Tensor, res: QuantResult, symmetric: 
 
     ``H`` is the Hessian GPTQ used (an all-zero one, an expert without tokens, counts as the identity: plain
     squared error). The normal equations are solved on ``H`` plus ``damp`` times its mean diagonal (as GPTQ
-    damps); rows are accepted on the undamped error only. Rows are independent: they are refit in chunks whose
-    float64 systems fit `CHUNK_BYTES`."""
+    damps); rows are accepted on the undamped error only. Experts one at a time, rows in chunks whose float64
+    intermediates fit `CHUNK_BYTES` (rows are independent)."""
     E, O, C = W.shape
     G = res.scales.shape[-1]
-    H = H.detach().double().clone()
-    empty = H.diagonal(dim1=1, dim2=2).sum(-1) == 0
-    H[empty] = torch.eye(C, dtype=H.dtype, device=H.device)
-    Hs = H + damp * H.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None] * torch.eye(C, dtype=H.dtype, device=H.device)
-    step = max(1, CHUNK_BYTES // (8 * E * (4 * G * G + 4 * C)))
-    parts = [_refit_rows(W[:, a:a + step].detach().double(), H, Hs, res.codes[:, a:a + step],
-                         res.scales[:, a:a + step].double(), res.zeros[:, a:a + step].double(),
-                         res.weight[:, a:a + step].float(), symmetric, zero_max) for a in range(0, O, step)]
-    scale, zero, Wq, before, best = (torch.cat([p[i] for p in parts], 1) for i in range(5))
-    changed = (scale != res.scales.double()).any(-1) | (zero != res.zeros.double()).any(-1)
-    out = QuantResult(Wq, res.codes, scale.float(), zero.float(), res.loss)
-    return out, {"rows_changed": float(changed.double().mean()), "error_before": float(before.sum()),
-                 "error_after": float(best.sum())}
+    step = max(1, CHUNK_BYTES // (8 * (G * C + 8 * G * G + 8 * C)))
+    scales, zeros, weight = res.scales.clone(), res.zeros.clone(), res.weight.clone()
+    before = after = changed = 0.0
+    for e in range(E):
+        He = H[e].detach().double()
+        if float(He.diagonal().sum()) == 0:
+            He = torch.eye(C, dtype=He.dtype, device=He.device)
+        for a in range(0, O, step):
+            rows = slice(a, a + step)
+            s, z, b, imp, ok = _refit_rows(W[e, rows].detach().double(), He, damp, res.codes[e, rows],
+                                           res.scales[e, rows].double(), res.zeros[e, rows].double(),
+                                           symmetric, zero_max)
+            before += float(b.sum())
+            after += float((b - imp).sum())
+            changed += float(ok.sum())
+            if bool(ok.any()):
+                scales[e, rows][ok], zeros[e, rows][ok] = s[ok].float(), z[ok].float()
+                q = res.codes[e, rows][ok].float().view(-1, G, C // G)
+                weight[e, rows][ok] = dequantize(q, s[ok].float()[..., None], z[ok].float()[..., None]).view(
+                    -1, C).to(weight.dtype)
+    out = QuantResult(weight, res.codes, scales, zeros, res.loss)
+    return out, {"rows_changed": changed / (E * O), "error_before": before, "error_after": after}
 
 
-def _refit_rows(W: torch.Tensor, H: torch.Tensor, Hs: torch.Tensor, codes: torch.Tensor, scale0: torch.Tensor,
-                zero0: torch.Tensor, Wq: torch.Tensor, symmetric: bool, zero_max: int) -> tuple[torch.Tensor, ...]:
-    """`refit_groups` on rows ``[E, R, C]``: ``(scale, zero, weight, error before, error after)``."""
-    E, R, C = W.shape
-    G = scale0.shape[-1]
+def _refit_rows(W: torch.Tensor, H: torch.Tensor, damp: float, codes: torch.Tensor, s0: torch.Tensor,
+                z0: torch.Tensor, symmetric: bool, zero_max: int) -> tuple[torch.Tensor, ...]:
+    """`refit_groups` on one expert's rows ``W [R, C]`` with ``H [C, C]``: ``(scale, zero, error before,
+    improvement, accepted)``, the last three ``[R]`` (improvement 0 where GPTQ's parameters are kept)."""
+    R, C = W.shape
+    G = s0.shape[-1]
     gs = C // G
-    Hb = Hs.view(E, G, gs, G, gs)
-    q = codes.double().view(E, R, G, gs)
-    v = torch.bmm(W, Hs).view(E, R, G, gs)  # w H: the right-hand sides are its group sums against the columns
+    Hb = H.view(G, gs, G, gs)
+    q = codes.double().view(R, G, gs)
+    D = W - dequantize(q, s0[..., None], z0[..., None]).view(R, C)  # GPTQ's residual, exact (fp16 x int)
+    u = D @ H
+    err = (D * u).sum(-1)
+    Dg, ug = D.view(R, G, gs), u.view(R, G, gs)
+    H1 = Hb.sum(-1)  # [G, gs, G]: H_gh 1
+    Mq1 = torch.einsum("rgi,gih->rgh", q, H1)
+    M11 = H1.sum(1).expand(R, G, G)
+    M = torch.cat([torch.cat([_gram(q, Hb), Mq1], -1), torch.cat([Mq1.transpose(-1, -2), M11], -1)], -2)
+    r = torch.cat([(q * ug).sum(-1), ug.sum(-1)], -1)  # [R, 2G]
+    lam = damp * H.diagonal().mean()  # damping: lam * I adds lam * (basis Gram) on each group's own block
+    sq2, sq1 = (q * q).sum(-1), q.sum(-1)
+    Ms = M + lam * torch.cat([torch.cat([torch.diag_embed(sq2), torch.diag_embed(sq1)], -1),
+                              torch.cat([torch.diag_embed(sq1), torch.diag_embed(torch.full_like(sq1, gs))], -1)], -2)
+    rs = r + lam * torch.cat([(q * Dg).sum(-1), Dg.sum(-1)], -1)
+    eye = torch.eye(G, dtype=W.dtype, device=W.device).expand(R, G, G)
+    k = torch.cat([-s0, s0 * z0], -1)  # p = P s + k: c = s - s0, d = -s z + s0 z0
 
-    def scales_for(zero: torch.Tensor) -> torch.Tensor:  # zero fixed: w_hat = sum_g s_g (q_g - z_g)
-        a = q - zero[..., None]
-        s = _solve(_gram(a, Hb), (a * v).sum(-1))
-        return storable(torch.where(torch.isfinite(s) & (s > 0), s, scale0).float()).double()
+    def scales_for(z: torch.Tensor) -> torch.Tensor:  # zero fixed: least squares in the scales alone
+        P = torch.cat([eye, -torch.diag_embed(z)], -2)  # [R, 2G, G]
+        Pt = P.transpose(-1, -2)
+        s = _solve(Pt @ Ms @ P, (Pt @ (rs - (Ms @ k[..., None])[..., 0])[..., None])[..., 0])
+        return storable(torch.where(torch.isfinite(s) & (s > 0), s, s0).float()).double()
 
-    cands_s, cands_z = [scales_for(zero0)], [zero0]
-    if not symmetric:  # joint fit of (s, m = -s z): the zero it implies, rounded, then the scales again
-        ones = torch.ones(E, 1, G, gs, dtype=q.dtype, device=q.device)
-        Mqq, M11 = _gram(q, Hb), _gram(ones, Hb).expand(E, R, G, G)
-        Mq1 = torch.einsum("eogi,egih->eogh", q, Hb.sum(-1))  # Hb.sum(-1) [E, G, gs, G]: H_gh 1
-        M = torch.cat([torch.cat([Mqq, Mq1], -1), torch.cat([Mq1.transpose(-1, -2), M11], -1)], -2)
-        p = _solve(M, torch.cat([(q * v).sum(-1), v.sum(-1)], -1))
-        s, m = p[..., :G], p[..., G:]
-        z = torch.round(-m / s).clamp(0, zero_max)
-        z = torch.where(torch.isfinite(z) & (s > 0), z, zero0)
-        cands_s.append(scales_for(z))
-        cands_z.append(z)
-    qf = q.float()
-    best = row_errors(W, Wq, H)
-    before = best.clone()
-    scale, zero = scale0.clone(), zero0.clone()
-    for s, z in zip(cands_s, cands_z):
-        cand = dequantize(qf, s.float()[..., None], z.float()[..., None]).view(E, R, C)  # as dequantized downstream
-        err = row_errors(W, cand, H)
-        better = err < best
-        best = torch.where(better, err, best)
+    cands = [(scales_for(z0), z0)]
+    if not symmetric:  # joint fit of (c, d): the zero it implies, rounded, then the scales again
+        p = _solve(Ms, rs)
+        s = s0 + p[..., :G]
+        z = torch.round((s0 * z0 - p[..., G:]) / s).clamp(0, zero_max)
+        z = torch.where(torch.isfinite(z) & (s > 0), z, z0)
+        cands.append((scales_for(z), z))
+    best = torch.zeros_like(err)
+    scale, zero = s0.clone(), z0.clone()
+    for s, z in cands:
+        p = torch.cat([s - s0, s0 * z0 - s * z], -1)
+        imp = 2 * (p * r).sum(-1) - (p[..., None, :] @ M @ p[..., :, None])[..., 0, 0]
+        better = (imp > best) & (imp > ACCEPT * err)
+        best = torch.where(better, imp, best)
         scale = torch.where(better[..., None], s, scale)
         zero = torch.where(better[..., None], z, zero)
-        Wq = torch.where(better[..., None], cand, Wq)
-    return scale, zero, Wq, before, best
+    return scale, zero, err, best, best > 0
