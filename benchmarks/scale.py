@@ -135,9 +135,9 @@ def run_big(workdir: Path, results: dict, layers: int = 48) -> None:
                                   "runs": rows}
 
 
-def run_procs(workdir: Path, results: dict) -> None:
-    model = synthetic(workdir, 16)
-    out = workdir / "out-procs"
+def run_procs(workdir: Path, results: dict, shape: dict | None = None) -> None:
+    model = synthetic(workdir, 16, shape)
+    out = workdir / f"out-procs{model.name.removeprefix('mixtral').removesuffix('-16L')}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
     one = measure(moecompress("quantize", str(model), *CALIB, "-o", str(out / "one")), out / "one.log")
@@ -145,7 +145,9 @@ def run_procs(workdir: Path, results: dict) -> None:
                    "quantize", str(model), *CALIB, "-o", str(out / "two")], out / "two.log")
     same = subprocess.run(["diff", "-r", "-q", "-x", "moecompress.json", str(out / "one"), str(out / "two")],
                           capture_output=True).returncode == 0
-    results["processes"] = {"one": one, "two": two, "identical_output": same}
+    key = "processes" if shape is None else f"processes_hidden{shape['hidden']}"
+    results[key] = {"shape": shape or SHAPE, "layers": 16, "one": one, "two": two, "identical_output": same,
+                    "speedup": one["wall_seconds"] / two["wall_seconds"]}
 
 
 def run_demo(workdir: Path, results: dict, before: Path | None = None) -> None:
@@ -174,24 +176,27 @@ def main() -> None:
     ap.add_argument("--before", type=Path, help="a checkout of the code to compare the demo quantize time with")
     ap.add_argument("--no-gptq", action="store_true", help="depth runs: profile and eval only (GPTQ at full width "
                     "takes tens of minutes per layer on a 2-core CPU)")
-    ap.add_argument("--hidden", type=int, help="depth runs at this width instead (intermediate 2.75x): a quicker "
-                    "check of flatness on a slow machine")
+    ap.add_argument("--hidden", type=int, help="depth and procs runs at this width instead (intermediate 2.75x): a "
+                    "quicker check on a slow machine")
     a = ap.parse_args()
     a.workdir.mkdir(parents=True, exist_ok=True)
     results: dict = json.loads(a.out.read_text()) if a.out.is_file() else {}  # parts run separately accumulate
     results.update({"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "shape": SHAPE})
     todo = a.only or ["demo", "depth"] + (["big"] if a.big else []) + (["procs"] if a.procs else [])
+    shape = None if a.hidden is None else {**SHAPE, "hidden": a.hidden, "intermediate": a.hidden * 11 // 4}
     for what in todo:
         if what == "demo":
             run_demo(a.workdir, results, a.before)
         elif what == "depth":
-            run_depth(a.workdir, results, None if a.hidden is None else
-                      {**SHAPE, "hidden": a.hidden, "intermediate": a.hidden * 11 // 4}, gptq=not a.no_gptq)
+            run_depth(a.workdir, results, shape, gptq=not a.no_gptq)
+        elif what == "procs":
+            run_procs(a.workdir, results, shape)
         else:
-            {"big": run_big, "procs": run_procs}[what](a.workdir, results)
+            run_big(a.workdir, results)
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(results, indent=1) + "\n")
-        print(json.dumps({what: results.get({"big": "larger_than_ram", "procs": "processes",
+        print(json.dumps({what: results.get({"big": "larger_than_ram",
+                                               "procs": "processes" + ("" if shape is None else f"_hidden{a.hidden}"),
                                                "demo": "demo_quantize"}.get(what, what))}, indent=1))
 
 

@@ -186,6 +186,8 @@ def _grouped_blocks(x: torch.Tensor, route: MoeRoute, x_div: int, O: int, column
     R, bm, nb = route.num_rows, route.block_m, route.num_blocks
     out = x.new_zeros(R + 1, O)  # row R collects the padding rows
     rows = route.sorted_rows.to(torch.int64)
+    if host_reads_free(x.device):  # each active expert decoded once, unused blocks skipped
+        return _grouped_per_expert(x, route, x_div, rows, out, weights)
     experts = route.block_expert.clamp(min=0)
     step = max(1, _TORCH_BLOCK_ELEMENTS // max(1, O * columns))
     for b0 in range(0, nb, step):
@@ -194,6 +196,27 @@ def _grouped_blocks(x: torch.Tensor, route: MoeRoute, x_div: int, O: int, column
         r = rows[b0 * bm:b1 * bm]
         xb = x.index_select(0, torch.clamp(r, max=R - 1) // x_div).view(b1 - b0, bm, columns)
         out.index_put_((r,), torch.bmm(xb, w.transpose(1, 2)).reshape(-1, O))
+    return out[:R]
+
+
+def host_reads_free(device: torch.device) -> bool:
+    """May the torch path read device values on the host? On the CPU it costs nothing (and there are no graphs to
+    capture); on an accelerator it would stall the stream, so the blocked path there has none."""
+    return device.type == "cpu"
+
+
+def _grouped_per_expert(x: torch.Tensor, route: MoeRoute, x_div: int, rows: torch.Tensor, out: torch.Tensor,
+                        weights) -> torch.Tensor:
+    """`_grouped_blocks` on the CPU: one dense weight per active expert (not per block), rows of an expert in one
+    matmul; experts without rows and the route's unused blocks cost nothing."""
+    R, bm = route.num_rows, route.block_m
+    owner = route.block_expert.repeat_interleave(bm)  # [num_blocks * block_m]: each sorted slot's expert
+    live = rows < R
+    rows, owner = rows[live], owner[live]
+    for e in torch.unique(owner).tolist():
+        r = rows[owner == e]
+        w = weights(torch.tensor([e], device=x.device))[0]  # [O, C]
+        out.index_put_((r,), x.index_select(0, r // x_div) @ w.T)
     return out[:R]
 
 

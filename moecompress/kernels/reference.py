@@ -25,6 +25,11 @@ def unpack_bits(packed: torch.Tensor, bits: int, columns: int) -> torch.Tensor:
     *lead, W = packed.shape
     if W != (columns * bits + 31) // 32:
         raise ValueError(f"{W} words cannot hold {columns} {bits}-bit codes")
+    if 32 % bits == 0:  # codes never straddle words: shift each word by every slot's offset
+        per = 32 // bits
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)
+        codes = (packed.reshape(-1, W, 1) >> shifts) & ((1 << bits) - 1)  # arithmetic shift, then masked
+        return codes.to(torch.uint8).reshape(-1, W * per)[:, :columns].reshape(*lead, columns)
     words = packed.reshape(-1, W).to(torch.int64) & 0xFFFFFFFF
     words = torch.cat([words, words.new_zeros(words.shape[0], 1)], dim=1)
     pos = torch.arange(columns, dtype=torch.int64, device=packed.device) * bits
