@@ -135,9 +135,9 @@ def run_big(workdir: Path, results: dict, layers: int = 48) -> None:
                                   "runs": rows}
 
 
-def run_procs(workdir: Path, results: dict, shape: dict | None = None) -> None:
-    model = synthetic(workdir, 16, shape)
-    out = workdir / f"out-procs{model.name.removeprefix('mixtral').removesuffix('-16L')}"
+def run_procs(workdir: Path, results: dict, shape: dict | None = None, layers: int = 16) -> None:
+    model = synthetic(workdir, layers, shape)
+    out = workdir / f"out-procs{model.name.removeprefix('mixtral')}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
     one = measure(moecompress("quantize", str(model), *CALIB, "-o", str(out / "one")), out / "one.log")
@@ -145,8 +145,8 @@ def run_procs(workdir: Path, results: dict, shape: dict | None = None) -> None:
                    "quantize", str(model), *CALIB, "-o", str(out / "two")], out / "two.log")
     same = subprocess.run(["diff", "-r", "-q", "-x", "moecompress.json", str(out / "one"), str(out / "two")],
                           capture_output=True).returncode == 0
-    key = "processes" if shape is None else f"processes_hidden{shape['hidden']}"
-    results[key] = {"shape": shape or SHAPE, "layers": 16, "one": one, "two": two, "identical_output": same,
+    key = "processes" + ("" if shape is None else f"_hidden{shape['hidden']}") + ("" if layers == 16 else f"_{layers}L")
+    results[key] = {"shape": shape or SHAPE, "layers": layers, "one": one, "two": two, "identical_output": same,
                     "speedup": one["wall_seconds"] / two["wall_seconds"]}
 
 
@@ -178,6 +178,7 @@ def main() -> None:
                     "takes tens of minutes per layer on a 2-core CPU)")
     ap.add_argument("--hidden", type=int, help="depth and procs runs at this width instead (intermediate 2.75x): a "
                     "quicker check on a slow machine")
+    ap.add_argument("--procs-layers", type=int, default=16, help="layers of the model the procs run quantizes")
     a = ap.parse_args()
     a.workdir.mkdir(parents=True, exist_ok=True)
     results: dict = json.loads(a.out.read_text()) if a.out.is_file() else {}  # parts run separately accumulate
@@ -190,13 +191,14 @@ def main() -> None:
         elif what == "depth":
             run_depth(a.workdir, results, shape, gptq=not a.no_gptq)
         elif what == "procs":
-            run_procs(a.workdir, results, shape)
+            run_procs(a.workdir, results, shape, a.procs_layers)
         else:
             run_big(a.workdir, results)
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(results, indent=1) + "\n")
         print(json.dumps({what: results.get({"big": "larger_than_ram",
-                                               "procs": "processes" + ("" if shape is None else f"_hidden{a.hidden}"),
+                                               "procs": "processes" + ("" if shape is None else f"_hidden{a.hidden}")
+                                               + ("" if a.procs_layers == 16 else f"_{a.procs_layers}L"),
                                                "demo": "demo_quantize"}.get(what, what))}, indent=1))
 
 
