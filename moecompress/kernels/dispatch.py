@@ -173,7 +173,7 @@ def moe_route(rows_expert: torch.Tensor, num_experts: int, backend: str | None =
 def _grouped_torch(x: torch.Tensor, route: MoeRoute, x_div: int, bits: int, ternary: bool, base3: bool, data: torch.Tensor,
                    scale: torch.Tensor, zero: torch.Tensor | None, columns: int) -> torch.Tensor:
     """Blocks of ``block_m`` rows times their expert's weight (dequantized per block): ``bmm`` over a bounded
-    number of blocks at a time. Static shapes, no host sync."""
+    number of blocks at a time. Static shapes, no host sync (on the CPU: one decode per active expert instead)."""
     def weights(e: torch.Tensor) -> torch.Tensor:
         return _dequant_torch(bits, ternary, base3, data.index_select(0, e), scale.index_select(0, e),
                               None if zero is None else zero.index_select(0, e), columns, x.dtype)  # [b, O, C]
