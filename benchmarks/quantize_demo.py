@@ -211,6 +211,7 @@ def main() -> None:
     ap.add_argument("--merge", action="store_true", help="replace the matching rows of an existing --out file "
                     "and keep the others (re-measuring some rows after a change)")
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--peer-bits", default="4,3,2", help="weight widths llm-compressor runs at (comma-separated)")
     ap.add_argument("--peer-from", type=Path, default=None, help="take the llm-compressor rows from this results "
                     "file (same eval windows) instead of running llm-compressor")
     ap.add_argument("--eval-windows", type=int, default=None, help="only the first N held-out windows per task "
@@ -271,7 +272,7 @@ def main() -> None:
                             if r["method"] == "llm-compressor GPTQ"]
     elif not args.no_peer:
         py = ensure_venv()
-        for bits in (4, 3, 2):
+        for bits in (int(b) for b in args.peer_bits.split(",")):
             dest, run = llmcompressor_model(py, work / "calib.pt", bits, work)
             peer = load_model(str(dest))
             got = evaluate(peer.model, arch, windows)
