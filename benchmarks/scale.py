@@ -135,6 +135,11 @@ def run_big(workdir: Path, results: dict, layers: int = 48) -> None:
                                   "runs": rows}
 
 
+def procs_key(hidden: int | None, layers: int) -> str:
+    """The results key of a processes run: ``processes[_hidden<H>][_<N>L]``."""
+    return "processes" + ("" if hidden is None else f"_hidden{hidden}") + ("" if layers == 16 else f"_{layers}L")
+
+
 def run_procs(workdir: Path, results: dict, shape: dict | None = None, layers: int = 16) -> None:
     model = synthetic(workdir, layers, shape)
     out = workdir / f"out-procs{model.name.removeprefix('mixtral')}"
@@ -145,7 +150,7 @@ def run_procs(workdir: Path, results: dict, shape: dict | None = None, layers: i
                    "quantize", str(model), *CALIB, "-o", str(out / "two")], out / "two.log")
     same = subprocess.run(["diff", "-r", "-q", "-x", "moecompress.json", str(out / "one"), str(out / "two")],
                           capture_output=True).returncode == 0
-    key = "processes" + ("" if shape is None else f"_hidden{shape['hidden']}") + ("" if layers == 16 else f"_{layers}L")
+    key = procs_key(None if shape is None else shape["hidden"], layers)
     results[key] = {"shape": shape or SHAPE, "layers": layers, "one": one, "two": two, "identical_output": same,
                     "speedup": one["wall_seconds"] / two["wall_seconds"]}
 
@@ -197,8 +202,8 @@ def main() -> None:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(results, indent=1) + "\n")
         print(json.dumps({what: results.get({"big": "larger_than_ram",
-                                               "procs": "processes" + ("" if shape is None else f"_hidden{a.hidden}")
-                                               + ("" if a.procs_layers == 16 else f"_{a.procs_layers}L"),
+                                               "procs": procs_key(None if shape is None else a.hidden,
+                                                                  a.procs_layers),
                                                "demo": "demo_quantize"}.get(what, what))}, indent=1))
 
 
