@@ -155,6 +155,10 @@ def quantize(
     rare_experts: Annotated[Optional[str], typer.Option(
         "--rare-experts", help="Experts still short of calibration tokens: pooled (topped up with the layer's other "
         "tokens, then GPTQ) | rtn (round-to-nearest fallback) (default: pooled).")] = None,
+    down_correction: Annotated[Optional[bool], typer.Option(
+        "--down-correction/--no-down-correction", help="After the gate/up projections, run the calibration again and "
+        "quantize each expert's down projection toward the full-precision expert's output from its quantized "
+        "inputs (GPTAQ's asymmetric calibration; one more layer pass) (default: off).")] = None,
     code_sweeps: Annotated[Optional[int], typer.Option(
         "--code-sweeps", help="Coordinate-descent sweeps over the codes after GPTQ, each followed by the refit "
         "(QuantEase; 0 = plain GPTQ codes) (default: 0).")] = None,
@@ -188,7 +192,8 @@ def quantize(
                  "align_objective": align_objective, "balance": balance, "rotate_intermediate": rotate_intermediate,
                  "rotate": rotate, "save_format": "fake-quant" if fake_quant else "packed", "codec": codec,
                  **{k: v for k, v in (("refit", refit), ("code_sweeps", code_sweeps), ("rare_experts", rare_experts),
-                                     ("act_order", act_order), ("clip_search", clip_search))
+                                     ("act_order", act_order), ("clip_search", clip_search),
+                                     ("down_correction", down_correction))
                     if v is not None}}  # unset: the stage config's defaults
         recipe = validate_command("quantize", model, _calibration(tasks, data, samples, seq_len, seed), stage,
                                   {"save_format": "--fake-quant"}, _run(device, dtype, offload_hidden))

@@ -25,7 +25,7 @@ from moecompress.algorithms.moe_math import glu
 from moecompress.models.base import MoEBlockView
 from moecompress.models.calls import experts_call_args
 
-__all__ = ["ExpertStats", "LayerStats", "LinearStats", "collect"]
+__all__ = ["DownStats", "ExpertStats", "LayerStats", "LinearStats", "collect", "collect_down"]
 
 
 @dataclass
@@ -237,3 +237,59 @@ def collect(layer: nn.Module, views: list[MoEBlockView], attn_norm: nn.Module | 
     finally:
         for h in handles:
             h.remove()
+
+
+@dataclass
+class DownStats:
+    """After an MoE block's gate/up projections were quantized (`algorithms.down_target`): per owned expert the
+    quantized intermediates' ``H_q = sum g h_q h_q^T`` and the cross moments ``C = sum g h h_q^T`` with the
+    full-precision intermediates ``h`` of the same tokens, and the routed tokens seen."""
+
+    Hq: torch.Tensor  # [E_own, I, I]
+    C: torch.Tensor  # [E_own, I, I]
+    count: torch.Tensor  # [E_own]
+
+
+@contextlib.contextmanager
+def collect_down(view: MoEBlockView, gate: torch.Tensor, up: torch.Tensor,
+                 owned: range | None = None) -> Iterator[DownStats]:
+    """Hooks that fill a `DownStats` while the layer of ``view`` runs (its experts' forward skipped by the caller
+    or not). ``gate, up [E_own, I, C]``: the owned experts' full-precision weights (the block holds the
+    quantized ones); biases are not quantized, so both read the block's."""
+    owned = range(view.num_experts) if owned is None else owned
+    I = gate.shape[1]
+    dev = view.router_weight.device
+    st = DownStats(torch.zeros(len(owned), I, I, device=dev), torch.zeros(len(owned), I, I, device=dev),
+                   torch.zeros(len(owned), device=dev))
+    act = view.activation
+
+    def on_experts(mod, args, kwargs):
+        x, index, weights = experts_call_args(args, kwargs)
+        x = x.reshape(-1, x.shape[-1]).float()
+        index, weights = index.reshape(-1, index.shape[-1]), weights.reshape(-1, weights.shape[-1]).float()
+        w = view.experts.weights()
+        with torch.no_grad():
+            for j, e in enumerate(owned):
+                routed = index == e
+                sel = routed.any(1).nonzero().squeeze(-1)
+                if len(sel) == 0:
+                    continue
+                xs, g = x[sel], (weights * routed).sum(1)[sel].sqrt()[:, None]
+
+                gb = None if w.gate_bias is None else w.gate_bias[e].float()
+                ub = None if w.up_bias is None else w.up_bias[e].float()
+
+                def inter(gw, uw):
+                    return glu(nn.functional.linear(xs, gw.float(), gb), nn.functional.linear(xs, uw.float(), ub),
+                               act) * g
+
+                hq, h = inter(w.gate[e], w.up[e]), inter(gate[j], up[j])
+                st.Hq[j] += hq.T @ hq
+                st.C[j] += h.T @ hq
+                st.count[j] += len(sel)
+
+    handle = view.experts.module.register_forward_pre_hook(on_experts, with_kwargs=True)
+    try:
+        yield st
+    finally:
+        handle.remove()

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from moecompress.algorithms.coord_descent import refine_codes
+from moecompress.algorithms.down_target import corrected_down
 from moecompress.algorithms.gptq import gptq_quantize
 from moecompress.algorithms.quant_grid import QuantGrid, QuantResult, TernaryGrid, rtn_quantize
 from moecompress.algorithms.rare_experts import pooled_hessians
@@ -24,7 +25,7 @@ from moecompress.algorithms.smooth import (down_outlier_scales, fold_down, fold_
                                            moe_smooth_scales, smooth_scales)
 from moecompress.formats.quant_record import QuantRecord
 from moecompress.models.base import MoEBlockView
-from moecompress.runtime.calibration import LayerStats
+from moecompress.runtime.calibration import DownStats, LayerStats
 from moecompress.runtime.dist import Dist
 
 __all__ = ["QuantOptions", "quantize_experts", "quantize_linears", "quantize_router", "smooth_layer"]
@@ -222,7 +223,8 @@ def quantize_linears(layer: nn.Module, stats: LayerStats, opt: QuantOptions, rec
 @torch.no_grad()
 def quantize_experts(view: MoEBlockView, stats: LayerStats, opt: QuantOptions, record: QuantRecord, prefix: str,
                      balance: bool, n_min: float, rare: str, down_rotation: torch.Tensor | None = None,
-                     dist: Dist | None = None) -> dict[str, Any]:
+                     dist: Dist | None = None,
+                     down_stats: Callable[[torch.Tensor, torch.Tensor], DownStats] | None = None) -> dict[str, Any]:
     """GPTQ all experts of the block at once ([E, O, C] with [E, C, C] Hessians), with calibration balance:
     an expert short of ``n_min`` routed tokens is topped up from reserve batches, then near-miss tokens; one
     still short (with balance; without it, one with no token at all) is then, with ``rare="pooled"``, topped up
@@ -234,7 +236,13 @@ def quantize_experts(view: MoEBlockView, stats: LayerStats, opt: QuantOptions, r
     checkpoint the dequantized weights rotated back (``W_hat Q^T``), so a weights-only load stays exact.
 
     ``dist`` (torchrun): this process quantizes its own experts (``stats.experts.owned``) and the results are
-    gathered, so every process ends with the whole quantized block (each expert computed as one process would)."""
+    gathered, so every process ends with the whole quantized block (each expert computed as one process would).
+
+    ``down_stats(gate, up)`` (GPTQ only): once the gate/up projections are quantized and stored, it runs the
+    calibration batches again through the block and returns the quantized and cross moments of the experts'
+    intermediates (`runtime.calibration.collect_down`; ``gate, up`` the full-precision weights). Every expert
+    quantized on its own routed tokens (not topped up, pooled or RTN) then has its down projection quantized
+    toward the full-precision expert's output from its quantized intermediates (`algorithms.down_target`)."""
     ex = stats.experts
     E = view.num_experts
     dist = dist or Dist()
@@ -267,6 +275,8 @@ def quantize_experts(view: MoEBlockView, stats: LayerStats, opt: QuantOptions, r
             fallback.append(e)
     gate, up = view.experts.stacked("gate")[own], view.experts.stacked("up")[own]  # [E_own, I, H]
     I, dtype = gate.shape[1], gate.dtype
+    correct = down_stats is not None and opt.method == "gptq" and H.numel() > 0
+    fp = (gate.clone(), up.clone()) if correct else None  # the stores below overwrite the block's storage
     ternary = isinstance(opt.grid, TernaryGrid)
 
     def store_gate_up(a: int, w: torch.Tensor) -> None:  # one process: straight into the layer's storage
@@ -288,6 +298,27 @@ def quantize_experts(view: MoEBlockView, stats: LayerStats, opt: QuantOptions, r
                None if neg is None else neg[:, I:])
     del res, neg
     down = view.experts.stacked("down")[own]  # [E_own, H, I]
+    corrected: list[int] = []
+    Cd: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # row -> (C, H_q) of the experts corrected here
+    if correct:
+        ds = down_stats(*fp)
+        fp = None
+        skip = set(reserve_used) | set(near_used) | set(pooled) | set(fallback)
+        for e in range(E):
+            if e in skip or ex.count[e] == 0:
+                continue
+            corrected.append(e)
+            if e in ex.owned and ds.count[ex.row(e)] > 0:
+                Hd[ex.row(e)] = ds.Hq[ex.row(e)]
+                Cd[ex.row(e)] = (ds.C[ex.row(e)], ds.Hq[ex.row(e)])  # unrotated (Hd may be rotated below)
+        del ds
+
+    def down_chunk(a: int, b: int) -> torch.Tensor:  # float32 [b - a, H, I]: W, or W' for corrected experts
+        W = down[a:b].float()
+        for j in range(a, b):
+            if j in Cd:
+                W[j - a] = corrected_down(W[j - a][None], Cd[j][0][None], Cd[j][1][None], opt.damp)[0]
+        return W
     Q = None if down_rotation is None else down_rotation.to(down.device, torch.float32)
     if Q is not None:
         Hd = Q.T @ Hd @ Q if Hd.numel() else Hd  # an all-zero Hessian (RTN fallback) stays all-zero
@@ -296,7 +327,7 @@ def quantize_experts(view: MoEBlockView, stats: LayerStats, opt: QuantOptions, r
         view.experts.set_stacked("down", w, a)
 
     err_d: dict[str, float] = {}
-    res = _gathered(_quantize(lambda a, b: down[a:b].float() if Q is None else down[a:b].float() @ Q,
+    res = _gathered(_quantize(lambda a, b: down_chunk(a, b) if Q is None else down_chunk(a, b) @ Q,
                               tuple(down.shape), Hd, opt, down.dtype, None if Q is None else (lambda w: w @ Q.T),
                               None if dist.active else store_down, err_d), dist, E)
     down = None
@@ -306,7 +337,7 @@ def quantize_experts(view: MoEBlockView, stats: LayerStats, opt: QuantOptions, r
     record.add(f"{prefix}:down", res.codes, res.scales, res.zeros, res.neg_scales)
     return {"weight_error": error, "routed_tokens": [int(c) for c in ex.count], "tokens_used": [int(c) for c in n], "min_tokens": n_min,
             "topped_up_reserve": reserve_used, "topped_up_near_miss": near_used, "topped_up_pooled": pooled,
-            "rtn_fallback": fallback}
+            "rtn_fallback": fallback, "down_corrected": corrected}
 
 
 def _pool(view: MoEBlockView, ex, e: int, H: torch.Tensor, Hd: torch.Tensor, deficit: float) -> None:

@@ -9,7 +9,9 @@ Per decoder layer ``i`` (loaded from disk, or the layer of a model in memory):
 2. statistics pass(es) on the calibration batches (their inputs come from the already-quantized previous
    layers; rare experts topped up from reserve batches and near-miss tokens when calibration balance is on);
 3. optional smoothing folded in, every other linear quantized on its own Hessian, all routed experts at once on
-   their gate-weighted Hessians, the router optionally (with logit alignment);
+   their gate-weighted Hessians (with ``down_correction``, one more pass after the gate/up projections gives the
+   down projections their quantized inputs and full-precision targets), the router optionally (with logit
+   alignment);
 4. simulated activation quantization installed; the quantized layer produces the next layer's inputs for every
    batch (the probe windows' quantized stream among them: its routing against step 1's is the agreement);
 5. the layer is written (its record entries with it) and released.
@@ -30,7 +32,7 @@ from torch import nn
 from moecompress.formats.quant_record import QuantRecord
 from moecompress.nn.act_quant import ActQuant, ActQuantHandle, install_layer_act_quant, rotation_matrix
 from moecompress.progress import NullProgress, Progress
-from moecompress.runtime.calibration import collect
+from moecompress.runtime.calibration import collect, collect_down
 from moecompress.runtime.dist import Dist
 from moecompress.runtime.executor import LayerStream
 from moecompress.runtime.hooks import capture_routing
@@ -78,6 +80,7 @@ class QuantPlan:
     balance_ratio: float  # min routed tokens per expert = ratio * seq_len * K / E
     near_miss: int
     rare_experts: str  # experts still short of tokens: "pooled" (the layer's other tokens) or "rtn"
+    down_correction: bool  # down projections quantized toward the full-precision experts' outputs (GPTAQ)
     rotate: bool
     rotation_seed: int
     batch_size: int
@@ -242,8 +245,15 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
                 if plan.experts is not None:
                     q_inter = rotation_matrix(v.experts.stacked("down").shape[2], plan.rotation_seed) \
                         if plan.rotate_intermediate else None
+
+                    def down_stats(gate, up, v=v, i=i, owned=owned):  # after gate/up: the calibration batches again
+                        with collect_down(v, gate, up, owned) as got, _skip_experts([v]):
+                            stream.run_layer(i, store=False, batches=base)
+                        return got
+
                     entry["experts"] = quantize_experts(v, stats, plan.experts, record, f"{block}.{arch.experts}",
-                                                        balance, n_min, plan.rare_experts, q_inter, dist)
+                                                        balance, n_min, plan.rare_experts, q_inter, dist,
+                                                        down_stats if plan.down_correction and not rtn_only else None)
                 if plan.router_bits:
                     entry["router"] = quantize_router(v, stats, plan.router_bits, plan.align_router, record,
                                                       f"{block}.{arch.router}", plan.align_objective)

@@ -47,6 +47,7 @@ class QuantizeConfig(StageConfig):
           refit: true           # after GPTQ: refit each group's scale/zero to the Hessian-weighted error
           code_sweeps: 2        # coordinate-descent sweeps over the codes, each followed by the refit (default 0)
           rare_experts: pooled  # experts short of tokens: topped up with the layer's tokens (or rtn)
+          down_correction: true # down projections fit to the fp experts' outputs from the quantized gate/up (GPTAQ)
     """
 
     stage: Literal["quantize"] = "quantize"
@@ -79,6 +80,7 @@ class QuantizeConfig(StageConfig):
     near_miss: int = Field(2, ge=0)  # near-miss ranks k+1 .. k+near_miss
     reserve: float = Field(0.5, ge=0.0)  # reserve windows (for rare experts), as a share of the samples
     rare_experts: Literal["pooled", "rtn"] = "pooled"  # experts still short of tokens: pooled layer tokens, or RTN
+    down_correction: bool = False  # down projections toward the fp experts' outputs from quantized gate/up (GPTAQ)
     batch_size: int = Field(8, ge=1)
     save_format: Literal["packed", "fake-quant"] = "packed"  # packed tensors, or dequantized bf16 + the record
     codec: str = "auto"  # integer schemes: their int<b> codec (ternary codecs belong to the ternary stage)
