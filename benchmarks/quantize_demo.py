@@ -59,7 +59,7 @@ from moecompress.stages.quantize import QuantizeConfig
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / ".cache" / "venv-llmcompressor"
 BASE = {"smooth": False, "balance": False, "rotate_intermediate": False, "router_bits": None, "refit": False,
-        "code_sweeps": 0, "rare_experts": "rtn", "down_correction": False}
+        "code_sweeps": 0, "rare_experts": "rtn", "sequential": False}
 ROWS = [
     ("RTN", {**BASE, "method": "rtn"}),
     ("GPTQ", {**BASE}),
@@ -75,9 +75,11 @@ ROWS = [
     ("GPTQ + rotation", {**BASE, "rotate": True}),
     ("GPTQ + intermediate rotation", {**BASE, "rotate_intermediate": True}),
     ("GPTQ + both rotations", {**BASE, "rotate": True, "rotate_intermediate": True}),
-    ("GPTQ + down correction", {**BASE, "down_correction": True}),
+    ("GPTQ + sequential", {**BASE, "sequential": True}),
+    ("GPTQ + sequential (layer targets)", {**BASE, "sequential": True, "sequential_targets": "layer"}),
     ("all (default)", {}),
-    ("all + down correction", {"down_correction": True}),
+    ("all - sequential", {"sequential": False}),
+    ("all, sequential layer targets", {"sequential_targets": "layer"}),
     ("all + router W8 aligned", {"router_bits": 8, "align_router": True}),
 ]
 PAIRED = "all (default)"  # the row compared window by window with llm-compressor

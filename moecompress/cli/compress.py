@@ -155,10 +155,15 @@ def quantize(
     rare_experts: Annotated[Optional[str], typer.Option(
         "--rare-experts", help="Experts still short of calibration tokens: pooled (topped up with the layer's other "
         "tokens, then GPTQ) | rtn (round-to-nearest fallback) (default: pooled).")] = None,
-    down_correction: Annotated[Optional[bool], typer.Option(
-        "--down-correction/--no-down-correction", help="After the gate/up projections, run the calibration again and "
-        "quantize each expert's down projection toward the full-precision expert's output from its quantized "
-        "inputs (GPTAQ's asymmetric calibration; one more layer pass) (default: off).")] = None,
+    sequential: Annotated[Optional[bool], typer.Option(
+        "--sequential/--no-sequential", help="Quantize each layer in order (norm readers, attention output, experts' "
+        "gate/up, their down), each linear toward its full-precision outputs from its quantized inputs (GPTAQ's "
+        "asymmetric calibration; up to three more calibration passes per layer) (default: on for weight-only "
+        "schemes).")] = None,
+    sequential_targets: Annotated[Optional[str], typer.Option(
+        "--sequential-targets", help="With --sequential, the full-precision outputs aimed at: model (the original "
+        "model's, a second stream of the calibration batches: earlier layers' errors are taken up too) | layer "
+        "(this layer's in full precision) (default: model).")] = None,
     code_sweeps: Annotated[Optional[int], typer.Option(
         "--code-sweeps", help="Coordinate-descent sweeps over the codes after GPTQ, each followed by the refit "
         "(QuantEase; 0 = plain GPTQ codes) (default: 0).")] = None,
@@ -193,7 +198,8 @@ def quantize(
                  "rotate": rotate, "save_format": "fake-quant" if fake_quant else "packed", "codec": codec,
                  **{k: v for k, v in (("refit", refit), ("code_sweeps", code_sweeps), ("rare_experts", rare_experts),
                                      ("act_order", act_order), ("clip_search", clip_search),
-                                     ("down_correction", down_correction))
+                                     ("sequential", sequential),
+                                     ("sequential_targets", sequential_targets))
                     if v is not None}}  # unset: the stage config's defaults
         recipe = validate_command("quantize", model, _calibration(tasks, data, samples, seq_len, seed), stage,
                                   {"save_format": "--fake-quant"}, _run(device, dtype, offload_hidden))

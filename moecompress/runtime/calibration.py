@@ -25,7 +25,7 @@ from moecompress.algorithms.moe_math import glu
 from moecompress.models.base import MoEBlockView
 from moecompress.models.calls import experts_call_args
 
-__all__ = ["DownStats", "ExpertStats", "LayerStats", "LinearStats", "collect", "collect_down"]
+__all__ = ["ExpertStats", "LayerStats", "LinearStats", "collect", "dense_linears"]
 
 
 @dataclass
@@ -172,6 +172,19 @@ def _expert_step(st: ExpertStats, view: MoEBlockView, x: torch.Tensor, logits: t
             st.h_max[e] = torch.maximum(st.h_max[e], h.abs().amax(0))
 
 
+def dense_linears(layer: nn.Module, views: list[MoEBlockView]) -> dict[str, nn.Linear]:
+    """The layer's linears quantized on their own Hessians, by name: all but routers, shared-expert gates and
+    the routed experts."""
+    skip: set[int] = set()
+    for v in views:
+        skip.update({id(m) for m in v.router.modules()} | {id(v.experts.module)})  # a router may wrap a Linear (HunYuan gate.wg)
+        if v.shared_gate is not None:
+            skip.add(id(v.shared_gate))
+    experts_params = {id(p) for v in views for p in v.experts.module.parameters()}
+    return {name: m for name, m in layer.named_modules()
+            if isinstance(m, nn.Linear) and id(m) not in skip and id(m.weight) not in experts_params}
+
+
 @contextlib.contextmanager
 def collect(layer: nn.Module, views: list[MoEBlockView], attn_norm: nn.Module | None, near_miss: int,
             sample_tokens: int = 8192, owned: range | None = None, hessians: bool = True) -> Iterator[LayerStats]:
@@ -181,13 +194,10 @@ def collect(layer: nn.Module, views: list[MoEBlockView], attn_norm: nn.Module | 
     stats = LayerStats(sample_tokens=sample_tokens)
     handles: list = []
     norm_out: dict[str, torch.Tensor] = {}  # held, so that no other tensor can reuse its memory meanwhile
-    skip: set[int] = set()
     shared_linears: set[int] = set()
     shared_gate_value: dict[str, torch.Tensor] = {}  # per-token sigmoid(shared gate) of the current call
     for v in views:
-        skip.update({id(m) for m in v.router.modules()} | {id(v.experts.module)})  # a router may wrap a Linear (HunYuan gate.wg)
         if v.shared_gate is not None:
-            skip.add(id(v.shared_gate))
             shared_linears.update(id(m) for m in v.shared.module.modules())
             handles.append(v.shared.module.register_forward_pre_hook(
                 lambda m, a, g=v.shared_gate: shared_gate_value.__setitem__("w", torch.sigmoid(g(a[0])).detach())))
@@ -198,10 +208,7 @@ def collect(layer: nn.Module, views: list[MoEBlockView], attn_norm: nn.Module | 
         if norm is not None:
             handles.append(norm.register_forward_hook(
                 lambda m, a, out, tag=tag: norm_out.__setitem__(tag, out.detach())))
-    experts_params = {id(p) for v in views for p in v.experts.module.parameters()}
-    for name, m in layer.named_modules():
-        if not isinstance(m, nn.Linear) or id(m) in skip or id(m.weight) in experts_params:
-            continue
+    for name, m in dense_linears(layer, views).items():
 
         def pre(mod, args, name=name):
             x = args[0]
@@ -237,59 +244,3 @@ def collect(layer: nn.Module, views: list[MoEBlockView], attn_norm: nn.Module | 
     finally:
         for h in handles:
             h.remove()
-
-
-@dataclass
-class DownStats:
-    """After an MoE block's gate/up projections were quantized (`algorithms.down_target`): per owned expert the
-    quantized intermediates' ``H_q = sum g h_q h_q^T`` and the cross moments ``C = sum g h h_q^T`` with the
-    full-precision intermediates ``h`` of the same tokens, and the routed tokens seen."""
-
-    Hq: torch.Tensor  # [E_own, I, I]
-    C: torch.Tensor  # [E_own, I, I]
-    count: torch.Tensor  # [E_own]
-
-
-@contextlib.contextmanager
-def collect_down(view: MoEBlockView, gate: torch.Tensor, up: torch.Tensor,
-                 owned: range | None = None) -> Iterator[DownStats]:
-    """Hooks that fill a `DownStats` while the layer of ``view`` runs (its experts' forward skipped by the caller
-    or not). ``gate, up [E_own, I, C]``: the owned experts' full-precision weights (the block holds the
-    quantized ones); biases are not quantized, so both read the block's."""
-    owned = range(view.num_experts) if owned is None else owned
-    I = gate.shape[1]
-    dev = view.router_weight.device
-    st = DownStats(torch.zeros(len(owned), I, I, device=dev), torch.zeros(len(owned), I, I, device=dev),
-                   torch.zeros(len(owned), device=dev))
-    act = view.activation
-
-    def on_experts(mod, args, kwargs):
-        x, index, weights = experts_call_args(args, kwargs)
-        x = x.reshape(-1, x.shape[-1]).float()
-        index, weights = index.reshape(-1, index.shape[-1]), weights.reshape(-1, weights.shape[-1]).float()
-        w = view.experts.weights()
-        with torch.no_grad():
-            for j, e in enumerate(owned):
-                routed = index == e
-                sel = routed.any(1).nonzero().squeeze(-1)
-                if len(sel) == 0:
-                    continue
-                xs, g = x[sel], (weights * routed).sum(1)[sel].sqrt()[:, None]
-
-                gb = None if w.gate_bias is None else w.gate_bias[e].float()
-                ub = None if w.up_bias is None else w.up_bias[e].float()
-
-                def inter(gw, uw):
-                    return glu(nn.functional.linear(xs, gw.float(), gb), nn.functional.linear(xs, uw.float(), ub),
-                               act) * g
-
-                hq, h = inter(w.gate[e], w.up[e]), inter(gate[j], up[j])
-                st.Hq[j] += hq.T @ hq
-                st.C[j] += h.T @ hq
-                st.count[j] += len(sel)
-
-    handle = view.experts.module.register_forward_pre_hook(on_experts, with_kwargs=True)
-    try:
-        yield st
-    finally:
-        handle.remove()

@@ -8,14 +8,14 @@ match (``x' = x / s`` gives ``H' = H / (s s^T)``), so statistics are collected o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
 from torch import nn
 
+from moecompress.algorithms.asym_calib import corrected_weight
 from moecompress.algorithms.coord_descent import refine_codes
-from moecompress.algorithms.down_target import corrected_down
 from moecompress.algorithms.gptq import gptq_quantize
 from moecompress.algorithms.quant_grid import QuantGrid, QuantResult, TernaryGrid, rtn_quantize
 from moecompress.algorithms.rare_experts import pooled_hessians
@@ -25,7 +25,8 @@ from moecompress.algorithms.smooth import (down_outlier_scales, fold_down, fold_
                                            moe_smooth_scales, smooth_scales)
 from moecompress.formats.quant_record import QuantRecord
 from moecompress.models.base import MoEBlockView
-from moecompress.runtime.calibration import DownStats, LayerStats
+from moecompress.runtime.calibration import LayerStats
+from moecompress.runtime.paired import PairStats, paired_rows, target_rows
 from moecompress.runtime.dist import Dist
 
 __all__ = ["QuantOptions", "quantize_experts", "quantize_linears", "quantize_router", "smooth_layer"]
@@ -205,18 +206,28 @@ def smooth_layer(layer: nn.Module, views: list[MoEBlockView], stats: LayerStats,
 
 @torch.no_grad()
 def quantize_linears(layer: nn.Module, stats: LayerStats, opt: QuantOptions, record: QuantRecord,
-                     prefix: str) -> dict[str, Any]:
-    """GPTQ (or RTN) every collected linear of the layer with its own Hessian."""
+                     prefix: str, names: Collection[str] | None = None,
+                     pairs: dict[str, list] | None = None) -> dict[str, Any]:
+    """GPTQ (or RTN) every collected linear of the layer (or those in ``names``) with its own Hessian.
+
+    ``pairs`` (`runtime.paired.pair_linears`, ``{name: [H_q, C, tokens]}``): those linears are quantized toward
+    their full-precision outputs from their quantized inputs (``W' = W C H_q^{-1}`` with ``H_q``;
+    `algorithms.asym_calib`)."""
     modules = dict(layer.named_modules())
     out = {}
     for name, st in stats.linears.items():
+        if names is not None and name not in names:
+            continue
         lin = modules[name]
         w = lin.weight.detach()
-        res = _quantize(lambda a, b, w=w: w.float()[None], (1, *w.shape), st.H[None] if st.tokens else None, opt,
-                        w.dtype)
+        p = (pairs or {}).get(name)
+        paired = p is not None and p[2] > 0 and opt.method == "gptq"
+        H = p[0] if paired else st.H
+        W = corrected_weight(w.float()[None], p[1][None], H[None], opt.damp) if paired else w.float()[None]
+        res = _quantize(lambda a, b, W=W: W, (1, *w.shape), H[None] if st.tokens else None, opt, w.dtype)
         lin.weight.copy_(res.weight[0])
         record.add(f"{prefix}.{name}", res.codes, res.scales, res.zeros)
-        out[name] = {"tokens": st.tokens, "method": opt.method if st.tokens else "rtn"}
+        out[name] = {"tokens": st.tokens, "method": opt.method if st.tokens else "rtn", "paired": paired}
     return out
 
 
@@ -224,7 +235,8 @@ def quantize_linears(layer: nn.Module, stats: LayerStats, opt: QuantOptions, rec
 def quantize_experts(view: MoEBlockView, stats: LayerStats, opt: QuantOptions, record: QuantRecord, prefix: str,
                      balance: bool, n_min: float, rare: str, down_rotation: torch.Tensor | None = None,
                      dist: Dist | None = None,
-                     down_stats: Callable[[torch.Tensor, torch.Tensor], DownStats] | None = None) -> dict[str, Any]:
+                     pairs: Callable[[str, torch.Tensor, torch.Tensor], PairStats | None] | None = None
+                     ) -> dict[str, Any]:
     """GPTQ all experts of the block at once ([E, O, C] with [E, C, C] Hessians), with calibration balance:
     an expert short of ``n_min`` routed tokens is topped up from reserve batches, then near-miss tokens; one
     still short (with balance; without it, one with no token at all) is then, with ``rare="pooled"``, topped up
@@ -238,11 +250,12 @@ def quantize_experts(view: MoEBlockView, stats: LayerStats, opt: QuantOptions, r
     ``dist`` (torchrun): this process quantizes its own experts (``stats.experts.owned``) and the results are
     gathered, so every process ends with the whole quantized block (each expert computed as one process would).
 
-    ``down_stats(gate, up)`` (GPTQ only): once the gate/up projections are quantized and stored, it runs the
-    calibration batches again through the block and returns the quantized and cross moments of the experts'
-    intermediates (`runtime.calibration.collect_down`; ``gate, up`` the full-precision weights). Every expert
-    quantized on its own routed tokens (not topped up, pooled or RTN) then has its down projection quantized
-    toward the full-precision expert's output from its quantized intermediates (`algorithms.down_target`)."""
+    ``pairs(which, gate, up)`` (GPTQ only; `runtime.paired.collect_pairs`, ``gate, up`` the full-precision
+    weights) runs the calibration batches again through the layer as it is now and returns the experts'
+    quantized and cross input moments for ``which``: ``"gate_up"`` before the gate/up projections are quantized
+    (None when the layer's full-precision inputs were not captured), ``"down"`` after they are stored. Every
+    expert quantized on its own routed tokens (not topped up, pooled or RTN) then has those projections
+    quantized toward the full-precision expert's outputs from their quantized inputs (`algorithms.asym_calib`)."""
     ex = stats.experts
     E = view.num_experts
     dist = dist or Dist()
@@ -275,8 +288,14 @@ def quantize_experts(view: MoEBlockView, stats: LayerStats, opt: QuantOptions, r
             fallback.append(e)
     gate, up = view.experts.stacked("gate")[own], view.experts.stacked("up")[own]  # [E_own, I, H]
     I, dtype = gate.shape[1], gate.dtype
-    correct = down_stats is not None and opt.method == "gptq" and H.numel() > 0
+    correct = pairs is not None and opt.method == "gptq" and H.numel() > 0
     fp = (gate.clone(), up.clone()) if correct else None  # the stores below overwrite the block's storage
+    skip = set(reserve_used) | set(near_used) | set(pooled) | set(fallback)
+    corrected = [e for e in range(E) if correct and e not in skip and ex.count[e] > 0]
+    Cg = paired_rows(pairs("gate_up", *fp), corrected, ex, H) if correct else {}
+
+    def gate_up_chunk(a: int, b: int) -> torch.Tensor:  # float32 [b - a, 2I, H]: W, or W' for corrected experts
+        return target_rows(torch.cat([gate[a:b], up[a:b]], dim=1).float(), a, Cg, opt.damp)
     ternary = isinstance(opt.grid, TernaryGrid)
 
     def store_gate_up(a: int, w: torch.Tensor) -> None:  # one process: straight into the layer's storage
@@ -284,7 +303,7 @@ def quantize_experts(view: MoEBlockView, stats: LayerStats, opt: QuantOptions, r
         view.experts.set_stacked("up", w[:, I:], a)
 
     err_gu: dict[str, float] = {}
-    res = _gathered(_quantize(lambda a, b: torch.cat([gate[a:b], up[a:b]], dim=1).float(),  # gate, up: one input
+    res = _gathered(_quantize(gate_up_chunk,  # gate, up: one input
                               (gate.shape[0], 2 * I, gate.shape[2]), H, opt, dtype,
                               store=None if dist.active else store_gate_up, error=err_gu), dist, E)
     gate = up = None  # (a copy for experts stored as modules)
@@ -298,27 +317,11 @@ def quantize_experts(view: MoEBlockView, stats: LayerStats, opt: QuantOptions, r
                None if neg is None else neg[:, I:])
     del res, neg
     down = view.experts.stacked("down")[own]  # [E_own, H, I]
-    corrected: list[int] = []
-    Cd: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # row -> (C, H_q) of the experts corrected here
-    if correct:
-        ds = down_stats(*fp)
-        fp = None
-        skip = set(reserve_used) | set(near_used) | set(pooled) | set(fallback)
-        for e in range(E):
-            if e in skip or ex.count[e] == 0:
-                continue
-            corrected.append(e)
-            if e in ex.owned and ds.count[ex.row(e)] > 0:
-                Hd[ex.row(e)] = ds.Hq[ex.row(e)]
-                Cd[ex.row(e)] = (ds.C[ex.row(e)], ds.Hq[ex.row(e)])  # unrotated (Hd may be rotated below)
-        del ds
+    Cd = paired_rows(pairs("down", *fp), corrected, ex, Hd) if correct else {}  # (C, H_q) unrotated
+    fp = None
 
     def down_chunk(a: int, b: int) -> torch.Tensor:  # float32 [b - a, H, I]: W, or W' for corrected experts
-        W = down[a:b].float()
-        for j in range(a, b):
-            if j in Cd:
-                W[j - a] = corrected_down(W[j - a][None], Cd[j][0][None], Cd[j][1][None], opt.damp)[0]
-        return W
+        return target_rows(down[a:b].float(), a, Cd, opt.damp)
     Q = None if down_rotation is None else down_rotation.to(down.device, torch.float32)
     if Q is not None:
         Hd = Q.T @ Hd @ Q if Hd.numel() else Hd  # an all-zero Hessian (RTN fallback) stays all-zero
@@ -337,7 +340,8 @@ def quantize_experts(view: MoEBlockView, stats: LayerStats, opt: QuantOptions, r
     record.add(f"{prefix}:down", res.codes, res.scales, res.zeros, res.neg_scales)
     return {"weight_error": error, "routed_tokens": [int(c) for c in ex.count], "tokens_used": [int(c) for c in n], "min_tokens": n_min,
             "topped_up_reserve": reserve_used, "topped_up_near_miss": near_used, "topped_up_pooled": pooled,
-            "rtn_fallback": fallback, "down_corrected": corrected}
+            "rtn_fallback": fallback, "corrected": {"gate_up": sorted({ex.owned.start + r for r in Cg} if Cg else []),
+                                                    "down": sorted({ex.owned.start + r for r in Cd} if Cd else [])}}
 
 
 def _pool(view: MoEBlockView, ex, e: int, H: torch.Tensor, Hd: torch.Tensor, deficit: float) -> None:

@@ -9,9 +9,15 @@ Per decoder layer ``i`` (loaded from disk, or the layer of a model in memory):
 2. statistics pass(es) on the calibration batches (their inputs come from the already-quantized previous
    layers; rare experts topped up from reserve batches and near-miss tokens when calibration balance is on);
 3. optional smoothing folded in, every other linear quantized on its own Hessian, all routed experts at once on
-   their gate-weighted Hessians (with ``down_correction``, one more pass after the gate/up projections gives the
-   down projections their quantized inputs and full-precision targets), the router optionally (with logit
-   alignment);
+   their gate-weighted Hessians, the router optionally (with logit alignment). With ``sequential``
+   (`runtime.paired`, `algorithms.asym_calib`) the layer is quantized in order, one more pass of the
+   calibration batches before each step: the linears reading a norm; the others (attention output) toward
+   their full-precision outputs from their now quantized inputs; the experts' gate/up likewise; their down
+   projections likewise (with smoothing, whose folds the captured inputs would miss, only the last step).
+   The full-precision side is, with ``sequential_targets="model"`` (GPTAQ), the original model's: the
+   calibration batches also run through the original layers (a second stream, like the probe's), so every
+   linear, the norm readers included, also takes up what the earlier layers' quantization changed; with
+   ``"layer"`` (or a residual rotation) it is this layer in full precision on the quantized stream;
 4. simulated activation quantization installed; the quantized layer produces the next layer's inputs for every
    batch (the probe windows' quantized stream among them: its routing against step 1's is the agreement);
 5. the layer is written (its record entries with it) and released.
@@ -32,10 +38,11 @@ from torch import nn
 from moecompress.formats.quant_record import QuantRecord
 from moecompress.nn.act_quant import ActQuant, ActQuantHandle, install_layer_act_quant, rotation_matrix
 from moecompress.progress import NullProgress, Progress
-from moecompress.runtime.calibration import collect, collect_down
+from moecompress.runtime.calibration import collect, dense_linears
 from moecompress.runtime.dist import Dist
 from moecompress.runtime.executor import LayerStream
 from moecompress.runtime.hooks import capture_routing
+from moecompress.runtime.paired import capture_inputs, collect_pairs, pair_linears
 from moecompress.runtime.layer_quant import (
     QuantOptions,
     quantize_experts,
@@ -80,7 +87,8 @@ class QuantPlan:
     balance_ratio: float  # min routed tokens per expert = ratio * seq_len * K / E
     near_miss: int
     rare_experts: str  # experts still short of tokens: "pooled" (the layer's other tokens) or "rtn"
-    down_correction: bool  # down projections quantized toward the full-precision experts' outputs (GPTAQ)
+    sequential: bool  # each linear toward its full-precision outputs from its quantized inputs (GPTAQ)
+    sequential_targets: str  # "model": the original model's outputs (a second stream); "layer": this layer's
     rotate: bool
     rotation_seed: int
     batch_size: int
@@ -189,6 +197,10 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
         base = list(probe)
     balance = plan.balance and not rtn_only
     out.probe_only = rtn_only
+    # sequential targets from the full-precision model: the calibration batches through the original layers too
+    paired = plan.sequential and not rtn_only and not plan.smooth
+    fp_hidden = [park(stream.hidden[b].clone()) for b in base] \
+        if paired and plan.sequential_targets == "model" and rotation is None else None
     with progress.task(label, total=stream.num_layers) as bar:
         for i in range(stream.num_layers):
             layer = stream.load(i)
@@ -214,9 +226,24 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
             del ref_out
             # 2. statistics
             owned = dist.experts(E) if dist.active else None
+            # sequential: the full-precision inputs of every linear and of the experts, kept; from the original
+            # model's stream ("model": the norm readers are paired in the statistics pass too), else this pass's
+            fp_in = None
+            if fp_hidden is not None:
+                with capture_inputs(layer, dense_linears(layer, lv), lv[0].experts.module if lv else None,
+                                    park) as fp_in:
+                    for j, b in enumerate(base):
+                        fp_hidden[j] = park(_forward(layer, fp_hidden[j], stream.kwargs[i][b], stream.device))
+                capture = pair_linears(dense_linears(layer, lv), fp_in)
+            elif paired:
+                capture = capture_inputs(layer, dense_linears(layer, lv), lv[0].experts.module if lv else None, park)
+            else:
+                capture = contextlib.nullcontext()
             with collect(layer, lv, attn_norm, plan.near_miss, owned=owned, hessians=not rtn_only) as stats, \
                     _skip_experts(lv):
-                stream.run_layer(i, store=False, batches=base)
+                with capture as got0:
+                    stream.run_layer(i, store=False, batches=base)
+                fp_in = got0 if fp_in is None else fp_in
                 if lv:
                     stats.experts.sum_over(dist, ("count", "gate_sum", "act_max", "h_max"))
                 if balance and lv and plan.experts is not None:  # top up rare experts: reserve, near-miss
@@ -238,26 +265,40 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
                 for k, vec in used.items():
                     record.add_vector(f"{prefix}.smooth.{k}", vec)
                 entry["smoothed"] = sorted(used)
-            if plan.linears is not None:
+            if plan.linears is not None and paired:  # first those reading a norm, then the others on their inputs
+                first = [n for n, st in stats.linears.items() if st.source is not None]
+                entry["linears"] = quantize_linears(layer, stats, plan.linears, record, prefix, names=first,
+                                                    pairs=got0 if fp_hidden is not None else None)
+                inner = {n: m for n, m in dense_linears(layer, lv).items() if n in stats.linears and n not in first}
+                with pair_linears(inner, fp_in) as got, _skip_experts(lv):
+                    stream.run_layer(i, store=False, batches=base)
+                entry["linears"].update(quantize_linears(layer, stats, plan.linears, record, prefix, names=inner,
+                                                         pairs=got))
+                del got
+            elif plan.linears is not None:
                 entry["linears"] = quantize_linears(layer, stats, plan.linears, record, prefix)
+            fp_experts = fp_in.pop("experts", None) if paired else None
+            fp_in = got0 = None
             for v in lv:
                 block = f"{prefix}.{arch.moe_block}"
                 if plan.experts is not None:
                     q_inter = rotation_matrix(v.experts.stacked("down").shape[2], plan.rotation_seed) \
                         if plan.rotate_intermediate else None
 
-                    def down_stats(gate, up, v=v, i=i, owned=owned):  # after gate/up: the calibration batches again
-                        with collect_down(v, gate, up, owned) as got, _skip_experts([v]):
+                    def pairs(which, gate, up, v=v, i=i, owned=owned, fp=fp_experts):  # the calibration batches again
+                        if which == "gate_up" and fp is None:
+                            return None  # the gate/up inputs are the statistics pass's own
+                        with collect_pairs(v, which, gate, up, owned, fp) as got, _skip_experts([v]):
                             stream.run_layer(i, store=False, batches=base)
                         return got
 
                     entry["experts"] = quantize_experts(v, stats, plan.experts, record, f"{block}.{arch.experts}",
                                                         balance, n_min, plan.rare_experts, q_inter, dist,
-                                                        down_stats if plan.down_correction and not rtn_only else None)
+                                                        pairs if plan.sequential and not rtn_only else None)
                 if plan.router_bits:
                     entry["router"] = quantize_router(v, stats, plan.router_bits, plan.align_router, record,
                                                       f"{block}.{arch.router}", plan.align_objective)
-            del stats
+            del stats, fp_experts
             for k, t in record.tensors.items():
                 if ".experts:" in k and k.endswith(".codes"):
                     out.expert_codes += t.numel()

@@ -47,7 +47,7 @@ class QuantizeConfig(StageConfig):
           refit: true           # after GPTQ: refit each group's scale/zero to the Hessian-weighted error
           code_sweeps: 2        # coordinate-descent sweeps over the codes, each followed by the refit (default 0)
           rare_experts: pooled  # experts short of tokens: topped up with the layer's tokens (or rtn)
-          down_correction: true # down projections fit to the fp experts' outputs from the quantized gate/up (GPTAQ)
+          sequential: true      # each linear fit to its fp outputs from its quantized inputs, in order (GPTAQ)
     """
 
     stage: Literal["quantize"] = "quantize"
@@ -80,7 +80,9 @@ class QuantizeConfig(StageConfig):
     near_miss: int = Field(2, ge=0)  # near-miss ranks k+1 .. k+near_miss
     reserve: float = Field(0.5, ge=0.0)  # reserve windows (for rare experts), as a share of the samples
     rare_experts: Literal["pooled", "rtn"] = "pooled"  # experts still short of tokens: pooled layer tokens, or RTN
-    down_correction: bool = False  # down projections toward the fp experts' outputs from quantized gate/up (GPTAQ)
+    sequential: bool | None = None  # each linear toward its fp outputs from its quantized inputs (GPTAQ); default:
+    # on for weight-only schemes (measured there), off when activations are quantized (not measured)
+    sequential_targets: Literal["model", "layer"] = "model"  # fp outputs of the original model, or of the layer
     batch_size: int = Field(8, ge=1)
     save_format: Literal["packed", "fake-quant"] = "packed"  # packed tensors, or dequantized bf16 + the record
     codec: str = "auto"  # integer schemes: their int<b> codec (ternary codecs belong to the ternary stage)
@@ -219,7 +221,9 @@ def plan_of(cfg: QuantizeConfig) -> tuple[QuantPlan, dict[str, Any]]:
         sym = cfg.act_symmetric if cfg.act_symmetric is not None else abits >= 8
         aq = ActQuant(abits, cfg.act_clip or (1.0 if abits >= 8 else 0.9), sym, router=cfg.router_bits is not None,
                       inter_rotation_seed=cfg.rotation_seed if rotate_inter else None)
-    plan = QuantPlan.of(cfg, experts=opt, linears=opt, act=aq, smooth=smooth, rotate_intermediate=rotate_inter)
+    sequential = cfg.sequential if cfg.sequential is not None else abits is None
+    plan = QuantPlan.of(cfg, experts=opt, linears=opt, act=aq, smooth=smooth, rotate_intermediate=rotate_inter,
+                        sequential=sequential)
     meta = {"scheme": cfg.scheme,
             "weights": {"kind": "int", "bits": wbits, "group_size": cfg.groups(), "symmetric": cfg.symmetric,
                         "method": cfg.method},
@@ -228,7 +232,7 @@ def plan_of(cfg: QuantizeConfig) -> tuple[QuantPlan, dict[str, Any]]:
             "rotation": {"residual": cfg.rotate, "intermediate": rotate_inter, "seed": cfg.rotation_seed,
                          "note": "experts' down codes are in the rotated basis W Q; the checkpoint stores W_hat Q^T"
                          if rotate_inter else None},
-            "router_bits": cfg.router_bits, "smooth": smooth,
+            "router_bits": cfg.router_bits, "smooth": smooth, "sequential": sequential,
             "record": RECORD_FILE if cfg.save_format == "fake-quant" else None}
     return plan, meta
 

@@ -98,7 +98,7 @@ def plan_of(cfg: TernaryConfig) -> tuple[QuantPlan, dict[str, Any]]:
         others = QuantOptions.of(QuantGrid(8 if cfg.others == "int8" else 4, cfg.others_group_size), q, method="gptq",
                                  refit=False, code_sweeps=0)
     plan = QuantPlan.of(q, experts=experts, linears=others, act=None, smooth=False, rotate_intermediate=False,
-                        down_correction=False)
+                        sequential=False)
     meta = {"scheme": f"ternary-{cfg.method}",
             "experts": {"kind": "ternary", "rule": rule, "method": cfg.method, "group_size": cfg.groups,
                         "threshold": cfg.threshold, "damp": cfg.damping, "two_scales": rule == "qmoe"},

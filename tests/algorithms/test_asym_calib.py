@@ -2,7 +2,7 @@
 
 import torch
 
-from moecompress.algorithms.down_target import corrected_down
+from moecompress.algorithms.asym_calib import corrected_weight
 
 
 def _problem(seed, E=3, H=12, I=16, T=400, noise=0.3):
@@ -24,12 +24,12 @@ def test_equal_inputs_keep_the_weights():
     W, h, _, gate, _, _ = _problem(0)
     hw = h * gate.sqrt()[..., None]
     H = hw.transpose(1, 2) @ hw
-    torch.testing.assert_close(corrected_down(W, H, H), W, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(corrected_weight(W, H, H), W, atol=1e-4, rtol=1e-4)
 
 
 def test_the_target_is_the_least_squares_weight_on_quantized_inputs():
     W, h, hq, gate, Hq, C = _problem(1)
-    Wp = corrected_down(W, C, Hq, damp=1e-7)
+    Wp = corrected_weight(W, C, Hq, damp=1e-7)
     s = gate.sqrt()[..., None]
     for e in range(W.shape[0]):
         ls = torch.linalg.lstsq((hq[e] * s[e]).double(), (h[e] @ W[e].T * s[e]).double()).solution.T
@@ -41,7 +41,7 @@ def test_the_target_is_the_least_squares_weight_on_quantized_inputs():
 def test_gptq_on_the_target_minimises_the_true_error_up_to_a_constant():
     """sum g |W h - Q hq|^2 = sum g |(W' - Q) hq|^2 + const for every Q: the objective GPTQ gets is exact."""
     W, h, hq, gate, Hq, C = _problem(2)
-    Wp = corrected_down(W, C, Hq, damp=1e-7)
+    Wp = corrected_weight(W, C, Hq, damp=1e-7)
     g = torch.Generator().manual_seed(3)
     diffs = []
     for _ in range(3):
@@ -54,9 +54,9 @@ def test_gptq_on_the_target_minimises_the_true_error_up_to_a_constant():
 
 def test_damping_shrinks_toward_the_weight_and_no_token_keeps_it():
     W, h, hq, gate, Hq, C = _problem(4)
-    near = (corrected_down(W, C, Hq, damp=1e-6) - W).norm()
-    far = (corrected_down(W, C, Hq, damp=10.0) - W).norm()
+    near = (corrected_weight(W, C, Hq, damp=1e-6) - W).norm()
+    far = (corrected_weight(W, C, Hq, damp=10.0) - W).norm()
     assert far < near
     Hq[1] = 0
     C[1] = 0
-    torch.testing.assert_close(corrected_down(W, C, Hq)[1], W[1])
+    torch.testing.assert_close(corrected_weight(W, C, Hq)[1], W[1])

@@ -1,5 +1,5 @@
-"""Down projections quantized toward the full-precision experts' outputs from their quantized gate/up
-(`algorithms.down_target`, GPTAQ's asymmetric calibration), on every adapter."""
+"""Sequential quantization with asymmetric calibration (`runtime.paired`, `algorithms.asym_calib`, GPTAQ): each
+linear toward its full-precision outputs from its quantized inputs, on every adapter."""
 
 import pytest
 import torch
@@ -7,7 +7,8 @@ import torch
 from moecompress.algorithms.quant_grid import QuantGrid
 from moecompress.formats.quant_record import QuantRecord
 from moecompress.models import find_arch
-from moecompress.runtime.calibration import collect, collect_down
+from moecompress.runtime.calibration import collect
+from moecompress.runtime.paired import collect_pairs
 from moecompress.runtime.executor import LayerStream, ModelSource
 from moecompress.runtime.layer_quant import QuantOptions, quantize_experts
 from moecompress.stages.quantize import QuantizeConfig
@@ -34,15 +35,17 @@ def _quantized_block(family: str, correct: bool):
         stream.run_layer(i, store=False)
     ref = out["y"]
 
-    def down_stats(gate, up):
-        with collect_down(view, gate, up) as got:
+    def pairs(which, gate, up):
+        if which == "gate_up":
+            return None
+        with collect_pairs(view, which, gate, up) as got:
             stream.run_layer(i, store=False)
         return got
 
     record = QuantRecord()
     opt = QuantOptions.of(QuantGrid(2, 8, False, True), QuantizeConfig())
     result = quantize_experts(view, stats, opt, record, "p", False, 0.0, "rtn",
-                              down_stats=down_stats if correct else None)
+                              pairs=pairs if correct else None)
     stream.run_layer(i, store=False)
     hook.remove()
     return float(((out["y"] - ref) ** 2).mean()), record, result
@@ -52,8 +55,34 @@ def _quantized_block(family: str, correct: bool):
 def test_down_correction_lowers_the_experts_output_error(family):
     plain, rec_plain, _ = _quantized_block(family, False)
     fixed, rec_fixed, result = _quantized_block(family, True)
-    assert result["down_corrected"] == list(range(len(result["routed_tokens"])))
+    assert result["corrected"] == {"gate_up": [], "down": list(range(len(result["routed_tokens"])))}
     assert fixed < 0.9 * plain  # measured 0.70-0.79x on every family
     for proj in ("gate", "up"):  # only the down projection changes
         torch.testing.assert_close(rec_fixed.tensors[f"p:{proj}.codes"], rec_plain.tensors[f"p:{proj}.codes"])
     assert not torch.equal(rec_fixed.tensors["p:down.codes"], rec_plain.tensors["p:down.codes"])
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY))
+def test_sequential_quantize_stage_on_every_adapter(family, tmp_path):
+    """The stage with ``sequential``: the attention output (every linear not reading a norm) and every expert's
+    gate/up and down projections are fit on their quantized inputs; the model stays close to the original."""
+    from moecompress.context import Context
+    from moecompress.io.model import LoadedModel, tiny_tokenizer
+    from moecompress.recipe import CalibrationConfig
+    from moecompress.stages import STAGES
+
+    model = tiny_moe(family)
+    ctx = Context(LoadedModel(model, tiny_tokenizer(), find_arch(model.config), "tiny", None, torch.float32),
+                  CalibrationConfig(tasks=["prose", "code"], samples=2, seq_len=32), tmp_path)
+    x = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        ref = model(input_ids=x).logits
+    result = STAGES.get("quantize").run(ctx, QuantizeConfig(scheme="w4a16", group_size=8, sequential=True,
+                                                            save_format="fake-quant"))
+    with torch.no_grad():
+        out = model(input_ids=x).logits
+    assert torch.isfinite(out).all() and (out - ref).abs().mean() < 0.2 * ref.abs().mean()
+    moe = [v for v in result["layers"].values() if "experts" in v]
+    assert moe and all(v["experts"]["corrected"]["gate_up"] and v["experts"]["corrected"]["down"] for v in moe)
+    paired = [n for v in result["layers"].values() for n, lin in v.get("linears", {}).items() if lin["paired"]]
+    assert any(n.endswith(("o_proj", "dense", "out_proj", "wo")) for n in paired), paired

@@ -1,4 +1,4 @@
-"""The down projection's target after its gate/up projections were quantized (asymmetric calibration).
+"""A linear's target once the linears before it were quantized (asymmetric calibration); the down projection first.
 
 Plain GPTQ quantizes an expert's down projection ``W [H, I]`` to keep ``W h`` on the intermediates ``h`` of the
 *full-precision* gate/up projections. But at inference the down projection reads the intermediates of the
@@ -12,25 +12,27 @@ inputs is ``W' = W C H_q^{-1}``, and because the residual ``W h - W' h_q`` is or
     sum_t g_t |W h_t - Q h_q,t|^2 = sum_t g_t |(W' - Q) h_q,t|^2 + const
 
 so GPTQ on ``W'`` with the Hessian ``H_q`` minimises exactly the error above (the down projection takes up
-what it can of the gate/up error: a Wiener-style correction). With few tokens per expert ``W'`` is shrunk
+what it can of the gate/up error: a Wiener-style correction). The same holds for any linear whose inputs
+changed because linears before it were quantized (`runtime.paired`): an attention output projection after
+the query/key/value projections, an expert's gate/up after the attention, with ``x`` in place of ``h``. With few tokens per expert ``W'`` is shrunk
 toward ``W``: ``W' = W (C + l I)(H_q + l I)^{-1}`` minimises the error plus ``l |W' - W|^2`` and equals ``W`` when
 nothing was quantized (``C = H_q``).
 
-Shapes: E experts, H hidden (the down projection's outputs), I expert width.
+Shapes: E experts (or 1), H outputs (hidden, for the down projection), I inputs (expert width).
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["corrected_down"]
+__all__ = ["corrected_weight"]
 
 
 @torch.no_grad()
-def corrected_down(W: torch.Tensor, C: torch.Tensor, Hq: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+def corrected_weight(W: torch.Tensor, C: torch.Tensor, Hq: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
     """``W' = W (C + l I)(H_q + l I)^{-1}`` per expert (float32 ``[E, H, I]``), ``l = damp * mean(diag H_q)``.
 
-    ``W [E, H, I]`` the down projections, ``C [E, I, I]`` the gate-weighted cross moments ``sum g h h_q^T`` of
+    ``W [E, H, I]`` the weights (down projections), ``C [E, I, I]`` the gate-weighted cross moments ``sum g h h_q^T`` of
     the full-precision and quantized intermediates, ``Hq [E, I, I]`` the quantized intermediates' ``sum g h_q
     h_q^T``. An expert whose ``Hq`` is all zero (no token) keeps ``W``. Solved in float64 by Cholesky
     (``H_q + l I`` is positive definite for ``l > 0``)."""

@@ -1,0 +1,174 @@
+"""Full-precision inputs of a layer's linears, paired token by token with their inputs once the linears before
+them are quantized (GPTAQ's asymmetric calibration, arXiv:2504.02692; `algorithms.asym_calib`).
+
+`capture_inputs` records, while the layer still runs in full precision (the statistics pass), the inputs of
+chosen linears and of the routed experts, per call; `pair_linears` then accumulates, while the partly
+quantized layer runs the same batches in the same order, ``H_q = sum x_q x_q^T`` and ``C = sum x x_q^T`` for
+each of those linears, so each can be quantized toward its full-precision output from its quantized inputs
+(``W' = W C H_q^{-1}``, then GPTQ on ``W'`` with ``H_q``). The experts' pairs are taken by
+`collect_pairs`, per routed token. Inputs are held as float32 on ``park``'s device
+(one tensor per distinct input of a call: linears reading the same tensor share it).
+
+Shapes: T tokens of a call, C a linear's input width.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moecompress.algorithms.asym_calib import corrected_weight
+from moecompress.algorithms.moe_math import glu
+from moecompress.models.base import MoEBlockView
+from moecompress.models.calls import experts_call_args
+
+__all__ = ["PairStats", "capture_inputs", "collect_pairs", "pair_linears", "paired_rows", "target_rows"]
+
+
+@contextlib.contextmanager
+def capture_inputs(layer: nn.Module, modules: dict[str, nn.Module], experts: nn.Module | None = None,
+                   park: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> Iterator[dict[str, list]]:
+    """While ``layer`` runs: ``{name: [x [T, C] per call]}`` for ``modules`` (linears) and, under the key
+    ``"experts"``, the routed experts module's hidden-state input per call."""
+    store: dict[str, list] = {n: [] for n in modules}
+    if experts is not None:
+        store["experts"] = []
+    seen: dict[tuple, torch.Tensor] = {}  # inputs of the current layer call (linears reading one tensor share it)
+
+    def keep(name: str, x: torch.Tensor) -> None:
+        key = (x.data_ptr(), tuple(x.shape))
+        if key not in seen:
+            seen[key] = park(x.detach().reshape(-1, x.shape[-1]).float().clone())
+        store[name].append(seen[key])
+
+    handles = [layer.register_forward_pre_hook(lambda m, a: seen.clear())]
+    for name, m in modules.items():
+        handles.append(m.register_forward_pre_hook(lambda m, a, name=name: keep(name, a[0])))
+    if experts is not None:
+        handles.append(experts.register_forward_pre_hook(
+            lambda m, a, kw: keep("experts", experts_call_args(a, kw)[0]), with_kwargs=True))
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+        seen.clear()
+
+
+@contextlib.contextmanager
+def pair_linears(modules: dict[str, nn.Linear], fp: dict[str, list]) -> Iterator[dict[str, list]]:
+    """While the layer runs the captured batches again: ``{name: [H_q [C, C], C [C, C], tokens]}``, call ``j`` of
+    each linear paired with its captured call ``j``."""
+    out: dict[str, list] = {}
+    calls = {n: 0 for n in modules}
+
+    def pre(m, args, name):
+        xq = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+        xf = fp[name][calls[name]].to(xq.device)
+        calls[name] += 1
+        if name not in out:
+            C = xq.shape[1]
+            out[name] = [xq.new_zeros(C, C), xq.new_zeros(C, C), 0]
+        out[name][0] += xq.T @ xq
+        out[name][1] += xf.T @ xq
+        out[name][2] += xq.shape[0]
+
+    handles = [m.register_forward_pre_hook(lambda m, a, name=name: pre(m, a, name)) for name, m in modules.items()]
+    try:
+        yield out
+    finally:
+        for h in handles:
+            h.remove()
+
+
+
+
+
+@dataclass
+class PairStats:
+    """Per owned expert, once the projections before ``which`` are quantized (`collect_pairs`): the quantized
+    inputs' ``H_q = sum g x_q x_q^T`` and the cross moments ``C = sum g x x_q^T`` with the full-precision inputs
+    ``x`` of the same tokens, and the routed tokens seen. ``which="down"``: the inputs are the intermediates;
+    ``"gate_up"``: the block's hidden states."""
+
+    Hq: torch.Tensor  # [E_own, D, D]
+    C: torch.Tensor  # [E_own, D, D]
+    count: torch.Tensor  # [E_own]
+
+
+@contextlib.contextmanager
+def collect_pairs(view: MoEBlockView, which: str, gate: torch.Tensor, up: torch.Tensor, owned: range | None = None,
+                  fp_inputs: list[torch.Tensor] | None = None) -> Iterator[PairStats]:
+    """Hooks that fill a `PairStats` while the layer of ``view`` runs (its experts' forward may be skipped).
+    ``gate, up [E_own, I, C]``: the owned experts' full-precision weights (for ``"down"`` the block holds the
+    quantized ones; biases are not quantized, so both read the block's). ``fp_inputs``: the experts' hidden
+    states of each call in the full-precision layer (`runtime.paired.capture_inputs`); without them the
+    full-precision side reads this pass's hidden states (only the expert's own gate/up error is seen)."""
+    owned = range(view.num_experts) if owned is None else owned
+    D = gate.shape[1] if which == "down" else gate.shape[2]
+    dev = view.router_weight.device
+    st = PairStats(torch.zeros(len(owned), D, D, device=dev), torch.zeros(len(owned), D, D, device=dev),
+                   torch.zeros(len(owned), device=dev))
+    act = view.activation
+    calls = {"n": 0}
+
+    def on_experts(mod, args, kwargs):
+        x, index, weights = experts_call_args(args, kwargs)
+        x = x.reshape(-1, x.shape[-1]).float()
+        xf_all = x if fp_inputs is None else fp_inputs[calls["n"]].to(x.device)
+        calls["n"] += 1
+        index, weights = index.reshape(-1, index.shape[-1]), weights.reshape(-1, weights.shape[-1]).float()
+        w = view.experts.weights()
+        with torch.no_grad():
+            for j, e in enumerate(owned):
+                routed = index == e
+                sel = routed.any(1).nonzero().squeeze(-1)
+                if len(sel) == 0:
+                    continue
+                xs, xf, g = x[sel], xf_all[sel], (weights * routed).sum(1)[sel].sqrt()[:, None]
+                if which == "down":
+                    gb = None if w.gate_bias is None else w.gate_bias[e].float()
+                    ub = None if w.up_bias is None else w.up_bias[e].float()
+
+                    def inter(z, gw, uw):
+                        return glu(nn.functional.linear(z, gw.float(), gb), nn.functional.linear(z, uw.float(), ub),
+                                   act)
+
+                    xq, xf = inter(xs, w.gate[e], w.up[e]) * g, inter(xf, gate[j], up[j]) * g
+                else:
+                    xq, xf = xs * g, xf * g
+                st.Hq[j] += xq.T @ xq
+                st.C[j] += xf.T @ xq
+                st.count[j] += len(sel)
+
+    handle = view.experts.module.register_forward_pre_hook(on_experts, with_kwargs=True)
+    try:
+        yield st
+    finally:
+        handle.remove()
+
+
+def paired_rows(ps: PairStats | None, experts: list[int], ex, H: torch.Tensor) -> dict[int, tuple]:
+    """``{row: (C, H_q)}`` for this process's ``experts`` that saw tokens in the pairing pass; their Hessians in
+    ``H`` become ``H_q`` (what GPTQ on the target ``W'`` must see)."""
+    out = {}
+    if ps is None:
+        return out
+    for e in experts:
+        if e in ex.owned and ps.count[ex.row(e)] > 0:
+            r = ex.row(e)
+            H[r] = ps.Hq[r]
+            out[r] = (ps.C[r], ps.Hq[r])
+    return out
+
+
+def target_rows(W: torch.Tensor, a: int, pairs: dict[int, tuple], damp: float) -> torch.Tensor:
+    """Rows ``a..`` of the stacked weights ``W``, each paired expert's replaced by its target ``W'``."""
+    for j in range(a, a + W.shape[0]):
+        if j in pairs:
+            W[j - a] = corrected_weight(W[j - a][None], pairs[j][0][None], pairs[j][1][None], damp)[0]
+    return W
