@@ -80,6 +80,8 @@ ROWS = [
     ("all (default)", {}),
     ("all - sequential", {"sequential": False}),
     ("all, sequential layer targets", {"sequential_targets": "layer"}),
+    ("all + code sweeps", {"code_sweeps": 2}),
+    ("all + 1 code sweep", {"code_sweeps": 1}),
     ("all + router W8 aligned", {"router_bits": 8, "align_router": True}),
 ]
 PAIRED = "all (default)"  # the row compared window by window with llm-compressor

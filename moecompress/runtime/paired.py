@@ -102,54 +102,73 @@ class PairStats:
 
 @contextlib.contextmanager
 def collect_pairs(view: MoEBlockView, which: str, gate: torch.Tensor, up: torch.Tensor, owned: range | None = None,
-                  fp_inputs: list[torch.Tensor] | None = None) -> Iterator[PairStats]:
+                  fp_inputs: list[torch.Tensor] | None = None, keep: list | None = None,
+                  replay: list | None = None) -> Iterator[PairStats]:
     """Hooks that fill a `PairStats` while the layer of ``view`` runs (its experts' forward may be skipped).
     ``gate, up [E_own, I, C]``: the owned experts' full-precision weights (for ``"down"`` the block holds the
     quantized ones; biases are not quantized, so both read the block's). ``fp_inputs``: the experts' hidden
-    states of each call in the full-precision layer (`runtime.paired.capture_inputs`); without them the
-    full-precision side reads this pass's hidden states (only the expert's own gate/up error is seen)."""
+    states of each call in the full-precision layer (`capture_inputs`); without them the full-precision side
+    reads this pass's hidden states (only the expert's own gate/up error is seen).
+
+    ``keep``: each call's ``(x, index, weights)`` is appended to it; ``replay``: such calls are accumulated at
+    once, no hook is installed and the layer need not run (the down projections' pass after the gate/up pass:
+    the attention, hence the experts' inputs and routing, did not change in between)."""
     owned = range(view.num_experts) if owned is None else owned
     D = gate.shape[1] if which == "down" else gate.shape[2]
     dev = view.router_weight.device
     st = PairStats(torch.zeros(len(owned), D, D, device=dev), torch.zeros(len(owned), D, D, device=dev),
                    torch.zeros(len(owned), device=dev))
-    act = view.activation
     calls = {"n": 0}
 
     def on_experts(mod, args, kwargs):
         x, index, weights = experts_call_args(args, kwargs)
         x = x.reshape(-1, x.shape[-1]).float()
-        xf_all = x if fp_inputs is None else fp_inputs[calls["n"]].to(x.device)
-        calls["n"] += 1
         index, weights = index.reshape(-1, index.shape[-1]), weights.reshape(-1, weights.shape[-1]).float()
-        w = view.experts.weights()
-        with torch.no_grad():
-            for j, e in enumerate(owned):
-                routed = index == e
-                sel = routed.any(1).nonzero().squeeze(-1)
-                if len(sel) == 0:
-                    continue
-                xs, xf, g = x[sel], xf_all[sel], (weights * routed).sum(1)[sel].sqrt()[:, None]
-                if which == "down":
-                    gb = None if w.gate_bias is None else w.gate_bias[e].float()
-                    ub = None if w.up_bias is None else w.up_bias[e].float()
+        if keep is not None:
+            keep.append((x, index, weights))
+        xf = x if fp_inputs is None else fp_inputs[calls["n"]].to(x.device)
+        calls["n"] += 1
+        _accumulate_pairs(st, view, which, gate, up, owned, x, xf, index, weights)
 
-                    def inter(z, gw, uw):
-                        return glu(nn.functional.linear(z, gw.float(), gb), nn.functional.linear(z, uw.float(), ub),
-                                   act)
-
-                    xq, xf = inter(xs, w.gate[e], w.up[e]) * g, inter(xf, gate[j], up[j]) * g
-                else:
-                    xq, xf = xs * g, xf * g
-                st.Hq[j] += xq.T @ xq
-                st.C[j] += xf.T @ xq
-                st.count[j] += len(sel)
-
+    if replay is not None:
+        for x, index, weights in replay:
+            on_experts(None, (x, index, weights), {})
+        yield st
+        return
     handle = view.experts.module.register_forward_pre_hook(on_experts, with_kwargs=True)
     try:
         yield st
     finally:
         handle.remove()
+
+
+@torch.no_grad()
+def _accumulate_pairs(st: PairStats, view: MoEBlockView, which: str, gate: torch.Tensor, up: torch.Tensor,
+                      owned: range, x: torch.Tensor, xf_all: torch.Tensor, index: torch.Tensor,
+                      weights: torch.Tensor) -> None:
+    """One call's routed tokens into ``st`` (``x, xf_all [T, C]`` quantized / full-precision hidden states,
+    ``index, weights [T, K]``)."""
+    w = view.experts.weights()
+    for j, e in enumerate(owned):
+        routed = index == e
+        sel = routed.any(1).nonzero().squeeze(-1)
+        if len(sel) == 0:
+            continue
+        xs, xf, g = x[sel], xf_all[sel], (weights * routed).sum(1)[sel].sqrt()[:, None]
+        if which == "down":
+            gb = None if w.gate_bias is None else w.gate_bias[e].float()
+            ub = None if w.up_bias is None else w.up_bias[e].float()
+
+            def inter(z, gw, uw):
+                return glu(nn.functional.linear(z, gw.float(), gb), nn.functional.linear(z, uw.float(), ub),
+                           view.activation)
+
+            xq, xf = inter(xs, w.gate[e], w.up[e]) * g, inter(xf, gate[j], up[j]) * g
+        else:
+            xq, xf = xs * g, xf * g
+        st.Hq[j] += xq.T @ xq
+        st.C[j] += xf.T @ xq
+        st.count[j] += len(sel)
 
 
 def paired_rows(ps: PairStats | None, experts: list[int], ex, H: torch.Tensor) -> dict[int, tuple]:

@@ -285,10 +285,16 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
                     q_inter = rotation_matrix(v.experts.stacked("down").shape[2], plan.rotation_seed) \
                         if plan.rotate_intermediate else None
 
-                    def pairs(which, gate, up, v=v, i=i, owned=owned, fp=fp_experts):  # the calibration batches again
+                    def pairs(which, gate, up, v=v, i=i, owned=owned, fp=fp_experts, calls=[]):
+                        """The calibration batches again (for the down projections: the gate/up pass's calls)."""
                         if which == "gate_up" and fp is None:
                             return None  # the gate/up inputs are the statistics pass's own
-                        with collect_pairs(v, which, gate, up, owned, fp) as got, _skip_experts([v]):
+                        if which == "down" and calls:
+                            with collect_pairs(v, which, gate, up, owned, fp, replay=calls) as got:
+                                calls.clear()
+                                return got
+                        with collect_pairs(v, which, gate, up, owned, fp, keep=calls if which == "gate_up" else None) \
+                                as got, _skip_experts([v]):
                             stream.run_layer(i, store=False, batches=base)
                         return got
 
