@@ -26,7 +26,7 @@ from moecompress.algorithms.smooth import (down_outlier_scales, fold_down, fold_
 from moecompress.formats.quant_record import QuantRecord
 from moecompress.models.base import MoEBlockView
 from moecompress.runtime.calibration import LayerStats
-from moecompress.runtime.paired import PairStats, paired_rows, target_rows
+from moecompress.runtime.paired import MIN_TOKENS_PER_INPUT, PairStats, paired_rows, target_rows
 from moecompress.runtime.dist import Dist
 
 __all__ = ["QuantOptions", "quantize_experts", "quantize_linears", "quantize_router", "smooth_layer"]
@@ -221,7 +221,7 @@ def quantize_linears(layer: nn.Module, stats: LayerStats, opt: QuantOptions, rec
         lin = modules[name]
         w = lin.weight.detach()
         p = (pairs or {}).get(name)
-        paired = p is not None and p[2] > 0 and opt.method == "gptq"
+        paired = p is not None and p[2] >= MIN_TOKENS_PER_INPUT * w.shape[1] and opt.method == "gptq"
         H = p[0] if paired else st.H
         W = corrected_weight(w.float()[None], p[1][None], H[None], opt.damp) if paired else w.float()[None]
         res = _quantize(lambda a, b, W=W: W, (1, *w.shape), H[None] if st.tokens else None, opt, w.dtype)

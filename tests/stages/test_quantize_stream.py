@@ -125,9 +125,10 @@ def test_streamed_equals_in_memory_and_the_old_path(family, kind, tmp_path):
 
 
 @pytest.mark.parametrize("targets", ["model", "layer"])
-def test_sequential_streamed_equals_in_memory(targets, tmp_path):
+def test_sequential_streamed_equals_in_memory(targets, tmp_path, monkeypatch):
     """Sequential quantization (the original model's second stream, the paired passes) writes the same bytes
     streamed one layer at a time from disk as over a model held in memory."""
+    monkeypatch.setitem(globals(), "CALIB", {**CALIB, "samples": 8, "seq_len": 64})  # enough tokens to pair
     stage = {"stage": "quantize", "scheme": "w2a16", "group_size": 8, "sequential": True,
              "sequential_targets": targets}
     src = tmp_path / "src"
