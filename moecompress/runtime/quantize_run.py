@@ -229,14 +229,14 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
             # sequential: the full-precision inputs of every linear and of the experts, kept; from the original
             # model's stream ("model": the norm readers are paired in the statistics pass too), else this pass's
             fp_in = None
+            dense = dense_linears(layer, lv) if paired else {}
             if fp_hidden is not None:
-                with capture_inputs(layer, dense_linears(layer, lv), lv[0].experts.module if lv else None,
-                                    park) as fp_in:
+                with capture_inputs(layer, dense, lv[0].experts.module if lv else None, park) as fp_in:
                     for j, b in enumerate(base):
                         fp_hidden[j] = park(_forward(layer, fp_hidden[j], stream.kwargs[i][b], stream.device))
-                capture = pair_linears(dense_linears(layer, lv), fp_in)
+                capture = pair_linears(dense, fp_in)
             elif paired:
-                capture = capture_inputs(layer, dense_linears(layer, lv), lv[0].experts.module if lv else None, park)
+                capture = capture_inputs(layer, dense, lv[0].experts.module if lv else None, park)
             else:
                 capture = contextlib.nullcontext()
             with collect(layer, lv, attn_norm, plan.near_miss, owned=owned, hessians=not rtn_only) as stats, \
@@ -269,7 +269,7 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
                 first = [n for n, st in stats.linears.items() if st.source is not None]
                 entry["linears"] = quantize_linears(layer, stats, plan.linears, record, prefix, names=first,
                                                     pairs=got0 if fp_hidden is not None else None)
-                inner = {n: m for n, m in dense_linears(layer, lv).items() if n in stats.linears and n not in first}
+                inner = {n: m for n, m in dense.items() if n in stats.linears and n not in first}
                 with pair_linears(inner, fp_in) as got, _skip_experts(lv):
                     stream.run_layer(i, store=False, batches=base)
                 entry["linears"].update(quantize_linears(layer, stats, plan.linears, record, prefix, names=inner,
@@ -285,7 +285,9 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
                     q_inter = rotation_matrix(v.experts.stacked("down").shape[2], plan.rotation_seed) \
                         if plan.rotate_intermediate else None
 
-                    def pairs(which, gate, up, v=v, i=i, owned=owned, fp=fp_experts, calls=[]):
+                    gate_up_calls: list = []  # the gate/up pass's experts calls, replayed for the down projections
+
+                    def pairs(which, gate, up, v=v, i=i, owned=owned, fp=fp_experts, calls=gate_up_calls):
                         """The calibration batches again (for the down projections: the gate/up pass's calls)."""
                         if which == "gate_up" and fp is None:
                             return None  # the gate/up inputs are the statistics pass's own
