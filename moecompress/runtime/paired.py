@@ -43,15 +43,18 @@ def capture_inputs(layer: nn.Module, modules: dict[str, nn.Module], experts: nn.
     store: dict[str, list] = {n: [] for n in modules}
     if experts is not None:
         store["experts"] = []
-    seen: dict[tuple, torch.Tensor] = {}  # inputs of the current layer call (linears reading one tensor share it)
+    # inputs of the current layer call (linears reading one tensor share it), each with the tensor itself: held
+    # until the call ends, so that no later tensor of the call can reuse its memory and match its address
+    seen: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def keep(name: str, x: torch.Tensor) -> None:
         key = (x.data_ptr(), tuple(x.shape))
         if key not in seen:
-            seen[key] = park(x.detach().reshape(-1, x.shape[-1]).float().clone())
-        store[name].append(seen[key])
+            seen[key] = (x, park(x.detach().reshape(-1, x.shape[-1]).float().clone()))
+        store[name].append(seen[key][1])
 
-    handles = [layer.register_forward_pre_hook(lambda m, a: seen.clear())]
+    handles = [layer.register_forward_pre_hook(lambda m, a: seen.clear()),
+               layer.register_forward_hook(lambda m, a, out: seen.clear())]
     for name, m in modules.items():
         handles.append(m.register_forward_pre_hook(lambda m, a, name=name: keep(name, a[0])))
     if experts is not None:
