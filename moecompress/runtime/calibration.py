@@ -53,6 +53,7 @@ class ExpertStats:
     res_count: torch.Tensor  # [E]
     router_act_max: torch.Tensor  # [C] over all tokens
     owned: range = range(0)
+    routed: bool = True  # the base batches' routed Hessians (and ``h_max``) collected; else zeros, filled by the caller
     near_H: dict[int, torch.Tensor] = field(default_factory=dict)  # near-miss tokens, weighted by routing probability
     near_H_down: dict[int, torch.Tensor] = field(default_factory=dict)
     res_H: dict[int, torch.Tensor] = field(default_factory=dict)  # reserve batches (routed)
@@ -115,12 +116,22 @@ class LayerStats:
     sample_tokens: int = 8192
 
 
-def _accumulate(stats: LinearStats, x: torch.Tensor, weight: torch.Tensor | None = None) -> None:
-    x = x.reshape(-1, x.shape[-1]).float()
-    xw = x if weight is None else x * weight.reshape(-1, 1).float().sqrt()
-    stats.H += xw.T @ xw
-    stats.act_max = torch.maximum(stats.act_max, x.abs().amax(0))
-    stats.tokens += x.shape[0]
+def _accumulate(stats: LinearStats, x: torch.Tensor, weight: torch.Tensor | None = None,
+                cache: dict | None = None) -> None:
+    """``cache`` (cleared per layer call): linears reading the same tensor with the same weighting (q, k, v)
+    share one Gram matrix and maximum per call."""
+    key = (x.data_ptr(), tuple(x.shape), None if weight is None else weight.data_ptr())
+    if cache is None or key not in cache:
+        x2 = x.reshape(-1, x.shape[-1]).float()
+        xw = x2 if weight is None else x2 * weight.reshape(-1, 1).float().sqrt()
+        got = (x, weight, xw.T @ xw, x2.abs().amax(0), x2.shape[0])  # x, weight held: their addresses stay theirs
+        if cache is None:
+            cache = {}
+        cache[key] = got
+    _, _, G, m, n = cache[key]
+    stats.H += G
+    stats.act_max = torch.maximum(stats.act_max, m)
+    stats.tokens += n
 
 
 def _expert_step(st: ExpertStats, view: MoEBlockView, x: torch.Tensor, logits: torch.Tensor, index: torch.Tensor,
@@ -152,6 +163,11 @@ def _expert_step(st: ExpertStats, view: MoEBlockView, x: torch.Tensor, logits: t
         if len(sel) == 0:
             continue
         xs, g = x[sel], weight[sel].float()
+        if target == "routed" and not st.routed:
+            st.count[e] += len(sel)
+            st.gate_sum[e] += float(g.sum())
+            st.act_max[e] = torch.maximum(st.act_max[e], xs.abs().amax(0))
+            continue
         xw = xs * g.sqrt()[:, None]
         gg = nn.functional.linear(xs, w.gate[e].float(), None if w.gate_bias is None else w.gate_bias[e].float())
         uu = nn.functional.linear(xs, w.up[e].float(), None if w.up_bias is None else w.up_bias[e].float())
@@ -187,13 +203,20 @@ def dense_linears(layer: nn.Module, views: list[MoEBlockView]) -> dict[str, nn.L
 
 @contextlib.contextmanager
 def collect(layer: nn.Module, views: list[MoEBlockView], attn_norm: nn.Module | None, near_miss: int,
-            sample_tokens: int = 8192, owned: range | None = None, hessians: bool = True) -> Iterator[LayerStats]:
+            sample_tokens: int = 8192, owned: range | None = None, hessians: bool = True,
+            routed_hessians: bool = True) -> Iterator[LayerStats]:
     """Hooks that fill a `LayerStats` while ``layer`` runs; removed on exit. Statistics live on the layer's device
     (float32). ``near_miss``: the routing ranks past top-k recorded for topping up rare experts (the ``near_miss``
-    recipe key); ``owned``: the experts whose statistics this process computes (default all)."""
+    recipe key); ``owned``: the experts whose statistics this process computes (default all).
+    ``routed_hessians=False``: the experts' Hessians over the base batches' routed tokens (and ``h_max``) are
+    left at zero, for a caller that takes them from a later pass (`runtime.paired.collect_pairs`); the reserve
+    and near-miss top-ups are still collected."""
     stats = LayerStats(sample_tokens=sample_tokens)
     handles: list = []
     norm_out: dict[str, torch.Tensor] = {}  # held, so that no other tensor can reuse its memory meanwhile
+    grams: dict[tuple, tuple] = {}  # per layer call: one Gram matrix per distinct linear input (`_accumulate`)
+    handles += [layer.register_forward_pre_hook(lambda m, a: grams.clear()),
+                layer.register_forward_hook(lambda m, a, out: grams.clear())]
     shared_linears: set[int] = set()
     shared_gate_value: dict[str, torch.Tensor] = {}  # per-token sigmoid(shared gate) of the current call
     for v in views:
@@ -204,6 +227,7 @@ def collect(layer: nn.Module, views: list[MoEBlockView], attn_norm: nn.Module | 
         C = v.router_weight.shape[1]
         E, I = v.num_experts, v.experts.stacked("down").shape[2]
         stats.experts = ExpertStats.empty(E, C, I, v.router_weight.device, owned, hessians)
+        stats.experts.routed = routed_hessians
     for tag, norm in (("attn_norm", attn_norm), ("moe_norm", views[0].pre_moe_norm if views else None)):
         if norm is not None:
             handles.append(norm.register_forward_hook(
@@ -222,7 +246,7 @@ def collect(layer: nn.Module, views: list[MoEBlockView], attn_norm: nn.Module | 
             if stats.mode != "routed":
                 return
             weight = shared_gate_value.get("w") if id(mod) in shared_linears else None
-            _accumulate(st, x, weight)
+            _accumulate(st, x, weight, grams)
 
         handles.append(m.register_forward_pre_hook(pre))
     for v in views:

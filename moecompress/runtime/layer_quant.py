@@ -292,7 +292,7 @@ def quantize_experts(view: MoEBlockView, stats: LayerStats, opt: QuantOptions, r
     fp = (gate.clone(), up.clone()) if correct else None  # the stores below overwrite the block's storage
     skip = set(reserve_used) | set(near_used) | set(pooled) | set(fallback)
     corrected = [e for e in range(E) if correct and e not in skip and ex.count[e] > 0]
-    Cg = paired_rows(pairs("gate_up", *fp), corrected, ex, H) if correct else {}
+    Cg = paired_rows(_with_base(pairs("gate_up", *fp) if correct else None, ex, H, fallback), corrected, ex, H)
 
     def gate_up_chunk(a: int, b: int) -> torch.Tensor:  # float32 [b - a, 2I, H]: W, or W' for corrected experts
         return target_rows(torch.cat([gate[a:b], up[a:b]], dim=1).float(), a, Cg, opt.damp)
@@ -317,7 +317,8 @@ def quantize_experts(view: MoEBlockView, stats: LayerStats, opt: QuantOptions, r
                None if neg is None else neg[:, I:])
     del res, neg
     down = view.experts.stacked("down")[own]  # [E_own, H, I]
-    Cd = paired_rows(pairs("down", *fp), corrected, ex, Hd) if correct else {}  # (C, H_q) unrotated
+    Cd = paired_rows(_with_base(pairs("down", *fp) if correct else None, ex, Hd, fallback),
+                     corrected, ex, Hd)  # (C, H_q) unrotated
     fp = None
 
     def down_chunk(a: int, b: int) -> torch.Tensor:  # float32 [b - a, H, I]: W, or W' for corrected experts
@@ -342,6 +343,18 @@ def quantize_experts(view: MoEBlockView, stats: LayerStats, opt: QuantOptions, r
             "topped_up_reserve": reserve_used, "topped_up_near_miss": near_used, "topped_up_pooled": pooled,
             "rtn_fallback": fallback, "corrected": {"gate_up": sorted({ex.owned.start + r for r in Cg} if Cg else []),
                                                     "down": sorted({ex.owned.start + r for r in Cd} if Cd else [])}}
+
+
+def _with_base(ps: PairStats | None, ex, H: torch.Tensor, fallback: list[int]) -> PairStats | None:
+    """Without the statistics pass's routed Hessians (``ex.routed`` False), each expert's base Hessian is the
+    pairing pass's ``H_q`` over the same routed tokens (added to its top-ups; RTN fallbacks keep zero)."""
+    if not ex.routed:
+        if ps is None:
+            raise RuntimeError("the experts' routed Hessians were not collected and no pairing pass ran")
+        for e in ex.owned:
+            if e not in fallback:
+                H[ex.row(e)] += ps.Hq[ex.row(e)]
+    return ps
 
 
 def _pool(view: MoEBlockView, ex, e: int, H: torch.Tensor, Hd: torch.Tensor, deficit: float) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -69,22 +70,30 @@ def capture_inputs(layer: nn.Module, modules: dict[str, nn.Module], experts: nn.
 
 
 @contextlib.contextmanager
-def pair_linears(modules: dict[str, nn.Linear], fp: dict[str, list]) -> Iterator[dict[str, list]]:
+def pair_linears(modules: dict[str, nn.Linear], fp: dict[str, list],
+                 want: Callable[[str], bool] | None = None) -> Iterator[dict[str, list]]:
     """While the layer runs the captured batches again: ``{name: [H_q [C, C], C [C, C], tokens]}``, call ``j`` of
-    each linear paired with its captured call ``j``."""
+    each linear paired with its captured call ``j``. Linears reading one tensor paired with one captured input
+    (q, k, v) share the products; ``want(name)``: False skips that linear (asked at each call)."""
     out: dict[str, list] = {}
     calls = {n: 0 for n in modules}
+    last: dict[str, Any] = {}  # the previous linear's input, captured input and products
 
     def pre(m, args, name):
-        xq = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-        xf = fp[name][calls[name]].to(xq.device)
+        x = args[0]
+        xf = fp[name][calls[name]]
         calls[name] += 1
+        if want is not None and not want(name):
+            return
+        key = (id(xf), x.data_ptr(), tuple(x.shape))
+        if last.get("key") != key:
+            xq = x.detach().reshape(-1, x.shape[-1]).float()
+            last.update(key=key, x=x, xf=xf, Hq=xq.T @ xq, C=xf.to(xq.device).T @ xq, n=xq.shape[0])
         if name not in out:
-            C = xq.shape[1]
-            out[name] = [xq.new_zeros(C, C), xq.new_zeros(C, C), 0]
-        out[name][0] += xq.T @ xq
-        out[name][1] += xf.T @ xq
-        out[name][2] += xq.shape[0]
+            out[name] = [torch.zeros_like(last["Hq"]), torch.zeros_like(last["C"]), 0]
+        out[name][0] += last["Hq"]
+        out[name][1] += last["C"]
+        out[name][2] += last["n"]
 
     handles = [m.register_forward_pre_hook(lambda m, a, name=name: pre(m, a, name)) for name, m in modules.items()]
     try:
@@ -92,9 +101,7 @@ def pair_linears(modules: dict[str, nn.Linear], fp: dict[str, list]) -> Iterator
     finally:
         for h in handles:
             h.remove()
-
-
-
+        last.clear()
 
 
 @dataclass

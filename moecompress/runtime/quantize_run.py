@@ -85,6 +85,7 @@ class QuantPlan:
     align_objective: str
     balance: bool
     balance_ratio: float  # min routed tokens per expert = ratio * seq_len * K / E
+    balance_per_input: float  # GPTQ experts: min routed tokens also >= this * the experts' input width
     near_miss: int
     rare_experts: str  # experts still short of tokens: "pooled" (the layer's other tokens) or "rtn"
     sequential: bool  # each linear toward its full-precision outputs from its quantized inputs (GPTAQ)
@@ -181,6 +182,8 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
     seq_len = stream.batches[0].shape[1]
     top_k, E = arch.routing(config, moe[0]).top_k, arch.num_experts(config)
     n_min = plan.balance_ratio * seq_len * top_k / E
+    if plan.experts is not None and plan.experts.method == "gptq":  # fewer tokens than inputs: GPTQ fits noise
+        n_min = max(n_min, plan.balance_per_input * arch.block(model, moe[0]).router_weight.shape[1])
     if rotation is not None:
         check_rotatable(stream.layers, arch)
     keep = stream.placement.offload and stream.device.type != "cpu"
@@ -234,14 +237,21 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
                 with capture_inputs(layer, dense, lv[0].experts.module if lv else None, park) as fp_in:
                     for j, b in enumerate(base):
                         fp_hidden[j] = park(_forward(layer, fp_hidden[j], stream.kwargs[i][b], stream.device))
-                capture = pair_linears(dense, fp_in)
+                # only the norm readers (the others are paired in their own pass); `collect`'s hook runs first
+
+                def capture(st, fp_in=fp_in, dense=dense):
+                    return pair_linears(dense, fp_in, want=lambda n: st.linears[n].source is not None)
             elif paired:
-                capture = capture_inputs(layer, dense, lv[0].experts.module if lv else None, park)
+                def capture(st, layer=layer, dense=dense, lv=lv):
+                    return capture_inputs(layer, dense, lv[0].experts.module if lv else None, park)
             else:
-                capture = contextlib.nullcontext()
-            with collect(layer, lv, attn_norm, plan.near_miss, owned=owned, hessians=not rtn_only) as stats, \
-                    _skip_experts(lv):
-                with capture as got0:
+                def capture(st):
+                    return contextlib.nullcontext()
+            # with model targets the experts' routed Hessians come from the pairing passes (`_with_base`)
+            from_pairs = fp_hidden is not None and plan.experts is not None and plan.experts.method == "gptq"
+            with collect(layer, lv, attn_norm, plan.near_miss, owned=owned, hessians=not rtn_only,
+                         routed_hessians=not from_pairs) as stats, _skip_experts(lv):
+                with capture(stats) as got0:
                     stream.run_layer(i, store=False, batches=base)
                 fp_in = got0 if fp_in is None else fp_in
                 if lv:

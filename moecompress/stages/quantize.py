@@ -77,6 +77,7 @@ class QuantizeConfig(StageConfig):
     align_objective: Literal["topk_rest", "topk"] = "topk_rest"  # topk: EAQuant's own loss (not a divergence)
     balance: bool = True
     balance_ratio: float = Field(2.0, gt=0.0)  # min routed tokens per expert = ratio * seq_len * K / E
+    balance_per_input: float = Field(4.0, ge=0.0)  # GPTQ experts: and at least this many per input (hidden) dim
     near_miss: int = Field(2, ge=0)  # near-miss ranks k+1 .. k+near_miss
     reserve: float = Field(0.5, ge=0.0)  # reserve windows (for rare experts), as a share of the samples
     rare_experts: Literal["pooled", "rtn"] = "pooled"  # experts still short of tokens: pooled layer tokens, or RTN

@@ -89,7 +89,8 @@ def plan_of(cfg: TernaryConfig) -> tuple[QuantPlan, dict[str, Any]]:
     rule = cfg.rule
     # what this stage does not expose runs as the quantize stage's defaults (GPTQ's act order and block size,
     # the calibration balance's ratio and near-miss ranks); no smoothing, rotation or router quantization
-    q = QuantizeConfig(damp=cfg.damping, balance=cfg.balance, batch_size=cfg.batch_size)
+    q = QuantizeConfig(damp=cfg.damping, balance=cfg.balance, batch_size=cfg.batch_size,
+                       balance_per_input=0.0)  # the per-input token floor: measured for integer GPTQ only
     experts = QuantOptions.of(TernaryGrid(rule, cfg.groups, cfg.threshold), q,
                               method="gptq" if cfg.method == "gptq" else "rtn",
                               refit=False, code_sweeps=0)

@@ -90,7 +90,9 @@ def test_sequential_quantize_stage_on_every_adapter(family, tmp_path):
 
 
 def test_too_few_tokens_keep_plain_gptq(tmp_path):
-    """Below `MIN_TOKENS_PER_INPUT` tokens per input no linear or expert is paired: the result equals plain GPTQ's."""
+    """Below `MIN_TOKENS_PER_INPUT` tokens per input no linear or expert is paired: the first layer's attention
+    equals plain GPTQ's byte for byte (its experts are GPTQ on their routed tokens' Hessian taken after the
+    attention is quantized, so the layers after it differ)."""
     from moecompress.context import Context
     from moecompress.io.model import LoadedModel, tiny_tokenizer
     from moecompress.recipe import CalibrationConfig
@@ -107,5 +109,8 @@ def test_too_few_tokens_keep_plain_gptq(tmp_path):
             assert not any(v["experts"]["corrected"]["down"] or v["experts"]["corrected"]["gate_up"]
                            for v in result["layers"].values() if "experts" in v)
         codes.append(model.state_dict())
-    for k, v in codes[0].items():
-        assert torch.equal(v, codes[1][k]), k
+    first = [k for k in codes[0] if k.startswith("model.layers.0.") and ".experts." not in k and "proj" in k]
+    assert first
+    for k in first:
+        assert torch.equal(codes[0][k], codes[1][k]), k
+    assert any(not torch.equal(v, codes[1][k]) for k, v in codes[0].items() if ".experts." in k)

@@ -31,8 +31,9 @@ import _legacy_quantize as legacy
 
 CALIB = {"tasks": ["prose", "code"], "samples": 2, "seq_len": 16}
 KINDS = {
-    # the frozen old path predates sequential quantization (`runtime.paired`): compared without it
-    "w4a16": {"stage": "quantize", "scheme": "w4a16", "group_size": 8, "sequential": False},
+    # the frozen old path predates sequential quantization (`runtime.paired`)
+    # and the per-input token floor of calibration balance: compared without them
+    "w4a16": {"stage": "quantize", "scheme": "w4a16", "group_size": 8, "sequential": False, "balance_per_input": 0},
     "ternary": {"stage": "ternary", "method": "gptq", "group_size": 8},
 }
 
