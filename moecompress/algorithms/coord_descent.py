@@ -21,32 +21,46 @@ __all__ = ["refine_codes"]
 
 @torch.no_grad()
 def refine_codes(W: torch.Tensor, H: torch.Tensor, res: QuantResult, maxq: int, sweeps: int = 1,
-                 damp: float = 0.0) -> QuantResult:
+                 damp: float = 0.0, block: int = 64) -> QuantResult:
     """``sweeps`` cyclic passes over the columns of ``W [E, O, C]`` (Hessians ``H [E, C, C]``; an all-zero one
-    counts as the identity) re-choosing each code of ``res`` on its group's fixed grid ``0 .. maxq``."""
+    counts as the identity) re-choosing each code of ``res`` on its group's fixed grid ``0 .. maxq``.
+
+    Lazy updates, as GPTQ's: a code change updates ``P = (W - W_hat) H`` at once only on the columns of its
+    ``block``; the block's changes reach the other columns in one batched product when the block ends (the same
+    decisions as updating every column each time, in products instead of ``C`` rank-one updates)."""
     E, O, C = W.shape
     G = res.scales.shape[-1]
     gs = C // G
-    H = H.detach().float().clone()
-    H[H.diagonal(dim1=1, dim2=2).sum(-1) == 0] = torch.eye(C, device=H.device)
+    dt = torch.promote_types(W.dtype, torch.float32)  # float32 (float64 inputs stay float64)
+    H = H.detach().to(dt).clone()
+    H[H.diagonal(dim1=1, dim2=2).sum(-1) == 0] = torch.eye(C, device=H.device, dtype=dt)
     if damp:
-        H += damp * H.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None] * torch.eye(C, device=H.device)
+        H += damp * H.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None] * torch.eye(C, device=H.device, dtype=dt)
     diag = H.diagonal(dim1=1, dim2=2).clone()  # [E, C]
     live = diag > 0  # a column no token touched (and undamped) has no say in the error: keep its code
-    codes = res.codes.float().clone()
+    codes = res.codes.to(dt)
     scale = res.scales.repeat_interleave(gs, -1)  # [E, O, C]
     zero = res.zeros.repeat_interleave(gs, -1)
     Wq = dequantize(codes, scale, zero)
-    P = torch.bmm(W.float() - Wq, H)  # [E, O, C]: (W - W_hat) H
+    P = torch.bmm(W.to(dt) - Wq, H)  # [E, O, C]: (W - W_hat) H
     safe = torch.where(live, diag, torch.ones_like(diag))
     for _ in range(sweeps):
-        for j in range(C):
-            target = Wq[:, :, j] + P[:, :, j] / safe[:, None, j]
-            q = torch.clamp(torch.round(target / scale[:, :, j]) + zero[:, :, j], 0, maxq)
-            q = torch.where(live[:, None, j], q, codes[:, :, j])
-            new = (q - zero[:, :, j]) * scale[:, :, j]
-            delta = Wq[:, :, j] - new  # the change of D's column j
-            if bool((delta != 0).any()):
-                P += delta[:, :, None] * H[:, j, None, :]
-                codes[:, :, j], Wq[:, :, j] = q, new
+        for a in range(0, C, block):
+            b = min(a + block, C)
+            before = Wq[:, :, a:b].clone()
+            for j in range(a, b):
+                target = Wq[:, :, j] + P[:, :, j] / safe[:, None, j]
+                q = torch.clamp(torch.round(target / scale[:, :, j]) + zero[:, :, j], 0, maxq)
+                q = torch.where(live[:, None, j], q, codes[:, :, j])
+                new = (q - zero[:, :, j]) * scale[:, :, j]
+                delta = Wq[:, :, j] - new  # the change of D's column j
+                if bool((delta != 0).any()):
+                    P[:, :, a:b] += delta[:, :, None] * H[:, j, None, a:b]
+                    codes[:, :, j], Wq[:, :, j] = q, new
+            changed = before - Wq[:, :, a:b]  # [E, O, b - a]: the block's changes of D
+            if bool((changed != 0).any()):
+                if a:
+                    P[:, :, :a] += torch.bmm(changed, H[:, a:b, :a])
+                if b < C:
+                    P[:, :, b:] += torch.bmm(changed, H[:, a:b, b:])
     return QuantResult(Wq, codes.to(torch.uint8), res.scales, res.zeros, res.loss)

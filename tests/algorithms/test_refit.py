@@ -134,3 +134,17 @@ def test_code_sweeps_never_increase_the_error_and_stay_on_the_grid(grid, problem
     if problem == "adversarial":  # columns no token touched keep their codes
         dead = H[2].diagonal() == 0
         assert torch.equal(out.codes[2][:, dead], gptq_quantize(W, H, grid).codes[2][:, dead])
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=str)
+def test_code_sweeps_blocked_updates_make_the_same_choices(grid):
+    """Lazy block updates of ``(W - W_hat) H`` choose the codes column-by-column updates choose (block 1)."""
+    W, H = _random(4)
+    W, H = W.double(), H.double()  # exact enough that no rounding tie flips between the two orders of sums
+    res = gptq_quantize(W.float(), H.float(), grid)
+    res = type(res)(res.weight.double(), res.codes, res.scales.double(), res.zeros.double(), res.loss)
+    one = refine_codes(W, H, res, grid.maxq, sweeps=2, block=1)
+    for block in (7, 64, 10_000):
+        out = refine_codes(W, H, res, grid.maxq, sweeps=2, block=block)
+        assert torch.equal(out.codes, one.codes), block
+    assert not torch.equal(one.codes, res.codes)  # the sweeps changed something
