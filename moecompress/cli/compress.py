@@ -166,7 +166,8 @@ def quantize(
         "(this layer's in full precision) (default: model).")] = None,
     code_sweeps: Annotated[Optional[int], typer.Option(
         "--code-sweeps", help="Coordinate-descent sweeps over the codes after GPTQ, each followed by the refit "
-        "(QuantEase; 0 = plain GPTQ codes) (default: 0).")] = None,
+        "(QuantEase; 0 = plain GPTQ codes); a number sets both the routed experts and the other linears (default: 2 "
+        "on the attention, dense and shared linears, 0 on the routed experts).")] = None,
     act_order: Annotated[Optional[bool], typer.Option(
         "--act-order/--no-act-order", help="GPTQ columns by decreasing Hessian diagonal (default: on).")] = None,
     clip_search: Annotated[Optional[bool], typer.Option(

@@ -43,13 +43,8 @@ from moecompress.runtime.dist import Dist
 from moecompress.runtime.executor import LayerStream
 from moecompress.runtime.hooks import capture_routing
 from moecompress.runtime.paired import capture_inputs, collect_pairs, pair_linears
-from moecompress.runtime.layer_quant import (
-    QuantOptions,
-    quantize_experts,
-    quantize_linears,
-    quantize_router,
-    smooth_layer,
-)
+from moecompress.runtime.layer_quant import QuantOptions, quantize_experts, quantize_linears
+from moecompress.runtime.layer_smooth import quantize_router, smooth_layer
 from moecompress.runtime.rotate import (
     ResidualRotation,
     check_layer,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import replace
 from typing import Any, Literal
 
 import torch
@@ -45,7 +46,8 @@ class QuantizeConfig(StageConfig):
           smooth: true          # EAQuant expert-aware smoothing (default: on when activations are quantized)
           router_bits: 8        # quantize the router too (default: keep it in full precision)
           refit: true           # after GPTQ: refit each group's scale/zero to the Hessian-weighted error
-          code_sweeps: 2        # coordinate-descent sweeps over the codes, each followed by the refit (default 0)
+          code_sweeps: 2        # coordinate-descent sweeps over the codes, each followed by the refit (default:
+                                # 2 on attention / dense / shared linears, 0 on the routed experts)
           rare_experts: pooled  # experts short of tokens: topped up with the layer's tokens (or rtn)
           sequential: true      # each linear fit to its fp outputs from its quantized inputs, in order (GPTAQ)
     """
@@ -58,7 +60,9 @@ class QuantizeConfig(StageConfig):
     clip_search: bool = True
     act_order: bool = True
     refit: bool = True  # refit each group's scale/zero after GPTQ to the Hessian-weighted error (codes fixed)
-    code_sweeps: int = Field(0, ge=0, le=8)  # coordinate-descent sweeps over the codes after GPTQ (QuantEase)
+    # coordinate-descent sweeps over the codes after GPTQ (QuantEase); default: 2 on the linears outside the routed
+    # experts (attention, dense and shared MLPs: a small share of the weights and of the time), 0 on the experts
+    code_sweeps: int | None = Field(None, ge=0, le=8)
     damp: float = Field(0.01, ge=0.0)
     block_size: int = Field(128, ge=1)
     act_clip: float | None = Field(None, gt=0.0, le=1.0)  # default: 1.0 for A8, 0.9 for A4
@@ -87,6 +91,10 @@ class QuantizeConfig(StageConfig):
     batch_size: int = Field(8, ge=1)
     save_format: Literal["packed", "fake-quant"] = "packed"  # packed tensors, or dequantized bf16 + the record
     codec: str = "auto"  # integer schemes: their int<b> codec (ternary codecs belong to the ternary stage)
+
+    def sweeps(self, experts: bool) -> int:
+        """The code sweeps of the routed experts (``experts``) or of the other linears."""
+        return self.code_sweeps if self.code_sweeps is not None else (0 if experts else 2)
 
     @property
     def bits(self) -> tuple[int, int | None]:
@@ -223,7 +231,9 @@ def plan_of(cfg: QuantizeConfig) -> tuple[QuantPlan, dict[str, Any]]:
         aq = ActQuant(abits, cfg.act_clip or (1.0 if abits >= 8 else 0.9), sym, router=cfg.router_bits is not None,
                       inter_rotation_seed=cfg.rotation_seed if rotate_inter else None)
     sequential = cfg.sequential if cfg.sequential is not None else abits is None
-    plan = QuantPlan.of(cfg, experts=opt, linears=opt, act=aq, smooth=smooth, rotate_intermediate=rotate_inter,
+    plan = QuantPlan.of(cfg, experts=replace(opt, code_sweeps=cfg.sweeps(experts=True)),
+                        linears=replace(opt, code_sweeps=cfg.sweeps(experts=False)), act=aq, smooth=smooth,
+                        rotate_intermediate=rotate_inter,
                         sequential=sequential)
     meta = {"scheme": cfg.scheme,
             "weights": {"kind": "int", "bits": wbits, "group_size": cfg.groups(), "symmetric": cfg.symmetric,

@@ -14,7 +14,7 @@ from moecompress.pipeline import run
 from moecompress.recipe import CalibrationConfig, validate_recipe
 from moecompress.runtime.calibration import collect
 from moecompress.runtime.executor import LayerStream, ModelSource
-from moecompress.runtime.layer_quant import quantize_router, smooth_layer
+from moecompress.runtime.layer_smooth import quantize_router, smooth_layer
 from moecompress.io.model import LoadedModel, tiny_tokenizer
 from moecompress.runtime.source import load_model
 from moecompress.stages import STAGES
