@@ -43,9 +43,13 @@ class QuantOptions:
 
     @classmethod
     def of(cls, grid: QuantGrid | TernaryGrid, settings: Any, **given: Any) -> QuantOptions:
-        """``grid`` and ``given`` as given, the other fields read by name from ``settings`` (a stage config)."""
+        """``grid`` and ``given`` as given, the other fields read by name from ``settings`` (a stage config; its
+        ``code_sweeps`` None, the per-kind default that the stage resolves, reads as 0)."""
         names = ("method", "act_order", "damp", "block_size", "refit", "code_sweeps")
-        return cls(grid, **given, **{n: getattr(settings, n) for n in names if n not in given})
+        got = {n: getattr(settings, n) for n in names if n not in given}
+        if got.get("code_sweeps", 0) is None:
+            got["code_sweeps"] = 0
+        return cls(grid, **given, **got)
 
 
 WORKSPACE_BYTES = 2 << 30  # GPTQ's float32 workspace per call: experts are quantized in chunks that fit it
