@@ -95,6 +95,32 @@ def test_every_expert_is_quantized_even_with_tiny_calibration(rare, tmp_path):
             torch.testing.assert_close(view.experts.stacked(proj).float(), deq, atol=1e-6, rtol=0)
 
 
+@torch.no_grad()
+def test_balance_tops_gptq_experts_up_to_the_tokens_per_input_floor(tmp_path):
+    """`balance_per_input`: GPTQ experts with fewer routed tokens than that many per input dimension are topped up
+    (reserve, near-miss, pooled) to at least it; 0 keeps the ratio's minimum alone; RTN needs no floor."""
+    got = {}
+    for floor, method in ((0.0, "gptq"), (4.0, "gptq"), (4.0, "rtn")):
+        model = tiny_moe("mixtral")
+        hidden = model.config.hidden_size
+        ctx = _ctx(model, tmp_path / f"{floor}{method}", samples=2, seq_len=32)
+        result = STAGES.get("quantize").run(ctx, QuantizeConfig(scheme="w4a16", group_size=8, method=method,
+                                                                balance_per_input=floor, sequential=False,
+                                                                save_format="fake-quant"))
+        got[floor, method] = [v["experts"] for v in result["layers"].values() if "experts" in v]
+    ratio_min = got[0.0, "gptq"][0]["min_tokens"]
+    assert ratio_min < 4 * hidden and got[4.0, "gptq"][0]["min_tokens"] == 4 * hidden
+    assert got[4.0, "rtn"][0]["min_tokens"] == ratio_min
+    for low, high in zip(got[0.0, "gptq"], got[4.0, "gptq"]):
+        assert low["routed_tokens"] == high["routed_tokens"]  # the same base tokens
+        short = [e for e, n in enumerate(high["routed_tokens"]) if n < 4 * hidden]
+        assert short  # tiny calibration: experts under the floor exist
+        topped = set(high["topped_up_reserve"]) | set(high["topped_up_near_miss"]) | set(high["topped_up_pooled"])
+        assert set(short) <= topped
+        assert all(high["tokens_used"][e] >= min(4 * hidden, n) for e, n in enumerate(high["routed_tokens"]))
+        assert all(high["tokens_used"][e] >= 4 * hidden or e in high["topped_up_pooled"] for e in short)
+
+
 @pytest.mark.parametrize("family", sorted(FAMILY))
 def test_quantize_runs_on_every_adapter(family, tmp_path):
     model = tiny_moe(family)
