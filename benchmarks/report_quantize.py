@@ -97,10 +97,12 @@ def lowbit(path: Path) -> None:
 
 
 def main() -> None:
-    if (RESULTS / "quantize_lowbit.json").exists():
-        print("### Low-bit experts (issue 12)\n")
-        lowbit(RESULTS / "quantize_lowbit.json")
-        print()
+    for name, title in (("quantize_lowbit_stop20.json", "Low-bit experts (issue 12), stop 20"),
+                        ("quantize_lowbit.json", "Low-bit experts (issue 12), stop 19")):
+        if (RESULTS / name).exists():
+            print(f"### {title}\n")
+            lowbit(RESULTS / name)
+            print()
     r = json.loads((RESULTS / "quantize_demo.json").read_text())
     tasks = list(r["base_ppl"])
     print("### Ablation\n")
