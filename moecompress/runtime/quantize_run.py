@@ -232,16 +232,15 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
                 with capture_inputs(layer, dense, lv[0].experts.module if lv else None, park) as fp_in:
                     for j, b in enumerate(base):
                         fp_hidden[j] = park(_forward(layer, fp_hidden[j], stream.kwargs[i][b], stream.device))
-                # only the norm readers (the others are paired in their own pass); `collect`'s hook runs first
 
-                def capture(st, fp_in=fp_in, dense=dense):
+            def capture(st):
+                """The statistics pass's pairing ("model": only the norm readers, the others are paired in their own
+                pass; `collect`'s hook runs first) or input capture ("layer")."""
+                if fp_hidden is not None:
                     return pair_linears(dense, fp_in, want=lambda n: st.linears[n].source is not None)
-            elif paired:
-                def capture(st, layer=layer, dense=dense, lv=lv):
+                if paired:
                     return capture_inputs(layer, dense, lv[0].experts.module if lv else None, park)
-            else:
-                def capture(st):
-                    return contextlib.nullcontext()
+                return contextlib.nullcontext()
             # with model targets the experts' routed Hessians come from the pairing passes (`_with_base`)
             from_pairs = fp_hidden is not None and plan.experts is not None and plan.experts.method == "gptq"
             with collect(layer, lv, attn_norm, plan.near_miss, owned=owned, hessians=not rtn_only,
