@@ -59,7 +59,7 @@ from moecompress.stages.quantize import QuantizeConfig
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / ".cache" / "venv-llmcompressor"
 BASE = {"smooth": False, "balance": False, "rotate_intermediate": False, "router_bits": None, "refit": False,
-        "code_sweeps": 0, "rare_experts": "rtn", "sequential": False}
+        "code_sweeps": 0, "gptq_rounds": 0, "rare_experts": "rtn", "sequential": False}
 ROWS = [
     ("RTN", {**BASE, "method": "rtn"}),
     ("GPTQ", {**BASE}),
@@ -70,6 +70,7 @@ ROWS = [
     ("GPTQ + balance", {**BASE, "balance": True}),
     ("GPTQ + balance + pooled rare experts", {**BASE, "balance": True, "rare_experts": "pooled"}),
     ("GPTQ + refit", {**BASE, "refit": True}),
+    ("GPTQ + refit + GPTQ rounds", {**BASE, "refit": True, "gptq_rounds": 4}),
     ("GPTQ + code sweeps", {**BASE, "code_sweeps": 2}),
     ("GPTQ + code sweeps + refit", {**BASE, "code_sweeps": 2, "refit": True}),
     ("GPTQ + rotation", {**BASE, "rotate": True}),
@@ -78,6 +79,7 @@ ROWS = [
     ("GPTQ + sequential", {**BASE, "sequential": True}),
     ("GPTQ + sequential (layer targets)", {**BASE, "sequential": True, "sequential_targets": "layer"}),
     ("all (default)", {}),
+    ("all - GPTQ rounds", {"gptq_rounds": 0}),
     ("all - sequential", {"sequential": False}),
     ("all, sequential layer targets", {"sequential_targets": "layer"}),
     ("all + code sweeps", {"code_sweeps": 2}),

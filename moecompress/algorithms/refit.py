@@ -28,10 +28,11 @@ import torch
 
 from moecompress.algorithms.quant_grid import QuantResult, dequantize, storable
 
-__all__ = ["refit_groups", "row_errors"]
+__all__ = ["alternate", "refit_groups", "row_errors"]
 
 CHUNK_BYTES = 256 << 20  # rows are refit in chunks whose float64 Gram intermediates fit this
 ACCEPT = 1e-9  # a candidate must lower the row's error by more than this fraction of it
+MIN_ROUND_GAIN = 0.005  # `alternate` stops once a round lowers the total error by less than this fraction
 
 
 def row_errors(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
@@ -148,3 +149,38 @@ def _refit_rows(W: torch.Tensor, H: torch.Tensor, damp: float, codes: torch.Tens
         scale = torch.where(better[..., None], s, scale)
         zero = torch.where(better[..., None], z, zero)
     return scale, zero, err, best, best > 0
+
+
+@torch.no_grad()
+def alternate(W: torch.Tensor, H: torch.Tensor, res: QuantResult, requantize, rounds: int,
+              min_gain: float = MIN_ROUND_GAIN) -> tuple[QuantResult, list[float]]:
+    """Alternate GPTQ and the refit: each round quantizes ``W [E, O, C]`` again on ``res``'s (refit) scales and
+    zeros (``requantize(res)``: GPTQ with those parameters, then the refit) and keeps, per output row, the result
+    with the lower Hessian-weighted error (rows are independent in GPTQ's objective), so no round increases it.
+
+    The refit moves each group's grid to the codes GPTQ chose; GPTQ on the moved grid then chooses codes for it:
+    block coordinate descent between the grid and the codes, as GPTVQ alternates its codebook update with GPTQ
+    (van Baalen et al. 2024, arXiv:2402.15319). At 2 bits the first grid (clip search on the original weights)
+    is far from the one the codes want, and rounds lower the error by a few % each. Stops after ``rounds``, or
+    once a round lowers the total error by less than ``min_gain`` of it. Returns the result and the total error
+    before the first round and after each round run."""
+    empty = (H.diagonal(dim1=1, dim2=2).sum(-1) == 0)[:, None]  # [E, 1]: no token, plain squared error
+
+    def errors(Wq: torch.Tensor) -> torch.Tensor:  # [E, O], in H's precision (no float64 copy of H)
+        D = W - Wq.to(W.dtype)
+        return torch.where(empty, D.square().sum(-1), (torch.bmm(D, H.to(W.dtype)) * D).sum(-1)).double()
+
+    err = errors(res.weight)
+    history = [float(err.sum())]
+    for _ in range(rounds):
+        new = requantize(res)
+        new_err = errors(new.weight)
+        take = new_err < err  # [E, O]
+        pick = lambda a, b: torch.where(take.view(*take.shape, *([1] * (a.dim() - 2))), b, a)  # noqa: E731
+        res = QuantResult(pick(res.weight, new.weight), pick(res.codes, new.codes), pick(res.scales, new.scales),
+                          pick(res.zeros, new.zeros), res.loss)
+        err = torch.minimum(err, new_err)
+        history.append(float(err.sum()))
+        if history[-2] - history[-1] <= min_gain * history[-2]:
+            break
+    return res, history

@@ -19,7 +19,7 @@ from moecompress.algorithms.coord_descent import refine_codes
 from moecompress.algorithms.gptq import gptq_quantize
 from moecompress.algorithms.quant_grid import QuantGrid, QuantResult, TernaryGrid, rtn_quantize
 from moecompress.algorithms.rare_experts import pooled_hessians
-from moecompress.algorithms.refit import refit_groups
+from moecompress.algorithms.refit import alternate, refit_groups
 from moecompress.formats.quant_record import QuantRecord
 from moecompress.models.base import MoEBlockView
 from moecompress.runtime.calibration import LayerStats
@@ -40,12 +40,13 @@ class QuantOptions:
     block_size: int
     refit: bool  # refit each group's scale (and zero) after GPTQ, codes fixed (`algorithms.refit`)
     code_sweeps: int  # coordinate-descent sweeps over the codes after GPTQ, each followed by the refit (QuantEase)
+    gptq_rounds: int  # with the refit: GPTQ again on the refit grid, up to this many times (`algorithms.refit.alternate`)
 
     @classmethod
     def of(cls, grid: QuantGrid | TernaryGrid, settings: Any, **given: Any) -> QuantOptions:
         """``grid`` and ``given`` as given, the other fields read by name from ``settings`` (a stage config; its
         ``code_sweeps`` None, the per-kind default that the stage resolves, reads as 0)."""
-        names = ("method", "act_order", "damp", "block_size", "refit", "code_sweeps")
+        names = ("method", "act_order", "damp", "block_size", "refit", "code_sweeps", "gptq_rounds")
         got = {n: getattr(settings, n) for n in names if n not in given}
         if got.get("code_sweeps", 0) is None:
             got["code_sweeps"] = 0
@@ -84,6 +85,10 @@ def _quantize(chunk: Callable[[int, int], torch.Tensor], shape: tuple[int, int, 
                                 act_order=opt.act_order)
             if isinstance(opt.grid, QuantGrid):
                 res = _refine(W, H[a:b], res, opt)
+                if opt.refit and opt.gptq_rounds:
+                    res = alternate(W, H[a:b], res, lambda r, W=W, Hc=H[a:b]: _refine(W, Hc, gptq_quantize(
+                        W, Hc, opt.grid, block_size=opt.block_size, damp=opt.damp, act_order=opt.act_order,
+                        params=(r.scales, r.zeros)), opt), opt.gptq_rounds)[0]
         if error is not None:  # relative squared error, summed over chunks (before ``finish``: W's basis)
             error["num"] = error.get("num", 0.0) + float(((W - res.weight) ** 2).sum())
             error["den"] = error.get("den", 0.0) + float((W ** 2).sum())

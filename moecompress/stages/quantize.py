@@ -48,6 +48,7 @@ class QuantizeConfig(StageConfig):
           refit: true           # after GPTQ: refit each group's scale/zero to the Hessian-weighted error
           code_sweeps: 2        # coordinate-descent sweeps over the codes, each followed by the refit (default:
                                 # 2 on attention / dense / shared linears, 0 on the routed experts)
+          gptq_rounds: 4        # GPTQ again on the refit grid, each row keeping its better result (0: off)
           rare_experts: pooled  # experts short of tokens: topped up with the layer's tokens (or rtn)
           sequential: true      # each linear fit to its fp outputs from its quantized inputs, in order (GPTAQ)
     """
@@ -63,6 +64,9 @@ class QuantizeConfig(StageConfig):
     # coordinate-descent sweeps over the codes after GPTQ (QuantEase); default: 2 on the linears outside the routed
     # experts (attention, dense and shared MLPs: a small share of the weights and of the time), 0 on the experts
     code_sweeps: int | None = Field(None, ge=0, le=8)
+    # with the refit: GPTQ again on the refit scales/zeros, keeping each row's better result, up to this many times
+    # (stops early once a round gains under 0.5 %; `algorithms.refit.alternate`)
+    gptq_rounds: int = Field(4, ge=0, le=16)
     damp: float = Field(0.01, ge=0.0)
     block_size: int = Field(128, ge=1)
     act_clip: float | None = Field(None, gt=0.0, le=1.0)  # default: 1.0 for A8, 0.9 for A4

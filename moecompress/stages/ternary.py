@@ -93,11 +93,11 @@ def plan_of(cfg: TernaryConfig) -> tuple[QuantPlan, dict[str, Any]]:
                        balance_per_input=0.0)  # the per-input token floor: measured for integer GPTQ only
     experts = QuantOptions.of(TernaryGrid(rule, cfg.groups, cfg.threshold), q,
                               method="gptq" if cfg.method == "gptq" else "rtn",
-                              refit=False, code_sweeps=0)
+                              refit=False, code_sweeps=0, gptq_rounds=0)
     others = None
     if cfg.others != "bf16":
         others = QuantOptions.of(QuantGrid(8 if cfg.others == "int8" else 4, cfg.others_group_size), q, method="gptq",
-                                 refit=False, code_sweeps=0)
+                                 refit=False, code_sweeps=0, gptq_rounds=0)
     plan = QuantPlan.of(q, experts=experts, linears=others, act=None, smooth=False, rotate_intermediate=False,
                         sequential=False)
     meta = {"scheme": f"ternary-{cfg.method}",

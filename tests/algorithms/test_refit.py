@@ -1,6 +1,7 @@
 """Per-group scale/zero refit after GPTQ: never increases any row's Hessian-weighted error (random and adversarial
 Hessians and weights, batched over experts), keeps the codes, keeps zeros integral (and symmetric zeros fixed),
-and the stored parameters rebuild the returned weights; pooled Hessians for rare experts."""
+and the stored parameters rebuild the returned weights; pooled Hessians for rare experts; GPTQ rounds on the refit
+grid never increase any row's error, choose row by row, and stop once a round gains too little."""
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from moecompress.algorithms.gptq import gptq_quantize
 from moecompress.algorithms.moe_math import glu
 from moecompress.algorithms.quant_grid import QuantGrid, dequantize, rtn_quantize
 from moecompress.algorithms.rare_experts import pooled_hessians
-from moecompress.algorithms.refit import refit_groups, row_errors
+from moecompress.algorithms.refit import alternate, refit_groups, row_errors
 from moecompress.types import Activation
 
 GRIDS = [QuantGrid(2, 16), QuantGrid(3, 16), QuantGrid(4, 32), QuantGrid(2, 16, symmetric=True),
@@ -148,3 +149,56 @@ def test_code_sweeps_blocked_updates_make_the_same_choices(grid):
         out = refine_codes(W, H, res, grid.maxq, sweeps=2, block=block)
         assert torch.equal(out.codes, one.codes), block
     assert not torch.equal(one.codes, res.codes)  # the sweeps changed something
+
+
+def _gptq_refit(W, H, grid, params=None):
+    res = gptq_quantize(W, H, grid, params=params)
+    return refit_groups(W, H, res, grid.symmetric)[0]
+
+
+def _identity_for_empty(H):
+    Hc = H.clone()
+    Hc[H.diagonal(dim1=1, dim2=2).sum(-1) == 0] = torch.eye(H.shape[-1])
+    return Hc
+
+
+@pytest.mark.parametrize("grid", [g for g in GRIDS if g.group_size != -1], ids=str)
+@pytest.mark.parametrize("problem", ["random", "adversarial"])
+def test_gptq_rounds_never_increase_any_rows_error(grid, problem):
+    W, H = (_random if problem == "random" else _adversarial)(3)
+    first = _gptq_refit(W, H, grid)
+    out, history = alternate(W, H, first, lambda r: _gptq_refit(W, H, grid, (r.scales, r.zeros)), 3, min_gain=0.0)
+    Hc = _identity_for_empty(H)
+    assert bool((row_errors(W, out.weight, Hc) <= row_errors(W, first.weight, Hc) * (1 + 1e-6) + 1e-9).all())
+    assert all(b <= a for a, b in zip(history, history[1:])) and len(history) == 4
+    E, O, C = W.shape
+    G = out.scales.shape[-1]
+    rebuilt = dequantize(out.codes.float().view(E, O, G, -1), out.scales[..., None], out.zeros[..., None])
+    assert torch.equal(rebuilt.view(E, O, C), out.weight)  # each row's codes, scales and zeros come together
+
+
+def test_gptq_rounds_lower_the_two_bit_error():
+    """At 2 bits the first grid (clip search on the original weights) is far from what GPTQ's codes want."""
+    W, H = _random(4, E=4, O=32, C=128, T=600)
+    grid = QuantGrid(2, 32)
+    first = _gptq_refit(W, H, grid)
+    _, history = alternate(W, H, first, lambda r: _gptq_refit(W, H, grid, (r.scales, r.zeros)), 4, min_gain=0.0)
+    assert history[-1] < 0.99 * history[0], history
+
+
+def test_gptq_rounds_choose_row_by_row_and_stop_when_nothing_improves():
+    W, H = _random(5)
+    grid = QuantGrid(2, 16)
+    first = _gptq_refit(W, H, grid)
+    better = rtn_quantize(W, QuantGrid(4, 16))  # finer grid: lower error on every row, kept only on even rows
+    worse = _gptq_refit(W, H, grid)
+    mixed = type(first)(*(torch.where((torch.arange(W.shape[1]) % 2 == 0).view(1, -1, *([1] * (a.dim() - 2))),
+                                      b, a) for a, b in ((worse.weight, better.weight), (worse.codes, better.codes),
+                                                         (worse.scales, better.scales), (worse.zeros, better.zeros))))
+    calls = []
+    out, history = alternate(W, H, first, lambda r: calls.append(1) or mixed, 5)
+    assert torch.equal(out.weight[:, 0::2], better.weight[:, 0::2])  # taken where lower
+    assert torch.equal(out.weight[:, 1::2], first.weight[:, 1::2])  # kept where not
+    assert len(calls) == 2 and len(history) == 3  # the second round changed nothing: stopped
+    same, h = alternate(W, H, first, lambda r: r, 0)
+    assert same is first and len(h) == 1

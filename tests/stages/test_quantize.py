@@ -111,8 +111,9 @@ def test_balance_tops_gptq_experts_up_to_the_tokens_per_input_floor(tmp_path):
     ratio_min = got[0.0, "gptq"][0]["min_tokens"]
     assert ratio_min < 4 * hidden and got[4.0, "gptq"][0]["min_tokens"] == 4 * hidden
     assert got[4.0, "rtn"][0]["min_tokens"] == ratio_min
-    for low, high in zip(got[0.0, "gptq"], got[4.0, "gptq"]):
-        assert low["routed_tokens"] == high["routed_tokens"]  # the same base tokens
+    # the same base tokens in the first MoE layer (later layers read the differently quantized layers before them)
+    assert got[0.0, "gptq"][0]["routed_tokens"] == got[4.0, "gptq"][0]["routed_tokens"]
+    for high in got[4.0, "gptq"]:
         short = [e for e, n in enumerate(high["routed_tokens"]) if n < 4 * hidden]
         assert short  # tiny calibration: experts under the floor exist
         topped = set(high["topped_up_reserve"]) | set(high["topped_up_near_miss"]) | set(high["topped_up_pooled"])

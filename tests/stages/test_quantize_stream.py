@@ -91,7 +91,7 @@ def _streamed(src, stage, out):
 def _case(family, kind, tmp_path, **overrides):
     stage = KINDS[kind] if isinstance(kind, str) else kind
     if stage["stage"] == "quantize":  # the frozen old path predates the per-input token floor of calibration balance
-        stage = {"balance_per_input": 0, **stage}
+        stage = {"balance_per_input": 0, "gptq_rounds": 0, **stage}  # and the GPTQ rounds on the refit grid
     src = tmp_path / "src"
     save_model(_loaded(family, **overrides), src)
     lm_old, old = _legacy(family, stage, tmp_path / "legacy", **overrides)
