@@ -81,7 +81,7 @@ ROWS = [
     ("all (default)", {}),
     ("all - GPTQ rounds", {"gptq_rounds": 0}),
     ("all - sequential", {"sequential": False}),
-    ("all, sequential layer targets", {"sequential_targets": "layer"}),
+    ("all + sequential layer targets", {"sequential_targets": "layer"}),  # stop 19: "all, sequential layer targets"
     ("all + code sweeps", {"code_sweeps": 2}),
     ("all + 1 code sweep", {"code_sweeps": 1}),
     ("all + router W8 aligned", {"router_bits": 8, "align_router": True}),
