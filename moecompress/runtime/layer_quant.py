@@ -85,10 +85,6 @@ def _quantize(chunk: Callable[[int, int], torch.Tensor], shape: tuple[int, int, 
                                 act_order=opt.act_order)
             if isinstance(opt.grid, QuantGrid):
                 res = _refine(W, H[a:b], res, opt)
-                if opt.refit and opt.gptq_rounds:
-                    res = alternate(W, H[a:b], res, lambda r, W=W, Hc=H[a:b]: _refine(W, Hc, gptq_quantize(
-                        W, Hc, opt.grid, block_size=opt.block_size, damp=opt.damp, act_order=opt.act_order,
-                        params=(r.scales, r.zeros)), opt), opt.gptq_rounds)[0]
         if error is not None:  # relative squared error, summed over chunks (before ``finish``: W's basis)
             error["num"] = error.get("num", 0.0) + float(((W - res.weight) ** 2).sum())
             error["den"] = error.get("den", 0.0) + float((W ** 2).sum())
@@ -110,10 +106,15 @@ def _quantize(chunk: Callable[[int, int], torch.Tensor], shape: tuple[int, int, 
 
 
 def _refine(W: torch.Tensor, H: torch.Tensor, res: QuantResult, opt: QuantOptions) -> QuantResult:
-    """After GPTQ: the scale/zero refit, then ``code_sweeps`` times a coordinate-descent sweep over the codes and
-    the refit again (block coordinate descent on GPTQ's objective; no step increases it)."""
+    """After GPTQ: the scale/zero refit, up to ``gptq_rounds`` rounds of GPTQ again on the refit grid (each
+    refit), then ``code_sweeps`` times a coordinate-descent sweep over the codes and the refit again (block
+    coordinate descent on GPTQ's objective; no step increases it)."""
     if opt.refit:
         res = refit_groups(W, H, res, opt.grid.symmetric, opt.damp)[0]
+        if opt.gptq_rounds:
+            res = alternate(W, H, res, lambda r: refit_groups(W, H, gptq_quantize(
+                W, H, opt.grid, block_size=opt.block_size, damp=opt.damp, act_order=opt.act_order,
+                params=(r.scales, r.zeros)), opt.grid.symmetric, opt.damp)[0], opt.gptq_rounds)[0]
     for _ in range(opt.code_sweeps):
         res = refine_codes(W, H, res, opt.grid.maxq)
         if opt.refit:
