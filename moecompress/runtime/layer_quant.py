@@ -65,8 +65,8 @@ def _quantize(chunk: Callable[[int, int], torch.Tensor], shape: tuple[int, int, 
     ``chunk(a, b)`` gives experts ``a..b-1`` in float32 (``[b - a, O, C]``): only one chunk is ever held in
     float32. The dequantized weights (after ``finish`` of each float32 chunk) are handed to ``store(a, w)`` as
     each chunk is done (the result's ``weight`` is then None), else returned in ``dtype``. GPTQ holds about six
-    ``[C, C]`` and four ``[O, C]`` float32 matrices per expert (eight with GPTQ rounds), so a Mixtral-8x7B down projection (C = 14336) is
-    quantized one expert at a time instead of needing about 40 GB at once. Each expert's result is the same as
+    ``[C, C]`` and four ``[O, C]`` float32 matrices per expert (eight with GPTQ rounds), so a Mixtral-8x7B down
+    projection (C = 14336) is quantized one expert at a time instead of needing about 40 GB at once. Each expert's result is the same as
     in one call. ``error``: the squared error and the squared weights are added to its ``num`` and ``den``."""
     E, O, C = shape
     rtn = opt.method == "rtn" or H is None
