@@ -40,7 +40,7 @@ class QuantOptions:
     block_size: int
     refit: bool  # refit each group's scale (and zero) after GPTQ, codes fixed (`algorithms.refit`)
     code_sweeps: int  # coordinate-descent sweeps over the codes after GPTQ, each followed by the refit (QuantEase)
-    gptq_rounds: int  # with the refit: GPTQ again on the refit grid, up to this many times (`algorithms.refit.alternate`)
+    gptq_rounds: int  # with the refit: GPTQ again on the refit grid, up to this many times (`refit.alternate`)
 
     @classmethod
     def of(cls, grid: QuantGrid | TernaryGrid, settings: Any, **given: Any) -> QuantOptions:
@@ -66,8 +66,9 @@ def _quantize(chunk: Callable[[int, int], torch.Tensor], shape: tuple[int, int, 
     float32. The dequantized weights (after ``finish`` of each float32 chunk) are handed to ``store(a, w)`` as
     each chunk is done (the result's ``weight`` is then None), else returned in ``dtype``. GPTQ holds about six
     ``[C, C]`` and four ``[O, C]`` float32 matrices per expert (eight with GPTQ rounds), so a Mixtral-8x7B down
-    projection (C = 14336) is quantized one expert at a time instead of needing about 40 GB at once. Each expert's result is the same as
-    in one call. ``error``: the squared error and the squared weights are added to its ``num`` and ``den``."""
+    projection (C = 14336) is quantized one expert at a time instead of needing about 40 GB at once. Each expert's
+    result is the same as in one call. ``error``: the squared error and the squared weights are added to its
+    ``num`` and ``den``."""
     E, O, C = shape
     rtn = opt.method == "rtn" or H is None
     if rtn:  # the clip search holds about six [O, C] float32 copies per expert
