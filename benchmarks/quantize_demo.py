@@ -79,7 +79,8 @@ ROWS = [
     ("GPTQ + sequential", {**BASE, "sequential": True}),
     ("GPTQ + sequential (layer targets)", {**BASE, "sequential": True, "sequential_targets": "layer"}),
     ("all (default)", {}),
-    ("all - GPTQ rounds", {"gptq_rounds": 0}),
+    ("all - GPTQ rounds", {"gptq_rounds": 0}),  # at 2 bits (the default has none above)
+    ("all + GPTQ rounds", {"gptq_rounds": 4}),  # at 3-4 bits
     ("all - sequential", {"sequential": False}),
     ("all + sequential layer targets", {"sequential_targets": "layer"}),  # stop 19: "all, sequential layer targets"
     ("all + code sweeps", {"code_sweeps": 2}),
@@ -214,6 +215,8 @@ def _save(out: Path, results: dict, partial: bool) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--calib-seed", type=int, default=0, help="which calibration windows (the llm-compressor rows "
+                    "of --peer-from were calibrated on seed 0: pair with them only at 0)")
     ap.add_argument("--schemes", default=",".join(SCHEMES))
     ap.add_argument("--methods", default=None, help="comma-separated row names to run (default: all rows)")
     ap.add_argument("--merge", action="store_true", help="replace the matching rows of an existing --out file "
@@ -228,6 +231,8 @@ def main() -> None:
     ap.add_argument("--combine", type=Path, nargs="+", default=None, help="merge these result files (same eval "
                     "windows, e.g. from processes run side by side) into --out, with the paired comparison; runs nothing")
     args = ap.parse_args()
+    if args.calib_seed != 0 and (args.peer_from is not None or not args.no_peer):
+        raise SystemExit("--calib-seed other than 0 needs --no-peer (the peer rows are calibrated on seed 0)")
     if args.combine:
         combine(args.combine, args.out)
         return
@@ -240,7 +245,7 @@ def main() -> None:
     windows = torch.cat([evw[t] for t in tasks])
     owners = torch.cat([torch.full((len(evw[t]),), i) for i, t in enumerate(tasks)])
     base = evaluate(base_model.model, arch, windows)
-    results = {"calibration": {"windows_per_task": args.samples, "seq_len": 256},
+    results = {"calibration": {"windows_per_task": args.samples, "seq_len": 256, "seed": args.calib_seed},
                "eval_windows": {t: len(w) for t, w in evw.items()},
                "base_ppl": {t: float(base[0][owners == i].mean().exp()) for i, t in enumerate(tasks)},
                "base_window_nll": [round(float(x), 6) for x in base[0]], "runs": []}
@@ -251,14 +256,14 @@ def main() -> None:
                            or r["scheme"] not in args.schemes.split(",")]
         if not args.no_peer:
             results["runs"] = [r for r in results["runs"] if r["method"] != "llm-compressor GPTQ"]
-    calib_ctx = Context(base_model, CalibrationConfig(samples=args.samples, seq_len=256), None)
+    calib_ctx = Context(base_model, CalibrationConfig(samples=args.samples, seq_len=256, seed=args.calib_seed), None)
     calib_ids = torch.cat(list(calib_ctx.windows("calib").values()))
     torch.save(calib_ids, work / "calib.pt")
     order = ROWS if methods is None else [r for m in args.methods.split(",") for r in ROWS if r[0] == m]
     for scheme in args.schemes.split(","):
         for name, over in order:
             loaded = load_model()
-            ctx = Context(loaded, CalibrationConfig(samples=args.samples, seq_len=256), None)
+            ctx = Context(loaded, CalibrationConfig(samples=args.samples, seq_len=256, seed=args.calib_seed), None)
             cfg = QuantizeConfig(scheme=scheme, **over)
             t0 = time.time()
             rep = STAGES.get("quantize").run(ctx, cfg)

@@ -45,11 +45,12 @@ class QuantOptions:
     @classmethod
     def of(cls, grid: QuantGrid | TernaryGrid, settings: Any, **given: Any) -> QuantOptions:
         """``grid`` and ``given`` as given, the other fields read by name from ``settings`` (a stage config; its
-        ``code_sweeps`` None, the per-kind default that the stage resolves, reads as 0)."""
+        ``code_sweeps`` and ``gptq_rounds`` None, the defaults that the stage resolves, read as 0)."""
         names = ("method", "act_order", "damp", "block_size", "refit", "code_sweeps", "gptq_rounds")
         got = {n: getattr(settings, n) for n in names if n not in given}
-        if got.get("code_sweeps", 0) is None:
-            got["code_sweeps"] = 0
+        for n in ("code_sweeps", "gptq_rounds"):  # None: a per-kind default the stage resolves; here 0
+            if got.get(n, 0) is None:
+                got[n] = 0
         return cls(grid, **given, **got)
 
 
