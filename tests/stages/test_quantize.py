@@ -18,7 +18,7 @@ from moecompress.runtime.layer_smooth import quantize_router, smooth_layer
 from moecompress.io.model import LoadedModel, tiny_tokenizer
 from moecompress.runtime.source import load_model
 from moecompress.stages import STAGES
-from moecompress.stages.quantize import QuantizeConfig
+from moecompress.stages.quantize import QuantizeConfig, plan_of
 from moecompress.testing import FAMILY, tiny_config, tiny_moe
 
 
@@ -175,3 +175,20 @@ def test_calibration_text_too_short(tmp_path):
     with pytest.raises(MoecompressError, match="fewer than one window"):
         run(r, output=tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+def test_gptq_rounds_default_to_two_bit_weights_and_change_only_those_bytes(tmp_path):
+    """`gptq_rounds` None: 4 rounds for 2-bit weights, none above; a number applies at every width. At W2 the
+    rounds change the codes (GPTQ on the refit grid chooses others), at W3 the default writes what 0 writes."""
+    for scheme, want in (("w2a16", 4), ("w3a16", 0), ("w4a16", 0), ("w4a4", 0)):
+        plan = plan_of(QuantizeConfig(scheme=scheme))[0]
+        assert plan.experts.gptq_rounds == plan.linears.gptq_rounds == want
+        assert plan_of(QuantizeConfig(scheme=scheme, gptq_rounds=2))[0].experts.gptq_rounds == 2
+    got = {}
+    for scheme, rounds in (("w2a16", None), ("w2a16", 0), ("w3a16", None), ("w3a16", 0)):
+        ctx = _ctx(tiny_moe("mixtral"), tmp_path / f"{scheme}{rounds}", samples=2, seq_len=32)
+        STAGES.get("quantize").run(ctx, QuantizeConfig(scheme=scheme, group_size=8, gptq_rounds=rounds,
+                                                       save_format="fake-quant"))
+        got[scheme, rounds] = {k: v.clone() for k, v in ctx.model.state_dict().items()}
+    assert any(not torch.equal(got["w2a16", None][k], got["w2a16", 0][k]) for k in got["w2a16", 0])
+    assert all(torch.equal(got["w3a16", None][k], got["w3a16", 0][k]) for k in got["w3a16", 0])
