@@ -255,6 +255,7 @@ def plan_of(cfg: QuantizeConfig) -> tuple[QuantPlan, dict[str, Any]]:
                          "note": "experts' down codes are in the rotated basis W Q; the checkpoint stores W_hat Q^T"
                          if rotate_inter else None},
             "router_bits": cfg.router_bits, "smooth": smooth, "sequential": sequential,
+            "gptq_rounds": cfg.rounds(), "code_sweeps": {"experts": cfg.sweeps(True), "linears": cfg.sweeps(False)},
             "record": RECORD_FILE if cfg.save_format == "fake-quant" else None}
     return plan, meta
 
