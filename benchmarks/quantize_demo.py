@@ -13,7 +13,7 @@ component: expert-aware smoothing, router W8 with and without logit alignment, c
 (A4) the online rotation of the experts' intermediate; and the default pipeline with all of them.
 
 llm-compressor (PyPI ``llmcompressor``) runs in its own virtual environment, created by this script in
-``.cache/venv-llmcompressor`` (``pip install torch==2.13.0 llmcompressor``), via
+``.cache/venv-llmcompressor`` (``pip install torch==2.13.0 llmcompressor==0.14.0``), via
 ``benchmarks/peers/llmcompressor_worker.py``: GPTQ W4A16 / W3A16 / W2A16, group 128, its defaults
 (symmetric, static act order, min-max scales), routers and LM head ignored.
 
@@ -167,7 +167,7 @@ def ensure_venv() -> Path:
     if not py.exists():
         subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
         subprocess.run([str(py), "-m", "pip", "install", "-q", "torch==2.13.0"], check=True)
-        subprocess.run([str(py), "-m", "pip", "install", "-q", "llmcompressor"], check=True)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", "llmcompressor==0.14.0"], check=True)
     return py
 
 
@@ -215,8 +215,8 @@ def _save(out: Path, results: dict, partial: bool) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=32)
-    ap.add_argument("--calib-seed", type=int, default=0, help="which calibration windows (the llm-compressor rows "
-                    "of --peer-from were calibrated on seed 0: pair with them only at 0)")
+    ap.add_argument("--calib-seed", type=int, default=0, help="which calibration windows (ours and llm-compressor's; "
+                    "the rows of --peer-from files were calibrated on seed 0: pair with them only at 0)")
     ap.add_argument("--schemes", default=",".join(SCHEMES))
     ap.add_argument("--methods", default=None, help="comma-separated row names to run (default: all rows)")
     ap.add_argument("--merge", action="store_true", help="replace the matching rows of an existing --out file "
@@ -231,8 +231,9 @@ def main() -> None:
     ap.add_argument("--combine", type=Path, nargs="+", default=None, help="merge these result files (same eval "
                     "windows, e.g. from processes run side by side) into --out, with the paired comparison; runs nothing")
     args = ap.parse_args()
-    if args.calib_seed != 0 and (args.peer_from is not None or not args.no_peer):
-        raise SystemExit("--calib-seed other than 0 needs --no-peer (the peer rows are calibrated on seed 0)")
+    if args.calib_seed != 0 and args.peer_from is not None:
+        raise SystemExit("--calib-seed other than 0 cannot take --peer-from rows (calibrated on seed 0): run "
+                         "llm-compressor on this seed's windows (drop --peer-from) or pass --no-peer")
     if args.combine:
         combine(args.combine, args.out)
         return
