@@ -83,8 +83,7 @@ def _quantize(chunk: Callable[[int, int], torch.Tensor], shape: tuple[int, int, 
         if rtn:
             res = rtn_quantize(W, opt.grid)
         else:
-            res = gptq_quantize(W, H[a:b], opt.grid, block_size=opt.block_size, damp=opt.damp,
-                                act_order=opt.act_order)
+            res = _gptq(W, H[a:b], opt)
             if isinstance(opt.grid, QuantGrid):
                 res = _refine(W, H[a:b], res, opt)
         if error is not None:  # relative squared error, summed over chunks (before ``finish``: W's basis)
@@ -107,6 +106,12 @@ def _quantize(chunk: Callable[[int, int], torch.Tensor], shape: tuple[int, int, 
     return out
 
 
+def _gptq(W: torch.Tensor, H: torch.Tensor, opt: QuantOptions, params: tuple | None = None) -> QuantResult:
+    """GPTQ with ``opt``'s settings (``params``: the groups' scales and zeros to use instead of ``W``'s own)."""
+    return gptq_quantize(W, H, opt.grid, block_size=opt.block_size, damp=opt.damp, act_order=opt.act_order,
+                         params=params)
+
+
 def _refine(W: torch.Tensor, H: torch.Tensor, res: QuantResult, opt: QuantOptions) -> QuantResult:
     """After GPTQ: the scale/zero refit, up to ``gptq_rounds`` rounds of GPTQ again on the refit grid (each
     refit), then ``code_sweeps`` times a coordinate-descent sweep over the codes and the refit again (block
@@ -114,9 +119,8 @@ def _refine(W: torch.Tensor, H: torch.Tensor, res: QuantResult, opt: QuantOption
     if opt.refit:
         res = refit_groups(W, H, res, opt.grid.symmetric, opt.damp)[0]
         if opt.gptq_rounds:
-            res = alternate(W, H, res, lambda r: refit_groups(W, H, gptq_quantize(
-                W, H, opt.grid, block_size=opt.block_size, damp=opt.damp, act_order=opt.act_order,
-                params=(r.scales, r.zeros)), opt.grid.symmetric, opt.damp)[0], opt.gptq_rounds)[0]
+            res = alternate(W, H, res, lambda r: refit_groups(W, H, _gptq(W, H, opt, (r.scales, r.zeros)),
+                                                              opt.grid.symmetric, opt.damp)[0], opt.gptq_rounds)[0]
     for _ in range(opt.code_sweeps):
         res = refine_codes(W, H, res, opt.grid.maxq)
         if opt.refit:
