@@ -155,32 +155,55 @@ def _refit_rows(W: torch.Tensor, H: torch.Tensor, damp: float, codes: torch.Tens
 def alternate(W: torch.Tensor, H: torch.Tensor, res: QuantResult, requantize, rounds: int,
               min_gain: float = MIN_ROUND_GAIN) -> tuple[QuantResult, list[float]]:
     """Alternate GPTQ and the refit: each round quantizes ``W [E, O, C]`` again on ``res``'s (refit) scales and
-    zeros (``requantize(res)``: GPTQ with those parameters, then the refit) and keeps, per output row, the result
-    with the lower Hessian-weighted error (rows are independent in GPTQ's objective), so no round increases it.
+    zeros (``requantize(W_rows, res_rows)``: GPTQ on those rows with their parameters, then the refit) and keeps,
+    per output row, the result with the lower Hessian-weighted error (rows are independent in GPTQ's objective),
+    so no round increases it.
 
     The refit moves each group's grid to the codes GPTQ chose; GPTQ on the moved grid then chooses codes for it:
     block coordinate descent between the grid and the codes, as GPTVQ alternates its codebook update with GPTQ
     (van Baalen et al. 2024, arXiv:2402.15319). At 2 bits the first grid (clip search on the original weights)
     is far from the one the codes want, and rounds lower the error by a few % each. Stops after ``rounds``, or
-    once a round lowers the total error by less than ``min_gain`` of it. Returns the result and the total error
-    before the first round and after each round run."""
+    once a round lowers the total error by less than ``min_gain`` of it. A row that a round left unchanged has
+    the same weights and grid as before that round, so the next round would compute the same rejected result:
+    only the rows changed by the previous round are quantized again (``R`` of them per expert, the most of any
+    expert; the others padded with unchanged rows whose results are dropped). Returns the result and the total
+    error before the first round and after each round run."""
     empty = (H.diagonal(dim1=1, dim2=2).sum(-1) == 0)[:, None]  # [E, 1]: no token, plain squared error
+    E, O, C = W.shape
 
-    def errors(Wq: torch.Tensor) -> torch.Tensor:  # [E, O], in H's precision (no float64 copy of H)
-        D = W - Wq.to(W.dtype)
-        return torch.where(empty, D.square().sum(-1), (torch.bmm(D, H.to(W.dtype)) * D).sum(-1)).double()
+    def errors(Wr: torch.Tensor, Wq: torch.Tensor) -> torch.Tensor:  # [E, R], in H's precision (no float64 H)
+        D = Wr - Wq.to(Wr.dtype)
+        return torch.where(empty, D.square().sum(-1), (torch.bmm(D, H.to(Wr.dtype)) * D).sum(-1)).double()
 
-    err = errors(res.weight)
+    def rows_of(t: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:  # [E, O, ...] -> [E, R, ...]
+        return None if t is None else t.gather(1, idx.view(E, -1, *([1] * (t.dim() - 2))).expand(
+            -1, -1, *t.shape[2:]))
+
+    err = errors(W, res.weight)
     history = [float(err.sum())]
+    if rounds <= 0:
+        return res, history
+    fields = [res.weight.clone(), res.codes.clone(), res.scales.clone(),
+              None if res.zeros is None else res.zeros.clone()]
+    active = torch.ones(E, O, dtype=torch.bool, device=W.device)  # rows whose next round may differ
     for _ in range(rounds):
-        new = requantize(res)
-        new_err = errors(new.weight)
-        take = new_err < err  # [E, O]
-        pick = lambda a, b: torch.where(take.view(*take.shape, *([1] * (a.dim() - 2))), b, a)  # noqa: E731
-        res = QuantResult(pick(res.weight, new.weight), pick(res.codes, new.codes), pick(res.scales, new.scales),
-                          pick(res.zeros, new.zeros), res.loss)
-        err = torch.minimum(err, new_err)
+        R = int(active.sum(1).max())
+        if R == 0:
+            break
+        idx = torch.argsort((~active).to(torch.uint8), dim=1, stable=True)[:, :R]  # [E, R] changed rows first
+        valid = active.gather(1, idx)
+        sub = QuantResult(*(rows_of(t, idx) for t in fields), None)
+        new = requantize(rows_of(W, idx), sub)
+        new_err = errors(rows_of(W, idx), new.weight)
+        take = valid & (new_err < err.gather(1, idx))  # [E, R]
+        for t, n in zip(fields, (new.weight, new.codes, new.scales, new.zeros)):
+            if t is not None:
+                old = rows_of(t, idx)
+                pick = torch.where(take.view(E, R, *([1] * (old.dim() - 2))), n.to(old.dtype), old)
+                t.scatter_(1, idx.view(E, R, *([1] * (t.dim() - 2))).expand_as(old), pick)
+        err.scatter_(1, idx, torch.where(take, new_err, err.gather(1, idx)))
+        active = torch.zeros_like(active).scatter_(1, idx, take)
         history.append(float(err.sum()))
         if history[-2] - history[-1] <= min_gain * history[-2]:
             break
-    return res, history
+    return QuantResult(*fields, res.loss), history

@@ -119,8 +119,9 @@ def _refine(W: torch.Tensor, H: torch.Tensor, res: QuantResult, opt: QuantOption
     if opt.refit:
         res = refit_groups(W, H, res, opt.grid.symmetric, opt.damp)[0]
         if opt.gptq_rounds:
-            res = alternate(W, H, res, lambda r: refit_groups(W, H, _gptq(W, H, opt, (r.scales, r.zeros)),
-                                                              opt.grid.symmetric, opt.damp)[0], opt.gptq_rounds)[0]
+            res = alternate(W, H, res, lambda Wr, r: refit_groups(Wr, H, _gptq(Wr, H, opt, (r.scales, r.zeros)),
+                                                                   opt.grid.symmetric, opt.damp)[0],
+                            opt.gptq_rounds)[0]
     for _ in range(opt.code_sweeps):
         res = refine_codes(W, H, res, opt.grid.maxq)
         if opt.refit:
@@ -139,20 +140,41 @@ def quantize_linears(layer: nn.Module, stats: LayerStats, opt: QuantOptions, rec
     `algorithms.asym_calib`)."""
     modules = dict(layer.named_modules())
     out = {}
+    groups: list[tuple[torch.Tensor | None, list[tuple[str, torch.Tensor, bool]]]] = []  # (H, [(name, W, paired)])
     for name, st in stats.linears.items():
         if names is not None and name not in names:
             continue
-        lin = modules[name]
-        w = lin.weight.detach()
+        w = modules[name].weight.detach()
         p = (pairs or {}).get(name)
         paired = p is not None and p[2] >= MIN_TOKENS_PER_INPUT * w.shape[1] and opt.method == "gptq"
-        H = p[0] if paired else st.H
-        W = corrected_weight(w.float()[None], p[1][None], H[None], opt.damp) if paired else w.float()[None]
-        res = _quantize(lambda a, b, W=W: W, (1, *w.shape), H[None] if st.tokens else None, opt, w.dtype)
-        lin.weight.copy_(res.weight[0])
-        record.add(f"{prefix}.{name}", res.codes, res.scales, res.zeros)
+        H = p[0] if paired else (st.H if st.tokens else None)
+        W = corrected_weight(w.float()[None], p[1][None], H[None], opt.damp)[0] if paired else w.float()
         out[name] = {"tokens": st.tokens, "method": opt.method if st.tokens else "rtn", "paired": paired}
+        # linears reading one input (q, k, v; a dense MLP's gate and up) have equal Hessians: GPTQ's rows are
+        # independent, so they are quantized as one matrix (one factorization of H, one column loop)
+        same = next((g for g in groups if _same_hessian(g[0], H) and g[1][0][1].shape[1] == W.shape[1]), None)
+        if same is None:
+            groups.append((H, [(name, W, paired)]))
+        else:
+            same[1].append((name, W, paired))
+    for H, members in groups:
+        Wall = torch.cat([W for _, W, _ in members])[None]  # [1, sum O, C]
+        dtype = modules[members[0][0]].weight.dtype
+        res = _quantize(lambda a, b, Wall=Wall: Wall, tuple(Wall.shape), None if H is None else H[None], opt, dtype)
+        a = 0
+        for name, W, _ in members:
+            b = a + W.shape[0]
+            modules[name].weight.copy_(res.weight[0, a:b])
+            record.add(f"{prefix}.{name}", *(t[:, a:b].clone() for t in (res.codes, res.scales, res.zeros)))
+            a = b
     return out
+
+
+def _same_hessian(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    """Both absent (RTN), or the same shape and values."""
+    if a is None or b is None:
+        return a is None and b is None
+    return a.shape == b.shape and (a is b or torch.equal(a, b))
 
 
 @torch.no_grad()

@@ -42,7 +42,7 @@ from moecompress.runtime.calibration import collect, dense_linears
 from moecompress.runtime.dist import Dist
 from moecompress.runtime.executor import LayerStream
 from moecompress.runtime.hooks import capture_routing
-from moecompress.runtime.paired import capture_inputs, collect_pairs, pair_linears
+from moecompress.runtime.paired import capture_inputs, collect_pairs, pair_linears, record_output_replay, replaying
 from moecompress.runtime.layer_quant import QuantOptions, quantize_experts, quantize_linears
 from moecompress.runtime.layer_smooth import quantize_router, smooth_layer
 from moecompress.runtime.rotate import (
@@ -261,6 +261,7 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
                         stream.run_layer(i, store=False, batches=base)
                         stats.experts.sum_over(dist, ("near_count",))
             # 3. smoothing, linears, experts, router
+            replay = None  # the attention's output projection on its recorded inputs (`paired.record_output_replay`)
             record = QuantRecord()
             entry: dict[str, Any] = {}
             if plan.smooth:
@@ -274,8 +275,12 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
                 entry["linears"] = quantize_linears(layer, stats, plan.linears, record, prefix, names=first,
                                                     pairs=got0 if fp_hidden is not None else None)
                 inner = {n: m for n, m in dense.items() if n in stats.linears and n not in first}
-                with pair_linears(inner, fp_in) as got, _skip_experts(lv):
+                # the attention is final once its output projection is: later passes replay that projection
+                attn = {n for n in first if stats.linears[n].source == "attn_norm"} if plan.act is None else set()
+                with pair_linears(inner, fp_in) as got, _skip_experts(lv), \
+                        record_output_replay(layer, inner, attn, park) as found:
                     stream.run_layer(i, store=False, batches=base)
+                replay, found = found[0], None
                 entry["linears"].update(quantize_linears(layer, stats, plan.linears, record, prefix, names=inner,
                                                          pairs=got))
                 del got
@@ -300,7 +305,7 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
                                 calls.clear()
                                 return got
                         with collect_pairs(v, which, gate, up, owned, fp, keep=calls if which == "gate_up" else None) \
-                                as got, _skip_experts([v]):
+                                as got, _skip_experts([v]), replaying(replay, stream.device):
                             stream.run_layer(i, store=False, batches=base)
                         return got
 
@@ -328,8 +333,10 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
                     quant_index.append(index.cpu())
                 calls["n"] += 1
 
-            with capture_routing(model, arch, layers=[i], on_route=on_route, store=False):
-                stream.run_layer(i)
+            with capture_routing(model, arch, layers=[i], on_route=on_route, store=False), \
+                    replaying(replay if plan.act is None else None, stream.device):
+                stream.run_layer(i)  # the calibration batches first: the attention replayed on them
+            replay = None
             if lv:
                 if calls["n"] != total:
                     raise RuntimeError(f"layer {i}'s MoE block ran {calls['n']} times for {total} batches")

@@ -166,10 +166,11 @@ def _identity_for_empty(H):
 def test_gptq_rounds_never_increase_any_rows_error(grid, problem):
     W, H = (_random if problem == "random" else _adversarial)(3)
     first = _gptq_refit(W, H, grid)
-    out, history = alternate(W, H, first, lambda r: _gptq_refit(W, H, grid, (r.scales, r.zeros)), 3, min_gain=0.0)
+    out, history = alternate(W, H, first, lambda Wr, r: _gptq_refit(Wr, H, grid, (r.scales, r.zeros)), 3,
+                             min_gain=0.0)
     Hc = _identity_for_empty(H)
     assert bool((row_errors(W, out.weight, Hc) <= row_errors(W, first.weight, Hc) * (1 + 1e-6) + 1e-9).all())
-    assert all(b <= a for a, b in zip(history, history[1:])) and len(history) == 4
+    assert all(b <= a for a, b in zip(history, history[1:])) and 2 <= len(history) <= 4
     E, O, C = W.shape
     G = out.scales.shape[-1]
     rebuilt = dequantize(out.codes.float().view(E, O, G, -1), out.scales[..., None], out.zeros[..., None])
@@ -181,8 +182,44 @@ def test_gptq_rounds_lower_the_two_bit_error():
     W, H = _random(4, E=4, O=32, C=128, T=600)
     grid = QuantGrid(2, 32)
     first = _gptq_refit(W, H, grid)
-    _, history = alternate(W, H, first, lambda r: _gptq_refit(W, H, grid, (r.scales, r.zeros)), 4, min_gain=0.0)
+    _, history = alternate(W, H, first, lambda Wr, r: _gptq_refit(Wr, H, grid, (r.scales, r.zeros)), 4,
+                           min_gain=0.0)
     assert history[-1] < 0.99 * history[0], history
+
+
+def _alternate_every_row(W, H, res, requantize, rounds):
+    """The rounds without skipping rows: every row requantized every round, the lower error kept per row."""
+    err = row_errors(W, res.weight, _identity_for_empty(H))
+    for _ in range(rounds):
+        new = requantize(W, res)
+        new_err = row_errors(W, new.weight, _identity_for_empty(H))
+        take = new_err < err
+        res = type(res)(*(torch.where(take.view(*take.shape, *([1] * (a.dim() - 2))), b, a)
+                          for a, b in ((res.weight, new.weight), (res.codes, new.codes), (res.scales, new.scales),
+                                       (res.zeros, new.zeros))))
+        err = torch.minimum(err, new_err)
+    return res
+
+
+@pytest.mark.parametrize("problem", ["random", "adversarial"])
+def test_gptq_rounds_skip_only_rows_whose_result_cannot_change(problem):
+    """A row left unchanged by a round would get the same rejected result again: skipping it changes nothing."""
+    W, H = (_random if problem == "random" else _adversarial)(6)
+    grid = QuantGrid(2, 16)
+    first = _gptq_refit(W, H, grid)
+    sizes = []
+
+    def requantize(Wr, r):
+        sizes.append(Wr.shape[1])
+        return _gptq_refit(Wr, H, grid, (r.scales, r.zeros))
+    out, history = alternate(W, H, first, requantize, 4, min_gain=0.0)
+    ref = _alternate_every_row(W, H, first, lambda Wr, r: _gptq_refit(Wr, H, grid, (r.scales, r.zeros)), 4)
+    Hc = _identity_for_empty(H)
+    got, want = row_errors(W, out.weight, Hc), row_errors(W, ref.weight, Hc)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-9)
+    assert (out.codes == ref.codes).float().mean() > 0.999
+    assert sizes[0] == W.shape[1] and all(b <= W.shape[1] for b in sizes[1:])
+    assert any(b < W.shape[1] for b in sizes[1:]), sizes  # later rounds requantized fewer rows
 
 
 def test_gptq_rounds_choose_row_by_row_and_stop_when_nothing_improves():
@@ -195,9 +232,16 @@ def test_gptq_rounds_choose_row_by_row_and_stop_when_nothing_improves():
                                       b, a) for a, b in ((worse.weight, better.weight), (worse.codes, better.codes),
                                                          (worse.scales, better.scales), (worse.zeros, better.zeros))))
     calls = []
-    out, history = alternate(W, H, first, lambda r: calls.append(1) or mixed, 5)
+
+    def requantize(Wr, r):  # the rows of ``mixed`` whose weights are Wr's
+        calls.append(Wr.shape[1])
+        idx = (Wr[:, :, None, :] == W[:, None, :, :]).all(-1).float().argmax(-1)  # [E, R] row numbers
+        return type(first)(*(t.gather(1, idx.view(*idx.shape, 1).expand(-1, -1, t.shape[-1]))
+                             for t in (mixed.weight, mixed.codes, mixed.scales, mixed.zeros)))
+    out, history = alternate(W, H, first, requantize, 5)
     assert torch.equal(out.weight[:, 0::2], better.weight[:, 0::2])  # taken where lower
     assert torch.equal(out.weight[:, 1::2], first.weight[:, 1::2])  # kept where not
-    assert len(calls) == 2 and len(history) == 3  # the second round changed nothing: stopped
-    same, h = alternate(W, H, first, lambda r: r, 0)
+    assert len(history) == 3  # the second round changed nothing: stopped
+    assert calls == [W.shape[1], W.shape[1] // 2]  # the second round requantized only the rows the first changed
+    same, h = alternate(W, H, first, lambda Wr, r: r, 0)
     assert same is first and len(h) == 1

@@ -114,3 +114,80 @@ def test_too_few_tokens_keep_plain_gptq(tmp_path):
     for k in first:
         assert torch.equal(codes[0][k], codes[1][k]), k
     assert any(not torch.equal(v, codes[1][k]) for k, v in codes[0].items() if ".experts." in k)
+
+
+def _quantize_records(family, tmp_path, **cfg):
+    """The quantize stage (W2 g8, fake-quant) on a tiny model of ``family``: its record tensors and result."""
+    from moecompress.context import Context
+    from moecompress.io.model import LoadedModel, tiny_tokenizer
+    from moecompress.recipe import CalibrationConfig
+    from moecompress.stages import STAGES
+
+    model = tiny_moe(family)
+    ctx = Context(LoadedModel(model, tiny_tokenizer(), find_arch(model.config), "tiny", None, torch.float32),
+                  CalibrationConfig(tasks=["prose", "code"], samples=4, seq_len=64), tmp_path)
+    result = STAGES.get("quantize").run(ctx, QuantizeConfig(scheme="w2a16", group_size=8, save_format="fake-quant",
+                                                            **cfg))
+    return QuantRecord.load(tmp_path).tensors, result
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY))
+def test_attention_replay_writes_the_same_bytes(family, tmp_path, monkeypatch):
+    """Once the attention's output projection is quantized, the later passes replay it on its recorded inputs
+    instead of running the attention: the quantized bytes are those of running it, on every adapter; the replay
+    is taken where every other attention linear reads the norm (not on MLA's two-stage projections)."""
+    import contextlib
+
+    from moecompress.runtime import paired as paired_mod
+    from moecompress.runtime import quantize_run
+
+    found = []
+    real = paired_mod.record_output_replay
+
+    @contextlib.contextmanager
+    def spy(*args, **kwargs):
+        with real(*args, **kwargs) as box:
+            yield box
+        found.append(box[0])
+    monkeypatch.setattr(quantize_run, "record_output_replay", spy)
+    with_replay, _ = _quantize_records(family, tmp_path / "replay")
+
+    @contextlib.contextmanager
+    def never(*args, **kwargs):
+        yield [None]
+    monkeypatch.setattr(quantize_run, "record_output_replay", never)
+    without, _ = _quantize_records(family, tmp_path / "run")
+    assert sorted(with_replay) == sorted(without)
+    for k in without:
+        assert torch.equal(with_replay[k], without[k]), k
+    used = [r for r in found if r is not None]
+    if family.startswith("deepseek"):  # MLA: kv_b (and q_b) read their own norms, quantized with the output
+        assert found and not used
+    else:
+        assert found and len(used) == len(found)
+        assert all(len(r.inputs) > 0 and isinstance(r.linear, torch.nn.Linear) for r in used)
+
+
+def test_replay_is_refused_when_the_module_returns_more_than_its_linear():
+    """The check: a module whose output is not exactly its last linear's output is never replayed."""
+    from moecompress.runtime.paired import record_output_replay
+
+    class Attn(torch.nn.Module):
+        def __init__(self, scaled):
+            super().__init__()
+            self.q, self.o, self.scaled = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), scaled
+
+        def forward(self, x):
+            y = self.o(torch.relu(self.q(x)))
+            return (y * 2 if self.scaled else y), None
+
+    for scaled in (False, True):
+        layer = torch.nn.Module()
+        layer.attn = Attn(scaled)
+        with record_output_replay(layer, {"attn.o": layer.attn.o}, {"attn.q"}) as box:
+            for _ in range(3):
+                layer.attn(torch.randn(2, 4))
+        assert (box[0] is None) == scaled
+        with record_output_replay(layer, {"attn.o": layer.attn.o}, set()) as box:  # q not final: no candidate
+            layer.attn(torch.randn(2, 4))
+        assert box[0] is None
