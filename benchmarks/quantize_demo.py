@@ -83,6 +83,11 @@ ROWS = [
     ("all + GPTQ rounds", {"gptq_rounds": 4}),  # at 3-4 bits
     ("all - sequential", {"sequential": False}),
     ("all + sequential layer targets", {"sequential_targets": "layer"}),  # stop 19: "all, sequential layer targets"
+    ("all - balance", {"balance": False}),
+    ("all - refit", {"refit": False}),
+    ("all + damp 0.1", {"damp": 0.1}),
+    ("all + damp 0.001", {"damp": 0.001}),
+    ("all - act order", {"act_order": False}),
     ("all + code sweeps", {"code_sweeps": 2}),
     ("all + 1 code sweep", {"code_sweeps": 1}),
     ("all + router W8 aligned", {"router_bits": 8, "align_router": True}),

@@ -69,7 +69,8 @@ def _quantize(chunk: Callable[[int, int], torch.Tensor], shape: tuple[int, int, 
     ``[C, C]`` and four ``[O, C]`` float32 matrices per expert (eight with GPTQ rounds), so a Mixtral-8x7B down
     projection (C = 14336) is quantized one expert at a time instead of needing about 40 GB at once. Each expert's
     result is the same as in one call. ``error``: the squared error and the squared weights are added to its
-    ``num`` and ``den``."""
+    ``num`` and ``den``; with GPTQ rounds, the Hessian-weighted error before and after them to ``rounds_before``
+    and ``rounds_after``, and the most rounds a chunk ran to ``rounds``."""
     E, O, C = shape
     rtn = opt.method == "rtn" or H is None
     if rtn:  # the clip search holds about six [O, C] float32 copies per expert
@@ -85,7 +86,7 @@ def _quantize(chunk: Callable[[int, int], torch.Tensor], shape: tuple[int, int, 
         else:
             res = _gptq(W, H[a:b], opt)
             if isinstance(opt.grid, QuantGrid):
-                res = _refine(W, H[a:b], res, opt)
+                res = _refine(W, H[a:b], res, opt, error)
         if error is not None:  # relative squared error, summed over chunks (before ``finish``: W's basis)
             error["num"] = error.get("num", 0.0) + float(((W - res.weight) ** 2).sum())
             error["den"] = error.get("den", 0.0) + float((W ** 2).sum())
@@ -112,16 +113,20 @@ def _gptq(W: torch.Tensor, H: torch.Tensor, opt: QuantOptions, params: tuple | N
                          params=params)
 
 
-def _refine(W: torch.Tensor, H: torch.Tensor, res: QuantResult, opt: QuantOptions) -> QuantResult:
+def _refine(W: torch.Tensor, H: torch.Tensor, res: QuantResult, opt: QuantOptions,
+            error: dict[str, float] | None = None) -> QuantResult:
     """After GPTQ: the scale/zero refit, up to ``gptq_rounds`` rounds of GPTQ again on the refit grid (each
     refit), then ``code_sweeps`` times a coordinate-descent sweep over the codes and the refit again (block
-    coordinate descent on GPTQ's objective; no step increases it)."""
+    coordinate descent on GPTQ's objective; no step increases it). ``error``: see `_quantize`."""
     if opt.refit:
         res = refit_groups(W, H, res, opt.grid.symmetric, opt.damp)[0]
         if opt.gptq_rounds:
-            res = alternate(W, H, res, lambda Wr, r: refit_groups(Wr, H, _gptq(Wr, H, opt, (r.scales, r.zeros)),
-                                                                   opt.grid.symmetric, opt.damp)[0],
-                            opt.gptq_rounds)[0]
+            res, history = alternate(W, H, res, lambda Wr, r: refit_groups(
+                Wr, H, _gptq(Wr, H, opt, (r.scales, r.zeros)), opt.grid.symmetric, opt.damp)[0], opt.gptq_rounds)
+            if error is not None:
+                error["rounds_before"] = error.get("rounds_before", 0.0) + history[0]
+                error["rounds_after"] = error.get("rounds_after", 0.0) + history[-1]
+                error["rounds"] = max(error.get("rounds", 0), len(history) - 1)
     for _ in range(opt.code_sweeps):
         res = refine_codes(W, H, res, opt.grid.maxq)
         if opt.refit:
@@ -319,6 +324,9 @@ def _error(err: dict[str, float], res: QuantResult, own: slice, ternary: bool) -
     """Reconstruction error of this process's experts (``err``: `_quantize`'s sums): relative squared error
     ``|W - W_hat|^2 / |W|^2`` and, for ternary codes (``t + 1``), the zero fraction."""
     out = {"relative_mse": err.get("num", 0.0) / max(err.get("den", 0.0), 1e-30)}
+    if "rounds" in err:  # GPTQ rounds: how many ran, and the share of the Hessian-weighted error they removed
+        out["gptq_rounds"] = err["rounds"]
+        out["gptq_rounds_gain"] = 1.0 - err["rounds_after"] / max(err["rounds_before"], 1e-30)
     if ternary:
         out["zero_fraction"] = float((res.codes[own] == 1).float().mean())
     return out

@@ -184,11 +184,17 @@ def test_gptq_rounds_default_to_two_bit_weights_and_change_only_those_bytes(tmp_
         plan = plan_of(QuantizeConfig(scheme=scheme))[0]
         assert plan.experts.gptq_rounds == plan.linears.gptq_rounds == want
         assert plan_of(QuantizeConfig(scheme=scheme, gptq_rounds=2))[0].experts.gptq_rounds == 2
-    got = {}
+    got, errors = {}, {}
     for scheme, rounds in (("w2a16", None), ("w2a16", 0), ("w3a16", None), ("w3a16", 0)):
         ctx = _ctx(tiny_moe("mixtral"), tmp_path / f"{scheme}{rounds}", samples=2, seq_len=32)
-        STAGES.get("quantize").run(ctx, QuantizeConfig(scheme=scheme, group_size=8, gptq_rounds=rounds,
-                                                       save_format="fake-quant"))
+        result = STAGES.get("quantize").run(ctx, QuantizeConfig(scheme=scheme, group_size=8, gptq_rounds=rounds,
+                                                                save_format="fake-quant"))
         got[scheme, rounds] = {k: v.clone() for k, v in ctx.model.state_dict().items()}
+        errors[scheme, rounds] = [e for v in result["layers"].values() if "experts" in v
+                                  for e in v["experts"]["weight_error"].values()]
+    # the result reports the rounds run and the share of the Hessian-weighted error they removed (never negative)
+    assert all(1 <= e["gptq_rounds"] <= 4 and 0.0 <= e["gptq_rounds_gain"] < 1.0 for e in errors["w2a16", None])
+    assert any(e["gptq_rounds_gain"] > 0.01 for e in errors["w2a16", None])
+    assert not any("gptq_rounds" in e for k in (("w2a16", 0), ("w3a16", None)) for e in errors[k])
     assert any(not torch.equal(got["w2a16", None][k], got["w2a16", 0][k]) for k in got["w2a16", 0])
     assert all(torch.equal(got["w3a16", None][k], got["w3a16", 0][k]) for k in got["w3a16", 0])
