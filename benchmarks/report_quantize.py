@@ -97,7 +97,8 @@ def lowbit(path: Path) -> None:
 
 
 def main() -> None:
-    for name, title in (("quantize_lowbit_stop21.json", "Low-bit experts (issue 12), stop 21"),
+    for name, title in (("quantize_lowbit_stop22.json", "Low-bit experts (issue 12), stop 22"),
+                        ("quantize_lowbit_stop21.json", "Low-bit experts (issue 12), stop 21"),
                         ("quantize_lowbit_stop20.json", "Low-bit experts (issue 12), stop 20"),
                         ("quantize_lowbit.json", "Low-bit experts (issue 12), stop 19")):
         if (RESULTS / name).exists():
