@@ -64,6 +64,7 @@ def main() -> None:
     ap.add_argument("--scheme", default="w2a16")
     ap.add_argument("--methods", default="GPTQ,all (default)", help="comma-separated rows of quantize_demo.ROWS")
     ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--model", default=None, help="a model directory (default: the demo model), loaded in memory")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     rows = dict(ROWS)
@@ -77,7 +78,7 @@ def main() -> None:
         for owner, attr, label in TIMED:
             setattr(owner, attr, _timed(seconds, counts, getattr(owner, attr), label))
         try:
-            ctx = Context(load_model(), CalibrationConfig(samples=args.samples, seq_len=256), None)
+            ctx = Context(load_model(args.model), CalibrationConfig(samples=args.samples, seq_len=256), None)
             t0 = time.perf_counter()
             STAGES.get("quantize").run(ctx, QuantizeConfig(scheme=args.scheme, **rows[name]))
             total = time.perf_counter() - t0

@@ -21,7 +21,7 @@ import torch
 
 from moecompress.algorithms.quant_grid import QuantGrid, QuantResult, TernaryGrid, dequantize
 
-__all__ = ["gptq_quantize", "proxy_loss"]
+__all__ = ["gptq_factor", "gptq_quantize", "proxy_loss"]
 
 SUB = 32  # columns per sub-block of the two-level lazy batch update
 
@@ -50,6 +50,28 @@ def proxy_loss(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> torch.Tenso
 
 
 @torch.no_grad()
+def gptq_factor(H: torch.Tensor, damp: float = 0.01, act_order: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """What GPTQ needs of the Hessians ``H [E, C, C]`` alone: the column order ``perm [E, C]`` (act order: by
+    decreasing ``diag(H)``) and the upper Cholesky factor of the damped, permuted inverse Hessian ``[E, C, C]``.
+    An all-zero Hessian (no token) is the identity; a column no token touched gets a unit diagonal."""
+    E, C = H.shape[0], H.shape[-1]
+    H = H.detach().float().clone()
+    empty = H.diagonal(dim1=1, dim2=2).sum(-1) == 0  # [E]
+    H[empty] = torch.eye(C, device=H.device)
+    dead = H.diagonal(dim1=1, dim2=2) == 0  # [E, C] columns no token ever touched
+    idx = torch.arange(C, device=H.device)
+    H[:, idx, idx] = torch.where(dead, torch.ones_like(H[:, idx, idx]), H[:, idx, idx])
+    perm = torch.argsort(H.diagonal(dim1=1, dim2=2), dim=1, descending=True) if act_order else \
+        idx.expand(E, C).clone()  # [E, C]
+    H = H.gather(1, perm[:, :, None].expand(E, C, C)).gather(2, perm[:, None, :].expand(E, C, C))
+    d = H.diagonal(dim1=1, dim2=2).mean(-1) * damp  # [E]
+    H[:, idx, idx] += d[:, None]
+    Hinv = torch.cholesky_inverse(torch.linalg.cholesky(H))
+    del H
+    return perm, torch.linalg.cholesky(Hinv, upper=True)
+
+
+@torch.no_grad()
 def gptq_quantize(
     W: torch.Tensor,
     H: torch.Tensor,
@@ -59,36 +81,26 @@ def gptq_quantize(
     damp: float = 0.01,
     act_order: bool = True,
     params: tuple[torch.Tensor, ...] | None = None,
+    factor: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> QuantResult:
     """Quantize ``W [E, O, C]`` given Hessians ``H [E, C, C]``; returns codes in the original column order.
-    ``params``: the groups' ``(scale, zero)`` ``[E, O, G]`` to use (integer grids; default: from ``W``'s groups)."""
+    ``params``: the groups' ``(scale, zero)`` ``[E, O, G]`` to use (integer grids; default: from ``W``'s groups).
+    ``factor``: `gptq_factor` of ``H`` with these ``damp`` and ``act_order``, when already computed (GPTQ run
+    again on the same Hessians: the same result without factorizing again)."""
     E, O, C = W.shape
     G, gs = grid.groups(C), grid.size(C)
     if C % gs:
         raise ValueError(f"group size {gs} does not divide {C} columns")
     W = W.detach().float().clone()
-    H = H.detach().float().clone()
-    empty = H.diagonal(dim1=1, dim2=2).sum(-1) == 0  # [E]
-    H[empty] = torch.eye(C, device=H.device)
-    dead = H.diagonal(dim1=1, dim2=2) == 0  # [E, C] columns no token ever touched
-    idx = torch.arange(C, device=H.device)
-    H[:, idx, idx] = torch.where(dead, torch.ones_like(H[:, idx, idx]), H[:, idx, idx])
     # Static groups: parameters from the original weights, fixed before any error feedback or reordering.
     params = [p[..., 0] for p in grid.params(W.reshape(E, O, G, gs))] if params is None else \
         [p.float() for p in params]  # each [E, O, G]
     scale, zero = params[0], params[1]
-    perm = torch.argsort(H.diagonal(dim1=1, dim2=2), dim=1, descending=True) if act_order else \
-        idx.expand(E, C).clone()  # [E, C]
+    perm, Hinv = factor if factor is not None else gptq_factor(H, damp, act_order)
     # Columns as rows ([E, C, O]): each column GPTQ visits is one contiguous slice.
     Wt = W.gather(2, perm[:, None, :].expand(E, O, C)).transpose(1, 2).contiguous()
     del W
-    H = H.gather(1, perm[:, :, None].expand(E, C, C)).gather(2, perm[:, None, :].expand(E, C, C))
     group_of = torch.div(perm, gs, rounding_mode="floor")  # [E, C] group of each (permuted) column
-    d = H.diagonal(dim1=1, dim2=2).mean(-1) * damp  # [E]
-    H[:, idx, idx] += d[:, None]
-    Hinv = torch.cholesky_inverse(torch.linalg.cholesky(H))
-    del H
-    Hinv = torch.linalg.cholesky(Hinv, upper=True)  # [E, C, C]
     Qt = torch.empty_like(Wt)
     codes_t = torch.empty(E, C, O, dtype=torch.uint8, device=Wt.device)
     Err = torch.empty_like(Wt[:, :block_size])  # [E, b, O] scaled errors of the block's columns

@@ -16,7 +16,7 @@ from torch import nn
 
 from moecompress.algorithms.asym_calib import corrected_weight
 from moecompress.algorithms.coord_descent import refine_codes
-from moecompress.algorithms.gptq import gptq_quantize
+from moecompress.algorithms.gptq import gptq_factor, gptq_quantize
 from moecompress.algorithms.quant_grid import QuantGrid, QuantResult, TernaryGrid, rtn_quantize
 from moecompress.algorithms.rare_experts import pooled_hessians
 from moecompress.algorithms.refit import alternate, refit_groups
@@ -84,9 +84,12 @@ def _quantize(chunk: Callable[[int, int], torch.Tensor], shape: tuple[int, int, 
         if rtn:
             res = rtn_quantize(W, opt.grid)
         else:
-            res = _gptq(W, H[a:b], opt)
+            rounds = isinstance(opt.grid, QuantGrid) and opt.refit and opt.gptq_rounds > 0
+            factor = gptq_factor(H[a:b], opt.damp, opt.act_order) if rounds else None  # shared by every round
+            res = _gptq(W, H[a:b], opt, factor=factor)
             if isinstance(opt.grid, QuantGrid):
-                res = _refine(W, H[a:b], res, opt, error)
+                res = _refine(W, H[a:b], res, opt, error, factor)
+            factor = None
         if error is not None:  # relative squared error, summed over chunks (before ``finish``: W's basis)
             error["num"] = error.get("num", 0.0) + float(((W - res.weight) ** 2).sum())
             error["den"] = error.get("den", 0.0) + float((W ** 2).sum())
@@ -107,22 +110,27 @@ def _quantize(chunk: Callable[[int, int], torch.Tensor], shape: tuple[int, int, 
     return out
 
 
-def _gptq(W: torch.Tensor, H: torch.Tensor, opt: QuantOptions, params: tuple | None = None) -> QuantResult:
-    """GPTQ with ``opt``'s settings (``params``: the groups' scales and zeros to use instead of ``W``'s own)."""
+def _gptq(W: torch.Tensor, H: torch.Tensor, opt: QuantOptions, params: tuple | None = None,
+          factor: tuple | None = None) -> QuantResult:
+    """GPTQ with ``opt``'s settings (``params``: the groups' scales and zeros to use instead of ``W``'s own;
+    ``factor``: `gptq_factor` of ``H``, when computed once for several runs)."""
     return gptq_quantize(W, H, opt.grid, block_size=opt.block_size, damp=opt.damp, act_order=opt.act_order,
-                         params=params)
+                         params=params, factor=factor)
 
 
 def _refine(W: torch.Tensor, H: torch.Tensor, res: QuantResult, opt: QuantOptions,
-            error: dict[str, float] | None = None) -> QuantResult:
+            error: dict[str, float] | None = None, factor: tuple | None = None) -> QuantResult:
     """After GPTQ: the scale/zero refit, up to ``gptq_rounds`` rounds of GPTQ again on the refit grid (each
     refit), then ``code_sweeps`` times a coordinate-descent sweep over the codes and the refit again (block
-    coordinate descent on GPTQ's objective; no step increases it). ``error``: see `_quantize`."""
+    coordinate descent on GPTQ's objective; no step increases it). ``error``: see `_quantize`; ``factor``:
+    `gptq_factor` of ``H`` (the rounds factorize it once)."""
     if opt.refit:
         res = refit_groups(W, H, res, opt.grid.symmetric, opt.damp)[0]
         if opt.gptq_rounds:
+            factor = factor if factor is not None else gptq_factor(H, opt.damp, opt.act_order)
             res, history = alternate(W, H, res, lambda Wr, r: refit_groups(
-                Wr, H, _gptq(Wr, H, opt, (r.scales, r.zeros)), opt.grid.symmetric, opt.damp)[0], opt.gptq_rounds)
+                Wr, H, _gptq(Wr, H, opt, (r.scales, r.zeros), factor), opt.grid.symmetric, opt.damp)[0],
+                opt.gptq_rounds)
             if error is not None:
                 error["rounds_before"] = error.get("rounds_before", 0.0) + history[0]
                 error["rounds_after"] = error.get("rounds_after", 0.0) + history[-1]

@@ -4,7 +4,7 @@ router alignment."""
 import pytest
 import torch
 
-from moecompress.algorithms.gptq import gptq_quantize, proxy_loss
+from moecompress.algorithms.gptq import gptq_factor, gptq_quantize, proxy_loss
 from moecompress.algorithms.quant_grid import QuantGrid, fake_quant_tokens, rtn_quantize
 from moecompress.algorithms.router_align import align_router, topk_kl
 from moecompress.algorithms.smooth import aggregate_scales, down_outlier_scales, smooth_scales
@@ -27,6 +27,25 @@ def test_gptq_error_at_most_rtn_error(grid, seed):
     for act_order in (True, False):
         gptq = gptq_quantize(W, H, grid, act_order=act_order, block_size=16)
         assert torch.all(proxy_loss(W, gptq.weight, H) <= proxy_loss(W, rtn.weight, H) * (1 + 1e-6))
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=str)
+@pytest.mark.parametrize("act_order", [True, False])
+def test_a_precomputed_factor_gives_the_same_bytes(grid, act_order):
+    """GPTQ again on the same Hessians (the rounds) reuses `gptq_factor`: identical results, also for an expert
+    without tokens, a dead column, on a subset of rows and with given group parameters."""
+    W, H = _problem(6)
+    H[1] = 0  # no token at all
+    H[2, :, 5] = H[2, 5, :] = 0  # a column no token touched
+    factor = gptq_factor(H, 0.05, act_order)
+    for rows, params in ((slice(None), None), (slice(3, 9), None), (slice(None), "first")):
+        Wr = W[:, rows]
+        if params == "first":
+            first = gptq_quantize(Wr, H, grid, damp=0.05, act_order=act_order)
+            params = (first.scales * 1.1, first.zeros)
+        a = gptq_quantize(Wr, H, grid, damp=0.05, act_order=act_order, params=params)
+        b = gptq_quantize(Wr, H, grid, damp=0.05, act_order=act_order, params=params, factor=factor)
+        assert torch.equal(a.codes, b.codes) and torch.equal(a.weight, b.weight), rows
 
 
 @pytest.mark.parametrize("grid", GRIDS, ids=str)
