@@ -83,8 +83,6 @@ ROWS = [
     ("all + GPTQ rounds", {"gptq_rounds": 4}),  # at 3-4 bits
     ("all - sequential", {"sequential": False}),
     ("all + sequential layer targets", {"sequential_targets": "layer"}),  # stop 19: "all, sequential layer targets"
-    ("all + router correction", {"sequential_router": True}),
-    ("all - router correction", {"sequential_router": False}),
     ("all - balance", {"balance": False}),
     ("all - refit", {"refit": False}),
     ("all + damp 0.1", {"damp": 0.1}),

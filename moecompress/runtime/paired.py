@@ -27,9 +27,8 @@ from moecompress.algorithms.moe_math import glu
 from moecompress.models.base import MoEBlockView
 from moecompress.models.calls import experts_call_args
 
-__all__ = ["MIN_TOKENS_PER_INPUT", "OutputReplay", "PairStats", "RouterPairs", "capture_inputs", "collect_pairs",
-           "pair_linears", "pair_router", "paired_rows", "record_output_replay", "replaying", "router_error",
-           "target_rows"]
+__all__ = ["MIN_TOKENS_PER_INPUT", "OutputReplay", "PairStats", "capture_inputs", "collect_pairs", "pair_linears",
+           "paired_rows", "record_output_replay", "replaying", "target_rows"]
 
 # A pair is used only with at least this many tokens per input dimension; with fewer, ``W'`` fits the
 # calibration tokens' noise (tiny test models calibrated on 128 tokens, about 1.3 tokens per input per expert,
@@ -39,15 +38,12 @@ MIN_TOKENS_PER_INPUT = 4
 
 @contextlib.contextmanager
 def capture_inputs(layer: nn.Module, modules: dict[str, nn.Module], experts: nn.Module | None = None,
-                   park: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
-                   router: nn.Module | None = None) -> Iterator[dict[str, list]]:
-    """While ``layer`` runs: ``{name: [x [T, C] per call]}`` for ``modules`` (linears) and, under the keys
-    ``"experts"`` and ``"router"``, the routed experts module's and the router's hidden-state input per call."""
+                   park: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> Iterator[dict[str, list]]:
+    """While ``layer`` runs: ``{name: [x [T, C] per call]}`` for ``modules`` (linears) and, under the key
+    ``"experts"``, the routed experts module's hidden-state input per call."""
     store: dict[str, list] = {n: [] for n in modules}
     if experts is not None:
         store["experts"] = []
-    if router is not None:
-        store["router"] = []
     # inputs of the current layer call (linears reading one tensor share it), each with the tensor itself: held
     # until the call ends, so that no later tensor of the call can reuse its memory and match its address
     seen: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -65,9 +61,6 @@ def capture_inputs(layer: nn.Module, modules: dict[str, nn.Module], experts: nn.
     if experts is not None:
         handles.append(experts.register_forward_pre_hook(
             lambda m, a, kw: keep("experts", experts_call_args(a, kw)[0]), with_kwargs=True))
-    if router is not None:
-        handles.append(router.register_forward_pre_hook(
-            lambda m, a, kw: keep("router", a[0] if a else next(iter(kw.values()))), with_kwargs=True))
     try:
         yield store
     finally:
@@ -215,53 +208,6 @@ def target_rows(W: torch.Tensor, a: int, pairs: dict[int, tuple], damp: float) -
         if j in pairs:
             W[j - a] = corrected_weight(W[j - a][None], pairs[j][0][None], pairs[j][1][None], damp)[0]
     return W
-
-
-@dataclass
-class RouterPairs:
-    """The router's input moments over the calibration tokens (`pair_router`): quantized ``H_q = sum x_q x_q^T``,
-    cross ``C = sum x x_q^T`` and full-precision ``H_f = sum x x^T`` (``[H, H]`` each), and the tokens seen."""
-
-    Hq: torch.Tensor
-    C: torch.Tensor
-    Hf: torch.Tensor
-    tokens: int = 0
-
-
-@contextlib.contextmanager
-def pair_router(router: nn.Module, fp_inputs: list[torch.Tensor]) -> Iterator[RouterPairs | None]:
-    """While the layer runs the captured batches again (its experts may be skipped): the router's input of call
-    ``j`` paired with its full-precision input of call ``j`` (`capture_inputs`'s ``"router"``), token by token."""
-    H = fp_inputs[0].shape[-1]
-    dev = fp_inputs[0].device
-    st = RouterPairs(*(torch.zeros(H, H, device=dev) for _ in range(3)))
-    calls = {"n": 0}
-
-    def pre(m, a, kw):
-        x = (a[0] if a else next(iter(kw.values()))).detach()
-        x = x.reshape(-1, x.shape[-1]).float()
-        xf = fp_inputs[calls["n"]].to(x.device)
-        calls["n"] += 1
-        if xf.shape != x.shape:
-            raise RuntimeError(f"router inputs of call {calls['n']} do not pair: {tuple(xf.shape)} vs {tuple(x.shape)}")
-        st.Hq += (x.T @ x).to(dev)
-        st.C += (xf.T @ x).to(dev)
-        st.Hf += (xf.T @ xf).to(dev)
-        st.tokens += x.shape[0]
-
-    handle = router.register_forward_pre_hook(pre, with_kwargs=True)
-    try:
-        yield st
-    finally:
-        handle.remove()
-
-
-def router_error(W: torch.Tensor, W0: torch.Tensor, p: RouterPairs) -> float:
-    """``sum_t |W x_q - W_0 x|^2 / sum_t |W_0 x|^2`` over the paired tokens, from the moments."""
-    W, W0 = W.double(), W0.double()
-    num = torch.einsum("eh,hk,ek->", W, p.Hq.double(), W) - 2 * torch.einsum("eh,hk,ek->", W0, p.C.double(), W) \
-        + torch.einsum("eh,hk,ek->", W0, p.Hf.double(), W0)
-    return float(num / torch.einsum("eh,hk,ek->", W0, p.Hf.double(), W0).clamp(min=1e-30))
 
 
 @dataclass

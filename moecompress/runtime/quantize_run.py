@@ -42,17 +42,7 @@ from moecompress.runtime.calibration import collect, dense_linears
 from moecompress.runtime.dist import Dist
 from moecompress.runtime.executor import LayerStream
 from moecompress.runtime.hooks import capture_routing
-from moecompress.algorithms.asym_calib import corrected_weight
-from moecompress.runtime.paired import (
-    MIN_TOKENS_PER_INPUT,
-    capture_inputs,
-    collect_pairs,
-    pair_linears,
-    pair_router,
-    record_output_replay,
-    replaying,
-    router_error,
-)
+from moecompress.runtime.paired import capture_inputs, collect_pairs, pair_linears, record_output_replay, replaying
 from moecompress.runtime.layer_quant import QuantOptions, quantize_experts, quantize_linears
 from moecompress.runtime.layer_smooth import quantize_router, smooth_layer
 from moecompress.runtime.rotate import (
@@ -95,7 +85,6 @@ class QuantPlan:
     rare_experts: str  # experts still short of tokens: "pooled" (the layer's other tokens) or "rtn"
     sequential: bool  # each linear toward its full-precision outputs from its quantized inputs (GPTAQ)
     sequential_targets: str  # "model": the original model's outputs (a second stream); "layer": this layer's
-    sequential_router: bool  # with sequential: the full-precision router refit to its full-precision logits
     rotate: bool
     rotation_seed: int
     batch_size: int
@@ -159,26 +148,6 @@ def needs_no_statistics(plan: QuantPlan) -> bool:
 def _forward(layer: nn.Module, h: torch.Tensor, kwargs: dict, device: torch.device) -> torch.Tensor:
     out = layer(h.to(device), **kwargs)
     return out[0] if isinstance(out, tuple) else out
-
-
-@torch.no_grad()
-def _correct_router(view, rp, opt: QuantOptions) -> dict[str, Any]:
-    """``W' = W C H_q^{-1}`` (damped, `algorithms.asym_calib`) for the block's router weight ``W [E, H]``, kept in
-    its dtype, when it saw enough tokens and it lowers the logit error on the calibration tokens. Returns the
-    relative logit error ``sum |W x_q - W x|^2 / sum |W x|^2`` before and after."""
-    W = view.router_weight
-    W0 = W.detach().float()
-    before = router_error(W0, W0, rp)
-    out = {"tokens": rp.tokens, "logit_error_before": before, "logit_error_after": before, "applied": False}
-    if rp.tokens < MIN_TOKENS_PER_INPUT * W0.shape[1]:
-        return out
-    new = corrected_weight(W0[None], rp.C[None], rp.Hq[None], opt.damp if opt is not None else 0.01)[0]
-    new = new.to(W.dtype)
-    after = router_error(new.float(), W0, rp)
-    if after < before:
-        W.data.copy_(new)
-        out.update(logit_error_after=after, applied=True)
-    return out
 
 
 def _topk(traces, i: int) -> torch.Tensor:
@@ -259,9 +228,8 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
             # model's stream ("model": the norm readers are paired in the statistics pass too), else this pass's
             fp_in = None
             dense = dense_linears(layer, lv) if paired else {}
-            router = lv[0].router if lv and paired and plan.sequential_router else None
             if fp_hidden is not None:
-                with capture_inputs(layer, dense, lv[0].experts.module if lv else None, park, router) as fp_in:
+                with capture_inputs(layer, dense, lv[0].experts.module if lv else None, park) as fp_in:
                     for j, b in enumerate(base):
                         fp_hidden[j] = park(_forward(layer, fp_hidden[j], stream.kwargs[i][b], stream.device))
 
@@ -271,7 +239,7 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
                 if fp_hidden is not None:
                     return pair_linears(dense, fp_in, want=lambda n: st.linears[n].source is not None)
                 if paired:
-                    return capture_inputs(layer, dense, lv[0].experts.module if lv else None, park, router)
+                    return capture_inputs(layer, dense, lv[0].experts.module if lv else None, park)
                 return contextlib.nullcontext()
             # with model targets the experts' routed Hessians come from the pairing passes (`_with_base`)
             from_pairs = fp_hidden is not None and plan.experts is not None and plan.experts.method == "gptq"
@@ -319,13 +287,7 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
             elif plan.linears is not None:
                 entry["linears"] = quantize_linears(layer, stats, plan.linears, record, prefix)
             fp_experts = fp_in.pop("experts", None) if paired else None
-            fp_router = fp_in.pop("router", None) if paired else None
             fp_in = got0 = None
-            if fp_router:  # the router toward its full-precision logits from its inputs, now the attention is final
-                with pair_router(router, fp_router) as rp, _skip_experts(lv), replaying(replay, stream.device):
-                    stream.run_layer(i, store=False, batches=base)
-                entry["router_correction"] = _correct_router(lv[0], rp, plan.experts or plan.linears)
-            fp_router = None
             for v in lv:
                 block = f"{prefix}.{arch.moe_block}"
                 if plan.experts is not None:

@@ -94,9 +94,6 @@ class QuantizeConfig(StageConfig):
     sequential: bool | None = None  # each linear toward its fp outputs from its quantized inputs (GPTAQ); default:
     # on for weight-only schemes (measured there), off when activations are quantized (not measured)
     sequential_targets: Literal["model", "layer"] = "model"  # fp outputs of the original model, or of the layer
-    # with sequential: each MoE router (kept in full precision) refit in closed form toward its full-precision logits
-    # from its quantized inputs, once the layer's attention is quantized (before the experts are calibrated)
-    sequential_router: bool = False
     batch_size: int = Field(8, ge=1)
     save_format: Literal["packed", "fake-quant"] = "packed"  # packed tensors, or dequantized bf16 + the record
     codec: str = "auto"  # integer schemes: their int<b> codec (ternary codecs belong to the ternary stage)
