@@ -42,7 +42,8 @@ from moecompress.runtime.calibration import collect, dense_linears
 from moecompress.runtime.dist import Dist
 from moecompress.runtime.executor import LayerStream
 from moecompress.runtime.hooks import capture_routing
-from moecompress.runtime.paired import capture_inputs, collect_pairs, pair_linears, record_output_replay, replaying
+from moecompress.runtime.paired import capture_inputs, collect_pairs, pair_linears
+from moecompress.runtime.replay import record_output_replay, replaying
 from moecompress.runtime.layer_quant import QuantOptions, quantize_experts, quantize_linears
 from moecompress.runtime.layer_smooth import quantize_router, smooth_layer
 from moecompress.runtime.rotate import (
@@ -261,7 +262,7 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
                         stream.run_layer(i, store=False, batches=base)
                         stats.experts.sum_over(dist, ("near_count",))
             # 3. smoothing, linears, experts, router
-            replay = None  # the attention's output projection on its recorded inputs (`paired.record_output_replay`)
+            replay = None  # the attention's output projection on its recorded inputs (`runtime.replay`)
             record = QuantRecord()
             entry: dict[str, Any] = {}
             if plan.smooth:

@@ -138,11 +138,11 @@ def test_attention_replay_writes_the_same_bytes(family, tmp_path, monkeypatch):
     is taken where every other attention linear reads the norm (not on MLA's two-stage projections)."""
     import contextlib
 
-    from moecompress.runtime import paired as paired_mod
     from moecompress.runtime import quantize_run
+    from moecompress.runtime import replay as replay_mod
 
     found = []
-    real = paired_mod.record_output_replay
+    real = replay_mod.record_output_replay
 
     @contextlib.contextmanager
     def spy(*args, **kwargs):
@@ -170,7 +170,7 @@ def test_attention_replay_writes_the_same_bytes(family, tmp_path, monkeypatch):
 
 def test_replay_is_refused_when_the_module_returns_more_than_its_linear():
     """The check: a module whose output is not exactly its last linear's output is never replayed."""
-    from moecompress.runtime.paired import record_output_replay
+    from moecompress.runtime.replay import record_output_replay
 
     class Attn(torch.nn.Module):
         def __init__(self, scaled):
