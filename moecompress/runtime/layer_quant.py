@@ -123,11 +123,10 @@ def _refine(W: torch.Tensor, H: torch.Tensor, res: QuantResult, opt: QuantOption
     """After GPTQ: the scale/zero refit, up to ``gptq_rounds`` rounds of GPTQ again on the refit grid (each
     refit), then ``code_sweeps`` times a coordinate-descent sweep over the codes and the refit again (block
     coordinate descent on GPTQ's objective; no step increases it). ``error``: see `_quantize`; ``factor``:
-    `gptq_factor` of ``H`` (the rounds factorize it once)."""
+    `gptq_factor` of ``H``, shared by the rounds (None: each round factorizes ``H`` again)."""
     if opt.refit:
         res = refit_groups(W, H, res, opt.grid.symmetric, opt.damp)[0]
         if opt.gptq_rounds:
-            factor = factor if factor is not None else gptq_factor(H, opt.damp, opt.act_order)
             res, history = alternate(W, H, res, lambda Wr, r: refit_groups(
                 Wr, H, _gptq(Wr, H, opt, (r.scales, r.zeros), factor), opt.grid.symmetric, opt.damp)[0],
                 opt.gptq_rounds)
@@ -153,7 +152,7 @@ def quantize_linears(layer: nn.Module, stats: LayerStats, opt: QuantOptions, rec
     `algorithms.asym_calib`)."""
     modules = dict(layer.named_modules())
     out = {}
-    groups: list[tuple[torch.Tensor | None, list[tuple[str, torch.Tensor, bool]]]] = []  # (H, [(name, W, paired)])
+    groups: list[tuple[torch.Tensor | None, list[tuple[str, torch.Tensor]]]] = []  # (H, [(name, W)])
     for name, st in stats.linears.items():
         if names is not None and name not in names:
             continue
@@ -167,15 +166,15 @@ def quantize_linears(layer: nn.Module, stats: LayerStats, opt: QuantOptions, rec
         # independent, so they are quantized as one matrix (one factorization of H, one column loop)
         same = next((g for g in groups if _same_hessian(g[0], H) and g[1][0][1].shape[1] == W.shape[1]), None)
         if same is None:
-            groups.append((H, [(name, W, paired)]))
+            groups.append((H, [(name, W)]))
         else:
-            same[1].append((name, W, paired))
+            same[1].append((name, W))
     for H, members in groups:
-        Wall = torch.cat([W for _, W, _ in members])[None]  # [1, sum O, C]
+        Wall = torch.cat([W for _, W in members])[None]  # [1, sum O, C]
         dtype = modules[members[0][0]].weight.dtype
         res = _quantize(lambda a, b, Wall=Wall: Wall, tuple(Wall.shape), None if H is None else H[None], opt, dtype)
         a = 0
-        for name, W, _ in members:
+        for name, W in members:
             b = a + W.shape[0]
             modules[name].weight.copy_(res.weight[0, a:b])
             record.add(f"{prefix}.{name}", *(t[:, a:b].clone() for t in (res.codes, res.scales, res.zeros)))

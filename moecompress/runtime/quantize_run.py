@@ -276,7 +276,8 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
                 entry["linears"] = quantize_linears(layer, stats, plan.linears, record, prefix, names=first,
                                                     pairs=got0 if fp_hidden is not None else None)
                 inner = {n: m for n, m in dense.items() if n in stats.linears and n not in first}
-                # the attention is final once its output projection is: later passes replay that projection
+                # the attention is final once its output projection is: later passes replay that projection (not
+                # with simulated activation quantization, installed before the output pass)
                 attn = {n for n in first if stats.linears[n].source == "attn_norm"} if plan.act is None else set()
                 with pair_linears(inner, fp_in) as got, _skip_experts(lv), \
                         record_output_replay(layer, inner, attn, park) as found:
@@ -335,7 +336,7 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
                 calls["n"] += 1
 
             with capture_routing(model, arch, layers=[i], on_route=on_route, store=False), \
-                    replaying(replay if plan.act is None else None, stream.device):
+                    replaying(replay, stream.device):
                 stream.run_layer(i)  # the calibration batches first: the attention replayed on them
             replay = None
             if lv:

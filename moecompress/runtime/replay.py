@@ -40,8 +40,9 @@ def record_output_replay(layer: nn.Module, linears: dict[str, nn.Module], final:
     """While ``layer`` runs: for the first of ``linears`` whose parent module holds other linears, all of them
     ``final`` (quantized: the attention's q, k, v for its output projection), record that linear's input per call
     and check that the parent returns exactly that linear's output (the same tensor, first of a tuple: its other
-    items, attention weights, are not read by the decoder layers in these passes and are replayed as None). Yields a one-item list, set when the context exits to the `OutputReplay`, or None when no module
-    qualifies or a call failed the check."""
+    items, attention weights, are not read by the decoder layers in these passes and are replayed as None).
+    Yields a one-item list, set when the context exits to the `OutputReplay`, or None when no module qualifies or
+    a call failed the check."""
     modules = dict(layer.named_modules())
     found = [None]
     cand = None
@@ -57,7 +58,7 @@ def record_output_replay(layer: nn.Module, linears: dict[str, nn.Module], final:
         return
     module, lin = cand
     inputs: list[torch.Tensor] = []
-    state: dict[str, Any] = {"ok": True, "arity": None, "out": None}
+    state: dict[str, Any] = {"ok": True, "arity": None, "out": None, "calls": 0}
 
     def pre(m, args):
         inputs.append(park(args[0].detach()))
@@ -68,9 +69,10 @@ def record_output_replay(layer: nn.Module, linears: dict[str, nn.Module], final:
     def post_module(m, args, out):
         same = out[0] is state["out"] if isinstance(out, tuple) else out is state["out"]
         arity = len(out) if isinstance(out, tuple) else None
-        state["ok"] = state["ok"] and same and len(inputs) == state.get("calls", 0) + 1 and \
+        state["calls"] += 1
+        state["ok"] = state["ok"] and same and len(inputs) == state["calls"] and \
             (state["arity"] is None or state["arity"] == arity)
-        state["arity"], state["calls"] = arity, state.get("calls", 0) + 1
+        state["arity"] = arity
         state["out"] = None
 
     handles = [lin.register_forward_pre_hook(pre), lin.register_forward_hook(post_linear),
