@@ -77,7 +77,7 @@ def auto_experiment(base, profile: Path, windows, tasks, out: Path, ratio: float
     """Each task pruned with its own profile by each single score and by auto; eval perplexity with intervals."""
     t0 = time.time()
     base_nll = window_nll(base.model, windows)
-    results = {"keep_ratio": ratio, "windows": {t: len(w) for t, w in windows.items()},
+    results = {"model": base.source, "keep_ratio": ratio, "windows": {t: len(w) for t, w in windows.items()},
                "base_ppl": {t: float(v.mean().exp()) for t, v in base_nll.items()}, "tasks": {}}
     if out.is_file():  # --tasks: keep the other tasks' rows
         old = json.loads(out.read_text())
@@ -87,7 +87,7 @@ def auto_experiment(base, profile: Path, windows, tasks, out: Path, ratio: float
         nll, row, seen = {}, {}, {}
         for score in AUTO_SCORES + ["auto"]:
             model = copy.deepcopy(base.model)
-            loaded = LoadedModel(model, base.tokenizer, base.arch, "demo", DEMO_MODEL, base.disk_dtype)
+            loaded = LoadedModel(model, base.tokenizer, base.arch, base.source, base.path, base.disk_dtype)
             t1 = time.time()
             r = STAGES.get("prune").run(Context(loaded, CalibrationConfig(), None),
                                         PruneConfig(profile=str(profile), tasks=[t], keep_ratio=ratio, score=score))
@@ -136,6 +136,8 @@ def auto_table(path: Path) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="--auto: a Mixtral-style checkpoint directory (default: the bundled "
+                    "demo; e.g. a second model from scripts/train_demo_model.py)")
     ap.add_argument("--windows", type=int, default=48, help="held-out windows per task for perplexity")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "prune_demo.json")
     ap.add_argument("--retrieval-only", action="store_true", help="rerun only the retrieval part, keeping the "
@@ -155,9 +157,11 @@ def main() -> None:
         tasks = [t for t in args.tasks.split(",") if t]
     work = Path(tempfile.mkdtemp())
     t0 = time.time()
-    run(validate_recipe({"calibration": {"samples": 64, "seq_len": 256, "tasks": tasks},
+    if args.model is not None and not args.auto:
+        raise SystemExit("--model applies to --auto only")
+    run(validate_recipe({"model": args.model, "calibration": {"samples": 64, "seq_len": 256, "tasks": tasks},
                          "stages": [{"stage": "profile"}]}), output=work / "profile")
-    base = load_model()
+    base = load_model(args.model)
     tok = base.tokenizer
     windows = {}
     for t in tasks:  # up to --windows held-out windows per task (chat has 36 in all)
@@ -165,7 +169,8 @@ def main() -> None:
         windows[t] = every if len(every) <= args.windows else token_windows(
             tok, read_documents(t, "eval"), 256, n=args.windows, seed=0)
     if args.auto:
-        auto_experiment(base, work / "profile", windows, tasks, ROOT / "benchmarks" / "results" / "prune_auto_demo.json")
+        auto_out = args.out if args.model is not None else ROOT / "benchmarks" / "results" / "prune_auto_demo.json"
+        auto_experiment(base, work / "profile", windows, tasks, auto_out)
         shutil.rmtree(work, ignore_errors=True)
         return
     if args.retrieval_only:

@@ -64,6 +64,8 @@ ROWS = [
     ("RTN", {**BASE, "method": "rtn"}),
     ("GPTQ", {**BASE}),
     ("GPTQ - act order", {**BASE, "act_order": False}),
+    ("GPTQ symmetric", {**BASE, "symmetric": True}),
+    ("GPTQ - clip search", {**BASE, "clip_search": False}),
     ("GPTQ + smoothing", {**BASE, "smooth": True}),
     ("GPTQ + router W8", {**BASE, "router_bits": 8, "align_router": False}),
     ("GPTQ + router W8 aligned", {**BASE, "router_bits": 8, "align_router": True}),
@@ -88,6 +90,8 @@ ROWS = [
     ("all + damp 0.1", {"damp": 0.1}),
     ("all + damp 0.001", {"damp": 0.001}),
     ("all - act order", {"act_order": False}),
+    ("all - clip search", {"clip_search": False}),
+    ("all - clip search + GPTQ rounds", {"clip_search": False, "gptq_rounds": 4}),
     ("all + code sweeps", {"code_sweeps": 2}),
     ("all + 1 code sweep", {"code_sweeps": 1}),
     ("all + router W8 aligned", {"router_bits": 8, "align_router": True}),
@@ -176,9 +180,9 @@ def ensure_venv() -> Path:
     return py
 
 
-def llmcompressor_model(py: Path, calib: Path, bits: int, work: Path) -> tuple[Path, dict]:
+def llmcompressor_model(py: Path, calib: Path, bits: int, work: Path, model: Path = DEMO_MODEL) -> tuple[Path, dict]:
     out = work / f"llmc-w{bits}"
-    subprocess.run([str(py), str(ROOT / "benchmarks" / "peers" / "llmcompressor_worker.py"), str(DEMO_MODEL),
+    subprocess.run([str(py), str(ROOT / "benchmarks" / "peers" / "llmcompressor_worker.py"), str(model),
                     str(calib), str(out), str(bits), "128"], check=True, capture_output=True)
     run = json.loads((out / "llmcompressor_run.json").read_text())
     # llm-compressor saves linearized experts (gate_proj/up_proj/down_proj) with its scales: rename to the
@@ -199,7 +203,7 @@ def llmcompressor_model(py: Path, calib: Path, bits: int, work: Path) -> tuple[P
     cfg = json.loads((out / "config.json").read_text())
     cfg.pop("quantization_config", None)
     (dest / "config.json").write_text(json.dumps(cfg))
-    for f in DEMO_MODEL.glob("tokenizer*"):
+    for f in model.glob("tokenizer*"):
         shutil.copy(f, dest / f.name)
     return dest, run
 
@@ -219,6 +223,8 @@ def _save(out: Path, results: dict, partial: bool) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=DEMO_MODEL, help="a Mixtral-style checkpoint directory (default: "
+                    "the bundled demo; e.g. a second model from scripts/train_demo_model.py)")
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--calib-seed", type=int, default=0, help="which calibration windows (ours and llm-compressor's; "
                     "the rows of --peer-from files were calibrated on seed 0: pair with them only at 0)")
@@ -239,19 +245,24 @@ def main() -> None:
     if args.calib_seed != 0 and args.peer_from is not None:
         raise SystemExit("--calib-seed other than 0 cannot take --peer-from rows (calibrated on seed 0): run "
                          "llm-compressor on this seed's windows (drop --peer-from) or pass --no-peer")
+    if args.peer_from is not None and json.loads(args.peer_from.read_text()).get("model", "demo") != (
+            "demo" if args.model == DEMO_MODEL else str(args.model)):
+        raise SystemExit("--peer-from rows were measured on another model: drop --peer-from to run llm-compressor")
     if args.combine:
         combine(args.combine, args.out)
         return
     torch.set_num_threads(2)
     work = Path(tempfile.mkdtemp())
-    base_model = load_model()
+    model_dir = str(args.model)
+    base_model = load_model(model_dir)
     tok, arch = base_model.tokenizer, base_model.arch
     tasks = bundled_tasks()
     evw = {t: token_windows(tok, read_documents(t, "eval"), 256)[:args.eval_windows] for t in tasks}
     windows = torch.cat([evw[t] for t in tasks])
     owners = torch.cat([torch.full((len(evw[t]),), i) for i, t in enumerate(tasks)])
     base = evaluate(base_model.model, arch, windows)
-    results = {"calibration": {"windows_per_task": args.samples, "seq_len": 256, "seed": args.calib_seed},
+    results = {"model": "demo" if args.model == DEMO_MODEL else str(args.model),
+               "calibration": {"windows_per_task": args.samples, "seq_len": 256, "seed": args.calib_seed},
                "eval_windows": {t: len(w) for t, w in evw.items()},
                "base_ppl": {t: float(base[0][owners == i].mean().exp()) for i, t in enumerate(tasks)},
                "base_window_nll": [round(float(x), 6) for x in base[0]], "runs": []}
@@ -268,7 +279,7 @@ def main() -> None:
     order = ROWS if methods is None else [r for m in args.methods.split(",") for r in ROWS if r[0] == m]
     for scheme in args.schemes.split(","):
         for name, over in order:
-            loaded = load_model()
+            loaded = load_model(model_dir)
             ctx = Context(loaded, CalibrationConfig(samples=args.samples, seq_len=256, seed=args.calib_seed), None)
             cfg = QuantizeConfig(scheme=scheme, **over)
             t0 = time.time()
@@ -292,7 +303,7 @@ def main() -> None:
     elif not args.no_peer:
         py = ensure_venv()
         for bits in (int(b) for b in args.peer_bits.split(",")):
-            dest, run = llmcompressor_model(py, work / "calib.pt", bits, work)
+            dest, run = llmcompressor_model(py, work / "calib.pt", bits, work, args.model)
             peer = load_model(str(dest))
             got = evaluate(peer.model, arch, windows)
             row = {"scheme": f"w{bits}a16", "method": "llm-compressor GPTQ", "seconds": round(run["seconds"], 1),

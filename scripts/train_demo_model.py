@@ -17,6 +17,7 @@ Usage::
 
     python scripts/train_demo_model.py                 # about 30 minutes on 2 CPU cores (1,000 steps)
     python scripts/train_demo_model.py --steps 20 --out /tmp/demo   # a quick smoke run
+    python scripts/train_demo_model.py --seed 1 --layers 5 --intermediate 384 --steps 600 --out /work/bench/moe2  # a second model
 """
 
 from __future__ import annotations
@@ -53,11 +54,12 @@ def train_tokenizer(texts: list[str], vocab: int) -> PreTrainedTokenizerFast:
     )
 
 
-def build_config(vocab: int, eos_id: int) -> MixtralConfig:
+def build_config(vocab: int, eos_id: int, layers: int = 4, hidden: int = 256, intermediate: int = 256,
+                 experts: int = 8, top_k: int = 2) -> MixtralConfig:
     return MixtralConfig(
-        vocab_size=vocab, hidden_size=256, intermediate_size=256, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
-        num_local_experts=8, num_experts_per_tok=2, router_aux_loss_coef=0.01, output_router_logits=False,
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 128), head_dim=64,
+        max_position_embeddings=512, num_local_experts=experts, num_experts_per_tok=top_k, router_aux_loss_coef=0.01, output_router_logits=False,
         tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=10000.0, sliding_window=None,
         bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id,
     )
@@ -80,6 +82,11 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=4, help="a second model of another size (the demo: the defaults)")
+    ap.add_argument("--hidden", type=int, default=256, help="a multiple of 64 (heads of 64)")
+    ap.add_argument("--intermediate", type=int, default=256)
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--top-k", type=int, default=2)
     args = ap.parse_args()
 
     t_start = time.time()
@@ -99,7 +106,7 @@ def main() -> None:
     mix = sizes.sqrt() / sizes.sqrt().sum()
     print("tokens per task:", {t: len(streams[t]) for t in tasks}, "mix:", [round(float(p), 3) for p in mix])
 
-    config = build_config(len(tokenizer), eos)
+    config = build_config(len(tokenizer), eos, args.layers, args.hidden, args.intermediate, args.experts, args.top_k)
     model = MixtralForCausalLM(config)
     model.set_experts_implementation("eager")
     model.train()
