@@ -227,7 +227,7 @@ def main() -> None:
                     "the bundled demo; e.g. a second model from scripts/train_demo_model.py)")
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--calib-seed", type=int, default=0, help="which calibration windows (ours and llm-compressor's; "
-                    "the rows of --peer-from files were calibrated on seed 0: pair with them only at 0)")
+                    "--peer-from rows must come from the same seed)")
     ap.add_argument("--schemes", default=",".join(SCHEMES))
     ap.add_argument("--methods", default=None, help="comma-separated row names to run (default: all rows)")
     ap.add_argument("--merge", action="store_true", help="replace the matching rows of an existing --out file "
@@ -242,9 +242,10 @@ def main() -> None:
     ap.add_argument("--combine", type=Path, nargs="+", default=None, help="merge these result files (same eval "
                     "windows, e.g. from processes run side by side) into --out, with the paired comparison; runs nothing")
     args = ap.parse_args()
-    if args.calib_seed != 0 and args.peer_from is not None:
-        raise SystemExit("--calib-seed other than 0 cannot take --peer-from rows (calibrated on seed 0): run "
-                         "llm-compressor on this seed's windows (drop --peer-from) or pass --no-peer")
+    if args.peer_from is not None and json.loads(args.peer_from.read_text())["calibration"].get("seed", 0) != \
+            args.calib_seed:
+        raise SystemExit("the --peer-from rows were calibrated on another --calib-seed: run llm-compressor on this "
+                         "seed's windows (drop --peer-from) or pass --no-peer")
     if args.peer_from is not None and json.loads(args.peer_from.read_text()).get("model", "demo") != (
             "demo" if args.model == DEMO_MODEL else str(args.model)):
         raise SystemExit("--peer-from rows were measured on another model: drop --peer-from to run llm-compressor")

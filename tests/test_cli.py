@@ -238,6 +238,8 @@ def test_quantize_fake_quant_with_eaquant_alignment(tmp_path):
     assert "packed" not in side and side["quantization"]["router_bits"] == 4
     one_line_error(invoke("quantize", "tiny:mixtral", "--align-objective", "kl", "-o", tmp_path / "x"),
                    "--align-objective kl", "'topk_rest' or 'topk'")
+    one_line_error(invoke("quantize", "tiny:mixtral", "--clip-floor", "0.1", "-o", tmp_path / "x"),
+                   "--clip-floor 0.1", "0.2")
 
 
 def test_no_clip_search_keeps_min_max_ranges(tmp_path):

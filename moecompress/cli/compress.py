@@ -177,6 +177,9 @@ def quantize(
     clip_search: Annotated[Optional[bool], typer.Option(
         "--clip-search/--no-clip-search", help="Search each group's clipping range for the least weight error (25 "
         "trials, most of round-to-nearest's time); off: min-max ranges (default: on).")] = None,
+    clip_floor: Annotated[Optional[float], typer.Option(
+        "--clip-floor", help="The smallest range factor the clip search tries, 0.2-1 (default: 0.8 for GPTQ at 2 "
+        "bits, where tighter ranges suit rounding alone but not GPTQ; 0.2 otherwise).")] = None,
     fake_quant: Annotated[bool, typer.Option("--fake-quant", help="Write dequantized bf16 weights and the record "
                                                                   "instead of the packed format.")] = False,
     codec: Annotated[str, typer.Option(help="Packed codec: auto (the scheme's int<b>); ternary codecs need "
@@ -203,7 +206,7 @@ def quantize(
                  "rotate": rotate, "save_format": "fake-quant" if fake_quant else "packed", "codec": codec,
                  **{k: v for k, v in (("refit", refit), ("code_sweeps", code_sweeps), ("gptq_rounds", gptq_rounds),
                                      ("rare_experts", rare_experts),
-                                     ("act_order", act_order), ("clip_search", clip_search),
+                                     ("act_order", act_order), ("clip_search", clip_search), ("clip_floor", clip_floor),
                                      ("sequential", sequential),
                                      ("sequential_targets", sequential_targets))
                     if v is not None}}  # unset: the stage config's defaults

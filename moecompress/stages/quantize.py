@@ -50,6 +50,8 @@ class QuantizeConfig(StageConfig):
                                 # 2 on attention / dense / shared linears, 0 on the routed experts)
           gptq_rounds: 4        # GPTQ again on the refit grid, each row keeping its better result (default: 4
                                 # for 2-bit weights, 0 above)
+          clip_floor: 0.8       # the clip search keeps at least this share of each group's range (default: 0.8
+                                # for GPTQ at 2 bits, 0.2 otherwise)
           rare_experts: pooled  # experts short of tokens: topped up with the layer's tokens (or rtn)
           sequential: true      # each linear fit to its fp outputs from its quantized inputs, in order (GPTAQ)
     """
@@ -60,6 +62,9 @@ class QuantizeConfig(StageConfig):
     method: Literal["gptq", "rtn"] = "gptq"
     symmetric: bool = False
     clip_search: bool = True
+    # the smallest range factor the clip search tries; default: 0.8 for GPTQ at 2 bits (the range best for
+    # rounding alone clips more than suits GPTQ's error feedback: measured on two models), 0.2 otherwise
+    clip_floor: float | None = Field(None, ge=0.2, le=1.0)
     act_order: bool = True
     refit: bool = True  # refit each group's scale/zero after GPTQ to the Hessian-weighted error (codes fixed)
     # coordinate-descent sweeps over the codes after GPTQ (QuantEase); default: 2 on the linears outside the routed
@@ -101,6 +106,12 @@ class QuantizeConfig(StageConfig):
     def rounds(self) -> int:
         """The GPTQ rounds on the refit grid (`gptq_rounds`, or its per-width default)."""
         return self.gptq_rounds if self.gptq_rounds is not None else (4 if self.bits[0] <= 2 else 0)
+
+    def floor(self) -> float:
+        """The clip search's smallest range factor (`clip_floor`, or its per-method/width default)."""
+        if self.clip_floor is not None:
+            return self.clip_floor
+        return 0.8 if self.method == "gptq" and self.bits[0] <= 2 else 0.2
 
     def sweeps(self, experts: bool) -> int:
         """The code sweeps of the routed experts (``experts``) or of the other linears."""
@@ -233,7 +244,7 @@ def plan_of(cfg: QuantizeConfig) -> tuple[QuantPlan, dict[str, Any]]:
     """The quantization plan of a config, and the metadata recorded for loaders (``moecompress.json``)."""
     wbits, abits = cfg.bits
     smooth = cfg.smooth if cfg.smooth is not None else abits is not None
-    opt = QuantOptions.of(QuantGrid(wbits, cfg.groups(), cfg.symmetric, cfg.clip_search), cfg,
+    opt = QuantOptions.of(QuantGrid(wbits, cfg.groups(), cfg.symmetric, cfg.clip_search, cfg.floor()), cfg,
                           gptq_rounds=cfg.rounds())
     rotate_inter = cfg.rotate_intermediate if cfg.rotate_intermediate is not None else bool(abits and abits <= 4)
     aq = None

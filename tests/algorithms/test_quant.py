@@ -77,6 +77,25 @@ def test_clip_search_lowers_rtn_error():
     assert (clipped.weight - W).abs().pow(2.4).sum() < (plain.weight - W).abs().pow(2.4).sum()
 
 
+@pytest.mark.parametrize("floor", [0.5, 0.8, 1.0])
+def test_clip_floor_bounds_the_search(floor):
+    """The clip search tries range factors in [clip_floor, 1] only: every group keeps at least ``floor`` of its
+    min-max range (up to scale storage rounding), the default floor 0.2 clips below 0.8 somewhere on this heavy-tailed
+    matrix, a floor of 1 is min-max, and a higher floor never lowers the rounding error it searches for."""
+    W, _ = _problem(7, C=64)
+    W = W * torch.randn(W.shape, generator=torch.Generator().manual_seed(3)).abs().pow(3)  # heavy tails
+    group = W.view(3, 24, 4, 16)
+    span = (group.amax(-1) - group.amin(-1)) / 3  # min-max scale at 2 bits
+    default = rtn_quantize(W, QuantGrid(2, 16))
+    floored = rtn_quantize(W, QuantGrid(2, 16, clip_floor=floor))
+    assert (floored.scales >= floor * span * (1 - 1e-2)).all()
+    assert (default.scales < 0.79 * span).any()
+    if floor == 1.0:
+        assert torch.equal(floored.weight, rtn_quantize(W, QuantGrid(2, 16, clip_search=False)).weight)
+    err = lambda r: (r.weight - W).abs().pow(2.4).view(3, 24, 4, 16).sum(-1)  # noqa: E731
+    assert (err(default) <= err(floored) * (1 + 1e-5)).all()
+
+
 def test_group_size_must_divide():
     W, _ = _problem(6, C=60)
     with pytest.raises(ValueError, match="does not divide"):

@@ -177,6 +177,21 @@ def test_calibration_text_too_short(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_clip_floor_defaults_to_0_8_for_gptq_at_two_bits_only():
+    """`clip_floor` None: 0.8 for GPTQ at 2 bits (wider ranges suit GPTQ's error feedback there), 0.2 (the full
+    search) for round-to-nearest and above 2 bits; a number applies everywhere; out of [0.2, 1] is refused."""
+    from pydantic import ValidationError
+
+    for scheme, method, want in (("w2a16", "gptq", 0.8), ("w2a16", "rtn", 0.2), ("w3a16", "gptq", 0.2),
+                                 ("w4a16", "gptq", 0.2), ("w4a4", "gptq", 0.2)):
+        plan = plan_of(QuantizeConfig(scheme=scheme, method=method))[0]
+        assert plan.experts.grid.clip_floor == plan.linears.grid.clip_floor == want
+        assert plan_of(QuantizeConfig(scheme=scheme, method=method, clip_floor=0.5))[0].experts.grid.clip_floor == 0.5
+    for bad in (0.1, 1.5):
+        with pytest.raises(ValidationError):
+            QuantizeConfig(scheme="w2a16", clip_floor=bad)
+
+
 def test_gptq_rounds_default_to_two_bit_weights_and_change_only_those_bytes(tmp_path):
     """`gptq_rounds` None: 4 rounds for 2-bit weights, none above; a number applies at every width. At W2 the
     rounds change the codes (GPTQ on the refit grid chooses others), at W3 the default writes what 0 writes."""
