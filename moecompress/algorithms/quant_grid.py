@@ -205,7 +205,7 @@ def _find_rows(w: torch.Tensor, grid: QuantGrid) -> tuple[torch.Tensor, torch.Te
         factor = torch.where(better, p, factor)
 
     floor = grid.clip_floor
-    for i in range(int(round((1 - floor) / 0.05)) + 1):  # 1.00 .. floor in steps of 0.05
+    for i in range(int((1 - floor) / 0.05 + 1e-6) + 1):  # 1.00 .. floor in steps of 0.05 (none below it)
         trial(torch.full_like(scale, 1 - 0.05 * i))
     coarse = factor.clone()
     for d in (-4, -3, -2, -1, 1, 2, 3, 4):  # refine around each group's best in steps of 0.01
