@@ -85,7 +85,8 @@ def main() -> None:
         finally:
             for owner, attr, fn in saved:
                 setattr(owner, attr, fn)
-        parts = {k: {"seconds": round(v, 2), "calls": counts[k]} for k, v in sorted(seconds.items(), key=lambda x: -x[1])}
+        parts = {k: {"seconds": round(v, 2), "calls": counts[k]}
+                 for k, v in sorted(seconds.items(), key=lambda x: -x[1])}
         out["methods"][name] = {"total_seconds": round(total, 2), "parts": parts}
         print(f"{name}: {total:.2f} s")
         for k, v in parts.items():

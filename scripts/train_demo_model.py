@@ -17,7 +17,8 @@ Usage::
 
     python scripts/train_demo_model.py                 # about 30 minutes on 2 CPU cores (1,000 steps)
     python scripts/train_demo_model.py --steps 20 --out /tmp/demo   # a quick smoke run
-    python scripts/train_demo_model.py --seed 1 --layers 5 --intermediate 384 --steps 600 --out /work/bench/moe2  # a second model
+    # a second model (another seed and size), for checking that a result carries over:
+    python scripts/train_demo_model.py --seed 1 --layers 5 --intermediate 384 --steps 600 --out /work/bench/moe2
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def build_config(vocab: int, eos_id: int, layers: int = 4, hidden: int = 256, in
     return MixtralConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
         num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 128), head_dim=64,
-        max_position_embeddings=512, num_local_experts=experts, num_experts_per_tok=top_k, router_aux_loss_coef=0.01, output_router_logits=False,
+        max_position_embeddings=512, num_local_experts=experts, num_experts_per_tok=top_k,
+        router_aux_loss_coef=0.01, output_router_logits=False,
         tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=10000.0, sliding_window=None,
         bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id,
     )
