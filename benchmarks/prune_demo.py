@@ -136,8 +136,8 @@ def auto_table(path: Path) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="--auto: a Mixtral-style checkpoint directory (default: the bundled "
-                    "demo; e.g. a second model from scripts/train_demo_model.py)")
+    ap.add_argument("--model", default=None, help="--auto: a Mixtral- or Qwen3-MoE-style checkpoint "
+                    "directory (default: the bundled demo; e.g. a model from scripts/train_demo_model.py)")
     ap.add_argument("--windows", type=int, default=48, help="held-out windows per task for perplexity")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "prune_demo.json")
     ap.add_argument("--retrieval-only", action="store_true", help="rerun only the retrieval part, keeping the "

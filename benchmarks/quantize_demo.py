@@ -45,6 +45,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from moecompress.calib import bundled_tasks, read_documents, token_windows
@@ -186,10 +187,12 @@ def llmcompressor_model(py: Path, calib: Path, bits: int, work: Path, model: Pat
                     str(calib), str(out), str(bits), "128"], check=True, capture_output=True)
     run = json.loads((out / "llmcompressor_run.json").read_text())
     # llm-compressor saves linearized experts (gate_proj/up_proj/down_proj) with its scales: rename to the
-    # checkpoint's own Mixtral names (w1/w3/w2), drop the scales and its quantization config, keep the
-    # dense fake-quantized weights.
+    # checkpoint's own names (Mixtral's w1/w3/w2; Qwen3-MoE's are already those), drop the scales and its
+    # quantization config, keep the dense fake-quantized weights.
     sd = load_file(str(out / "model.safetensors"))
-    names = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+    with safe_open(str(model / "model.safetensors"), "pt") as f:
+        mixtral_names = any(k.endswith(".w1.weight") for k in f.keys())
+    names = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"} if mixtral_names else {}
     clean = {}
     for k, v in sd.items():
         if k.endswith(("weight_scale", "weight_zero_point", "weight_g_idx")):
@@ -223,8 +226,8 @@ def _save(out: Path, results: dict, partial: bool) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=DEMO_MODEL, help="a Mixtral-style checkpoint directory (default: "
-                    "the bundled demo; e.g. a second model from scripts/train_demo_model.py)")
+    ap.add_argument("--model", type=Path, default=DEMO_MODEL, help="a Mixtral- or Qwen3-MoE-style checkpoint "
+                    "directory (default: the bundled demo; e.g. a second model from scripts/train_demo_model.py)")
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--calib-seed", type=int, default=0, help="which calibration windows (ours and llm-compressor's; "
                     "--peer-from rows must come from the same seed)")

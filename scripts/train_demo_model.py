@@ -7,6 +7,9 @@ What it builds (``moecompress/assets/demo-moe/``):
     top-2, tied embeddings, ~9.3 M parameters, stored in bf16 (< 20 MB);
   * ``training.json``: the settings, the loss curve and the wall time of the run.
 
+``--family qwen3_moe`` builds a ``Qwen3MoeForCausalLM`` instead (q/k norms, normalised top-k weights, untied
+head; ``--intermediate`` is the experts' width), to check a result on another architecture.
+
 Training: AdamW (0.9, 0.95, wd 0.1), lr 2e-3 with 50 warm-up steps and cosine decay to 10 %,
 gradient clip 1.0, batches of 16 x 256 tokens whose task mix is drawn with probability proportional
 to sqrt(task tokens) (so the small chat set is not repeated dozens of times), Mixtral's load-balancing
@@ -19,6 +22,9 @@ Usage::
     python scripts/train_demo_model.py --steps 20 --out /tmp/demo   # a quick smoke run
     # a second model (another seed and size), for checking that a result carries over:
     python scripts/train_demo_model.py --seed 1 --layers 5 --intermediate 384 --steps 600 --out /work/bench/moe2
+    # a third, of another family (Qwen3-MoE: 16 narrow experts, top-4, q/k norms):
+    python scripts/train_demo_model.py --family qwen3_moe --seed 2 --intermediate 128 --experts 16 --top-k 4 \
+        --steps 600 --out /work/bench/qwen3
 """
 
 from __future__ import annotations
@@ -33,7 +39,8 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast
+from transformers import (MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast, Qwen3MoeConfig,
+                          Qwen3MoeForCausalLM)
 
 from moecompress.calib import bundled_tasks, read_documents
 
@@ -56,7 +63,17 @@ def train_tokenizer(texts: list[str], vocab: int) -> PreTrainedTokenizerFast:
 
 
 def build_config(vocab: int, eos_id: int, layers: int = 4, hidden: int = 256, intermediate: int = 256,
-                 experts: int = 8, top_k: int = 2) -> MixtralConfig:
+                 experts: int = 8, top_k: int = 2, family: str = "mixtral") -> MixtralConfig | Qwen3MoeConfig:
+    if family == "qwen3_moe":  # q/k norms, every layer sparse, normalised top-k weights, untied head
+        return Qwen3MoeConfig(
+            vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, moe_intermediate_size=intermediate,
+            num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 128),
+            head_dim=64, max_position_embeddings=512, num_experts=experts, num_experts_per_tok=top_k,
+            norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], router_aux_loss_coef=0.01,
+            output_router_logits=False, tie_word_embeddings=False, rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, use_sliding_window=False,
+            bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id,
+        )
     return MixtralConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
         num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 128), head_dim=64,
@@ -89,6 +106,8 @@ def main() -> None:
     ap.add_argument("--intermediate", type=int, default=256)
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--family", choices=["mixtral", "qwen3_moe"], default="mixtral",
+                    help="the architecture (qwen3_moe: a Qwen3-MoE-style model, for a third check)")
     args = ap.parse_args()
 
     t_start = time.time()
@@ -108,8 +127,9 @@ def main() -> None:
     mix = sizes.sqrt() / sizes.sqrt().sum()
     print("tokens per task:", {t: len(streams[t]) for t in tasks}, "mix:", [round(float(p), 3) for p in mix])
 
-    config = build_config(len(tokenizer), eos, args.layers, args.hidden, args.intermediate, args.experts, args.top_k)
-    model = MixtralForCausalLM(config)
+    config = build_config(len(tokenizer), eos, args.layers, args.hidden, args.intermediate, args.experts, args.top_k,
+                          args.family)
+    model = (Qwen3MoeForCausalLM if args.family == "qwen3_moe" else MixtralForCausalLM)(config)
     model.set_experts_implementation("eager")
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
