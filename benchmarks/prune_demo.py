@@ -49,6 +49,7 @@ from moecompress.stages import STAGES
 from moecompress.stages.prune import PruneConfig
 
 ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "prune_demo.json"
 SCORES = ["tcess", "tcess_prob", "frequency", "reap", "ean", "random"]
 RATIOS = [0.75, 0.5, 0.25]
 
@@ -139,17 +140,19 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="--auto: a Mixtral- or Qwen3-MoE-style checkpoint "
                     "directory (default: the bundled demo; e.g. a model from scripts/train_demo_model.py)")
     ap.add_argument("--windows", type=int, default=48, help="held-out windows per task for perplexity")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "prune_demo.json")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--retrieval-only", action="store_true", help="rerun only the retrieval part, keeping the "
                     "pruning results already in --out")
     ap.add_argument("--auto", action="store_true", help="run only the score-chosen-by-evidence comparison "
                     "(writes benchmarks/results/prune_auto_demo.json)")
-    ap.add_argument("--table", action="store_true", help="print the --auto results as a markdown table")
+    ap.add_argument("--table", action="store_true", help="print the --auto results (--out, default the demo's) as a "
+                    "markdown table")
     ap.add_argument("--tasks", default=None, help="--auto: only these tasks (comma-separated; each task's numbers "
                     "do not depend on the others), merged into the results file")
     args = ap.parse_args()
     if args.table:
-        print(auto_table(ROOT / "benchmarks" / "results" / "prune_auto_demo.json"))
+        print(auto_table(args.out if args.out != DEFAULT_OUT else ROOT / "benchmarks" / "results" /
+                         "prune_auto_demo.json"))
         return
     torch.set_num_threads(2)
     tasks = bundled_tasks()
