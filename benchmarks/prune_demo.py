@@ -50,6 +50,7 @@ from moecompress.stages.prune import PruneConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "prune_demo.json"
+AUTO_OUT = ROOT / "benchmarks" / "results" / "prune_auto_demo.json"  # --auto's file unless --out names one
 SCORES = ["tcess", "tcess_prob", "frequency", "reap", "ean", "random"]
 RATIOS = [0.75, 0.5, 0.25]
 
@@ -144,24 +145,24 @@ def main() -> None:
     ap.add_argument("--retrieval-only", action="store_true", help="rerun only the retrieval part, keeping the "
                     "pruning results already in --out")
     ap.add_argument("--auto", action="store_true", help="run only the score-chosen-by-evidence comparison "
-                    "(writes benchmarks/results/prune_auto_demo.json)")
+                    "(writes --out, default benchmarks/results/prune_auto_demo.json)")
     ap.add_argument("--table", action="store_true", help="print the --auto results (--out, default the demo's) as a "
                     "markdown table")
     ap.add_argument("--tasks", default=None, help="--auto: only these tasks (comma-separated; each task's numbers "
                     "do not depend on the others), merged into the results file")
     args = ap.parse_args()
+    auto_out = args.out if args.out != DEFAULT_OUT else AUTO_OUT
     if args.table:
-        print(auto_table(args.out if args.out != DEFAULT_OUT else ROOT / "benchmarks" / "results" /
-                         "prune_auto_demo.json"))
+        print(auto_table(auto_out))
         return
+    if args.model is not None and not args.auto:
+        raise SystemExit("--model applies to --auto only")
     torch.set_num_threads(2)
     tasks = bundled_tasks()
     if args.auto and args.tasks:
         tasks = [t for t in args.tasks.split(",") if t]
     work = Path(tempfile.mkdtemp())
     t0 = time.time()
-    if args.model is not None and not args.auto:
-        raise SystemExit("--model applies to --auto only")
     run(validate_recipe({"model": args.model, "calibration": {"samples": 64, "seq_len": 256, "tasks": tasks},
                          "stages": [{"stage": "profile"}]}), output=work / "profile")
     base = load_model(args.model)
@@ -172,7 +173,6 @@ def main() -> None:
         windows[t] = every if len(every) <= args.windows else token_windows(
             tok, read_documents(t, "eval"), 256, n=args.windows, seed=0)
     if args.auto:
-        auto_out = args.out if args.model is not None else ROOT / "benchmarks" / "results" / "prune_auto_demo.json"
         auto_experiment(base, work / "profile", windows, tasks, auto_out)
         shutil.rmtree(work, ignore_errors=True)
         return

@@ -47,14 +47,14 @@ from pathlib import Path
 
 import torch
 
-from moecompress.algorithms.gptq import gptq_factor, gptq_quantize, proxy_loss
+from moecompress.algorithms.gptq import gptq_factor, proxy_loss
 from moecompress.algorithms.moe_math import glu
-from moecompress.algorithms.quant_grid import QuantGrid
-from moecompress.algorithms.refit import alternate, refit_groups
 from moecompress.calib import bundled_tasks, read_documents, token_windows
 from moecompress.io.model import DEMO_MODEL
 from moecompress.models.calls import experts_call_args
+from moecompress.runtime.layer_quant import _gptq, _quantize
 from moecompress.runtime.source import load_model
+from moecompress.stages.quantize import QuantizeConfig, plan_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -155,8 +155,8 @@ def vq_gptq(W: torch.Tensor, H: torch.Tensor, rows: int, gs: int, d: int, damp: 
             cost = torch.zeros(O, k, dtype=torch.float64)
             errs = []
             for t in range(d):
-                w = W[:, j + t:j + t + 1] - sum(e * U[j + m, j + t] for m, e in enumerate(errs)) if errs else \
-                    W[:, j + t:j + t + 1].expand(O, k)
+                w = W[:, j + t:j + t + 1] - sum((e * U[j + m, j + t] for m, e in enumerate(errs)),
+                                                torch.zeros(O, k, dtype=torch.float64))
                 e = (w - book[..., t]) / U[j + t, j + t]
                 errs.append(e)
                 cost += e.square()
@@ -186,20 +186,20 @@ def codebook_update(W: torch.Tensor, H: torch.Tensor, A: torch.Tensor, books: to
     books = books.clone()
     blk = torch.arange(C // d) * d // gs  # codebook column-block of each vector
 
-    def dequant(bk: torch.Tensor) -> torch.Tensor:
-        full = bk.repeat_interleave(rows, 0)  # [O, C/gs, k, d]
-        return full[torch.arange(O)[:, None], blk[None, :], A].reshape(O, C)
+    def dequant(bk: torch.Tensor, R: slice = slice(None)) -> torch.Tensor:  # rows R of the dequantized matrix
+        full = bk.repeat_interleave(rows, 0)[R]  # [|R|, C/gs, k, d]
+        return full[torch.arange(full.shape[0])[:, None], blk[None, :], A[R]].reshape(-1, C)
 
     Wd = W.double()
     for r in range(O // rows):
         for b in range(C // gs):
             R = slice(r * rows, (r + 1) * rows)
             cols = slice(b * gs, (b + 1) * gs)
-            Q = dequant(books)
-            D = Wd[R] - Q[R]  # [rows, C]
+            Q = dequant(books, R)  # [rows, C]
+            D = Wd[R] - Q
             before = float((D @ Hd * D).sum())
             Rz = D.clone()
-            Rz[:, cols] += Q[R, cols]  # W - Q without this codebook's own contribution
+            Rz[:, cols] += Q[:, cols]  # W - Q without this codebook's own contribution
             a = A[R, b * gs // d:(b + 1) * gs // d]  # [rows, gs/d]
             onehot = torch.nn.functional.one_hot(a, k).double()  # [rows, gs/d, k]
             Hbb = Hd[cols, cols].reshape(gs // d, d, gs // d, d)
@@ -217,14 +217,15 @@ def codebook_update(W: torch.Tensor, H: torch.Tensor, A: torch.Tensor, books: to
             used = onehot.sum((0, 1)) > 0
             new = books.clone()
             new[r, b] = _store(torch.where(used[:, None], c, books[r, b]))
-            D2 = Wd[R] - dequant(new)[R]
+            D2 = Wd[R] - dequant(new, R)
             if float((D2 @ Hd * D2).sum()) < before:
                 books = new
     return dequant(books).float(), books
 
 
-def vq_experts(W: torch.Tensor, H: torch.Tensor, args) -> torch.Tensor:
-    """The VQ GPTQ (with codebook updates and rounds) of stacked experts ``W [E, O, C]``, ``H [E, C, C]``."""
+def vq_experts(W: torch.Tensor, H: torch.Tensor, args, rounds: int) -> torch.Tensor:
+    """The VQ GPTQ (with codebook updates and ``rounds`` rounds, `vq_one`) of stacked experts ``W [E, O, C]``,
+    ``H [E, C, C]``."""
     out = []
     scale = torch.ones(*W.shape[:2], 1)
     if args.row_scale:  # one fp16 scale per output row (the RMS of the row): codebooks see rows of equal size
@@ -240,20 +241,20 @@ def vq_experts(W: torch.Tensor, H: torch.Tensor, args) -> torch.Tensor:
         perm = torch.argsort(He.diagonal(), descending=True) if args.act_order else torch.arange(W.shape[2])
         inv = torch.argsort(perm)
         We, He = W[e][:, perm], He[perm][:, perm]  # act order: columns by decreasing diag(H), codebooks on them
-        q = vq_one(We, He, args)[:, inv]
+        q = vq_one(We, He, args, rounds)[:, inv]
         out.append(q)
     return torch.stack(out) * scale * cols
 
 
-def vq_one(W: torch.Tensor, H: torch.Tensor, args) -> torch.Tensor:
-    """`vq_gptq` of ``W [O, C]`` with the codebook update and ``args.vq_rounds`` rounds (-1: the first pass
-    alone), each round kept only if it lowers the error."""
+def vq_one(W: torch.Tensor, H: torch.Tensor, args, rounds: int) -> torch.Tensor:
+    """`vq_gptq` of ``W [O, C]`` with the codebook update and ``rounds`` rounds (-1: the first pass alone),
+    each round kept only if it lowers the error."""
     geo = (min(args.vq_rows, W.shape[0]), min(args.vq_cols, W.shape[1]), args.vq_dim)
     q, a, books = vq_gptq(W, H, *geo)
-    if args.vq_rounds < 0:
+    if rounds < 0:
         return q
     q, books = codebook_update(W, H, a, books, *geo)
-    for _ in range(args.vq_rounds):  # GPTQ again on the updated codebooks, then update them again
+    for _ in range(rounds):  # GPTQ again on the updated codebooks, then update them again
         q2, a2, _ = vq_gptq(W, H, *geo, books=books)
         q2, b2 = codebook_update(W, H, a2, books, *geo)
         if float(proxy_loss(W[None], q2[None], H[None])) < float(proxy_loss(W[None], q[None], H[None])):
@@ -278,7 +279,7 @@ def end_to_end(args) -> None:
             return original(chunk, shape, H, opt, dtype, finish, store, error)
         res = original(chunk, shape, H, opt, dtype, finish, None, error)  # the scalar codes, for the record only
         W = chunk(0, shape[0])
-        Wq = vq_experts(W, H, args)
+        Wq = vq_experts(W, H, args, args.vq_rounds)
         if args.pick:  # per expert projection, the codec with the lower Hessian-weighted error
             Hs = torch.where((H.diagonal(dim1=1, dim2=2).sum(-1) > 0)[:, None, None], H, torch.eye(shape[2]))
             scalar = res.weight.float()
@@ -336,27 +337,18 @@ def main() -> None:
               **{k: getattr(args, k) for k in ("vq_dim", "vq_rows", "vq_cols", "vq_rounds", "book_bits", "row_scale",
                                                "col_scale", "act_order")},
               "bits_per_weight": bits, "projections": {}}
+    opt = plan_of(QuantizeConfig(scheme="w2a16"))[0].experts  # the shipped W2 expert path, its defaults
     for name, W, H in (("gate_up", gu, H_in), ("down", dn, H_dn)):
-        grid = QuantGrid(2, 128, False, True, clip_floor=0.8)  # the shipped W2 GPTQ grid
         t = time.time()
-        r = gptq_quantize(W, H, grid)
+        r = _gptq(W, H, opt)
         t_s = time.time() - t
         e_gptq = float(proxy_loss(W, r.weight, H).sum())
-        f, _ = refit_groups(W, H, r, False)
-        factor = gptq_factor(H)
-
-        def requant(Wr, sub):
-            rr = gptq_quantize(Wr, H, grid, params=(sub.scales, sub.zeros), factor=factor)
-            return refit_groups(Wr, H, rr, False)[0]
-        f, _ = alternate(W, H, f, requant, 4)
-        e_full = float(proxy_loss(W, f.weight, H).sum())
+        e_full = float(proxy_loss(W, _quantize(lambda a, b, W=W: W[a:b], tuple(W.shape), H, opt, W.dtype).weight,
+                                  H).sum())
         t = time.time()
-        Qu = vq_experts(W, H, args)
+        Qu = vq_experts(W, H, args, args.vq_rounds)
         t_v = time.time() - t
-        rounds0 = args.vq_rounds
-        args.vq_rounds = -1  # no codebook update or rounds: the first VQ GPTQ pass alone
-        Qv = vq_experts(W, H, args)
-        args.vq_rounds = rounds0
+        Qv = vq_experts(W, H, args, -1)  # the first VQ GPTQ pass alone
         e_vq = float(proxy_loss(W, Qv, H).sum())
         e_vqu = float(proxy_loss(W, Qu, H).sum())
         row = {"scalar_gptq": e_gptq, "scalar_refit_rounds": e_full, "vq_gptq": e_vq, "vq_gptq_update": e_vqu,
