@@ -96,8 +96,13 @@ ROWS = [
     ("all + code sweeps", {"code_sweeps": 2}),
     ("all + 1 code sweep", {"code_sweeps": 1}),
     ("all + router W8 aligned", {"router_bits": 8, "align_router": True}),
+    ("GPTQ + linears 4-bit", {**BASE, "linear_bits": 4}),
+    ("all + linears 4-bit", {"linear_bits": 4}),  # attention (all non-expert linears) at 4 bits, experts as scheme
 ]
 PAIRED = "all (default)"  # the row compared window by window with llm-compressor
+PEER = "llm-compressor GPTQ"
+# further window-by-window comparisons: (our row, llm-compressor's row); `--peer-linear-bits 4` runs the latter
+PAIRS = [(PAIRED, PEER), ("all + linears 4-bit", f"{PEER} + linears 4-bit")]
 SCHEMES = ["w8a8", "w4a16", "w3a16", "w2a16", "w4a4", "w3a4"]
 
 
@@ -152,11 +157,16 @@ def add_paired(results: dict) -> None:
     owners = torch.cat([torch.full((n,), i) for i, n in enumerate(results["eval_windows"].values())])
     base = torch.tensor(results["base_window_nll"])
     results["paired"] = {}
+    results.pop("paired_more", None)
     for scheme in ("w4a16", "w3a16", "w2a16"):
         by = {r["method"]: r for r in results["runs"] if r["scheme"] == scheme and "window_nll" in r}
-        if PAIRED in by and "llm-compressor GPTQ" in by:
-            ours, theirs = (torch.tensor(by[m]["window_nll"]) for m in (PAIRED, "llm-compressor GPTQ"))
-            results["paired"][scheme] = paired(ours, theirs, base, owners, tasks)
+        for a, b in PAIRS:
+            if a in by and b in by:
+                got = paired(*(torch.tensor(by[m]["window_nll"]) for m in (a, b)), base, owners, tasks)
+                if a == PAIRED:
+                    results["paired"][scheme] = got
+                else:  # "paired_more": {"ours vs theirs": {scheme: ...}}
+                    results.setdefault("paired_more", {}).setdefault(f"{a} vs {b}", {})[scheme] = got
 
 
 def combine(files: list[Path], out: Path) -> None:
@@ -181,10 +191,12 @@ def ensure_venv() -> Path:
     return py
 
 
-def llmcompressor_model(py: Path, calib: Path, bits: int, work: Path, model: Path = DEMO_MODEL) -> tuple[Path, dict]:
-    out = work / f"llmc-w{bits}"
+def llmcompressor_model(py: Path, calib: Path, bits: int, work: Path, model: Path = DEMO_MODEL,
+                        linear_bits: int | None = None) -> tuple[Path, dict]:
+    out = work / f"llmc-w{bits}-l{linear_bits}"
     subprocess.run([str(py), str(ROOT / "benchmarks" / "peers" / "llmcompressor_worker.py"), str(model),
-                    str(calib), str(out), str(bits), "128"], check=True, capture_output=True)
+                    str(calib), str(out), str(bits), "128", *([str(linear_bits)] if linear_bits else [])],
+                   check=True, capture_output=True)
     run = json.loads((out / "llmcompressor_run.json").read_text())
     # llm-compressor saves linearized experts (gate_proj/up_proj/down_proj) with its scales: rename to the
     # checkpoint's own names (Mixtral's w1/w3/w2; Qwen3-MoE's are already those), drop the scales and its
@@ -200,7 +212,7 @@ def llmcompressor_model(py: Path, calib: Path, bits: int, work: Path, model: Pat
         for a, b in names.items():
             k = k.replace(f".{a}.weight", f".{b}.weight") if ".experts." in k else k
         clean[k] = v
-    dest = work / f"llmc-w{bits}-dense"
+    dest = work / f"llmc-w{bits}-l{linear_bits}-dense"
     dest.mkdir()
     save_file(clean, str(dest / "model.safetensors"), metadata={"format": "pt"})
     cfg = json.loads((out / "config.json").read_text())
@@ -237,6 +249,9 @@ def main() -> None:
                     "and keep the others (re-measuring some rows after a change)")
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--peer-bits", default="4,3,2", help="weight widths llm-compressor runs at (comma-separated)")
+    ap.add_argument("--peer-linear-bits", type=int, default=None, help="llm-compressor with its attention "
+                    "projections at this width (the rows 'llm-compressor GPTQ + linears N-bit'), to compare with "
+                    "'all + linears N-bit'")
     ap.add_argument("--peer-from", type=Path, default=None, help="take the llm-compressor rows from this results "
                     "file (same eval windows) instead of running llm-compressor")
     ap.add_argument("--eval-windows", type=int, default=None, help="only the first N held-out windows per task "
@@ -271,12 +286,14 @@ def main() -> None:
                "base_ppl": {t: float(base[0][owners == i].mean().exp()) for i, t in enumerate(tasks)},
                "base_window_nll": [round(float(x), 6) for x in base[0]], "runs": []}
     methods = None if args.methods is None else set(args.methods.split(","))
+    peer_name = PEER if args.peer_linear_bits is None else f"{PEER} + linears {args.peer_linear_bits}-bit"
+    mine = {a for a, _ in PAIRS}  # rows keeping their per-window NLLs
     if args.merge:
         old = json.loads(args.out.read_text())
         results["runs"] = [r for r in old["runs"] if methods is not None and r["method"] not in methods
                            or r["scheme"] not in args.schemes.split(",")]
         if not args.no_peer:
-            results["runs"] = [r for r in results["runs"] if r["method"] != "llm-compressor GPTQ"]
+            results["runs"] = [r for r in results["runs"] if r["method"] != peer_name]
     calib_ctx = Context(base_model, CalibrationConfig(samples=args.samples, seq_len=256, seed=args.calib_seed), None)
     calib_ids = torch.cat(list(calib_ctx.windows("calib").values()))
     torch.save(calib_ids, work / "calib.pt")
@@ -294,23 +311,23 @@ def main() -> None:
                    "rtn_fallbacks": rep["rtn_fallback_experts_per_layer"],
                    "pooled_experts": rep.get("pooled_experts_per_layer", {}),
                    **compare(base, got, owners, tasks)}
-            if name == PAIRED:
+            if name in mine:
                 row["window_nll"] = [round(float(x), 6) for x in got[0]]
             results["runs"].append(row)
             results["runs"].sort(key=_order)
             print(json.dumps({k: v for k, v in row.items() if k != "window_nll"}), flush=True)
             _save(args.out, results, partial=True)
     if args.peer_from is not None:
-        results["runs"] = [r for r in results["runs"] if r["method"] != "llm-compressor GPTQ"]
+        results["runs"] = [r for r in results["runs"] if not r["method"].startswith(PEER)]
         results["runs"] += [r for r in json.loads(args.peer_from.read_text())["runs"]
-                            if r["method"] == "llm-compressor GPTQ"]
+                            if r["method"].startswith(PEER)]
     elif not args.no_peer:
         py = ensure_venv()
         for bits in (int(b) for b in args.peer_bits.split(",")):
-            dest, run = llmcompressor_model(py, work / "calib.pt", bits, work, args.model)
+            dest, run = llmcompressor_model(py, work / "calib.pt", bits, work, args.model, args.peer_linear_bits)
             peer = load_model(str(dest))
             got = evaluate(peer.model, arch, windows)
-            row = {"scheme": f"w{bits}a16", "method": "llm-compressor GPTQ", "seconds": round(run["seconds"], 1),
+            row = {"scheme": f"w{bits}a16", "method": peer_name, "seconds": round(run["seconds"], 1),
                    "peer_run": run, **compare(base, got, owners, tasks),
                    "window_nll": [round(float(x), 6) for x in got[0]]}
             results["runs"].append(row)

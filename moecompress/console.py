@@ -130,7 +130,11 @@ def show_keep(r: dict) -> None:
 def show_quantize(r: dict) -> None:
     acts = r["activations"]
     w = r["weights"]
-    console.print(f"{r['scheme']}: {w['bits']}-bit weights ({w['method']}, group {w['group_size']}), "
+    ex = (r.get("experts") or w)["bits"]
+    width = f"{w['bits']}-bit weights" if ex == w["bits"] else f"{ex}-bit experts, {w['bits']}-bit other linears"
+    if r.get("layer_bits"):
+        width += " (" + ", ".join(f"layer {i} {b}-bit" for i, b in r["layer_bits"].items()) + ")"
+    console.print(f"{r['scheme']}: {width} ({w['method']}, group {w['group_size']}), "
                   f"{'activations ' + str(acts['bits']) + '-bit per token' if acts else 'activations unquantized'}"
                   f"{', smoothing' if r['smooth'] else ''}{', router ' + str(r['router_bits']) + '-bit' if r['router_bits'] else ''}"
                   f"; {r['calibration_windows']} calibration windows in {r['seconds']:.1f} s", soft_wrap=True)

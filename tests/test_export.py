@@ -48,8 +48,8 @@ def quantized(tmp_path_factory):
     """``quantized(family, scheme, group, symmetric)``: a packed tiny checkpoint, built once per module."""
     cache = {}
 
-    def make(family, scheme, group, symmetric=True):
-        key = (family, scheme, group, symmetric)
+    def make(family, scheme, group, symmetric=True, linear_bits=None):
+        key = (family, scheme, group, symmetric, linear_bits)
         if key not in cache:
             out = tmp_path_factory.mktemp("q") / f"{family}-{scheme}-{group}-{symmetric}"
             stage = {
@@ -59,6 +59,7 @@ def quantized(tmp_path_factory):
                 "symmetric": symmetric,
                 "method": "rtn",
                 "smooth": False,
+                **({"linear_bits": linear_bits} if linear_bits else {}),
             }
             run(
                 validate_recipe(
@@ -211,6 +212,16 @@ def test_compressed_tensors_decompresses_to_our_weights(tmp_path, quantized, fam
 def test_export_refuses_what_transformers_cannot_load(tmp_path, quantized, family, scheme, group, symmetric, match):
     src = quantized(family, scheme, group, symmetric)
     with pytest.raises(MoecompressError, match=match) as err:
+        export_compressed_tensors(src, tmp_path / "ct")
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "ct").exists()
+
+
+def test_export_refuses_mixed_widths(tmp_path, quantized):
+    """Experts at 4 bits and the attention at 8 (``--linear-bits 8``): one scheme per checkpoint in compressed-tensors
+    as exported here, so the export names both codecs and the fix."""
+    src = quantized("mixtral", "w4a16", 8, True, linear_bits=8)
+    with pytest.raises(MoecompressError, match=r"not int4\+int8.*no --linear-bits") as err:
         export_compressed_tensors(src, tmp_path / "ct")
     assert "\n" not in str(err.value)
     assert not (tmp_path / "ct").exists()

@@ -126,6 +126,20 @@ def prune(
         success(f"wrote {result.output} (loads with plain transformers; provenance in moecompress.json)")
 
 
+def _layer_bits(text: str | None) -> dict[int, int] | None:
+    """``--layer-bits 0:4,1:3`` as {0: 4, 1: 3}; a malformed value is a one-line error."""
+    if text is None:
+        return None
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        layer, _, bits = part.partition(":")
+        if not (layer.strip().isdigit() and bits.strip().isdigit()):
+            raise MoecompressError(f"--layer-bits {text!r}: {part!r} is not LAYER:BITS",
+                                   "give comma-separated pairs such as 0:4,1:3")
+        out[int(layer)] = int(bits)
+    return out
+
+
 def quantize(
     model: ModelArg = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Quantized model directory to write.")] = ...,
@@ -180,6 +194,12 @@ def quantize(
     clip_floor: Annotated[Optional[float], typer.Option(
         "--clip-floor", help="The smallest range factor the clip search tries, 0.2-1 (default: 0.8 for GPTQ at 2 "
         "bits, where tighter ranges suit rounding alone but not GPTQ; 0.2 otherwise).")] = None,
+    linear_bits: Annotated[Optional[int], typer.Option(
+        "--linear-bits", help="Weight width (2-8) of the attention, dense and shared linears; the routed experts keep "
+        "the scheme's (a few percent of an MoE's weights, much of its 2-3-bit error) (default: the scheme's).")] = None,
+    layer_bits: Annotated[Optional[str], typer.Option(
+        "--layer-bits", help="Decoder layers at their own weight width, experts and linears alike, as LAYER:BITS "
+        "pairs, e.g. 0:4 or 0:4,1:3 (the first layers carry much of the 2-bit error) (default: none).")] = None,
     fake_quant: Annotated[bool, typer.Option("--fake-quant", help="Write dequantized bf16 weights and the record "
                                                                   "instead of the packed format.")] = False,
     codec: Annotated[str, typer.Option(help="Packed codec: auto (the scheme's int<b>); ternary codecs need "
@@ -207,7 +227,8 @@ def quantize(
                  **{k: v for k, v in (("refit", refit), ("code_sweeps", code_sweeps), ("gptq_rounds", gptq_rounds),
                                      ("rare_experts", rare_experts),
                                      ("act_order", act_order), ("clip_search", clip_search), ("clip_floor", clip_floor),
-                                     ("sequential", sequential),
+                                     ("sequential", sequential), ("linear_bits", linear_bits),
+                                     ("layer_bits", _layer_bits(layer_bits)),
                                      ("sequential_targets", sequential_targets))
                     if v is not None}}  # unset: the stage config's defaults
         recipe = validate_command("quantize", model, _calibration(tasks, data, samples, seq_len, seed), stage,

@@ -93,7 +93,7 @@ def _check_scheme(qc: dict, side: dict) -> int:
     codecs = {s.codec for s in specs if s.type == "linear"} | {
         c for s in specs if s.type == "experts" for c in s.codecs.values()
     }
-    what = scheme or "+".join(sorted(c for c in codecs if c))
+    what = "+".join(sorted(c for c in codecs if c)) if not scheme or len(codecs) > 1 else scheme
     if qc.get("activations"):
         raise MoecompressError(
             f"compressed-tensors export supports W4A16 and W8A16, not {what}: transformers loads compressed-tensors "
@@ -103,7 +103,8 @@ def _check_scheme(qc: dict, side: dict) -> int:
     if len(codecs) != 1 or not codecs <= set(_BITS):
         raise MoecompressError(
             f"compressed-tensors export supports W4A16 and W8A16, not {what}",
-            "quantize W4A16 or W8A16 with --symmetric (`symmetric: true` in a recipe) to export",
+            "quantize W4A16 or W8A16 with --symmetric (`symmetric: true` in a recipe) and one width (no "
+            "--linear-bits) to export",
         )
     if not all(s.symmetric for s in specs):
         raise MoecompressError(

@@ -91,10 +91,16 @@ class PackedWriter:
             return t.to(self.stored)
         return t
 
+    def _scheme(self, kind: str, bits: int | None) -> dict | None:
+        """The metadata's ``experts`` / ``weights`` scheme, at ``bits`` instead of its own width when given."""
+        scheme = self.meta.get(kind)
+        return scheme if bits is None or scheme is None else {**scheme, "bits": bits}
+
     def add(self, tensors: dict[str, torch.Tensor], record: QuantRecord | None = None,
-            experts: dict[str, PackedExpertsInfo] | None = None) -> None:
+            experts: dict[str, PackedExpertsInfo] | None = None, bits: int | None = None) -> None:
         """Write ``tensors`` (model names), with the weights ``record`` holds packed. ``experts``: the routed
-        experts modules among them, by module path."""
+        experts modules among them, by module path; ``bits``: the integer width of every packed weight here
+        (a layer of its own width), instead of the metadata's."""
         record = record if record is not None else QuantRecord()
         experts = experts or {}
         names = [n for n in record.weights() if not n.endswith(":router")]  # routers stay dense
@@ -115,7 +121,7 @@ class PackedWriter:
             projs = [n for n in names if n.startswith(path + ":")]
             if not projs:
                 continue
-            codec, symmetric = _codec(self.meta.get("experts"), self.ternary_codec)
+            codec, symmetric = _codec(self._scheme("experts", bits), self.ternary_codec)
             shape = None
             chosen, lengths = {}, {}
             for p in PROJS:
@@ -145,7 +151,7 @@ class PackedWriter:
         for name in names:
             if ":" in name:
                 continue
-            codec, symmetric = _codec(self.meta.get("weights"), self.ternary_codec)
+            codec, symmetric = _codec(self._scheme("weights", bits), self.ternary_codec)
             if CODECS.get(codec if codec != "auto" else "ternary-dict").dict:
                 raise MoecompressError(f"{name}: ternary-dict is written for routed experts only",
                                        "use --codec ternary-b3 for ternary linears")

@@ -71,7 +71,8 @@ class PackedSink:
     def layer(self, stream: LayerStream, i: int, record: QuantRecord, views: list[MoEBlockView]) -> None:
         """Write decoder layer ``i`` as it is now, its recorded weights packed (``views``: its MoE blocks)."""
         if self.target is not None and self.writes:
-            self._open().add(stream.layer_state(i), record, _experts_info(stream.arch, views))
+            bits = (self.meta.get("layer_bits") or {}).get(str(i))  # a layer of its own width (`layer_bits`)
+            self._open().add(stream.layer_state(i), record, _experts_info(stream.arch, views), bits)
             failpoint(f"after-layer-{i}")  # tests: killed mid-model
 
     def outside(self, stream: LayerStream, tensors: dict[str, torch.Tensor] | None = None) -> None:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -89,12 +89,23 @@ class QuantPlan:
     rotate: bool
     rotation_seed: int
     batch_size: int
+    # per decoder layer: (experts, linears) options replacing the two above in that layer (mixed precision by
+    # depth); resolved by the stage, empty by default
+    layers: dict[int, tuple[QuantOptions | None, QuantOptions | None]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, settings: Any, **resolved: Any) -> QuantPlan:
         """The plan of a stage config: ``resolved`` (at least the five derived fields) as given, every other
-        field read by name from ``settings``."""
-        return cls(**resolved, **{f.name: getattr(settings, f.name) for f in fields(cls) if f.name not in resolved})
+        field without a default read by name from ``settings``."""
+        return cls(**resolved, **{f.name: getattr(settings, f.name) for f in fields(cls)
+                                  if f.name not in resolved and f.name != "layers"})
+
+    def at(self, i: int) -> QuantPlan:
+        """The plan of decoder layer ``i`` (its own options where `layers` has them)."""
+        if i not in self.layers:
+            return self
+        experts, linears = self.layers[i]
+        return replace(self, experts=experts, linears=linears, layers={})
 
 
 @dataclass
@@ -200,8 +211,10 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
     paired = plan.sequential and not rtn_only and not plan.smooth
     fp_hidden = [park(stream.hidden[b].clone()) for b in base] \
         if paired and plan.sequential_targets == "model" and rotation is None else None
+    root = plan
     with progress.task(label, total=stream.num_layers) as bar:
         for i in range(stream.num_layers):
+            plan = root.at(i)
             layer = stream.load(i)
             lv = [arch.block(model, i)] if i in moe else []
             attn_norm = getattr(layer, arch.pre_attn_norm, None)

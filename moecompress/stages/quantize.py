@@ -17,7 +17,7 @@ from dataclasses import replace
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from moecompress.algorithms.quant_grid import QuantGrid
 from moecompress.errors import MoecompressError
@@ -54,6 +54,8 @@ class QuantizeConfig(StageConfig):
                                 # for GPTQ at 2 bits, 0.2 otherwise)
           rare_experts: pooled  # experts short of tokens: topped up with the layer's tokens (or rtn)
           sequential: true      # each linear fit to its fp outputs from its quantized inputs, in order (GPTAQ)
+          linear_bits: 4        # the attention, dense and shared linears at this width (default: the scheme's);
+                                # the routed experts keep the scheme's (mixed precision, as QuantMoE-Bench)
     """
 
     stage: Literal["quantize"] = "quantize"
@@ -102,16 +104,37 @@ class QuantizeConfig(StageConfig):
     batch_size: int = Field(8, ge=1)
     save_format: Literal["packed", "fake-quant"] = "packed"  # packed tensors, or dequantized bf16 + the record
     codec: str = "auto"  # integer schemes: their int<b> codec (ternary codecs belong to the ternary stage)
+    # the weight width of every quantized linear outside the routed experts (attention, dense and shared MLPs; a
+    # few percent of an MoE's weights, much of its low-bit error); default: the scheme's
+    linear_bits: int | None = Field(None, ge=2, le=8)
+    # decoder layer index -> the weight width of all its quantized weights (experts and linears), e.g. {0: 4}: the
+    # first layers of an MoE carry much of its 2-3-bit error; the other layers keep the scheme's (and linear_bits)
+    layer_bits: dict[int, int] = Field(default_factory=dict)
 
-    def rounds(self) -> int:
-        """The GPTQ rounds on the refit grid (`gptq_rounds`, or its per-width default)."""
-        return self.gptq_rounds if self.gptq_rounds is not None else (4 if self.bits[0] <= 2 else 0)
+    @field_validator("layer_bits")
+    @classmethod
+    def _widths(cls, v: dict[int, int]) -> dict[int, int]:
+        bad = {i: b for i, b in v.items() if i < 0 or not 2 <= b <= 8}
+        if bad:
+            raise ValueError(f"layer_bits {bad}: layer indices start at 0 and widths are 2 to 8 bits")
+        return dict(sorted(v.items()))
 
-    def floor(self) -> float:
-        """The clip search's smallest range factor (`clip_floor`, or its per-method/width default)."""
+    def rounds(self, bits: int | None = None) -> int:
+        """The GPTQ rounds on the refit grid (`gptq_rounds`, or its per-width default) at ``bits`` (default: the
+        scheme's weight width)."""
+        bits = bits if bits is not None else self.bits[0]
+        return self.gptq_rounds if self.gptq_rounds is not None else (4 if bits <= 2 else 0)
+
+    def floor(self, bits: int | None = None) -> float:
+        """The clip search's smallest range factor (`clip_floor`, or its per-method/width default) at ``bits``."""
+        bits = bits if bits is not None else self.bits[0]
         if self.clip_floor is not None:
             return self.clip_floor
-        return 0.8 if self.method == "gptq" and self.bits[0] <= 2 else 0.2
+        return 0.8 if self.method == "gptq" and bits <= 2 else 0.2
+
+    def linear_width(self) -> int:
+        """The weight width of the linears outside the routed experts."""
+        return self.linear_bits if self.linear_bits is not None else self.bits[0]
 
     def sweeps(self, experts: bool) -> int:
         """The code sweeps of the routed experts (``experts``) or of the other linears."""
@@ -134,6 +157,11 @@ class QuantizeConfig(StageConfig):
                                        f"use `moecompress ternary --codec {self.codec}`, or leave --codec auto")
             raise MoecompressError(f"--codec {self.codec} does not fit scheme {self.scheme}",
                                    f"use --codec auto (int{self.bits[0]})")
+        layers = config.num_hidden_layers
+        outside = [i for i in self.layer_bits if i >= layers]
+        if outside:
+            raise MoecompressError(f"layer_bits names layer {outside[0]}, but the model has {layers} decoder layers "
+                                   f"(0 to {layers - 1})", "give layer indices the model has")
         gs = self.groups()
         if gs not in (-1, 0) and gs < 1:
             raise MoecompressError(f"group size {gs} is invalid", "use a positive group size or -1 (per channel)")
@@ -243,9 +271,12 @@ def act_meta(aq: ActQuant | None) -> dict[str, Any] | None:
 def plan_of(cfg: QuantizeConfig) -> tuple[QuantPlan, dict[str, Any]]:
     """The quantization plan of a config, and the metadata recorded for loaders (``moecompress.json``)."""
     wbits, abits = cfg.bits
+    lbits = cfg.linear_width()
     smooth = cfg.smooth if cfg.smooth is not None else abits is not None
-    opt = QuantOptions.of(QuantGrid(wbits, cfg.groups(), cfg.symmetric, cfg.clip_search, cfg.floor()), cfg,
-                          gptq_rounds=cfg.rounds())
+
+    def options(bits: int) -> QuantOptions:
+        return QuantOptions.of(QuantGrid(bits, cfg.groups(), cfg.symmetric, cfg.clip_search, cfg.floor(bits)), cfg,
+                               gptq_rounds=cfg.rounds(bits))
     rotate_inter = cfg.rotate_intermediate if cfg.rotate_intermediate is not None else bool(abits and abits <= 4)
     aq = None
     if abits:
@@ -253,12 +284,17 @@ def plan_of(cfg: QuantizeConfig) -> tuple[QuantPlan, dict[str, Any]]:
         aq = ActQuant(abits, cfg.act_clip or (1.0 if abits >= 8 else 0.9), sym, router=cfg.router_bits is not None,
                       inter_rotation_seed=cfg.rotation_seed if rotate_inter else None)
     sequential = cfg.sequential if cfg.sequential is not None else abits is None
-    plan = QuantPlan.of(cfg, experts=replace(opt, code_sweeps=cfg.sweeps(experts=True)),
-                        linears=replace(opt, code_sweeps=cfg.sweeps(experts=False)), act=aq, smooth=smooth,
-                        rotate_intermediate=rotate_inter,
-                        sequential=sequential)
+
+    def both(ebits: int, lbits: int) -> tuple[QuantOptions, QuantOptions]:
+        return (replace(options(ebits), code_sweeps=cfg.sweeps(experts=True)),
+                replace(options(lbits), code_sweeps=cfg.sweeps(experts=False)))
+
+    experts, linears = both(wbits, lbits)
+    plan = QuantPlan.of(cfg, experts=experts, linears=linears, act=aq, smooth=smooth,
+                        rotate_intermediate=rotate_inter, sequential=sequential,
+                        layers={i: both(b, b) for i, b in cfg.layer_bits.items()})
     meta = {"scheme": cfg.scheme,
-            "weights": {"kind": "int", "bits": wbits, "group_size": cfg.groups(), "symmetric": cfg.symmetric,
+            "weights": {"kind": "int", "bits": lbits, "group_size": cfg.groups(), "symmetric": cfg.symmetric,
                         "method": cfg.method},
             "experts": {"kind": "int", "bits": wbits, "group_size": cfg.groups(), "symmetric": cfg.symmetric},
             "activations": act_meta(aq),
@@ -266,8 +302,11 @@ def plan_of(cfg: QuantizeConfig) -> tuple[QuantPlan, dict[str, Any]]:
                          "note": "experts' down codes are in the rotated basis W Q; the checkpoint stores W_hat Q^T"
                          if rotate_inter else None},
             "router_bits": cfg.router_bits, "smooth": smooth, "sequential": sequential,
-            "gptq_rounds": cfg.rounds(), "code_sweeps": {"experts": cfg.sweeps(True), "linears": cfg.sweeps(False)},
+            "gptq_rounds": cfg.rounds(), "linear_gptq_rounds": cfg.rounds(lbits),
+            "code_sweeps": {"experts": cfg.sweeps(True), "linears": cfg.sweeps(False)},
             "record": RECORD_FILE if cfg.save_format == "fake-quant" else None}
+    if cfg.layer_bits:  # the packed writer's per-layer widths (JSON keys are strings)
+        meta["layer_bits"] = {str(i): b for i, b in cfg.layer_bits.items()}
     return plan, meta
 
 

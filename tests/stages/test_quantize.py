@@ -213,3 +213,90 @@ def test_gptq_rounds_default_to_two_bit_weights_and_change_only_those_bytes(tmp_
     assert not any("gptq_rounds" in e for k in (("w2a16", 0), ("w3a16", None)) for e in errors[k])
     assert any(not torch.equal(got["w2a16", None][k], got["w2a16", 0][k]) for k in got["w2a16", 0])
     assert all(torch.equal(got["w3a16", None][k], got["w3a16", 0][k]) for k in got["w3a16", 0])
+
+
+def test_linear_bits_defaults_to_the_scheme_and_sets_its_own_width_defaults():
+    """`linear_bits` None: every linear at the scheme's width; a number: the non-expert linears at that width with
+    that width's clip floor and GPTQ rounds (0.2 / 0 at 4 bits), the routed experts keep the scheme's (0.8 / 4 at 2),
+    and the metadata records both widths; out of [2, 8] is refused."""
+    from pydantic import ValidationError
+
+    plan, meta = plan_of(QuantizeConfig(scheme="w3a16"))
+    assert plan.experts.grid.bits == plan.linears.grid.bits == 3 and meta["weights"]["bits"] == 3
+    plan, meta = plan_of(QuantizeConfig(scheme="w2a16", linear_bits=4))
+    assert (plan.experts.grid.bits, plan.experts.grid.clip_floor, plan.experts.gptq_rounds) == (2, 0.8, 4)
+    assert (plan.linears.grid.bits, plan.linears.grid.clip_floor, plan.linears.gptq_rounds) == (4, 0.2, 0)
+    assert (meta["experts"]["bits"], meta["weights"]["bits"]) == (2, 4)
+    for bad in (1, 9):
+        with pytest.raises(ValidationError):
+            QuantizeConfig(scheme="w2a16", linear_bits=bad)
+
+
+def test_layer_bits_give_those_layers_their_own_options_and_are_checked():
+    """`layer_bits` {0: 4}: layer 0's experts and linears at 4 bits with 4-bit defaults (no GPTQ rounds, the full clip
+    search), the other layers the scheme's; the packed writer gets the widths; a layer the model lacks or a width
+    outside 2-8 is refused."""
+    from pydantic import ValidationError
+
+    plan, meta = plan_of(QuantizeConfig(scheme="w2a16", linear_bits=3, layer_bits={0: 4}))
+    first, other = plan.at(0), plan.at(1)
+    for opt in (first.experts, first.linears):
+        assert (opt.grid.bits, opt.gptq_rounds, opt.grid.clip_floor) == (4, 0, 0.2)
+    assert other is plan and (other.experts.grid.bits, other.linears.grid.bits, other.experts.gptq_rounds) == (2, 3, 4)
+    assert meta["layer_bits"] == {"0": 4} and "layer_bits" not in plan_of(QuantizeConfig(scheme="w2a16"))[1]
+    cfg = tiny_config("mixtral")
+    with pytest.raises(MoecompressError, match=f"layer 9, but the model has {cfg.num_hidden_layers} decoder layers"):
+        QuantizeConfig(scheme="w2a16", layer_bits={9: 4}).check(cfg, find_arch(cfg))
+    for bad in ({0: 1}, {0: 9}, {-1: 4}):
+        with pytest.raises(ValidationError):
+            QuantizeConfig(scheme="w2a16", layer_bits=bad)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY))
+def test_linear_and_layer_bits_pack_each_part_at_its_width(family, tmp_path):
+    """W2A16 with ``linear_bits: 4`` and ``layer_bits: {1: 3}`` on every adapter: the packed checkpoint stores every
+    non-expert linear as int4 and every routed expert as int2 except in layer 1 (all int3), their codes use those
+    ranges, it loads, and the attention's weight error is below the plain W2A16 checkpoint's (same calibration)."""
+    from moecompress.formats.spec import module_specs
+
+    outs = {}
+    for lb in (None, 4):
+        stage = {"stage": "quantize", "scheme": "w2a16", "group_size": 8,
+                 **({"linear_bits": lb, "layer_bits": {1: 3}} if lb else {})}
+        outs[lb] = tmp_path / f"q{lb}"
+        run(validate_recipe({"model": f"tiny:{family}", "stages": [stage],
+                             "calibration": {"tasks": ["prose"], "samples": 2, "seq_len": 32}}), output=outs[lb])
+    specs = module_specs(json.loads((outs[4] / "config.json").read_text())["quantization_config"]["modules"])
+    arch = find_arch(tiny_config(family))
+
+    def codecs(one):
+        got = {s.codec for p, s in specs.items() if s.type == "linear" and one(p)}
+        return got, {c for p, s in specs.items() if s.type == "experts" and one(p) for c in s.codecs.values()}
+
+    in1 = f"{arch.layers}.1."
+    assert codecs(lambda p: not p.startswith(in1)) == ({"int4"}, {"int2"})
+    got1 = codecs(lambda p: p.startswith(in1))
+    assert got1[0] == {"int3"} and got1[1] <= {"int3"}  # layer 1: every width 3 (some families: dense there)
+    side = json.loads((outs[4] / "moecompress.json").read_text())["quantization"]
+    assert (side["weights"]["bits"], side["experts"]["bits"], side["layer_bits"]) == (4, 2, {"1": 3})
+    from safetensors.torch import load_file
+
+    from moecompress.formats.codecs import decode
+    from moecompress.kernels.reference import dequantize
+
+    original = tiny_moe(family).state_dict()
+    err = {}
+    for lb, out in outs.items():
+        x = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            assert torch.isfinite(load_model(str(out)).model(input_ids=x).logits).all()
+        sd = load_file(str(out / "model.safetensors"))
+        attn = [p for p, s in specs.items() if s.type == "linear" and "attn" in p and f"{p}.weight" in original]
+        assert attn
+        err[lb] = 0.0
+        for p in attn:
+            spec = module_specs(json.loads((out / "config.json").read_text())["quantization_config"]["modules"])[p]
+            q, sc, z = decode(spec.codec, {k[len(p) + 8:]: v for k, v in sd.items() if k.startswith(f"{p}.weight_")})
+            assert int(q.max()) <= (3 if not lb else 7 if p.startswith(in1) else 15)
+            err[lb] += float((dequantize(q, sc, z)[0] - original[f"{p}.weight"]).pow(2).sum())
+    assert err[4] < 0.5 * err[None]
