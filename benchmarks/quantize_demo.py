@@ -98,12 +98,34 @@ ROWS = [
     ("all + router W8 aligned", {"router_bits": 8, "align_router": True}),
     ("GPTQ + linears 4-bit", {**BASE, "linear_bits": 4}),
     ("all + linears 4-bit", {"linear_bits": 4}),  # attention (all non-expert linears) at 4 bits, experts as scheme
+    ("all + layer 0 4-bit", {"layer_bits": {0: 4}}),  # the first decoder layer entirely at 4 bits
+    ("all + linears 4-bit + layer 0 4-bit", {"linear_bits": 4, "layer_bits": {0: 4}}),
 ]
 PAIRED = "all (default)"  # the row compared window by window with llm-compressor
 PEER = "llm-compressor GPTQ"
 # further window-by-window comparisons: (our row, llm-compressor's row); `--peer-linear-bits 4` runs the latter
 PAIRS = [(PAIRED, PEER), ("all + linears 4-bit", f"{PEER} + linears 4-bit")]
 SCHEMES = ["w8a8", "w4a16", "w3a16", "w2a16", "w4a4", "w3a4"]
+
+
+def code_bits(model, arch, bits: int, linear_bits: int | None = None, layer_bits: dict | None = None) -> float:
+    """The mean code width over every quantized weight of ``model`` (routed experts and the other linears of the
+    decoder layers; routers, embeddings and the head stay unquantized), with the experts at ``bits``, the other
+    linears at ``linear_bits`` and whole layers at ``layer_bits``; group scales and zeros excluded (the same for
+    both tools at the same group size but for llm-compressor's symmetric grid, which has no zeros)."""
+    layer_bits = layer_bits or {}
+    routers = {id(p) for v in arch.moe_blocks(model) for m in (v.router, v.shared_gate) if m is not None
+               for p in m.parameters()}
+    total = weighted = 0
+    for i, layer in enumerate(arch.decoder_layers(model)):
+        experts = {id(p) for v in arch.moe_blocks(model) if v.index == i for p in v.experts.module.parameters()}
+        for m in layer.modules():
+            for p in m.parameters(recurse=False):
+                if p.dim() < 2 or id(p) in routers or not (id(p) in experts or isinstance(m, torch.nn.Linear)):
+                    continue
+                b = layer_bits.get(i, bits if id(p) in experts else (linear_bits or bits))
+                total, weighted = total + p.numel(), weighted + p.numel() * b
+    return weighted / total
 
 
 @torch.no_grad()
@@ -308,6 +330,8 @@ def main() -> None:
             seconds = time.time() - t0
             got = evaluate(loaded.model, arch, windows)
             row = {"scheme": scheme, "method": name, "seconds": round(seconds, 1),
+                   "code_bits": round(code_bits(base_model.model, arch, cfg.bits[0], cfg.linear_bits,
+                                                cfg.layer_bits), 4),
                    "rtn_fallbacks": rep["rtn_fallback_experts_per_layer"],
                    "pooled_experts": rep.get("pooled_experts_per_layer", {}),
                    **compare(base, got, owners, tasks)}
@@ -328,6 +352,7 @@ def main() -> None:
             peer = load_model(str(dest))
             got = evaluate(peer.model, arch, windows)
             row = {"scheme": f"w{bits}a16", "method": peer_name, "seconds": round(run["seconds"], 1),
+                   "code_bits": round(code_bits(base_model.model, arch, bits, args.peer_linear_bits), 4),
                    "peer_run": run, **compare(base, got, owners, tasks),
                    "window_nll": [round(float(x), 6) for x in got[0]]}
             results["runs"].append(row)
