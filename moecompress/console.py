@@ -138,6 +138,9 @@ def show_quantize(r: dict) -> None:
                   f"{'activations ' + str(acts['bits']) + '-bit per token' if acts else 'activations unquantized'}"
                   f"{', smoothing' if r['smooth'] else ''}{', router ' + str(r['router_bits']) + '-bit' if r['router_bits'] else ''}"
                   f"; {r['calibration_windows']} calibration windows in {r['seconds']:.1f} s", soft_wrap=True)
+    if r.get("packed_bits_per_weight"):
+        console.print(f"packed {r['packed_weights']:,} weights at {r['packed_bits_per_weight']:.3f} bits/weight "
+                      "(codes, scales, zeros)")
     pooled = r.get("pooled_experts_per_layer", {})
     print_table("Per MoE layer", ["layer", "top-k routing agreement (calibration)", "experts on RTN fallback",
                                   "experts topped up with pooled tokens"],

@@ -254,6 +254,11 @@ def finish(ctx: StageContext, result: QuantRun, meta: dict[str, Any], base: list
            "pooled_experts_per_layer": result.fallbacks("topped_up_pooled"),
            "routing_topk_agreement_calib": result.routing_agreement, "seconds": round(time.time() - t0, 2),
            "layers": result.layers}
+    packed = ctx.artifacts.get("sidecar", {}).get("packed")
+    if packed and packed["modules"]:  # the written sizes: what mixed widths cost
+        weights = sum(m["weights"] for m in packed["modules"].values())
+        out["packed_weights"] = weights
+        out["packed_bits_per_weight"] = round(8 * packed["packed_bytes"] / weights, 4)
     if result.rotated_residual:
         out["rotation_max_relative_change"] = result.rotation_max_change
     if result.probe_only:  # round-to-nearest needs no statistics: the calibration windows were not run

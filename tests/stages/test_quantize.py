@@ -279,6 +279,10 @@ def test_linear_and_layer_bits_pack_each_part_at_its_width(family, tmp_path):
     assert got1[0] == {"int3"} and got1[1] <= {"int3"}  # layer 1: every width 3 (some families: dense there)
     side = json.loads((outs[4] / "moecompress.json").read_text())["quantization"]
     assert (side["weights"]["bits"], side["experts"]["bits"], side["layer_bits"]) == (4, 2, {"1": 3})
+    # the stage reports the written size: the wider parts cost bits per weight
+    sizes = [json.loads((outs[lb] / "moecompress.json").read_text())["stages"][0]["result"] for lb in (None, 4)]
+    assert sizes[0]["packed_weights"] == sizes[1]["packed_weights"] > 0
+    assert 2.0 < sizes[0]["packed_bits_per_weight"] < sizes[1]["packed_bits_per_weight"]
     from safetensors.torch import load_file
 
     from moecompress.formats.codecs import decode
