@@ -227,10 +227,10 @@ def test_layers_are_written_and_freed_one_at_a_time(tmp_path, monkeypatch):
             events.append(("release", i))
         real_release(self, i)
 
-    def add(self, tensors, record=None, experts=None):
+    def add(self, tensors, record=None, experts=None, bits=None):
         layers = {int(k.split(".")[2]) for k in tensors if k.startswith("model.layers.")}
         events.append(("write", layers.pop() if layers else None))
-        real_add(self, tensors, record, experts)
+        real_add(self, tensors, record, experts, bits)
 
     monkeypatch.setattr(LayerStream, "load", load)
     monkeypatch.setattr(LayerStream, "release", release)
