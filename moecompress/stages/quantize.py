@@ -56,6 +56,7 @@ class QuantizeConfig(StageConfig):
           sequential: true      # each linear fit to its fp outputs from its quantized inputs, in order (GPTAQ)
           linear_bits: 4        # the attention, dense and shared linears at this width (default: the scheme's);
                                 # the routed experts keep the scheme's (mixed precision, as QuantMoE-Bench)
+          layer_bits: {0: 4}    # whole decoder layers at their own width (default: none)
     """
 
     stage: Literal["quantize"] = "quantize"
