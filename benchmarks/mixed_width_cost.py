@@ -33,7 +33,6 @@ def main() -> None:
     configs["demo"] = None
     for d in filter(None, args.models.split(",")):
         configs[d] = d
-    rows = []
     for name, cfg in configs.items():
         if cfg is None or isinstance(cfg, str):
             from moecompress.runtime.source import load_model
@@ -45,11 +44,11 @@ def main() -> None:
                 model = AutoModelForCausalLM.from_config(cfg)
             arch = find_arch(cfg)
         first = arch.moe_layer_indices(model.config)[0]
-        row = [name, code_bits(model, arch, 2, 4), code_bits(model, arch, 2, None, {first: 4}),
-               code_bits(model, arch, 3, 4)]
-        rows.append(row)
-        print(f"{name}: W2 + linears 4-bit {row[1]:.3f}, W2 + first MoE layer ({first}) 4-bit {row[2]:.3f}, "
-              f"W3 + linears 4-bit {row[3]:.3f} code bits per quantized weight", flush=True)
+        row = [name, code_bits(model, arch, 2, 4), code_bits(model, arch, 2, 3),
+               code_bits(model, arch, 2, None, {first: 4}), code_bits(model, arch, 3, 4)]
+        print(f"{name}: W2 + linears 4-bit {row[1]:.3f}, W2 + linears 3-bit {row[2]:.3f}, W2 + first MoE layer "
+              f"({first}) 4-bit {row[3]:.3f}, W3 + linears 4-bit {row[4]:.3f} code bits per quantized weight",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -98,6 +98,7 @@ ROWS = [
     ("all + router W8 aligned", {"router_bits": 8, "align_router": True}),
     ("GPTQ + linears 4-bit", {**BASE, "linear_bits": 4}),
     ("all + linears 4-bit", {"linear_bits": 4}),  # attention (all non-expert linears) at 4 bits, experts as scheme
+    ("all + linears 3-bit", {"linear_bits": 3}),
     ("all + layer 0 4-bit", {"layer_bits": {0: 4}}),  # the first decoder layer entirely at 4 bits
     ("all + linears 4-bit + layer 0 4-bit", {"linear_bits": 4, "layer_bits": {0: 4}}),
 ]
