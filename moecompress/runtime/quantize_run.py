@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -97,8 +97,8 @@ class QuantPlan:
     def of(cls, settings: Any, **resolved: Any) -> QuantPlan:
         """The plan of a stage config: ``resolved`` (at least the five derived fields) as given, every other
         field without a default read by name from ``settings``."""
-        return cls(**resolved, **{f.name: getattr(settings, f.name) for f in fields(cls)
-                                  if f.name not in resolved and f.name != "layers"})
+        return cls(**resolved, **{f.name: getattr(settings, f.name) for f in fields(cls) if f.name not in resolved
+                                  and f.default is MISSING and f.default_factory is MISSING})
 
     def at(self, i: int) -> QuantPlan:
         """The plan of decoder layer ``i`` (its own options where `layers` has them)."""
