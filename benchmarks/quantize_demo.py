@@ -101,8 +101,6 @@ ROWS = [
     ("all + linears 3-bit", {"linear_bits": 3}),
     ("all + layer 0 4-bit", {"layer_bits": {0: 4}}),  # the first decoder layer entirely at 4 bits
     ("all + linears 4-bit + layer 0 4-bit", {"linear_bits": 4, "layer_bits": {0: 4}}),
-    ("all + tuning", {"tune_steps": 64, "tune_lr": 2e-4}),  # layer-wise scale tuning after GPTQ (`runtime.layer_tune`)
-    ("all + tuning codes", {"tune_steps": 64, "tune_lr": 2e-3, "tune_codes": True}),  # and the codes (+-1)
 ]
 PAIRED = "all (default)"  # the row compared window by window with llm-compressor
 PEER = "llm-compressor GPTQ"

@@ -45,7 +45,6 @@ from moecompress.runtime.hooks import capture_routing
 from moecompress.runtime.paired import capture_inputs, collect_pairs, pair_linears
 from moecompress.runtime.replay import record_output_replay, replaying
 from moecompress.runtime.layer_quant import QuantOptions, quantize_experts, quantize_linears
-from moecompress.runtime.layer_tune import Tunable, as_float, tune_scales
 from moecompress.runtime.layer_smooth import quantize_router, smooth_layer
 from moecompress.runtime.rotate import (
     ResidualRotation,
@@ -90,9 +89,6 @@ class QuantPlan:
     rotate: bool
     rotation_seed: int
     batch_size: int
-    tune_steps: int  # layer-wise scale tuning (`runtime.layer_tune`): Adam steps per layer, 0 = off
-    tune_lr: float
-    tune_codes: bool  # the tuning moves the codes too (within +-1 of GPTQ's)
     # per decoder layer: (experts, linears) options replacing the two above in that layer (mixed precision by
     # depth); resolved by the stage, empty by default
     layers: dict[int, tuple[QuantOptions | None, QuantOptions | None]] = field(default_factory=dict)
@@ -164,29 +160,6 @@ def needs_no_statistics(plan: QuantPlan) -> bool:
 def _forward(layer: nn.Module, h: torch.Tensor, kwargs: dict, device: torch.device) -> torch.Tensor:
     out = layer(h.to(device), **kwargs)
     return out[0] if isinstance(out, tuple) else out
-
-
-def _tunables(layer: nn.Module, lv, record: QuantRecord, prefix: str, plan: QuantPlan) -> list[Tunable]:
-    """The layer's quantized weights (not a quantized router) as `Tunable` entries of ``record``."""
-    modules = dict(layer.named_modules())
-    out = []
-    for name in record.weights():
-        if f"{name}.scales_neg" in record.tensors or name.endswith(":router"):
-            continue
-        if ":" in name:
-            proj = name.rsplit(":", 1)[1]
-            ex = lv[0].experts
-            out.append(Tunable(name, lambda ex=ex, p=proj: ex.stacked(p),
-                               lambda W, ex=ex, p=proj: ex.set_stacked(p, W), _maxq(plan.experts, plan)))
-        else:
-            m = modules[name[len(prefix) + 1:]]
-            out.append(Tunable(name, lambda m=m: m.weight[None], lambda W, m=m: m.weight.copy_(W[0]),
-                               _maxq(plan.linears, plan)))
-    return out
-
-
-def _maxq(opt: QuantOptions | None, plan: QuantPlan) -> int:
-    return 2 ** opt.grid.bits - 1 if plan.tune_codes and opt is not None else 0
 
 
 def _topk(traces, i: int) -> torch.Tensor:
@@ -358,13 +331,6 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
                     entry["router"] = quantize_router(v, stats, plan.router_bits, plan.align_router, record,
                                                       f"{block}.{arch.router}", plan.align_objective)
             del stats, fp_experts
-            if plan.tune_steps and fp_hidden is not None and not dist.active and plan.act is None \
-                    and not plan.rotate_intermediate:  # 3b. the layer's scales together
-                entry["tune"] = tune_scales(layer, _tunables(layer, lv, record, prefix, plan), record,
-                                            lambda b, i=i: _forward(layer, as_float(stream.hidden[b]),
-                                                                    as_float(stream.kwargs[i][b]), stream.device),
-                                            lambda b: fp_hidden[b], list(base), plan.tune_steps, plan.tune_lr,
-                                            seed=i)
             for k, t in record.tensors.items():
                 if ".experts:" in k and k.endswith(".codes"):
                     out.expert_codes += t.numel()

@@ -103,10 +103,6 @@ class QuantizeConfig(StageConfig):
     # on for weight-only schemes (measured there), off when activations are quantized (not measured)
     sequential_targets: Literal["model", "layer"] = "model"  # fp outputs of the original model, or of the layer
     batch_size: int = Field(8, ge=1)
-    # layer-wise scale tuning after GPTQ (`runtime.layer_tune`): Adam steps per decoder layer (0: off), learning rate
-    tune_steps: int = Field(0, ge=0)
-    tune_lr: float = Field(5e-3, gt=0.0)
-    tune_codes: bool = False
     save_format: Literal["packed", "fake-quant"] = "packed"  # packed tensors, or dequantized bf16 + the record
     codec: str = "auto"  # integer schemes: their int<b> codec (ternary codecs belong to the ternary stage)
     # the weight width of every quantized linear outside the routed experts (attention, dense and shared MLPs; a
