@@ -104,9 +104,13 @@ def show_prune(r: dict) -> None:
         rows.append(["unpruned", auto["unpruned"]["loss"]]
                     + [f"{auto['unpruned']['per_task'][t]['ppl']:.2f}" for t in tasks] + [""])
         windows = ", ".join(f"{t} {h['windows']}" for t, h in auto["heldout"].items())
+        lw = auto["candidates"].get("layerwise")
+        per_layer = "" if lw is None else "; layerwise took " + ", ".join(
+            f"layer {i}: {c}" for i, c in lw["layers"].items())
         print_table("--score auto: each score's experts on held-out calibration windows",
                     ["score", "loss (nats)", *(f"{t} ppl (x unpruned)" for t in tasks), "same experts as"], rows,
-                    caption=f"held-out windows per task: {windows} (calibration text the profile did not read)")
+                    caption=f"held-out windows per task: {windows} (calibration text the profile did not read)"
+                            + per_layer)
     rows = [[layer, " ".join(map(str, ids)), f"{cov:.1%}"]
             for (layer, ids), cov in zip(r["kept_experts"].items(), r["score_coverage_per_layer"])]
     print_table(f"Kept {r['experts_after']} of {r['experts_before']} experts per layer by {r['score']} "

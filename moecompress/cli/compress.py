@@ -87,6 +87,9 @@ def prune(
                                             "(comma-separated).")] = "tcess,reap,frequency,ean,reap_freq",
     auto_samples: Annotated[int, typer.Option("--auto-samples", help="--score auto: held-out calibration windows "
                                               "per task (as long as the profile's).")] = 32,
+    layerwise: Annotated[bool, typer.Option("--layerwise/--no-layerwise", help="--score auto: also compare a model "
+                                            "whose every layer takes the candidate set that keeps its outputs "
+                                            "closest to the unpruned model's.")] = True,
     seed: Annotated[int, typer.Option(help="Seed (score random, router recalibration).")] = 0,
     protect_super: Annotated[bool, typer.Option("--protect-super/--no-protect-super",
                                                 help="Always keep super experts.")] = True,
@@ -114,7 +117,7 @@ def prune(
         stage = {"stage": "prune", "profile": str(profile_dir), "tasks": tasks, "keep": keep, "keep_ratio": keep_ratio,
                  "cumulative": cumulative, "score": score, "seed": seed, "protect_super": protect_super,
                  "candidates": [c.strip() for c in candidates.split(",") if c.strip()], "auto_samples": auto_samples,
-                 "uneven": uneven, "regroup": regroup, "recalibrate_router": recalibrate_router,
+                 "layerwise": layerwise, "uneven": uneven, "regroup": regroup, "recalibrate_router": recalibrate_router,
                  "recalibrate_steps": recalibrate_steps}
         recipe = validate_command("prune", model, _calibration(",".join(tasks) if tasks else None, None, samples,
                                                                seq_len, seed), stage,

@@ -4,7 +4,10 @@ Per MoE layer, keep the best experts for the chosen tasks by the chosen score (T
 REAP x frequency, EAN, gate, random), protecting super experts. ``score: auto`` (the default) lets evidence
 choose: every candidate score's expert set at the budget is evaluated, in one streamed pass
 (`eval.expert_sets`), on held-out windows of the tasks' CALIBRATION text that the profile (and this run's
-calibration) did not read, and the set with the lowest next-token loss is kept; structural surgery through the adapters, so the result
+calibration) did not read, and the set with the lowest next-token loss is kept. A further candidate,
+``layerwise``, is built in the same pass: each MoE layer takes whichever candidate's set keeps that layer's
+outputs closest to the unpruned model's, so layers may follow different scores (which score is best changes
+with the model, and within one model with depth). Structural surgery through the adapters, so the result
 is a standard checkpoint plain transformers loads, written one decoder layer at a time (reading only the kept
 experts' tensors). Optionally recalibrate the kept routers layer by layer (`runtime.router_refit`): each pruned
 block is fitted to reproduce its unpruned output on its inputs.
@@ -21,7 +24,7 @@ from pydantic import Field, field_validator, model_validator
 from moecompress.algorithms.expert_scores import SCORES, super_experts
 from moecompress.algorithms.pruning import cumulative_counts, pick_lowest, select_experts
 from moecompress.errors import MoecompressError
-from moecompress.eval.expert_sets import UNPRUNED, expert_set_losses
+from moecompress.eval.expert_sets import LAYERWISE, UNPRUNED, expert_set_losses
 from moecompress.formats.profile import Profile
 from moecompress.models.identity import check_identity, config_identity
 from moecompress.runtime.identity import source_identity
@@ -48,6 +51,7 @@ class PruneConfig(StageConfig):
           score: auto                 # or one score: tcess, reap, frequency, ...
           candidates: [tcess, reap, frequency, ean, reap_freq]   # what auto compares
           auto_samples: 32            # held-out calibration windows per task for auto
+          layerwise: true             # auto also compares the per-layer mix of the candidates' sets
     """
 
     stage: Literal["prune"] = "prune"
@@ -59,6 +63,7 @@ class PruneConfig(StageConfig):
     score: Score | Literal["auto"] = "auto"
     candidates: list[str] = list(CANDIDATES)  # score auto: the scores whose expert sets are compared
     auto_samples: int = Field(32, ge=1)  # score auto: held-out windows per task (the profile's window length)
+    layerwise: bool = True  # score auto: also a model whose layers each take the candidate set closest to the original
     seed: int = 0  # for score: random
     protect_super: bool = True
     uneven: Literal["fill", "mask"] = "fill"  # cumulative: pad layers with next-best experts, or with dead ones
@@ -149,7 +154,12 @@ def run(ctx: StageContext, cfg: PruneConfig) -> dict[str, Any]:
                 for c in cfg.candidates}
         auto = _choose(ctx, cfg, profile, tasks, {c: dict(zip(layers, v)) for c, v in sets.items()})
         score = auto["chosen"]
-    scores = _scores(profile, score, tasks, cfg.seed, layers)  # [L, E]
+    if score == LAYERWISE:  # each layer's row from the score its layer chose (selection is row by row)
+        by = auto["candidates"][LAYERWISE]["layers"]
+        rows = {c: _scores(profile, c, tasks, cfg.seed, layers) for c in set(by.values())}
+        scores = torch.stack([rows[by[str(i)]][j] for j, i in enumerate(layers)])
+    else:
+        scores = _scores(profile, score, tasks, cfg.seed, layers)  # [L, E]
     needed = None
     if n is None:  # cumulative: per-layer counts, rounded up to whole groups
         needed = [max(rule.top_k, c) for c in cumulative_counts(scores, cfg.cumulative, rule.top_k)]
@@ -189,7 +199,10 @@ def run(ctx: StageContext, cfg: PruneConfig) -> dict[str, Any]:
     return {
         "profile": str(profile.path) if profile.path else "(this recipe)", "tasks": tasks, "score": score,
         "score_note": {"tcess": "PreMoe TCESS on raw router logits", "tcess_prob": "TCESS on routing probabilities",
-                       "reap_freq": "REAP x routing frequency"}.get(score, score),
+                       "reap_freq": "REAP x routing frequency",
+                       LAYERWISE: "per MoE layer, the candidate score whose experts keep that layer's outputs "
+                                  "closest to the unpruned model's (score_auto.candidates.layerwise.layers)"
+                       }.get(score, score),
         "score_auto": auto,
         "experts_before": E, "experts_after": n, "params_before": before["params"], "params_after": after["params"],
         "needed_per_layer": needed, "dead_padding": {str(k): v for k, v in dead.items()} or None,
@@ -246,7 +259,8 @@ def _choose(ctx: StageContext, cfg: PruneConfig, profile: Profile, tasks: list[s
     same = {c: distinct.setdefault(tuple(tuple(v) for v in plan.values()), c) for c, plan in sets.items()}
     with ctx.stream(batches) as stream, \
             ctx.progress.task("pruning, comparing scores", total=stream.num_layers) as bar:
-        nll = expert_set_losses(stream, {c: sets[c] for c in sets if same[c] == c}, cfg.regroup, bar)
+        lw: dict[int, dict[str, Any]] | None = {} if cfg.layerwise and len(distinct) > 1 else None
+        nll = expert_set_losses(stream, {c: sets[c] for c in sets if same[c] == c}, cfg.regroup, bar, lw)
     owner_t = {t: torch.tensor([o == t for o in owner]) for t in tasks}
 
     def figures(v: torch.Tensor) -> dict[str, Any]:
@@ -261,6 +275,12 @@ def _choose(ctx: StageContext, cfg: PruneConfig, profile: Profile, tasks: list[s
         return out
 
     cands = {c: {**figures(nll[same[c]]), "same_experts_as": same[c] if same[c] != c else None} for c in sets}
+    if lw is not None:  # the layerwise model: its NLL, and per layer the candidate taken and each one's error
+        mixed = tuple(tuple(sets[lw[i]["chosen"]][i]) for i in next(iter(sets.values())))
+        cands[LAYERWISE] = {**figures(nll[LAYERWISE]), "same_experts_as": distinct.get(mixed),
+                            "layers": {str(i): v["chosen"] for i, v in lw.items()},
+                            "layer_error": {str(i): {c: round(e, 6) for c, e in v["error"].items()}
+                                            for i, v in lw.items()}}
     chosen = pick_lowest({c: v["loss"] for c, v in cands.items()})
     return {"chosen": chosen, "candidates": cands, "unpruned": figures(nll[UNPRUNED]),
             "heldout": {t: {**r, "windows": len(r["starts"])} for t, r in heldout.items()},
@@ -268,4 +288,7 @@ def _choose(ctx: StageContext, cfg: PruneConfig, profile: Profile, tasks: list[s
                             "windows the profile read and from this run's calibration windows; loss = mean over "
                             "tasks of the mean next-token NLL (nats); ppl_ratio_ci95: 95 % interval over windows "
                             "of the ratio to the unpruned model",
-            "objective": "lowest held-out loss among the candidates (first listed among equals)"}
+            "objective": "lowest held-out loss among the candidates (first listed among equals); layerwise: per "
+                         "MoE layer the candidate set whose outputs on the layerwise model's own hidden states are "
+                         "closest to the unpruned model's (mean relative squared error per token), chosen on the "
+                         "same held-out windows"}

@@ -13,6 +13,7 @@ from moecompress.calib import read_documents, token_windows
 from moecompress.calib.data import token_stream
 from moecompress.context import Context
 from moecompress.errors import MoecompressError
+from moecompress.eval.expert_sets import LAYERWISE
 from moecompress.eval.perplexity import score_windows
 from moecompress.formats.profile import Profile
 from moecompress.io.model import LoadedModel, tiny_tokenizer
@@ -61,7 +62,7 @@ def test_auto_keeps_the_argmin_of_its_losses_which_are_the_pruned_models_losses(
     r = STAGES.get("prune").run(ctx, PruneConfig(keep=keep, auto_samples=3))
     auto = r["score_auto"]
     losses = {c: v["loss"] for c, v in auto["candidates"].items()}
-    assert list(losses) == list(CANDIDATES)
+    assert list(losses) == list(CANDIDATES) + [LAYERWISE]
     assert r["score"] == auto["chosen"] == pick_lowest(losses)
     assert losses[auto["chosen"]] == min(losses.values())
     held = _held(auto)
@@ -76,6 +77,46 @@ def test_auto_keeps_the_argmin_of_its_losses_which_are_the_pruned_models_losses(
     other = copy.deepcopy(original)
     STAGES.get("prune").run(_ctx(other, tmp_path / "o"), PruneConfig(profile=str(tmp_path), keep=keep, score=worst))
     assert loss(other) == pytest.approx(losses[worst], abs=1e-4)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v3"])
+@torch.no_grad()
+def test_layerwise_takes_the_closest_set_per_layer_and_reports_that_models_loss(family, tmp_path):
+    """The layerwise candidate: in every MoE layer the candidate set with the lowest reported layer error (first
+    listed among equals), and its reported loss is the loss of the model pruned to those sets; when auto keeps it,
+    the written model is that model; --no-layerwise compares the single scores only."""
+    from moecompress.stages.keep_experts import apply_keep
+
+    model, ctx = _profiled(family, tmp_path)
+    original = copy.deepcopy(model)
+    keep = _keep(ctx)
+    cands = ["random", "frequency", "reap", "tcess"]  # a bad candidate among them: the layers disagree
+    r = STAGES.get("prune").run(ctx, PruneConfig(keep=keep, auto_samples=3, candidates=cands))
+    auto = r["score_auto"]
+    lw = auto["candidates"][LAYERWISE]
+    layers = ctx.arch.moe_layer_indices(ctx.config)
+    assert sorted(map(int, lw["layers"])) == layers
+    plan = {}
+    for i in layers:
+        err = lw["layer_error"][str(i)]
+        assert lw["layers"][str(i)] == min(err, key=err.get)
+        single = STAGES.get("prune").run(_ctx(copy.deepcopy(original), tmp_path / f"s{i}"), PruneConfig(
+            profile=str(tmp_path), keep=keep, score=lw["layers"][str(i)]))
+        plan[i] = single["kept_experts"][str(i)]
+    held = _held(auto)
+
+    def loss(m):
+        return sum(score_windows(m, w).mean_nll for w in held.values()) / len(held)
+
+    mixed = copy.deepcopy(original)
+    apply_keep(_ctx(mixed, tmp_path / "m"), plan)
+    assert loss(mixed) == pytest.approx(lw["loss"], abs=1e-4)
+    if auto["chosen"] == LAYERWISE:
+        assert r["kept_experts"] == {str(i): v for i, v in plan.items()}
+        assert loss(model) == pytest.approx(lw["loss"], abs=1e-4)
+    off = STAGES.get("prune").run(_ctx(copy.deepcopy(original), tmp_path / "off"), PruneConfig(
+        profile=str(tmp_path), keep=keep, auto_samples=3, candidates=cands, layerwise=False))
+    assert list(off["score_auto"]["candidates"]) == cands
 
 
 def test_auto_picks_a_better_set_than_a_bad_candidate_and_is_deterministic(tmp_path):
@@ -200,5 +241,6 @@ def test_streamed_auto_equals_in_memory_auto(family, tmp_path):
     a, b = got["score_auto"], want["score_auto"]
     assert a["heldout"] == b["heldout"] and a["chosen"] == b["chosen"]
     assert got["kept_experts"] == want["kept_experts"]
-    for c in CANDIDATES:
+    for c in [*CANDIDATES, LAYERWISE]:
         assert a["candidates"][c]["loss"] == pytest.approx(b["candidates"][c]["loss"], abs=1e-5)
+    assert a["candidates"][LAYERWISE]["layers"] == b["candidates"][LAYERWISE]["layers"]
