@@ -30,8 +30,9 @@ from moecompress.algorithms.quant_grid import QuantResult, dequantize, storable
 
 __all__ = ["alternate", "refit_groups", "row_errors"]
 
-CHUNK_BYTES = 256 << 20  # rows are refit in chunks whose float64 Gram intermediates fit this
+CHUNK_BYTES = 256 << 20  # rows are refit in chunks whose Gram intermediates (sized as float64) fit this
 ACCEPT = 1e-9  # a candidate must lower the row's error by more than this fraction of it
+VERIFY = 1e-3  # float32 products: a row whose improvement is within this share of its magnitude is redone in float64
 MIN_ROUND_GAIN = 0.005  # `alternate` stops once a round lowers the total error by less than this fraction
 
 
@@ -66,28 +67,44 @@ def _solve(M: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def refit_groups(W: torch.Tensor, H: torch.Tensor, res: QuantResult, symmetric: bool, damp: float = 0.01,
-                 zero_max: int = 255) -> tuple[QuantResult, dict[str, float]]:
+                 zero_max: int = 255, exact: bool = False) -> tuple[QuantResult, dict[str, float]]:
     """Refit the scales (and zeros, asymmetric grids) of ``res`` for ``W [E, O, C]`` and Hessians ``H [E, C, C]``
-    with ``res.codes`` fixed; returns the new result and ``{"rows_changed", "error_before", "error_after"}``.
+    with ``res.codes`` fixed; returns the new result and ``{"rows_changed", "rows_verified", "error_before", "error_after"}`` (rows_verified:
+    the share of rows redone in float64).
 
     ``H`` is the Hessian GPTQ used (an all-zero one, an expert without tokens, counts as the identity: plain
     squared error). The normal equations are solved on ``H`` plus ``damp`` times its mean diagonal (as GPTQ
-    damps); rows are accepted on the undamped error only. Experts one at a time, rows in chunks whose float64
-    intermediates fit `CHUNK_BYTES` (rows are independent)."""
+    damps); rows are accepted on the undamped error only. Experts one at a time, rows in chunks whose
+    intermediates fit `CHUNK_BYTES` (rows are independent).
+
+    Precision: the two ``O(C^2)`` products per row (the residual product and the code Gram) run in float32 (twice
+    float64's speed on a CPU, and far more on GPUs with slow float64), the small ``2G x 2G`` solves in float64.
+    A row whose float32 improvement is not clearly positive or clearly negative (within `VERIFY` of its own
+    magnitude) is computed again entirely in float64, so the accept/keep decision is float64's wherever float32
+    could have got it wrong. ``exact``: every product in float64 (the reference)."""
     E, O, C = W.shape
+    dt = torch.float64 if exact else torch.float32
     G = res.scales.shape[-1]
     step = max(1, CHUNK_BYTES // (8 * (G * C + 8 * G * G + 8 * C)))
     scales, zeros, weight = res.scales.clone(), res.zeros.clone(), res.weight.clone()
-    before = after = changed = 0.0
+    before = after = changed = verified = 0.0
     for e in range(E):
-        He = H[e].detach().double()
+        He = H[e].detach().to(dt)
         if float(He.diagonal().sum()) == 0:
             He = torch.eye(C, dtype=He.dtype, device=He.device)
+        He64 = None
         for a in range(0, O, step):
             rows = slice(a, a + step)
-            s, z, b, imp, ok = _refit_rows(W[e, rows].detach().double(), He, damp, res.codes[e, rows],
-                                           res.scales[e, rows].double(), res.zeros[e, rows].double(),
-                                           symmetric, zero_max)
+            args = (res.codes[e, rows], res.scales[e, rows].double(), res.zeros[e, rows].double(), symmetric, zero_max)
+            s, z, b, imp, ok, sure = _refit_rows(W[e, rows].detach().to(dt), He, damp, *args)
+            if not bool(sure.all()):  # float64 where float32 may have decided wrong
+                He64 = He.double() if He64 is None else He64
+                idx = (~sure).nonzero().flatten()
+                verified += len(idx)
+                got = _refit_rows(W[e, rows][idx].detach().double(), He64, damp, res.codes[e, rows][idx],
+                                  args[1][idx], args[2][idx], symmetric, zero_max)
+                for t, g in zip((s, z, b, imp, ok), got):
+                    t[idx] = g.to(t.dtype)
             before += float(b.sum())
             after += float((b - imp).sum())
             changed += float(ok.sum())
@@ -97,33 +114,38 @@ def refit_groups(W: torch.Tensor, H: torch.Tensor, res: QuantResult, symmetric: 
                 weight[e, rows][ok] = dequantize(q, s[ok].float()[..., None], z[ok].float()[..., None]).view(
                     -1, C).to(weight.dtype)
     out = QuantResult(weight, res.codes, scales, zeros, res.loss)
-    return out, {"rows_changed": changed / (E * O), "error_before": before, "error_after": after}
+    return out, {"rows_changed": changed / (E * O), "rows_verified": verified / (E * O), "error_before": before,
+                 "error_after": after}
 
 
 def _refit_rows(W: torch.Tensor, H: torch.Tensor, damp: float, codes: torch.Tensor, s0: torch.Tensor,
                 z0: torch.Tensor, symmetric: bool, zero_max: int) -> tuple[torch.Tensor, ...]:
     """`refit_groups` on one expert's rows ``W [R, C]`` with ``H [C, C]``: ``(scale, zero, error before,
-    improvement, accepted)``, the last three ``[R]`` (improvement 0 where GPTQ's parameters are kept)."""
+    improvement, accepted, sure)``, the last four ``[R]`` (improvement 0 where GPTQ's parameters are kept).
+    The ``O(C^2)`` products run in ``W``'s dtype (float32 or float64), the rest in float64; ``sure``: whether the
+    decision stands at that precision (always with float64)."""
     R, C = W.shape
     G = s0.shape[-1]
     gs = C // G
+    dt = W.dtype
     Hb = H.view(G, gs, G, gs)
-    q = codes.double().view(R, G, gs)
-    D = W - dequantize(q, s0[..., None], z0[..., None]).view(R, C)  # GPTQ's residual, exact (fp16 x int)
+    q = codes.to(dt).view(R, G, gs)
+    D = W - dequantize(q, s0.to(dt)[..., None], z0.to(dt)[..., None]).view(R, C)  # GPTQ's residual, exact in float32
     u = D @ H
-    err = (D * u).sum(-1)
+    err = (D * u).sum(-1).double()
     Dg, ug = D.view(R, G, gs), u.view(R, G, gs)
     H1 = Hb.sum(-1)  # [G, gs, G]: H_gh 1
-    Mq1 = torch.einsum("rgi,gih->rgh", q, H1)
-    M11 = H1.sum(1).expand(R, G, G)
-    M = torch.cat([torch.cat([_gram(q, Hb), Mq1], -1), torch.cat([Mq1.transpose(-1, -2), M11], -1)], -2)
-    r = torch.cat([(q * ug).sum(-1), ug.sum(-1)], -1)  # [R, 2G]
-    lam = damp * H.diagonal().mean()  # damping: lam * I adds lam * (basis Gram) on each group's own block
+    Mq1 = torch.einsum("rgi,gih->rgh", q, H1).double()
+    M11 = H1.sum(1).double().expand(R, G, G)
+    M = torch.cat([torch.cat([_gram(q, Hb).double(), Mq1], -1), torch.cat([Mq1.transpose(-1, -2), M11], -1)], -2)
+    r = torch.cat([(q * ug).sum(-1), ug.sum(-1)], -1).double()  # [R, 2G]
+    q, Dg = q.double(), Dg.double()
+    lam = damp * H.diagonal().double().mean()  # damping: lam * I adds lam * (basis Gram) on each group's own block
     sq2, sq1 = (q * q).sum(-1), q.sum(-1)
     Ms = M + lam * torch.cat([torch.cat([torch.diag_embed(sq2), torch.diag_embed(sq1)], -1),
                               torch.cat([torch.diag_embed(sq1), torch.diag_embed(torch.full_like(sq1, gs))], -1)], -2)
     rs = r + lam * torch.cat([(q * Dg).sum(-1), Dg.sum(-1)], -1)
-    eye = torch.eye(G, dtype=W.dtype, device=W.device).expand(R, G, G)
+    eye = torch.eye(G, dtype=torch.float64, device=W.device).expand(R, G, G)
     k = torch.cat([-s0, s0 * z0], -1)  # p = P s + k: c = s - s0, d = -s z + s0 z0
 
     def scales_for(z: torch.Tensor) -> torch.Tensor:  # zero fixed: least squares in the scales alone
@@ -141,14 +163,19 @@ def _refit_rows(W: torch.Tensor, H: torch.Tensor, damp: float, codes: torch.Tens
         cands.append((scales_for(z), z))
     best = torch.zeros_like(err)
     scale, zero = s0.clone(), z0.clone()
+    sure = torch.ones_like(err, dtype=torch.bool)
     for s, z in cands:
         p = torch.cat([s - s0, s0 * z0 - s * z], -1)
-        imp = 2 * (p * r).sum(-1) - (p[..., None, :] @ M @ p[..., :, None])[..., 0, 0]
+        pr, pmp = 2 * (p * r).sum(-1), (p[..., None, :] @ M @ p[..., :, None])[..., 0, 0]
+        imp = pr - pmp
         better = (imp > best) & (imp > ACCEPT * err)
         best = torch.where(better, imp, best)
         scale = torch.where(better[..., None], s, scale)
         zero = torch.where(better[..., None], z, zero)
-    return scale, zero, err, best, best > 0
+        if dt != torch.float64:  # float32 products: is this candidate clearly better or clearly worse?
+            margin = VERIFY * (pr.abs() + pmp.abs() + err)
+            sure &= ((imp - ACCEPT * err).abs() > margin) & torch.isfinite(imp)
+    return scale, zero, err, best, best > 0, sure
 
 
 @torch.no_grad()
