@@ -245,3 +245,24 @@ def test_gptq_rounds_choose_row_by_row_and_stop_when_nothing_improves():
     assert calls == [W.shape[1], W.shape[1] // 2]  # the second round requantized only the rows the first changed
     same, h = alternate(W, H, first, lambda Wr, r: r, 0)
     assert same is first and len(h) == 1
+
+
+def test_float32_refit_matches_the_float64_reference_and_redoes_close_rows_exactly(monkeypatch):
+    """The default float32 products give the float64 reference's error (to float rounding); a row whose
+    decision is close is redone in float64: with every row close, the result is the reference's, bit for bit."""
+    import moecompress.algorithms.refit as refit
+
+    for grid in (QuantGrid(2, 16), QuantGrid(3, 16, symmetric=True)):
+        W, H = _random(5)
+        res = gptq_quantize(W, H, grid)
+        ref, ref_info = refit_groups(W, H, res, grid.symmetric, exact=True)
+        fast, info = refit_groups(W, H, res, grid.symmetric)
+        assert ref_info["rows_verified"] == 0
+        assert float(row_errors(W, fast.weight, H).sum()) == pytest.approx(float(row_errors(W, ref.weight, H).sum()),
+                                                                           rel=1e-6)
+        monkeypatch.setattr(refit, "VERIFY", 1e30)  # every decision "close": every row redone in float64
+        redone, info = refit_groups(W, H, res, grid.symmetric)
+        monkeypatch.undo()
+        assert info["rows_verified"] == 1.0
+        assert torch.equal(redone.weight, ref.weight) and torch.equal(redone.scales, ref.scales)
+        assert torch.equal(redone.zeros, ref.zeros)
