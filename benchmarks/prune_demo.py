@@ -72,7 +72,7 @@ def ratio_ci(d: torch.Tensor) -> dict[str, float | list[float]]:
                                                             float(torch.tensor(m + half).exp())]}
 
 
-AUTO_SCORES = ["tcess", "reap", "frequency", "ean", "reap_freq"]
+AUTO_SCORES = ["tcess", "reap", "frequency", "ean", "reap_freq", "consensus"]
 
 
 def auto_experiment(base, profile: Path, windows, tasks, out: Path, ratio: float = 0.5) -> None:

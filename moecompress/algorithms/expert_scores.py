@@ -18,6 +18,11 @@ function of them:
   (EASY-EP, Dong et al. 2025, arXiv:2504.06792, sums ``g * ||f||`` over the task's tokens the same way,
   before its token-contribution factor; REAP's observer calls it ``weighted_ean_sum``).
 * EAN: sum over routed tokens of ``||f_e(x)||_2``. gate: ``sum g_e(x) / T``.
+* consensus: a Borda count, each expert's rank within its layer (0 = lowest) averaged over tcess, frequency,
+  reap, reap_freq and ean (ties ranked by expert index). The scores disagree most on the experts at the keep
+  boundary, and which one is right changes with the model; ranks put them on one scale, so no score's units
+  dominate. A candidate of ``prune --score auto`` (measured: it ties reap_freq on two Mixtral-style models and
+  is the best single score on one task of a Qwen3-MoE-style one).
 * Super experts (Su et al. 2025, arXiv:2507.23279; after REAP's guard): experts whose largest activation
   exceeds ``max(ratio * median of the per-expert maxima, global max / 10)``, looked for in the first 75 %
   of MoE layers. REAP compares with the 99.5th percentile of all activations; we keep one maximum per
@@ -33,7 +38,8 @@ __all__ = ["SCORES", "STATS", "expert_scores", "js_divergence", "routing_statist
 
 STATS = ("count", "top1", "gate_sum", "tcess_logit", "tcess_prob", "reap_sum", "ean_sum", "act_max", "out_max",
          "logit_sum")
-SCORES = ("tcess", "tcess_prob", "frequency", "reap", "reap_freq", "ean", "gate", "random")
+SCORES = ("tcess", "tcess_prob", "frequency", "reap", "reap_freq", "ean", "gate", "consensus", "random")
+CONSENSUS = ("tcess", "frequency", "reap", "reap_freq", "ean")  # the scores whose ranks `consensus` averages
 
 
 def _scatter_sum(index: torch.Tensor, values: torch.Tensor, E: int) -> torch.Tensor:
@@ -100,6 +106,10 @@ def expert_scores(stats: dict[str, torch.Tensor], tokens: int, score: str, seed:
         return stats["ean_sum"].clone()
     if score == "gate":
         return stats["gate_sum"] / tokens
+    if score == "consensus":  # Borda count: each expert's rank per layer, averaged over the scores
+        ranks = [expert_scores(stats, tokens, c).double().argsort(dim=-1, stable=True).argsort(dim=-1, stable=True).double()
+                 for c in CONSENSUS]
+        return torch.stack(ranks).mean(0)
     if score == "random":
         g = torch.Generator().manual_seed(seed)
         return torch.rand(count.shape, generator=g, dtype=torch.float64)

@@ -1,7 +1,7 @@
 """Expert pruning from a profile (PreMoe's PEP; Pei et al. 2025, arXiv:2505.17639).
 
 Per MoE layer, keep the best experts for the chosen tasks by the chosen score (TCESS, frequency, REAP,
-REAP x frequency, EAN, gate, random), protecting super experts. ``score: auto`` (the default) lets evidence
+REAP x frequency, EAN, gate, the rank consensus of these, random), protecting super experts. ``score: auto`` (the default) lets evidence
 choose: every candidate score's expert set at the budget is evaluated, in one streamed pass
 (`eval.expert_sets`), on held-out windows of the tasks' CALIBRATION text that the profile (and this run's
 calibration) did not read, and the set with the lowest next-token loss is kept. A further candidate,
@@ -34,9 +34,9 @@ from moecompress.stages.keep_experts import apply_keep
 
 __all__ = ["PruneConfig"]
 
-Score = Literal["tcess", "tcess_prob", "frequency", "reap", "reap_freq", "ean", "gate", "random"]
+Score = Literal["tcess", "tcess_prob", "frequency", "reap", "reap_freq", "ean", "gate", "consensus", "random"]
 assert set(Score.__args__) == set(SCORES)
-CANDIDATES = ("tcess", "reap", "frequency", "ean", "reap_freq")  # what `score: auto` compares by default
+CANDIDATES = ("tcess", "reap", "frequency", "ean", "reap_freq", "consensus")  # what `score: auto` compares by default
 
 
 class PruneConfig(StageConfig):
@@ -49,7 +49,7 @@ class PruneConfig(StageConfig):
           tasks: [math]               # omit for every task in the profile
           keep_ratio: 0.5             # or keep: 4, or cumulative: 0.9
           score: auto                 # or one score: tcess, reap, frequency, ...
-          candidates: [tcess, reap, frequency, ean, reap_freq]   # what auto compares
+          candidates: [tcess, reap, frequency, ean, reap_freq, consensus]   # what auto compares
           auto_samples: 32            # held-out calibration windows per task for auto
           layerwise: true             # auto also compares the per-layer mix of the candidates' sets
     """
@@ -89,8 +89,8 @@ class PruneConfig(StageConfig):
         if self.cumulative is not None and self.score == "auto":
             raise ValueError("cumulative coverage sets per-layer counts from one named score, not 'auto': "
                              "use score tcess_prob, frequency, reap, reap_freq, ean or gate")
-        if self.cumulative is not None and self.score in ("tcess", "random"):
-            raise ValueError(f"cumulative coverage needs a non-negative score, not {self.score!r}: "
+        if self.cumulative is not None and self.score in ("tcess", "random", "consensus"):
+            raise ValueError(f"cumulative coverage needs a score measured in shares, not {self.score!r}: "
                              "use tcess_prob, frequency, reap, reap_freq, ean or gate")
         return self
 
@@ -200,6 +200,7 @@ def run(ctx: StageContext, cfg: PruneConfig) -> dict[str, Any]:
         "profile": str(profile.path) if profile.path else "(this recipe)", "tasks": tasks, "score": score,
         "score_note": {"tcess": "PreMoe TCESS on raw router logits", "tcess_prob": "TCESS on routing probabilities",
                        "reap_freq": "REAP x routing frequency",
+                       "consensus": "each expert's rank averaged over tcess, frequency, reap, reap_freq and ean",
                        LAYERWISE: "per MoE layer, the candidate score whose experts keep that layer's outputs "
                                   "closest to the unpruned model's (score_auto.candidates.layerwise.layers)"
                        }.get(score, score),

@@ -38,3 +38,26 @@ def test_statistics_of_a_hand_made_layer():
     assert torch.allclose(reap, torch.tensor([0.7, 1.2, 1.6], dtype=torch.float64))
     with pytest.raises(ValueError):
         expert_scores({k: v[None] for k, v in s.items()}, 2, "nonsense")
+
+
+def test_consensus_is_the_mean_rank_and_ignores_each_scores_units():
+    """consensus: each expert's rank in its layer averaged over tcess, frequency, reap, reap_freq and ean; a
+    monotone change of the statistics' scale changes no rank, so no consensus value."""
+    g = torch.Generator().manual_seed(0)
+    L, E = 3, 6
+    stats = {"count": torch.randint(1, 50, (L, E), generator=g).double(),
+             "tcess_logit": torch.randn(L, E, generator=g).double(), "tcess_prob": torch.rand(L, E, generator=g).double(),
+             "reap_sum": torch.rand(L, E, generator=g).double() * 10, "ean_sum": torch.rand(L, E, generator=g).double(),
+             "gate_sum": torch.rand(L, E, generator=g).double()}
+    got = expert_scores(stats, 100, "consensus")
+    want = torch.zeros(L, E, dtype=torch.float64)
+    for c in ("tcess", "frequency", "reap", "reap_freq", "ean"):
+        s = expert_scores(stats, 100, c)
+        for j in range(L):
+            for e in range(E):
+                lower = (s[j] < s[j, e]) | ((s[j] == s[j, e]) & (torch.arange(E) < e))  # ties: by expert index
+                want[j, e] += float(lower.sum()) / 5
+    assert torch.allclose(got, want)
+    scaled = {**stats, "reap_sum": stats["reap_sum"] * 1e6, "ean_sum": stats["ean_sum"] * 1e-6}
+    assert torch.equal(expert_scores(scaled, 100, "consensus"), got)
+    assert got.min() >= 0 and got.max() <= E - 1

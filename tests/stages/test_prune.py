@@ -125,8 +125,9 @@ def test_budget_checks_name_the_fix():
         PruneConfig(keep=5).check(ds, find_arch(ds))
     with pytest.raises(ValueError, match="exactly one budget"):
         PruneConfig(keep=2, keep_ratio=0.5)
-    with pytest.raises(ValueError, match="non-negative score"):
-        PruneConfig(cumulative=0.9, score="tcess")
+    for score in ("tcess", "consensus"):
+        with pytest.raises(ValueError, match="a score measured in shares"):
+            PruneConfig(cumulative=0.9, score=score)
 
 
 @torch.no_grad()
