@@ -16,7 +16,8 @@ so a candidate's error is ``e - 2 p.r + p^T M p`` with ``p = (c, d)``, ``r = (q_
 residual product ``u = (w - w_hat) H`` and the ``2G x 2G`` Gram ``M`` of the basis ``(q_g, 1_g)``. Per row
 that is two ``O(C^2)`` products (``u`` and the ``q``-Gram; the ``1``-Grams are per expert) instead of one per
 candidate, and no cancellation: the improvement is computed directly, not as a difference of two errors.
-A candidate is kept only if its improvement exceeds ``1e-9`` of the row's error (well above float64 rounding).
+A candidate is kept only if its improvement exceeds ``1e-9`` of the row's error (well above float64 rounding);
+the two products run in float32 and a row near that threshold is redone in float64 (`refit_groups`).
 Damping (the normal equations use ``H + damp * mean(diag H) I``, as GPTQ damps) enters as a diagonal term.
 
 Shapes: E experts, O output rows (R in a chunk), C input columns, G groups of ``gs = C / G`` columns.
@@ -80,8 +81,8 @@ def refit_groups(W: torch.Tensor, H: torch.Tensor, res: QuantResult, symmetric: 
     Precision: the two ``O(C^2)`` products per row (the residual product and the code Gram) run in float32 (twice
     float64's speed on a CPU, and far more on GPUs with slow float64), the small ``2G x 2G`` solves in float64.
     A row whose float32 improvement is not clearly positive or clearly negative (within `VERIFY` of its own
-    magnitude) is computed again entirely in float64, so the accept/keep decision is float64's wherever float32
-    could have got it wrong. ``exact``: every product in float64 (the reference)."""
+    magnitude, about 100x float32's relative rounding of such sums: a margin, not a proof) is computed again
+    entirely in float64. ``exact``: every product in float64 (the reference)."""
     E, O, C = W.shape
     dt = torch.float64 if exact else torch.float32
     G = res.scales.shape[-1]
