@@ -107,9 +107,9 @@ def expert_scores(stats: dict[str, torch.Tensor], tokens: int, score: str, seed:
     if score == "gate":
         return stats["gate_sum"] / tokens
     if score == "consensus":  # Borda count: each expert's rank per layer, averaged over the scores
-        ranks = [expert_scores(stats, tokens, c).double().argsort(dim=-1, stable=True).argsort(dim=-1, stable=True).double()
+        ranks = [expert_scores(stats, tokens, c).double().argsort(dim=-1, stable=True).argsort(dim=-1, stable=True)
                  for c in CONSENSUS]
-        return torch.stack(ranks).mean(0)
+        return torch.stack(ranks).double().mean(0)
     if score == "random":
         g = torch.Generator().manual_seed(seed)
         return torch.rand(count.shape, generator=g, dtype=torch.float64)

@@ -70,8 +70,8 @@ def _solve(M: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
 def refit_groups(W: torch.Tensor, H: torch.Tensor, res: QuantResult, symmetric: bool, damp: float = 0.01,
                  zero_max: int = 255, exact: bool = False) -> tuple[QuantResult, dict[str, float]]:
     """Refit the scales (and zeros, asymmetric grids) of ``res`` for ``W [E, O, C]`` and Hessians ``H [E, C, C]``
-    with ``res.codes`` fixed; returns the new result and ``{"rows_changed", "rows_verified", "error_before", "error_after"}`` (rows_verified:
-    the share of rows redone in float64).
+    with ``res.codes`` fixed; returns the new result and ``{"rows_changed", "rows_verified", "error_before",
+    "error_after"}`` (rows_verified: the share of rows redone in float64).
 
     ``H`` is the Hessian GPTQ used (an all-zero one, an expert without tokens, counts as the identity: plain
     squared error). The normal equations are solved on ``H`` plus ``damp`` times its mean diagonal (as GPTQ

@@ -80,9 +80,9 @@ def prune(
     keep_ratio: Annotated[Optional[float], typer.Option("--keep-ratio", help="Share of experts to keep.")] = None,
     cumulative: Annotated[Optional[float], typer.Option(
         "--cumulative", help="Keep experts until this share of the score is covered (per-layer counts).")] = None,
-    score: Annotated[str, typer.Option("--score", help="auto | tcess | tcess_prob | frequency | reap | reap_freq | consensus | "
-                                       "ean | gate | random. auto: try each --candidates score's experts on "
-                                       "held-out calibration text, keep the lowest loss.")] = "auto",
+    score: Annotated[str, typer.Option("--score", help="auto | tcess | tcess_prob | frequency | reap | reap_freq | "
+                                       "consensus | ean | gate | random. auto: try each --candidates score's experts "
+                                       "on held-out calibration text, keep the lowest loss.")] = "auto",
     candidates: Annotated[str, typer.Option("--candidates", help="--score auto: the scores to compare "
                                             "(comma-separated).")] = "tcess,reap,frequency,ean,reap_freq,consensus",
     auto_samples: Annotated[int, typer.Option("--auto-samples", help="--score auto: held-out calibration windows "

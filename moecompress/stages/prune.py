@@ -1,8 +1,8 @@
 """Expert pruning from a profile (PreMoe's PEP; Pei et al. 2025, arXiv:2505.17639).
 
 Per MoE layer, keep the best experts for the chosen tasks by the chosen score (TCESS, frequency, REAP,
-REAP x frequency, EAN, gate, the rank consensus of these, random), protecting super experts. ``score: auto`` (the default) lets evidence
-choose: every candidate score's expert set at the budget is evaluated, in one streamed pass
+REAP x frequency, EAN, gate, the rank consensus of these, random), protecting super experts. ``score: auto``
+(the default) lets evidence choose: every candidate score's expert set at the budget is evaluated, in one streamed pass
 (`eval.expert_sets`), on held-out windows of the tasks' CALIBRATION text that the profile (and this run's
 calibration) did not read, and the set with the lowest next-token loss is kept. A further candidate,
 ``layerwise``, is built in the same pass: each MoE layer takes whichever candidate's set keeps that layer's
@@ -36,7 +36,7 @@ __all__ = ["PruneConfig"]
 
 Score = Literal["tcess", "tcess_prob", "frequency", "reap", "reap_freq", "ean", "gate", "consensus", "random"]
 assert set(Score.__args__) == set(SCORES)
-CANDIDATES = ("tcess", "reap", "frequency", "ean", "reap_freq", "consensus")  # what `score: auto` compares by default
+CANDIDATES = ("tcess", "reap", "frequency", "ean", "reap_freq", "consensus")  # what `score: auto` compares
 
 
 class PruneConfig(StageConfig):
@@ -63,7 +63,8 @@ class PruneConfig(StageConfig):
     score: Score | Literal["auto"] = "auto"
     candidates: list[str] = list(CANDIDATES)  # score auto: the scores whose expert sets are compared
     auto_samples: int = Field(32, ge=1)  # score auto: held-out windows per task (the profile's window length)
-    layerwise: bool = True  # score auto: also a model whose layers each take the candidate set closest to the original
+    layerwise: bool = True  # score auto: also a model whose layers each take the candidate set closest to the
+    # unpruned model's outputs
     seed: int = 0  # for score: random
     protect_super: bool = True
     uneven: Literal["fill", "mask"] = "fill"  # cumulative: pad layers with next-best experts, or with dead ones
@@ -150,14 +151,15 @@ def run(ctx: StageContext, cfg: PruneConfig) -> dict[str, Any]:
     auto = None
     score = cfg.score
     if score == "auto":
-        sets = {c: select_experts(_scores(profile, c, tasks, cfg.seed, layers), n, protect, groups)
-                for c in cfg.candidates}
+        each = {c: _scores(profile, c, tasks, cfg.seed, layers) for c in cfg.candidates}  # [L, E] per candidate
+        sets = {c: select_experts(v, n, protect, groups) for c, v in each.items()}
         auto = _choose(ctx, cfg, profile, tasks, {c: dict(zip(layers, v)) for c, v in sets.items()})
         score = auto["chosen"]
-    if score == LAYERWISE:  # each layer's row from the score its layer chose (selection is row by row)
-        by = auto["candidates"][LAYERWISE]["layers"]
-        rows = {c: _scores(profile, c, tasks, cfg.seed, layers) for c in set(by.values())}
-        scores = torch.stack([rows[by[str(i)]][j] for j, i in enumerate(layers)])
+        if score == LAYERWISE:  # each layer's row from the score its layer chose (selection is row by row)
+            by = auto["candidates"][LAYERWISE]["layers"]
+            scores = torch.stack([each[by[str(i)]][j] for j, i in enumerate(layers)])
+        else:
+            scores = each[score]
     else:
         scores = _scores(profile, score, tasks, cfg.seed, layers)  # [L, E]
     needed = None
