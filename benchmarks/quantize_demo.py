@@ -82,6 +82,10 @@ ROWS = [
     ("GPTQ + sequential", {**BASE, "sequential": True}),
     ("GPTQ + sequential (layer targets)", {**BASE, "sequential": True, "sequential_targets": "layer"}),
     ("all (default)", {}),
+    ("all + fractional zeros", {"fractional_zeros": True}),
+    ("all - fractional zeros", {"fractional_zeros": False}),
+    ("GPTQ + fractional zeros", {**BASE, "fractional_zeros": True}),
+    ("RTN + fractional zeros", {**BASE, "method": "rtn", "fractional_zeros": True}),
     ("all - GPTQ rounds", {"gptq_rounds": 0}),  # at 2 bits (the default has none above)
     ("all + GPTQ rounds", {"gptq_rounds": 4}),  # at 3-4 bits
     ("all - sequential", {"sequential": False}),

@@ -14,20 +14,21 @@ from __future__ import annotations
 
 import torch
 
-from moecompress.algorithms.quant_grid import QuantResult, dequantize
+from moecompress.algorithms.quant_grid import QuantResult, dequantize, quantize_codes
 
 __all__ = ["refine_codes"]
 
 
 @torch.no_grad()
 def refine_codes(W: torch.Tensor, H: torch.Tensor, res: QuantResult, maxq: int, sweeps: int = 1,
-                 damp: float = 0.0, block: int = 64) -> QuantResult:
+                 damp: float = 0.0, block: int = 64, fractional: bool = False) -> QuantResult:
     """``sweeps`` cyclic passes over the columns of ``W [E, O, C]`` (Hessians ``H [E, C, C]``; an all-zero one
     counts as the identity) re-choosing each code of ``res`` on its group's fixed grid ``0 .. maxq``.
 
     Lazy updates, as GPTQ's: a code change updates ``P = (W - W_hat) H`` at once only on the columns of its
     ``block``; the block's changes reach the other columns in one batched product when the block ends (the same
-    decisions as updating every column each time, in products instead of ``C`` rank-one updates)."""
+    decisions as updating every column each time, in products instead of ``C`` rank-one updates). ``fractional``:
+    the zeros need not be integers (`quant_grid.quantize_codes`)."""
     E, O, C = W.shape
     G = res.scales.shape[-1]
     gs = C // G
@@ -50,7 +51,7 @@ def refine_codes(W: torch.Tensor, H: torch.Tensor, res: QuantResult, maxq: int, 
             before = Wq[:, :, a:b].clone()
             for j in range(a, b):
                 target = Wq[:, :, j] + P[:, :, j] / safe[:, None, j]
-                q = torch.clamp(torch.round(target / scale[:, :, j]) + zero[:, :, j], 0, maxq)
+                q = quantize_codes(target, scale[:, :, j], zero[:, :, j], maxq, fractional)
                 q = torch.where(live[:, None, j], q, codes[:, :, j])
                 new = (q - zero[:, :, j]) * scale[:, :, j]
                 delta = Wq[:, :, j] - new  # the change of D's column j

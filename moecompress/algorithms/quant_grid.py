@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["QuantGrid", "QuantResult", "TernaryGrid", "dequantize", "dequantize_ternary", "fake_quant_tokens", "find_params",
-           "quantize_codes", "rtn_quantize", "storable", "ternary_params"]
+           "fractional_zero_bits", "quantize_codes", "rtn_quantize", "storable", "ternary_params"]
 
 
 @dataclass(frozen=True)
@@ -29,10 +29,16 @@ class QuantGrid:
     symmetric: bool = False
     clip_search: bool = True
     clip_floor: float = 0.2  # the smallest range factor the clip search tries
+    zero_frac: int = 0  # fraction bits of asymmetric zero points (0: integers; `fractional_zero_bits`)
 
     @property
     def maxq(self) -> int:
         return 2 ** self.bits - 1
+
+    @property
+    def zero_step(self) -> float:
+        """The spacing of storable zero points (1 for integer zeros)."""
+        return 2.0 ** -self.zero_frac
 
     def groups(self, columns: int) -> int:
         return 1 if self.group_size in (-1, 0) or self.group_size >= columns else columns // self.group_size
@@ -45,7 +51,13 @@ class QuantGrid:
         return find_params(w, self)
 
     def codes(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
-        return quantize_codes(w, scale, zero, self.maxq)
+        return quantize_codes(w, scale, zero, self.maxq, self.zero_frac > 0)
+
+
+def fractional_zero_bits(bits: int) -> int:
+    """Fraction bits a uint8 zero point has room for beside the integer part of a ``bits``-wide grid's zero
+    (``8 - bits``): zeros in steps of ``2^-(8 - bits)`` on ``[0, 2^bits)``, in the same byte as an integer zero."""
+    return max(0, 8 - bits)
 
 
 @dataclass(frozen=True)
@@ -150,7 +162,8 @@ def storable(scale: torch.Tensor) -> torch.Tensor:
     return scale.clamp(min=1e-6, max=60000.0).half().float()
 
 
-def _params(xmin: torch.Tensor, xmax: torch.Tensor, maxq: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _params(xmin: torch.Tensor, xmax: torch.Tensor, maxq: int, symmetric: bool,
+            zero_frac: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     xmin, xmax = xmin.clamp(max=0), xmax.clamp(min=0)
     if symmetric:
         xmax = torch.maximum(xmin.abs(), xmax)
@@ -158,11 +171,20 @@ def _params(xmin: torch.Tensor, xmax: torch.Tensor, maxq: int, symmetric: bool) 
     same = (xmax - xmin) == 0
     xmin, xmax = torch.where(same, -torch.ones_like(xmin), xmin), torch.where(same, torch.ones_like(xmax), xmax)
     scale = storable((xmax - xmin) / maxq)
-    zero = torch.full_like(scale, (maxq + 1) / 2) if symmetric else torch.round(-xmin / scale)
-    return scale, zero
+    if symmetric:
+        return scale, torch.full_like(scale, (maxq + 1) / 2)
+    if zero_frac:  # the grid's first level as close to xmin as the zero's fraction bits allow
+        k = 2.0 ** zero_frac
+        return scale, (torch.round(-xmin / scale * k) / k).clamp(0, maxq)
+    return scale, torch.round(-xmin / scale)
 
 
-def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int,
+                   fractional: bool = False) -> torch.Tensor:
+    """The nearest level's code; ``fractional``: zeros that need not be integers (``round(w / s + z)``; integer
+    zeros keep ``round(w / s) + z``, which differs from it only on exact ties, for unchanged bytes)."""
+    if fractional:
+        return torch.clamp(torch.round(w / scale + zero), 0, maxq)
     return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
 
 
@@ -186,7 +208,8 @@ def find_params(w: torch.Tensor, grid: QuantGrid, rows: int = 16384) -> tuple[to
 def _find_rows(w: torch.Tensor, grid: QuantGrid) -> tuple[torch.Tensor, torch.Tensor]:
     """``find_params`` of ``w [R, n]`` (float32)."""
     xmin, xmax = w.amin(dim=-1, keepdim=True), w.amax(dim=-1, keepdim=True)
-    scale, zero = _params(xmin, xmax, grid.maxq, grid.symmetric)
+    frac = 0 if grid.symmetric else grid.zero_frac
+    scale, zero = _params(xmin, xmax, grid.maxq, grid.symmetric, frac)
     if not grid.clip_search:
         return scale, zero
     best = torch.full_like(scale, float("inf"))
@@ -195,9 +218,10 @@ def _find_rows(w: torch.Tensor, grid: QuantGrid) -> tuple[torch.Tensor, torch.Te
 
     def trial(p: torch.Tensor) -> None:
         nonlocal best, scale, zero, factor
-        s, z = _params(p * xmin, p * xmax, grid.maxq, grid.symmetric)
+        s, z = _params(p * xmin, p * xmax, grid.maxq, grid.symmetric, frac)
         # |dequantize(quantize_codes(w, s, z)) - w| ** 2.4, in place
-        d = torch.div(w, s, out=buf).round_().add_(z).clamp_(0, grid.maxq).sub_(z).mul_(s).sub_(w).abs_().pow_(2.4)
+        q = torch.div(w, s, out=buf).add_(z).round_() if frac else torch.div(w, s, out=buf).round_().add_(z)
+        d = q.clamp_(0, grid.maxq).sub_(z).mul_(s).sub_(w).abs_().pow_(2.4)
         err = d.sum(dim=-1, keepdim=True)
         better = err < best
         best = torch.where(better, err, best)

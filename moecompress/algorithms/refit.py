@@ -68,7 +68,7 @@ def _solve(M: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def refit_groups(W: torch.Tensor, H: torch.Tensor, res: QuantResult, symmetric: bool, damp: float = 0.01,
-                 zero_max: int = 255, exact: bool = False) -> tuple[QuantResult, dict[str, float]]:
+                 zero_max: int = 255, exact: bool = False, zero_frac: int = 0) -> tuple[QuantResult, dict[str, float]]:
     """Refit the scales (and zeros, asymmetric grids) of ``res`` for ``W [E, O, C]`` and Hessians ``H [E, C, C]``
     with ``res.codes`` fixed; returns the new result and ``{"rows_changed", "rows_verified", "error_before",
     "error_after"}`` (rows_verified: the share of rows redone in float64).
@@ -82,7 +82,9 @@ def refit_groups(W: torch.Tensor, H: torch.Tensor, res: QuantResult, symmetric: 
     float64's speed on a CPU, and far more on GPUs with slow float64), the small ``2G x 2G`` solves in float64.
     A row whose float32 improvement is not clearly positive or clearly negative (within `VERIFY` of its own
     magnitude, about 100x float32's relative rounding of such sums: a margin, not a proof) is computed again
-    entirely in float64. ``exact``: every product in float64 (the reference)."""
+    entirely in float64. ``exact``: every product in float64 (the reference). ``zero_frac``: the zeros are stored
+    with this many fraction bits (`quant_grid.fractional_zero_bits`): proposed zeros are rounded to steps of
+    ``2^-zero_frac`` on ``[0, zero_max * 2^-zero_frac]`` (``zero_max``: the largest stored value)."""
     E, O, C = W.shape
     dt = torch.float64 if exact else torch.float32
     G = res.scales.shape[-1]
@@ -96,14 +98,15 @@ def refit_groups(W: torch.Tensor, H: torch.Tensor, res: QuantResult, symmetric: 
         He64 = None
         for a in range(0, O, step):
             rows = slice(a, a + step)
-            args = (res.codes[e, rows], res.scales[e, rows].double(), res.zeros[e, rows].double(), symmetric, zero_max)
+            args = (res.codes[e, rows], res.scales[e, rows].double(), res.zeros[e, rows].double(), symmetric, zero_max,
+                    zero_frac)
             s, z, b, imp, ok, sure = _refit_rows(W[e, rows].detach().to(dt), He, damp, *args)
             if not bool(sure.all()):  # float64 where float32 may have decided wrong
                 He64 = He.double() if He64 is None else He64
                 idx = (~sure).nonzero().flatten()
                 verified += len(idx)
                 got = _refit_rows(W[e, rows][idx].detach().double(), He64, damp, res.codes[e, rows][idx],
-                                  args[1][idx], args[2][idx], symmetric, zero_max)
+                                  args[1][idx], args[2][idx], symmetric, zero_max, zero_frac)
                 for t, g in zip((s, z, b, imp, ok), got):
                     t[idx] = g.to(t.dtype)
             before += float(b.sum())
@@ -120,7 +123,7 @@ def refit_groups(W: torch.Tensor, H: torch.Tensor, res: QuantResult, symmetric: 
 
 
 def _refit_rows(W: torch.Tensor, H: torch.Tensor, damp: float, codes: torch.Tensor, s0: torch.Tensor,
-                z0: torch.Tensor, symmetric: bool, zero_max: int) -> tuple[torch.Tensor, ...]:
+                z0: torch.Tensor, symmetric: bool, zero_max: int, zero_frac: int = 0) -> tuple[torch.Tensor, ...]:
     """`refit_groups` on one expert's rows ``W [R, C]`` with ``H [C, C]``: ``(scale, zero, error before,
     improvement, accepted, sure)``, the last four ``[R]`` (improvement 0 where GPTQ's parameters are kept).
     The ``O(C^2)`` products run in ``W``'s dtype (float32 or float64), the rest in float64; ``sure``: whether the
@@ -159,7 +162,8 @@ def _refit_rows(W: torch.Tensor, H: torch.Tensor, damp: float, codes: torch.Tens
     if not symmetric:  # joint fit of (c, d): the zero it implies, rounded, then the scales again
         p = _solve(Ms, rs)
         s = s0 + p[..., :G]
-        z = torch.round((s0 * z0 - p[..., G:]) / s).clamp(0, zero_max)
+        unit = 2.0 ** zero_frac  # stored zero steps per grid step
+        z = (torch.round((s0 * z0 - p[..., G:]) / s * unit) / unit).clamp(0, zero_max / unit)
         z = torch.where(torch.isfinite(z) & (s > 0), z, z0)
         cands.append((scales_for(z), z))
     best = torch.zeros_like(err)

@@ -152,6 +152,10 @@ def quantize(
     method: Annotated[str, typer.Option(help="gptq | rtn")] = "gptq",
     symmetric: Annotated[bool, typer.Option("--symmetric/--asymmetric", help="Weight grid without/with zero points "
                                             "(symmetric W4A16/W8A16 exports to compressed-tensors).")] = False,
+    fractional_zeros: Annotated[Optional[bool], typer.Option(
+        "--fractional-zeros/--integer-zeros", help="Asymmetric grids: zero points in steps of 2^-(8-b), in the byte "
+        "an integer zero takes (the levels need not include 0; packed as int<b>-fz, format version 3) (default: on "
+        "for 2-bit weights, integer above).")] = None,
     smooth: Annotated[Optional[bool], typer.Option("--smooth/--no-smooth", help="EAQuant expert-aware smoothing "
                                                    "(default: on when activations are quantized).")] = None,
     smooth_alpha: Annotated[float, typer.Option("--smooth-alpha")] = 0.6,
@@ -205,8 +209,8 @@ def quantize(
         "pairs, e.g. 0:4 or 0:4,1:3 (the first layers carry much of the 2-bit error) (default: none).")] = None,
     fake_quant: Annotated[bool, typer.Option("--fake-quant", help="Write dequantized bf16 weights and the record "
                                                                   "instead of the packed format.")] = False,
-    codec: Annotated[str, typer.Option(help="Packed codec: auto (the scheme's int<b>); ternary codecs need "
-                                       "`moecompress ternary`.")] = "auto",
+    codec: Annotated[str, typer.Option(help="Packed codec: auto (the scheme's int<b>, as int<b>-fz where the zero "
+                                       "points are fractional); ternary codecs need `moecompress ternary`.")] = "auto",
     tasks: TasksOpt = None,
     data: DataOpt = None,
     samples: Annotated[int, typer.Option(help="Calibration windows per task.")] = 32,
@@ -232,7 +236,8 @@ def quantize(
                                      ("act_order", act_order), ("clip_search", clip_search), ("clip_floor", clip_floor),
                                      ("sequential", sequential), ("linear_bits", linear_bits),
                                      ("layer_bits", _layer_bits(layer_bits)),
-                                     ("sequential_targets", sequential_targets))
+                                     ("sequential_targets", sequential_targets),
+                                     ("fractional_zeros", fractional_zeros))
                     if v is not None}}  # unset: the stage config's defaults
         recipe = validate_command("quantize", model, _calibration(tasks, data, samples, seq_len, seed), stage,
                                   {"save_format": "--fake-quant"}, _run(device, dtype, offload_hidden))

@@ -7,6 +7,9 @@ Packed tensors, with local names (the checkpoint prefixes them with the weight's
 * ``int8`` / ``int4`` / ``int3`` / ``int2``: ``packed`` int32 ``[E, O, ceil(C*b/32)]`` (dense, LSB-first along
   the input features: compressed-tensors' pack-quantized layout), ``scale`` float16 ``[E, O, G]``,
   ``zero`` uint8 ``[E, O, G]`` for asymmetric grids (symmetric grids have ``zero = 2^(b-1)`` implied).
+* ``int4-fz`` / ``int3-fz`` / ``int2-fz`` (version 3): the same, with fractional zero points: the byte holds
+  ``zero * 2^(8-b)`` (zeros in steps of ``2^-(8-b)`` on ``[0, 2^b)``; `quant_grid.fractional_zero_bits`), so the
+  grid's levels need not include 0. Same size as the integer form.
 * ``ternary2``: ternary ``t`` stored as ``t + 2`` in the int2 layout (compressed-tensors' symmetric int2:
   codes {-1, 0, 1}), ``scale`` float16; value ``t * scale``.
 * ``ternary-b3``: ``trits`` uint8 ``[E, O, ceil(C/5)]``, five trits per byte (GGUF TQ1_0's base-3 encoding),
@@ -33,7 +36,8 @@ from moecompress.formats.bitpack import pack_bits, pack_trits, packed_width, unp
 from moecompress.formats.dictcode import dict_decode, dict_table, pick_and_encode
 from moecompress.registry import Registry
 
-__all__ = ["CODECS", "Codec", "decode", "encode", "encoded_bits_per_weight", "packed_bits_per_weight"]
+__all__ = ["CODECS", "Codec", "decode", "encode", "encoded_bits_per_weight", "int_codec", "packed_bits_per_weight",
+           "stored_zeros"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,7 @@ class Codec:
     ternary: bool = False
     base3: bool = False
     dict: bool = False  # variable-rate dictionary code (ternary-dict)
+    zero_frac: int = 0  # fraction bits of the stored zero points (the -fz codecs: 8 - bits)
 
     def bits_per_code(self) -> float:
         return 1.6 if self.base3 else float(self.bits)
@@ -51,6 +56,24 @@ class Codec:
 CODECS: Registry[Codec] = Registry("codec")
 for _b in (8, 4, 3, 2):
     CODECS.add(f"int{_b}", Codec(f"int{_b}", _b))
+for _b in (4, 3, 2):
+    CODECS.add(f"int{_b}-fz", Codec(f"int{_b}-fz", _b, zero_frac=8 - _b))
+
+
+def int_codec(bits: int, fractional_zeros: bool = False) -> str:
+    """The integer codec of ``bits``-wide codes (``fractional_zeros``: its ``-fz`` form, where there is one)."""
+    return f"int{bits}-fz" if fractional_zeros and f"int{bits}-fz" in CODECS else f"int{bits}"
+
+
+def stored_zeros(zero: torch.Tensor, zero_frac: int) -> torch.Tensor:
+    """Zero points as their uint8 bytes (``zero * 2^zero_frac``); a zero off that grid or out of range is an
+    error, never silently rounded."""
+    k = zero.double() * 2 ** zero_frac
+    if bool((k != k.round()).any()) or bool(((k < 0) | (k > 255)).any()):
+        step = "integers" if zero_frac == 0 else f"multiples of 2^-{zero_frac}"
+        raise ValueError(f"zero points must be {step} in [0, {255 / 2 ** zero_frac:g}] to be stored "
+                         f"(got values from {float(zero.min()):g} to {float(zero.max()):g})")
+    return k.to(torch.uint8).contiguous()
 CODECS.add("ternary2", Codec("ternary2", 2, ternary=True))
 CODECS.add("ternary-b3", Codec("ternary-b3", 8, ternary=True, base3=True))
 CODECS.add("ternary-dict", Codec("ternary-dict", 16, ternary=True, dict=True))
@@ -93,7 +116,7 @@ def encode(codec: str, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Ten
         return out
     out["packed"] = _by_rows(lambda q: pack_bits(q, c.bits), codes)
     if not symmetric:
-        out["zero"] = zero.to(torch.uint8).contiguous()
+        out["zero"] = stored_zeros(zero, c.zero_frac)
     return out
 
 
@@ -110,7 +133,8 @@ def decode(codec: str, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
         codes = t.to(torch.int64) + 1
         return codes, scale, torch.ones_like(scale)
     codes = unpack_bits(tensors["packed"], c.bits, C).to(torch.int64)
-    zero = tensors["zero"].float() if "zero" in tensors else torch.full_like(scale, float(2 ** (c.bits - 1)))
+    zero = tensors["zero"].float() / 2 ** c.zero_frac if "zero" in tensors else \
+        torch.full_like(scale, float(2 ** (c.bits - 1)))
     return codes, scale, zero
 
 

@@ -24,7 +24,7 @@ import torch
 
 from moecompress.errors import MoecompressError
 from moecompress.formats.checkpoint import FORMAT_VERSION, QUANT_METHOD, checksum
-from moecompress.formats.codecs import CODECS, encode, encoded_bits_per_weight, packed_bits_per_weight
+from moecompress.formats.codecs import CODECS, encode, encoded_bits_per_weight, int_codec, packed_bits_per_weight
 from moecompress.formats.quant_record import QuantRecord
 from moecompress.formats.spec import PROJS, ModuleSpec
 from moecompress.io.checkpoint import CheckpointWriter
@@ -49,6 +49,18 @@ def _codec(meta: dict | None, ternary_codec: str) -> tuple[str, bool]:
     return f"int{meta['bits']}", bool(meta.get("symmetric", False))
 
 
+def _zero_form(codec: str, zero: torch.Tensor, symmetric: bool) -> str:
+    """An integer codec's ``-fz`` form where the zero points are not all integers (`quantize
+    --fractional-zeros`); integer zeros keep the integer codec (a version 2 checkpoint)."""
+    if symmetric or not codec.startswith("int") or bool((zero == zero.round()).all()):
+        return codec
+    fz = int_codec(CODECS.get(codec).bits, True)
+    if fz == codec:
+        raise MoecompressError(f"{codec} weights have fractional zero points, which it cannot store",
+                               "quantize again without --fractional-zeros")
+    return fz
+
+
 TERNARY_CODECS = ("ternary-b3", "ternary2", "ternary-dict", "auto")
 
 
@@ -56,6 +68,7 @@ def _encode(codec: str, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, symme
             neg: torch.Tensor | None) -> tuple[str, dict[str, torch.Tensor]]:
     """``(codec, tensors)``; ``auto`` (ternary weights): the smaller of ``ternary-b3`` and ``ternary-dict``."""
     if codec != "auto":
+        codec = _zero_form(codec, z, symmetric)
         return codec, encode(codec, q, s, z, symmetric, neg)
     options = [(c, encode(c, q, s, z, symmetric, neg)) for c in ("ternary-b3", "ternary-dict")]
     return min(options, key=lambda o: encoded_bits_per_weight(o[1]))
@@ -156,6 +169,7 @@ class PackedWriter:
                 raise MoecompressError(f"{name}: ternary-dict is written for routed experts only",
                                        "use --codec ternary-b3 for ternary linears")
             q, s, z = (record.tensors[f"{name}.{x}"] for x in ("codes", "scales", "zeros"))
+            codec = _zero_form(codec, z, symmetric)
             if f"{name}.weight" not in tensors:
                 raise MoecompressError(f"the quantization record has {name}, which this part of the model lacks",
                                        "quantize the model again")
@@ -178,7 +192,9 @@ class PackedWriter:
         self.writer.close()
         cfg = dict(config)
         cfg["dtype"] = str(self.stored).replace("torch.", "")
-        cfg["quantization_config"] = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION,
+        # version 3 only where a -fz codec is used: every other checkpoint stays readable by version-2 readers
+        fz = any(CODECS.get(c).zero_frac for m in self.modules.values() for c in m.all_codecs)
+        cfg["quantization_config"] = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION if fz else 2,
                                       "modules": {k: m.to_dict() for k, m in self.modules.items()},
                                       "checksums": self.checksums,
                                       "activations": self.meta.get("activations")}

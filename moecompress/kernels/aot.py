@@ -84,7 +84,7 @@ class KernelSpec:
     """One kernel specialization as plain data (picklable for worker processes)."""
 
     kernel: str  # "mm", "dequant", "align" or "dict" (the ternary-dict decoder, triton_dict)
-    codec: tuple = ()  # (bits, ternary, base3, asymmetric); dict: (two-level scales,)
+    codec: tuple = ()  # (bits, ternary, base3, asymmetric[, zero fraction bits]); dict: (two-level scales,)
     dtype: str = "fp16"  # activations (mm) or output (dequant)
     N: int = 0
     K: int = 0
@@ -120,8 +120,8 @@ def launch_values(spec: KernelSpec):
         return td._moe_align_kernel, values, {"num_warps": values.pop("num_warps")}
     if spec.kernel == "dict":
         return _dict_launch(spec)
-    bits, ternary, base3, asym = spec.codec
-    geo = td.geometry(bits, ternary, base3)
+    bits, ternary, base3, asym, *frac = spec.codec
+    geo = td.geometry(bits, ternary, base3, frac[0] if frac else 0)
     K, N = spec.K, spec.N
     G = max(1, K // spec.group) if spec.group > 0 else 1
     W = (K + 4) // 5 if base3 else (K * bits + 31) // 32

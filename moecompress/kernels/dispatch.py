@@ -114,7 +114,7 @@ def _key(bits: int, ternary: bool, base3: bool, zero: torch.Tensor | None) -> tu
 
 # ------------------------------------------------------------------------------------------- torch reference
 def _dequant_torch(bits: int, ternary: bool, base3: bool, data: torch.Tensor, scale: torch.Tensor,
-                   zero: torch.Tensor | None, columns: int, dtype: torch.dtype) -> torch.Tensor:
+                   zero: torch.Tensor | None, columns: int, dtype: torch.dtype, zero_frac: int = 0) -> torch.Tensor:
     if base3:
         codes = reference.unpack_trits(data, columns).to(torch.int64) + 1
     else:
@@ -130,32 +130,36 @@ def _dequant_torch(bits: int, ternary: bool, base3: bool, data: torch.Tensor, sc
     if ternary:
         z = torch.ones_like(scale, dtype=torch.float32)
     else:
-        z = zero.float() if zero is not None else torch.full_like(scale, float(2 ** (bits - 1)), dtype=torch.float32)
+        z = zero.float() / 2 ** zero_frac if zero is not None else \
+            torch.full_like(scale, float(2 ** (bits - 1)), dtype=torch.float32)
     return reference.dequantize(codes, scale, z, dtype)
 
 
 def dequantize_packed(bits: int, ternary: bool, base3: bool, data: torch.Tensor, scale: torch.Tensor,
                       zero: torch.Tensor | None, columns: int, dtype: torch.dtype = torch.float32,
-                      backend: str | None = None) -> torch.Tensor:
+                      backend: str | None = None, zero_frac: int = 0) -> torch.Tensor:
     """Dense ``[E, O, C]`` weights from packed codes ``data`` (int32 words, or base-3 bytes) and group
     ``scale`` / ``zero`` ``[E, O, G]`` (``zero=None``: symmetric, ``2^(bits-1)``; ternary: 1 after decoding, or
-    when given the magnitude of the negative level of a two-level grid)."""
+    when given the magnitude of the negative level of a two-level grid; ``zero_frac``: the stored zeros' fraction
+    bits, the -fz codecs)."""
     if resolve_backend(backend, data.device, _key(bits, ternary, base3, zero)) == "triton":
         from moecompress.kernels import triton_dequant
 
-        return triton_dequant.dequantize(bits, ternary, base3, data, scale, zero, columns, dtype)
-    return _dequant_torch(bits, ternary, base3, data, scale, zero, columns, dtype)
+        return triton_dequant.dequantize(bits, ternary, base3, data, scale, zero, columns, dtype, zero_frac)
+    return _dequant_torch(bits, ternary, base3, data, scale, zero, columns, dtype, zero_frac)
 
 
 def packed_linear(x: torch.Tensor, bits: int, ternary: bool, base3: bool, data: torch.Tensor, scale: torch.Tensor,
-                  zero: torch.Tensor | None, columns: int, backend: str | None = None) -> torch.Tensor:
+                  zero: torch.Tensor | None, columns: int, backend: str | None = None,
+                  zero_frac: int = 0) -> torch.Tensor:
     """``x [T, C] @ W^T`` for one packed weight ``[1, O, C]`` -> ``[T, O]`` in ``x.dtype`` (fused dequant +
     matmul on Triton)."""
     if resolve_backend(backend, x.device, _key(bits, ternary, base3, zero)) == "triton":
         from moecompress.kernels import triton_dequant
 
-        return triton_dequant.packed_matmul(x, bits, ternary, base3, data, scale, zero, columns).to(x.dtype)
-    w = _dequant_torch(bits, ternary, base3, data, scale, zero, columns, x.dtype)[0]
+        return triton_dequant.packed_matmul(x, bits, ternary, base3, data, scale, zero, columns,
+                                            zero_frac=zero_frac).to(x.dtype)
+    w = _dequant_torch(bits, ternary, base3, data, scale, zero, columns, x.dtype, zero_frac)[0]
     return x @ w.T
 
 
@@ -171,12 +175,12 @@ def moe_route(rows_expert: torch.Tensor, num_experts: int, backend: str | None =
 
 
 def _grouped_torch(x: torch.Tensor, route: MoeRoute, x_div: int, bits: int, ternary: bool, base3: bool, data: torch.Tensor,
-                   scale: torch.Tensor, zero: torch.Tensor | None, columns: int) -> torch.Tensor:
+                   scale: torch.Tensor, zero: torch.Tensor | None, columns: int, zero_frac: int = 0) -> torch.Tensor:
     """Blocks of ``block_m`` rows times their expert's weight (dequantized per block): ``bmm`` over a bounded
     number of blocks at a time. Static shapes, no host sync (on the CPU: one decode per active expert instead)."""
     def weights(e: torch.Tensor) -> torch.Tensor:
         return _dequant_torch(bits, ternary, base3, data.index_select(0, e), scale.index_select(0, e),
-                              None if zero is None else zero.index_select(0, e), columns, x.dtype)  # [b, O, C]
+                              None if zero is None else zero.index_select(0, e), columns, x.dtype, zero_frac)
 
     return _grouped_blocks(x, route, x_div, data.shape[1], columns, weights)
 
@@ -222,7 +226,7 @@ def _grouped_per_expert(x: torch.Tensor, route: MoeRoute, x_div: int, rows: torc
 
 def grouped_linear(x: torch.Tensor, route: MoeRoute | torch.Tensor, bits: int, ternary: bool, base3: bool, data: torch.Tensor,
                    scale: torch.Tensor, zero: torch.Tensor | None, columns: int, backend: str | None = None,
-                   x_div: int = 1, num_experts: int | None = None) -> torch.Tensor:
+                   x_div: int = 1, num_experts: int | None = None, zero_frac: int = 0) -> torch.Tensor:
     """Row ``r`` of the result is ``x[r // x_div]`` times expert ``e(r)``'s packed weight -> ``[R, O]`` in
     ``x.dtype``. ``route``: a `moe_route` result (or the ``[R]`` row -> expert tensor itself, routed here).
     On Triton one launch serves every active expert."""
@@ -233,10 +237,10 @@ def grouped_linear(x: torch.Tensor, route: MoeRoute | torch.Tensor, bits: int, t
         from moecompress.kernels import triton_dequant
 
         return triton_dequant.grouped_matmul(x, route, x_div, bits, ternary, base3, data, scale, zero,
-                                             columns).to(x.dtype)
+                                             columns, zero_frac=zero_frac).to(x.dtype)
     if route.backend != "torch":
         raise ValueError("this route was made for the Triton kernels; make it with the same backend")
-    return _grouped_torch(x, route, x_div, bits, ternary, base3, data, scale, zero, columns)
+    return _grouped_torch(x, route, x_div, bits, ternary, base3, data, scale, zero, columns, zero_frac)
 
 
 # ------------------------------------------------------------------------------- ternary-dict (QMoE's code)

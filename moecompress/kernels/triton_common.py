@@ -88,8 +88,18 @@ def _as_f32(q):
 
 
 @triton.jit
+def _zload(ptr, mask, ZERO_DIV: tl.constexpr):
+    """Zero points as float32: the stored bytes divided by ``ZERO_DIV`` (1: integer zeros; ``2^f``: the -fz codecs'
+    fractional zeros, an exact power-of-two division)."""
+    z = tl.load(ptr, mask=mask, other=0).to(tl.float32)
+    if ZERO_DIV > 1:
+        z = z / ZERO_DIV
+    return z
+
+
+@triton.jit
 def _scale_zero3(scale_ptr, zero_ptr, srow, u, n_ok, G, k0, KSTEP: tl.constexpr, GROUP: tl.constexpr,
-                 SLOTS: tl.constexpr, SP2: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_ZERO: tl.constexpr,
+                 SLOTS: tl.constexpr, SP2: tl.constexpr, SCALE_MODE: tl.constexpr, ZERO_DIV: tl.constexpr,
                  ZC: tl.constexpr):
     """Scale and zero (fp32) broadcastable to the [BN, BU, SP2] code tile of units ``u`` [1, BU] whose first
     element is ``k0`` (``GROUP == 0``: one group per row)."""
@@ -100,16 +110,16 @@ def _scale_zero3(scale_ptr, zero_ptr, srow, u, n_ok, G, k0, KSTEP: tl.constexpr,
         else:
             g = k0 // GROUP
         s = tl.load(scale_ptr + srow + g, mask=n_ok, other=0.0).to(tl.float32)[:, :, None]
-        if HAS_ZERO:
-            z = tl.load(zero_ptr + srow + g, mask=n_ok, other=0).to(tl.float32)[:, :, None]
+        if ZERO_DIV:
+            z = _zload(zero_ptr + srow + g, n_ok, ZERO_DIV)[:, :, None]
         else:
             z = tl.zeros_like(s) + ZC
     elif SCALE_MODE == 0:  # a unit never straddles a group: one load per unit
         g = (u * SLOTS) // GROUP
         m = n_ok & (g < G)
         s = tl.load(scale_ptr + srow + g, mask=m, other=0.0).to(tl.float32)[:, :, None]
-        if HAS_ZERO:
-            z = tl.load(zero_ptr + srow + g, mask=m, other=0).to(tl.float32)[:, :, None]
+        if ZERO_DIV:
+            z = _zload(zero_ptr + srow + g, m, ZERO_DIV)[:, :, None]
         else:
             z = tl.zeros_like(s) + ZC
     elif SCALE_MODE == 1:  # at most one boundary inside a unit: two loads, one select per element
@@ -121,9 +131,9 @@ def _scale_zero3(scale_ptr, zero_ptr, srow, u, n_ok, G, k0, KSTEP: tl.constexpr,
         m1 = n_ok & (g + 1 < G)
         s = tl.where(lo, tl.load(scale_ptr + srow + g, mask=m0, other=0.0).to(tl.float32)[:, :, None],
                      tl.load(scale_ptr + srow + g + 1, mask=m1, other=0.0).to(tl.float32)[:, :, None])
-        if HAS_ZERO:
-            z = tl.where(lo, tl.load(zero_ptr + srow + g, mask=m0, other=0).to(tl.float32)[:, :, None],
-                         tl.load(zero_ptr + srow + g + 1, mask=m1, other=0).to(tl.float32)[:, :, None])
+        if ZERO_DIV:
+            z = tl.where(lo, _zload(zero_ptr + srow + g, m0, ZERO_DIV)[:, :, None],
+                         _zload(zero_ptr + srow + g + 1, m1, ZERO_DIV)[:, :, None])
         else:
             z = tl.zeros_like(s) + ZC
     else:  # groups smaller than a unit: per element
@@ -131,17 +141,21 @@ def _scale_zero3(scale_ptr, zero_ptr, srow, u, n_ok, G, k0, KSTEP: tl.constexpr,
         g = ((u * SLOTS)[:, :, None] + j) // GROUP
         m = n_ok[:, :, None] & (g < G)
         s = tl.load(scale_ptr + srow[:, :, None] + g, mask=m, other=0.0).to(tl.float32)
-        if HAS_ZERO:
-            z = tl.load(zero_ptr + srow[:, :, None] + g, mask=m, other=0).to(tl.float32)
+        if ZERO_DIV:
+            z = _zload(zero_ptr + srow[:, :, None] + g, m, ZERO_DIV)
         else:
             z = tl.zeros_like(s) + ZC
     return s, z
 
 
 @triton.jit
-def _weights3(q, s, z, DOT: tl.constexpr):
-    """``(q - z) * s`` in the dot dtype, rounded once from the exact value (as the reference rounds)."""
-    if DOT == tl.float16:
+def _weights3(q, s, z, DOT: tl.constexpr, FRAC: tl.constexpr):
+    """``(q - z) * s`` in the dot dtype, rounded once from the exact value (as the reference rounds). ``FRAC``:
+    fractional zeros (``z + 1024`` would lose their fraction in float16; ``q - z`` has at most 8 significant bits,
+    exact in float16 from float32)."""
+    if DOT == tl.float16 and FRAC:
+        w = (_as_f32(q) - z).to(tl.float16) * s.to(tl.float16)
+    elif DOT == tl.float16:
         qf = (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)  # 1024 + q, exact
         w = (qf - (z + 1024.0).to(tl.float16)) * s.to(tl.float16)
     else:
@@ -176,6 +190,7 @@ class Geometry:
     SLOTS: int
     SP2: int
     ZC: int
+    ZDIV: int = 1  # stored zero points per unit of zero (2^f for the -fz codecs' fractional zeros)
 
 
 def supported(bits: int, ternary: bool, base3: bool) -> bool:
@@ -183,13 +198,15 @@ def supported(bits: int, ternary: bool, base3: bool) -> bool:
     return base3 or bits in (1, 2, 3, 4, 8)
 
 
-def geometry(bits: int, ternary: bool, base3: bool) -> Geometry:
+def geometry(bits: int, ternary: bool, base3: bool, zero_frac: int = 0) -> Geometry:
+    if zero_frac and (ternary or base3):
+        raise ValueError("fractional zero points are for integer codecs")
     if base3:
         return Geometry(8, BASE3, 5, 8, 1)
     if not supported(bits, ternary, base3):
         raise ValueError(f"no Triton kernel for {bits}-bit codes")
     slots = 32 if bits == 3 else 32 // bits
-    return Geometry(bits, TERNARY2 if ternary else INT, slots, slots, 2 if ternary else 2 ** (bits - 1))
+    return Geometry(bits, TERNARY2 if ternary else INT, slots, slots, 2 if ternary else 2 ** (bits - 1), 2 ** zero_frac)
 
 
 def _group_args(K: int, G: int, slots: int) -> tuple[int, int]:

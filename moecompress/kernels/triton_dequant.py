@@ -16,11 +16,13 @@ Design (docs/BENCHMARKS.md, "Packed kernels", has the reasoning and the GPU meas
 * **Decode (GEMV, ``BLOCK_M = 1``).** One program computes ``BLOCK_N`` outputs of one row over a K range
   (split-K: ``SPLIT_K`` programs per output tile, combined with atomic adds). For each unit slot ``j``:
   ``p += (q_j - z) * x_j`` in fp32 FMAs on the [BLOCK_N, BU] tile; the group scale is applied once per unit
-  (``acc += p * s``), not once per element, and an asymmetric zero point is folded in as ``- z * sum(x)``.
+  (``acc += p * s``), not once per element, and an asymmetric zero point is folded in as ``- z * sum(x)``
+  (``ZERO_DIV``: 0 no stored zero, 1 integer zeros, ``2^f`` the -fz codecs' bytes divided exactly).
   No tensor-core padding, no layout shuffles, weights read exactly once: the bandwidth-bound regime.
 * **Prefill / small batches (``BLOCK_M >= 16``).** A tiled GEMM on tensor cores: the [BLOCK_N, BU, SLOTS]
   code tile is dequantized to the activation dtype (fp16: ``(1024 + q) - (1024 + z)`` then ``* s`` in fp16,
-  which rounds exactly as the reference does; bf16: the same in fp32, then one rounding), reshaped to
+  which rounds exactly as the reference does; fractional zeros and bf16: ``q - z`` in fp32, exact in the
+  activation dtype, then ``* s`` with one rounding), reshaped to
   [BLOCK_K, BLOCK_N] and fed to ``tl.dot`` with fp32 accumulation (fp16/bf16 inputs; no ``ieee`` fp32 dots).
   Base-3 units hold 5 codes: the tile is padded to 8 slots per byte (the extra slots meet zero activations).
 * **Group scales.** The group size is a compile-time constant (``GROUP``; 0 = one group per row), so group
@@ -74,7 +76,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read by @triton.jit at 
 # ----------------------------------------------------------------------------------------------- device code
 @triton.jit
 def _dequant_kernel(data_ptr, scale_ptr, zero_ptr, out_ptr, R, C, W, G, GROUP: tl.constexpr,
-                    BITS: tl.constexpr, KIND: tl.constexpr, HAS_ZERO: tl.constexpr, SCALE_MODE: tl.constexpr,
+                    BITS: tl.constexpr, KIND: tl.constexpr, ZERO_DIV: tl.constexpr, SCALE_MODE: tl.constexpr,
                     SLOTS: tl.constexpr, SP2: tl.constexpr, ZC: tl.constexpr,
                     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """Dense ``[R, C]`` from packed rows: a [BLOCK_R, BU] unit tile loaded once, written as [.., BU, SLOTS]."""
@@ -86,7 +88,7 @@ def _dequant_kernel(data_ptr, scale_ptr, zero_ptr, out_ptr, R, C, W, G, GROUP: t
     w0, w1, w2 = _load_units(data_ptr, r64 * W, u, r_ok, W, KIND, BITS)
     q = _codes3(w0, w1, w2, KIND, BITS, SP2)
     s, z = _scale_zero3(scale_ptr, zero_ptr, r64 * G, u, r_ok, G, tl.program_id(1) * BU * SLOTS, BU * SLOTS, GROUP,
-                        SLOTS, SP2, SCALE_MODE, HAS_ZERO, ZC)
+                        SLOTS, SP2, SCALE_MODE, ZERO_DIV, ZC)
     v = (_as_f32(q) - z) * s
     j = tl.arange(0, SP2)[None, None, :]
     k = u[:, :, None] * SLOTS + j
@@ -157,8 +159,8 @@ def mm_arguments(x, data, scale, zero, out, rows, experts, *, M: int, N: int, K:
     return dict(x_ptr=x, data_ptr=data, scale_ptr=scale, zero_ptr=scale if zero is None else zero, out_ptr=out,
                 rows_ptr=rows, expert_ptr=experts, M=M, N=N, K=K, W=W, G=G, GROUP=group, X_DIV=x_div,
                 stride_e_data=stride_e[0], stride_e_scale=stride_e[1], M_BUCKET=_bucket(M),
-                BITS=geo.BITS, KIND=geo.KIND, HAS_ZERO=zero is not None, SCALE_MODE=mode, SLOTS=geo.SLOTS,
-                SP2=geo.SP2, ZC=geo.ZC, GROUPED=grouped, DOT=_dot_dtype(dot_dtype or x.dtype))
+                BITS=geo.BITS, KIND=geo.KIND, ZERO_DIV=0 if zero is None else geo.ZDIV, SCALE_MODE=mode,
+                SLOTS=geo.SLOTS, SP2=geo.SP2, ZC=geo.ZC, GROUPED=grouped, DOT=_dot_dtype(dot_dtype or x.dtype))
 
 
 def _mm(values: dict, config: dict | None, tuner, grid_m, **extra) -> None:
@@ -176,15 +178,16 @@ def _mm(values: dict, config: dict | None, tuner, grid_m, **extra) -> None:
 
 
 def packed_matmul(x: torch.Tensor, bits: int, ternary: bool, base3: bool, data: torch.Tensor, scale: torch.Tensor,
-                  zero: torch.Tensor | None, columns: int, config: dict | None = None) -> torch.Tensor:
+                  zero: torch.Tensor | None, columns: int, config: dict | None = None,
+                  zero_frac: int = 0) -> torch.Tensor:
     """``x [M, K] @ W^T`` for one packed weight ``[1, N, W]`` -> ``[M, N]`` in ``x.dtype`` (float32 for bf16
     under the interpreter), dequantizing in the kernel. ``config``: a fixed kernel configuration
-    (``BLOCK_M`` 1 = GEMV, else >= 16), bypassing the autotuner."""
+    (``BLOCK_M`` 1 = GEMV, else >= 16), bypassing the autotuner. ``zero_frac``: the zeros' fraction bits (-fz)."""
     M, K = x.shape
     if K != columns:
         raise ValueError(f"x has {K} features, the weight {columns}")
     _, N, _ = data.shape
-    geo = geometry(bits, ternary, base3)
+    geo = geometry(bits, ternary, base3, zero_frac)
     if config is not None and config["BLOCK_M"] != 1 and min(config["BLOCK_M"], config["BLOCK_N"]) < 16:
         raise ValueError("Triton block sizes must be at least 16 for tensor-core tiles")
     if config is None and INTERPRET:
@@ -222,14 +225,14 @@ def align_arguments(rows_expert, sorted_rows, block_expert, *, R: int, E: int, n
 
 def grouped_matmul(x: torch.Tensor, route: MoeRoute, x_div: int, bits: int, ternary: bool, base3: bool,
                    data: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, columns: int,
-                   config: dict | None = None) -> torch.Tensor:
+                   config: dict | None = None, zero_frac: int = 0) -> torch.Tensor:
     """Row ``r`` of the result is ``x[r // x_div] @ W_{e(r)}^T`` (``[route.num_rows, N]``, ``x.dtype``); one launch
     for every expert. ``x_div``: the top-k when ``x`` holds one row per token, 1 when one row per (token, slot)."""
     K = x.shape[1]
     if K != columns:
         raise ValueError(f"x has {K} features, the weight {columns}")
     E, N, W = data.shape
-    geo = geometry(bits, ternary, base3)
+    geo = geometry(bits, ternary, base3, zero_frac)
     bm = route.block_m
     if config is None and INTERPRET:
         config = {k: v for k, v in INTERPRET_CONFIGS["gemv" if bm == 1 else "gemm"].items() if k != "BLOCK_M"}
@@ -245,11 +248,12 @@ def grouped_matmul(x: torch.Tensor, route: MoeRoute, x_div: int, bits: int, tern
 
 
 def dequantize(bits: int, ternary: bool, base3: bool, data: torch.Tensor, scale: torch.Tensor,
-               zero: torch.Tensor | None, columns: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+               zero: torch.Tensor | None, columns: int, dtype: torch.dtype = torch.float32,
+               zero_frac: int = 0) -> torch.Tensor:
     """``[E, O, C]`` weights from packed ``data [E, O, W]``, ``scale``/``zero [E, O, G]``."""
     E, O, W = data.shape
     R, G = E * O, scale.shape[-1]
-    geo = geometry(bits, ternary, base3)
+    geo = geometry(bits, ternary, base3, zero_frac)
     out = torch.empty(R, columns, dtype=_out_dtype(dtype), device=data.device)
     values = dequant_arguments(data.contiguous().view(R, W), scale.contiguous().view(R, G),
                                None if zero is None else zero.contiguous(), out, R=R, C=columns, W=W, G=G, geo=geo)
@@ -264,5 +268,5 @@ def dequant_arguments(data, scale, zero, out, *, R: int, C: int, W: int, G: int,
     group, mode = _group_args(C, G, geo.SLOTS)
     BR, BK = (16, 64) if INTERPRET else (32, 256)
     return dict(data_ptr=data, scale_ptr=scale, zero_ptr=scale if zero is None else zero, out_ptr=out, R=R, C=C, W=W,
-                G=G, GROUP=group, BITS=geo.BITS, KIND=geo.KIND, HAS_ZERO=zero is not None, SCALE_MODE=mode,
-                SLOTS=geo.SLOTS, SP2=geo.SP2, ZC=geo.ZC, BLOCK_R=BR, BLOCK_K=max(BK, geo.SP2))
+                G=G, GROUP=group, BITS=geo.BITS, KIND=geo.KIND, ZERO_DIV=0 if zero is None else geo.ZDIV,
+                SCALE_MODE=mode, SLOTS=geo.SLOTS, SP2=geo.SP2, ZC=geo.ZC, BLOCK_R=BR, BLOCK_K=max(BK, geo.SP2))

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from moecompress.kernels.triton_common import (_as_f32, _codes3, _k_range, _load_units, _scale_zero3, _slot,
-                                               _store_out, _weights3)
+                                               _store_out, _weights3, _zload)
 
 __all__ = ["DECODE_CONFIGS", "GEMM_CONFIGS", "GROUPED_CONFIGS", "INTERPRET_CONFIGS", "plain_tuner"]
 
@@ -23,7 +23,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read by @triton.jit at 
 @triton.jit
 def _gemv(x_ptr, data_ptr, scale_ptr, zero_ptr, out_ptr, expert_ptr, M, N, K, W, G, X_DIV,
           stride_e_data, stride_e_scale, GROUP: tl.constexpr,
-          BITS: tl.constexpr, KIND: tl.constexpr, HAS_ZERO: tl.constexpr, SCALE_MODE: tl.constexpr,
+          BITS: tl.constexpr, KIND: tl.constexpr, ZERO_DIV: tl.constexpr, SCALE_MODE: tl.constexpr,
           SLOTS: tl.constexpr, SP2: tl.constexpr, ZC: tl.constexpr, GROUPED: tl.constexpr,
           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     """One row, BLOCK_N outputs, one K split; fp32 FMAs, scales once per tile (tile inside a group) or per
@@ -70,13 +70,13 @@ def _gemv(x_ptr, data_ptr, scale_ptr, zero_ptr, out_ptr, expert_ptr, M, N, K, W,
             for j in tl.static_range(SLOTS):
                 xj = tl.load(x_row + kb + j, mask=kb + j < K, other=0.0).to(tl.float32)
                 q = _as_f32(_slot(w0, w1, w2, j, KIND, BITS))
-                if HAS_ZERO:
+                if ZERO_DIV:
                     p += q * xj
                     sx += xj
                 else:
                     p += (q - ZC) * xj
-            if HAS_ZERO:
-                p -= tl.load(zero_base + srow + g, mask=m, other=0).to(tl.float32) * sx
+            if ZERO_DIV:
+                p -= _zload(zero_base + srow + g, m, ZERO_DIV) * sx
             acc += p * s
         elif SCALE_MODE == 1:
             g = kb // GROUP
@@ -92,15 +92,15 @@ def _gemv(x_ptr, data_ptr, scale_ptr, zero_ptr, out_ptr, expert_ptr, M, N, K, W,
                 x0 = tl.where(j < cut, xj, 0.0)
                 x1 = xj - x0
                 q = _as_f32(_slot(w0, w1, w2, j, KIND, BITS))
-                if not HAS_ZERO:
+                if not ZERO_DIV:
                     q = q - ZC
                 p0 += q * x0
                 p1 += q * x1
                 sx0 += x0
                 sx1 += x1
-            if HAS_ZERO:
-                p0 -= tl.load(zero_base + srow + g, mask=m0, other=0).to(tl.float32) * sx0
-                p1 -= tl.load(zero_base + srow + g + 1, mask=m1, other=0).to(tl.float32) * sx1
+            if ZERO_DIV:
+                p0 -= _zload(zero_base + srow + g, m0, ZERO_DIV) * sx0
+                p1 -= _zload(zero_base + srow + g + 1, m1, ZERO_DIV) * sx1
             acc += p0 * tl.load(scale_base + srow + g, mask=m0, other=0.0).to(tl.float32)
             acc += p1 * tl.load(scale_base + srow + g + 1, mask=m1, other=0.0).to(tl.float32)
         else:
@@ -109,8 +109,8 @@ def _gemv(x_ptr, data_ptr, scale_ptr, zero_ptr, out_ptr, expert_ptr, M, N, K, W,
                 g = (kb + j) // GROUP
                 m = n_ok & (g < G)
                 s = tl.load(scale_base + srow + g, mask=m, other=0.0).to(tl.float32)
-                if HAS_ZERO:
-                    z = tl.load(zero_base + srow + g, mask=m, other=0).to(tl.float32)
+                if ZERO_DIV:
+                    z = _zload(zero_base + srow + g, m, ZERO_DIV)
                 else:
                     z = ZC
                 acc += (_as_f32(_slot(w0, w1, w2, j, KIND, BITS)) - z) * s * xj
@@ -120,7 +120,7 @@ def _gemv(x_ptr, data_ptr, scale_ptr, zero_ptr, out_ptr, expert_ptr, M, N, K, W,
 @triton.jit
 def _gemm(x_ptr, data_ptr, scale_ptr, zero_ptr, out_ptr, rows_ptr, expert_ptr, M, N, K, W, G, X_DIV,
           stride_e_data, stride_e_scale, GROUP: tl.constexpr,
-          BITS: tl.constexpr, KIND: tl.constexpr, HAS_ZERO: tl.constexpr, SCALE_MODE: tl.constexpr,
+          BITS: tl.constexpr, KIND: tl.constexpr, ZERO_DIV: tl.constexpr, SCALE_MODE: tl.constexpr,
           SLOTS: tl.constexpr, SP2: tl.constexpr, ZC: tl.constexpr, GROUPED: tl.constexpr, DOT: tl.constexpr,
           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     """A BLOCK_M x BLOCK_N output tile over one K split on tensor cores (module docstring)."""
@@ -158,8 +158,8 @@ def _gemm(x_ptr, data_ptr, scale_ptr, zero_ptr, out_ptr, rows_ptr, expert_ptr, M
         w0, w1, w2 = _load_units(data_base, row_off, u, n_ok, W, KIND, BITS)
         q = _codes3(w0, w1, w2, KIND, BITS, SP2)
         s, z = _scale_zero3(scale_base, zero_base, srow, u, n_ok, G, t * KSTEP, KSTEP, GROUP, SLOTS, SP2, SCALE_MODE,
-                            HAS_ZERO, ZC)
-        w = tl.trans(tl.reshape(_weights3(q, s, z, DOT), (BLOCK_N, BLOCK_K)))  # [BK, BN], k = u*SP2 + j
+                            ZERO_DIV, ZC)
+        w = tl.trans(tl.reshape(_weights3(q, s, z, DOT, ZERO_DIV > 1), (BLOCK_N, BLOCK_K)))  # [BK, BN], k = u*SP2 + j
         if SP2 == SLOTS:  # contiguous elements
             kx = t * KSTEP + tl.arange(0, BLOCK_K)[None, :]
             xt = tl.load(x_base + kx, mask=valid[:, None] & (kx < K), other=0.0)
@@ -176,7 +176,7 @@ def _gemm(x_ptr, data_ptr, scale_ptr, zero_ptr, out_ptr, rows_ptr, expert_ptr, M
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _packed_mm_kernel(x_ptr, data_ptr, scale_ptr, zero_ptr, out_ptr, rows_ptr, expert_ptr,
                       M, N, K, W, G, X_DIV, stride_e_data, stride_e_scale, M_BUCKET, GROUP: tl.constexpr,
-                      BITS: tl.constexpr, KIND: tl.constexpr, HAS_ZERO: tl.constexpr, SCALE_MODE: tl.constexpr,
+                      BITS: tl.constexpr, KIND: tl.constexpr, ZERO_DIV: tl.constexpr, SCALE_MODE: tl.constexpr,
                       SLOTS: tl.constexpr, SP2: tl.constexpr, ZC: tl.constexpr, GROUPED: tl.constexpr,
                       DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       SPLIT_K: tl.constexpr):
@@ -186,11 +186,11 @@ def _packed_mm_kernel(x_ptr, data_ptr, scale_ptr, zero_ptr, out_ptr, rows_ptr, e
     (grouped: rows ``rows_ptr[block]``, expert ``expert_ptr[block]``). ``M_BUCKET`` is only an autotune key."""
     if BLOCK_M == 1:
         _gemv(x_ptr, data_ptr, scale_ptr, zero_ptr, out_ptr, expert_ptr, M, N, K, W, G, X_DIV,
-              stride_e_data, stride_e_scale, GROUP, BITS, KIND, HAS_ZERO, SCALE_MODE, SLOTS, SP2, ZC, GROUPED,
+              stride_e_data, stride_e_scale, GROUP, BITS, KIND, ZERO_DIV, SCALE_MODE, SLOTS, SP2, ZC, GROUPED,
               BLOCK_N, BLOCK_K, SPLIT_K)
     else:
         _gemm(x_ptr, data_ptr, scale_ptr, zero_ptr, out_ptr, rows_ptr, expert_ptr, M, N, K, W, G, X_DIV,
-              stride_e_data, stride_e_scale, GROUP, BITS, KIND, HAS_ZERO, SCALE_MODE, SLOTS, SP2, ZC, GROUPED, DOT,
+              stride_e_data, stride_e_scale, GROUP, BITS, KIND, ZERO_DIV, SCALE_MODE, SLOTS, SP2, ZC, GROUPED, DOT,
               BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K)
 
 
@@ -247,7 +247,7 @@ INTERPRET_CONFIGS = {
     "gemv": dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=64, SPLIT_K=1),
     "gemm": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=1),
 }
-_TUNE_KEY = ["M_BUCKET", "N", "K", "G", "BITS", "KIND", "HAS_ZERO", "SCALE_MODE", "BLOCK_M"]
+_TUNE_KEY = ["M_BUCKET", "N", "K", "G", "BITS", "KIND", "ZERO_DIV", "SCALE_MODE", "BLOCK_M"]
 
 
 def _prune(configs, named_args, **kwargs):

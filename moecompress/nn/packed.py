@@ -64,7 +64,7 @@ def dequantize_packed_columns(codec: str, t: dict[str, torch.Tensor], columns: i
     """As `dequantize_packed`, with the column count given (no read of the ``shape`` tensor)."""
     if CODECS.get(codec).dict:
         return dispatch.dict_dequantize(*_dict_args(t), columns, dtype)
-    return dispatch.dequantize_packed(*_args(codec, t, columns), dtype)
+    return dispatch.dequantize_packed(*_args(codec, t, columns), dtype, zero_frac=CODECS.get(codec).zero_frac)
 
 
 def _args(codec: str, t: dict[str, torch.Tensor], columns: int | None = None) -> tuple:
@@ -151,7 +151,8 @@ class PackedLinear(nn.Module):
         if self.act is not None:
             x = self.act(x)
         flat = x.reshape(-1, x.shape[-1])
-        y = dispatch.packed_linear(flat, *_args(self.codec, _tensors(self, "weight"), self.in_features))
+        y = dispatch.packed_linear(flat, *_args(self.codec, _tensors(self, "weight"), self.in_features),
+                                   zero_frac=CODECS.get(self.codec).zero_frac)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -260,7 +261,7 @@ class PackedExperts(nn.Module):
             return dispatch.dict_grouped_linear(x, route, *_dict_args(t), self._columns(proj), backend=backend,
                                                 x_div=x_div)
         return dispatch.grouped_linear(x, route, *_args(self.codecs[proj], t, self._columns(proj)),
-                                       backend=backend, x_div=x_div)
+                                       backend=backend, x_div=x_div, zero_frac=CODECS.get(self.codecs[proj]).zero_frac)
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
         """Every (token, slot) pair through its expert: gate/up, the GLU, down; weighted sum over slots.

@@ -124,20 +124,23 @@ def _refine(W: torch.Tensor, H: torch.Tensor, res: QuantResult, opt: QuantOption
     refit), then ``code_sweeps`` times a coordinate-descent sweep over the codes and the refit again (block
     coordinate descent on GPTQ's objective; no step increases it). ``error``: see `_quantize`; ``factor``:
     `gptq_factor` of ``H``, shared by the rounds (None: each round factorizes ``H`` again)."""
+    frac = 0 if opt.grid.symmetric else opt.grid.zero_frac
+
+    def refit(Wr: torch.Tensor, r: QuantResult) -> QuantResult:
+        return refit_groups(Wr, H, r, opt.grid.symmetric, opt.damp, zero_frac=frac)[0]
     if opt.refit:
-        res = refit_groups(W, H, res, opt.grid.symmetric, opt.damp)[0]
+        res = refit(W, res)
         if opt.gptq_rounds:
-            res, history = alternate(W, H, res, lambda Wr, r: refit_groups(
-                Wr, H, _gptq(Wr, H, opt, (r.scales, r.zeros), factor), opt.grid.symmetric, opt.damp)[0],
-                opt.gptq_rounds)
+            res, history = alternate(W, H, res, lambda Wr, r: refit(Wr, _gptq(Wr, H, opt, (r.scales, r.zeros), factor)),
+                                     opt.gptq_rounds)
             if error is not None:
                 error["rounds_before"] = error.get("rounds_before", 0.0) + history[0]
                 error["rounds_after"] = error.get("rounds_after", 0.0) + history[-1]
                 error["rounds"] = max(error.get("rounds", 0), len(history) - 1)
     for _ in range(opt.code_sweeps):
-        res = refine_codes(W, H, res, opt.grid.maxq)
+        res = refine_codes(W, H, res, opt.grid.maxq, fractional=frac > 0)
         if opt.refit:
-            res = refit_groups(W, H, res, opt.grid.symmetric, opt.damp)[0]
+            res = refit(W, res)
     return res
 
 

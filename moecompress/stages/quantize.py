@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, field_validator
 
-from moecompress.algorithms.quant_grid import QuantGrid
+from moecompress.algorithms.quant_grid import QuantGrid, fractional_zero_bits
 from moecompress.errors import MoecompressError
 from moecompress.formats.quant_record import RECORD_FILE
 from moecompress.nn.act_quant import ActQuant
@@ -52,6 +52,7 @@ class QuantizeConfig(StageConfig):
                                 # for 2-bit weights, 0 above)
           clip_floor: 0.8       # the clip search keeps at least this share of each group's range (default: 0.8
                                 # for GPTQ at 2 bits, 0.2 otherwise)
+          fractional_zeros: true  # zero points in steps of 2^-(8-b) (packed int<b>-fz; default: on at 2 bits)
           rare_experts: pooled  # experts short of tokens: topped up with the layer's tokens (or rtn)
           sequential: true      # each linear fit to its fp outputs from its quantized inputs, in order (GPTAQ)
           linear_bits: 4        # the attention, dense and shared linears at this width (default: the scheme's);
@@ -64,6 +65,9 @@ class QuantizeConfig(StageConfig):
     group_size: int | None = None  # default: 128 for weight-only schemes, -1 (per output channel) otherwise
     method: Literal["gptq", "rtn"] = "gptq"
     symmetric: bool = False
+    # asymmetric grids: zero points with fraction bits in their byte (`quant_grid.fractional_zero_bits`: steps of
+    # 2^-(8-b), so the levels need not include 0; the packed -fz codecs); default: on for 2-bit weights, off above
+    fractional_zeros: bool | None = None
     clip_search: bool = True
     # the smallest range factor the clip search tries; default: 0.8 for GPTQ at 2 bits (the range best for
     # rounding alone clips more than suits GPTQ's error feedback: measured on two models), 0.2 otherwise
@@ -125,6 +129,11 @@ class QuantizeConfig(StageConfig):
         scheme's weight width)."""
         bits = bits if bits is not None else self.bits[0]
         return self.gptq_rounds if self.gptq_rounds is not None else (4 if bits <= 2 else 0)
+
+    def zero_frac(self, bits: int) -> int:
+        """Fraction bits of the zero points at ``bits`` (0: integer zeros; `fractional_zeros`, default on at 2 bits)."""
+        on = self.fractional_zeros if self.fractional_zeros is not None else bits == 2
+        return fractional_zero_bits(bits) if on and not self.symmetric else 0
 
     def floor(self, bits: int | None = None) -> float:
         """The clip search's smallest range factor (`clip_floor`, or its per-method/width default) at ``bits``."""
@@ -281,8 +290,9 @@ def plan_of(cfg: QuantizeConfig) -> tuple[QuantPlan, dict[str, Any]]:
     smooth = cfg.smooth if cfg.smooth is not None else abits is not None
 
     def options(bits: int) -> QuantOptions:
-        return QuantOptions.of(QuantGrid(bits, cfg.groups(), cfg.symmetric, cfg.clip_search, cfg.floor(bits)), cfg,
-                               gptq_rounds=cfg.rounds(bits))
+        frac = cfg.zero_frac(bits)
+        grid = QuantGrid(bits, cfg.groups(), cfg.symmetric, cfg.clip_search, cfg.floor(bits), frac)
+        return QuantOptions.of(grid, cfg, gptq_rounds=cfg.rounds(bits))
     rotate_inter = cfg.rotate_intermediate if cfg.rotate_intermediate is not None else bool(abits and abits <= 4)
     aq = None
     if abits:

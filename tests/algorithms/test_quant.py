@@ -9,7 +9,8 @@ from moecompress.algorithms.quant_grid import QuantGrid, fake_quant_tokens, rtn_
 from moecompress.algorithms.router_align import align_router, topk_kl
 from moecompress.algorithms.smooth import aggregate_scales, down_outlier_scales, smooth_scales
 
-GRIDS = [QuantGrid(4, 32), QuantGrid(3, -1, symmetric=True), QuantGrid(2, 16), QuantGrid(8, 64, clip_search=False)]
+GRIDS = [QuantGrid(4, 32), QuantGrid(3, -1, symmetric=True), QuantGrid(2, 16), QuantGrid(8, 64, clip_search=False),
+         QuantGrid(2, 16, zero_frac=6), QuantGrid(3, 32, clip_search=False, zero_frac=5)]
 
 
 def _problem(seed, E=3, O=24, C=64, T=200):

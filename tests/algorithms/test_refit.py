@@ -1,5 +1,6 @@
 """Per-group scale/zero refit after GPTQ: never increases any row's Hessian-weighted error (random and adversarial
-Hessians and weights, batched over experts), keeps the codes, keeps zeros integral (and symmetric zeros fixed),
+Hessians and weights, batched over experts), keeps the codes, keeps zeros on their storable steps (integers, or
+multiples of 2^-f for fractional zeros; symmetric zeros fixed),
 and the stored parameters rebuild the returned weights; pooled Hessians for rare experts; GPTQ rounds on the refit
 grid never increase any row's error, choose row by row, and stop once a round gains too little."""
 
@@ -15,7 +16,8 @@ from moecompress.algorithms.refit import alternate, refit_groups, row_errors
 from moecompress.types import Activation
 
 GRIDS = [QuantGrid(2, 16), QuantGrid(3, 16), QuantGrid(4, 32), QuantGrid(2, 16, symmetric=True),
-         QuantGrid(3, -1), QuantGrid(2, 16, clip_search=False)]
+         QuantGrid(3, -1), QuantGrid(2, 16, clip_search=False), QuantGrid(2, 16, zero_frac=6),
+         QuantGrid(3, 16, zero_frac=5), QuantGrid(4, 32, clip_search=False, zero_frac=4)]
 
 
 def _random(seed, E=4, O=12, C=64, T=300):
@@ -46,12 +48,13 @@ def _adversarial(seed, E=5, O=12, C=64):
 
 
 def _check(W, H, res, grid):
-    out, info = refit_groups(W, H, res, grid.symmetric)
+    out, info = refit_groups(W, H, res, grid.symmetric, zero_frac=grid.zero_frac)
     Hc = _identity_for_empty(H)  # no token: plain squared error
     before, after = row_errors(W, res.weight, Hc), row_errors(W, out.weight, Hc)
     assert bool((after <= before).all()), (after - before).max()
     assert torch.equal(out.codes, res.codes)
-    assert torch.equal(out.zeros, out.zeros.round()) and bool((out.zeros >= 0).all() and (out.zeros <= 255).all())
+    stored = out.zeros * 2 ** grid.zero_frac  # the byte the packed format stores
+    assert torch.equal(stored, stored.round()) and bool((stored >= 0).all() and (stored <= 255).all())
     if grid.symmetric:
         assert torch.equal(out.zeros, res.zeros)
     E, O, C = W.shape
@@ -122,7 +125,7 @@ def test_code_sweeps_never_increase_the_error_and_stay_on_the_grid(grid, problem
     Hc[H.diagonal(dim1=1, dim2=2).sum(-1) == 0] = torch.eye(H.shape[-1])
     err = row_errors(W, res.weight, Hc)
     for _ in range(2):
-        out = refine_codes(W, H, res, grid.maxq)
+        out = refine_codes(W, H, res, grid.maxq, fractional=grid.zero_frac > 0)
         new = row_errors(W, out.weight, Hc)
         assert bool((new <= err * (1 + 1e-5) + 1e-9).all()), (new - err).max()  # float32 rank-1 updates
         assert int(out.codes.max()) <= grid.maxq and torch.equal(out.scales, res.scales)
@@ -143,16 +146,17 @@ def test_code_sweeps_blocked_updates_make_the_same_choices(grid):
     W, H = W.double(), H.double()  # exact enough that no rounding tie flips between the two orders of sums
     res = gptq_quantize(W.float(), H.float(), grid)
     res = type(res)(res.weight.double(), res.codes, res.scales.double(), res.zeros.double(), res.loss)
-    one = refine_codes(W, H, res, grid.maxq, sweeps=2, block=1)
+    frac = grid.zero_frac > 0
+    one = refine_codes(W, H, res, grid.maxq, sweeps=2, block=1, fractional=frac)
     for block in (7, 64, 10_000):
-        out = refine_codes(W, H, res, grid.maxq, sweeps=2, block=block)
+        out = refine_codes(W, H, res, grid.maxq, sweeps=2, block=block, fractional=frac)
         assert torch.equal(out.codes, one.codes), block
     assert not torch.equal(one.codes, res.codes)  # the sweeps changed something
 
 
 def _gptq_refit(W, H, grid, params=None):
     res = gptq_quantize(W, H, grid, params=params)
-    return refit_groups(W, H, res, grid.symmetric)[0]
+    return refit_groups(W, H, res, grid.symmetric, zero_frac=grid.zero_frac)[0]
 
 
 def _identity_for_empty(H):

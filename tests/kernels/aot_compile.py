@@ -28,11 +28,13 @@ from concurrent.futures import ProcessPoolExecutor
 
 ARCHS = (80, 90)
 MAX_SHARED = {80: 166912, 90: 232448}  # bytes of shared memory per block (opt-in maximum)
-# (codec name, bits, ternary, base3, asymmetric)
+# (codec name, bits, ternary, base3, asymmetric[, zero fraction bits: the -fz codecs])
 CODECS = [("int8", 8, False, False, False), ("int8-asym", 8, False, False, True),
           ("int4", 4, False, False, False), ("int4-asym", 4, False, False, True),
           ("int3", 3, False, False, False), ("int3-asym", 3, False, False, True),
           ("int2", 2, False, False, False), ("int2-asym", 2, False, False, True),
+          ("int4-fz", 4, False, False, True, 4), ("int3-fz", 3, False, False, True, 5),
+          ("int2-fz", 2, False, False, True, 6),
           ("ternary2", 2, True, False, False), ("ternary-b3", 8, True, True, False)]
 DTYPES = ("fp16", "bf16")
 # Real shapes: (N, K, group); odd: not multiples of 16, groups smaller than an int3/int2 unit.
@@ -179,11 +181,11 @@ def _kernel_spec(s: dict):
     if s["kind"] == "dict":
         N, K, group = s["shape"]
         return KernelSpec("dict", (s["neg"],), s["dtype"], N, K, group, s["M"], s["grouped"], s["block_m"], s["x_div"])
-    _, bits, ternary, base3, asym = s["codec"]
+    _, bits, ternary, base3, asym, *frac = s["codec"]
     N, K, group = s["shape"]
     if s["kind"] == "dequant":
-        return KernelSpec("dequant", (bits, ternary, base3, asym), s["dtype"], N, K, group)
-    return mm_spec((bits, ternary, base3, asym), s["dtype"], N, K, group, s["M"], s["cfg"], s["grouped"],
+        return KernelSpec("dequant", (bits, ternary, base3, asym, *frac), s["dtype"], N, K, group)
+    return mm_spec((bits, ternary, base3, asym, *frac), s["dtype"], N, K, group, s["M"], s["cfg"], s["grouped"],
                    s["block_m"] or 1, s["x_div"])
 
 

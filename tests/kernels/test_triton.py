@@ -28,7 +28,8 @@ from moecompress.kernels import triton_dequant as td  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CASES = [("int8", True), ("int8", False), ("int4", True), ("int4", False), ("int3", False), ("int3", True),
-         ("int2", False), ("ternary2", True), ("ternary-b3", True)]
+         ("int2", False), ("ternary2", True), ("ternary-b3", True), ("int4-fz", False), ("int3-fz", False),
+         ("int2-fz", False)]
 IDS = [f"{c}-{'sym' if s else 'asym'}" for c, s in CASES]
 TOL = {torch.float16: 2e-3, torch.bfloat16: 4e-3, torch.float32: 1e-4}
 
@@ -45,6 +46,8 @@ def _weight(codec, symmetric, E=3, O=37, C=80, group=16, seed=0):
         zero = torch.ones_like(scale)
     elif symmetric:
         zero = torch.full_like(scale, float(2 ** (c.bits - 1)))
+    elif c.zero_frac:  # fractional zeros: every storable value
+        zero = torch.randint(0, 256, scale.shape, generator=g).float() / 2 ** c.zero_frac
     else:
         zero = torch.randint(0, top + 1, scale.shape, generator=g).float()
     t = encode(codec, codes.to(torch.uint8), scale, zero, symmetric)
@@ -62,10 +65,10 @@ def _close(out, ref, dtype):
 @pytest.mark.parametrize("C,group", [(80, 16), (256, 128), (96, 0)], ids=["g16", "g128", "one-group"])
 def test_dequant_is_exact(codec, symmetric, C, group):
     c, ref, data, scale, zero = _weight(codec, symmetric, C=C, group=group)
-    out = td.dequantize(c.bits, c.ternary, c.base3, data, scale, zero, C)
+    out = td.dequantize(c.bits, c.ternary, c.base3, data, scale, zero, C, zero_frac=c.zero_frac)
     assert torch.equal(out.cpu(), ref)
-    assert torch.equal(td.dequantize(c.bits, c.ternary, c.base3, data, scale, zero, C, torch.float16).cpu(),
-                       ref.half())
+    assert torch.equal(td.dequantize(c.bits, c.ternary, c.base3, data, scale, zero, C, torch.float16,
+                                     zero_frac=c.zero_frac).cpu(), ref.half())
 
 
 # (M, config): the GEMV (split-K too), the tensor-core path at decode and prefill sizes, split-K dots
@@ -80,7 +83,8 @@ def test_fused_matmul(codec, symmetric, dtype):
     g = torch.Generator().manual_seed(1)
     for M, config in PATHS:
         x = torch.randn(M, 224, generator=g).to(dtype)
-        out = td.packed_matmul(x.to(DEVICE), c.bits, c.ternary, c.base3, data, scale, zero, 224, config=config)
+        out = td.packed_matmul(x.to(DEVICE), c.bits, c.ternary, c.base3, data, scale, zero, 224, config=config,
+                               zero_frac=c.zero_frac)
         assert out.shape == (M, 45)
         _close(out, x.float() @ ref[0].T, dtype)
 
@@ -117,12 +121,14 @@ def test_grouped_moe_matmul_one_launch(codec, symmetric, dtype):
         route = td.moe_align(idx.reshape(-1).to(DEVICE), E)
         assert route.block_m == (1 if T == 1 else 16)
         x = torch.randn(T, C, generator=g).to(dtype)
-        out = td.grouped_matmul(x.to(DEVICE), route, K, c.bits, c.ternary, c.base3, data, scale, zero, C)
+        out = td.grouped_matmul(x.to(DEVICE), route, K, c.bits, c.ternary, c.base3, data, scale, zero, C,
+                                zero_frac=c.zero_frac)
         rows_expert = idx.reshape(-1)
         expected = torch.stack([x[r // K].float() @ ref[rows_expert[r]].T for r in range(T * K)])
         _close(out, expected, dtype)
         xs = torch.randn(T * K, C, generator=g).to(dtype)
-        out = td.grouped_matmul(xs.to(DEVICE), route, 1, c.bits, c.ternary, c.base3, data, scale, zero, C)
+        out = td.grouped_matmul(xs.to(DEVICE), route, 1, c.bits, c.ternary, c.base3, data, scale, zero, C,
+                                zero_frac=c.zero_frac)
         _close(out, torch.stack([xs[r].float() @ ref[rows_expert[r]].T for r in range(T * K)]), dtype)
 
 

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moecompress.errors import MoecompressError
+from moecompress.formats.quant_record import QuantRecord
 from moecompress.nn.packed import PackedExperts, PackedLinear
 from moecompress.pipeline import run
 from moecompress.recipe import validate_recipe
@@ -60,6 +61,23 @@ def test_packed_logits_equal_fake_quant(case, built):
     x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(case))
     a, b = packed.model(input_ids=x).logits, fake.model(input_ids=x).logits
     torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3)  # fake-quant stores bf16-rounded weights
+
+
+def test_two_bit_default_writes_fractional_zeros_as_version_3(built):
+    """W2 (fractional zero points by default) packs as int2-fz in a version 3 checkpoint, zeros off the integers
+    (their logits equal the fake-quantized model's above); W4 keeps integer zeros in a version 2 checkpoint that
+    version-2 readers still load."""
+    w2 = json.loads((built[2][0] / "config.json").read_text())["quantization_config"]
+    assert w2["format_version"] == 3
+    codecs = {c for m in w2["modules"].values()
+              for c in ([m["codec"]] if m["type"] == "linear" else m["codecs"].values())}
+    assert codecs == {"int2-fz"}
+    record = QuantRecord.load(built[2][1])
+    zeros = torch.cat([t.flatten() for k, t in record.tensors.items() if k.endswith(".zeros")])
+    assert not torch.equal(zeros, zeros.round()) and torch.equal(zeros * 64, (zeros * 64).round())
+    w4 = json.loads((built[0][0] / "config.json").read_text())["quantization_config"]
+    assert w4["format_version"] == 2
+    assert {c for m in w4["modules"].values() if m["type"] == "experts" for c in m["codecs"].values()} == {"int4"}
 
 
 def test_others_and_linears_are_packed_too(built):

@@ -255,8 +255,9 @@ def test_layer_bits_give_those_layers_their_own_options_and_are_checked():
 @pytest.mark.parametrize("family", sorted(FAMILY))
 def test_linear_and_layer_bits_pack_each_part_at_its_width(family, tmp_path):
     """W2A16 with ``linear_bits: 4`` and ``layer_bits: {1: 3}`` on every adapter: the packed checkpoint stores every
-    non-expert linear as int4 and every routed expert as int2 except in layer 1 (all int3), their codes use those
-    ranges, it loads, and the attention's weight error is below the plain W2A16 checkpoint's (same calibration)."""
+    non-expert linear as int4 and every routed expert as int2-fz (2-bit weights take fractional zero points by
+    default, the wider ones integers) except in layer 1 (all int3), their codes use those ranges, it loads, and the
+    attention's weight error is below the plain W2A16 checkpoint's (same calibration)."""
     from moecompress.formats.spec import module_specs
 
     outs = {}
@@ -274,7 +275,7 @@ def test_linear_and_layer_bits_pack_each_part_at_its_width(family, tmp_path):
         return got, {c for p, s in specs.items() if s.type == "experts" and one(p) for c in s.codecs.values()}
 
     in1 = f"{arch.layers}.1."
-    assert codecs(lambda p: not p.startswith(in1)) == ({"int4"}, {"int2"})
+    assert codecs(lambda p: not p.startswith(in1)) == ({"int4"}, {"int2-fz"})
     got1 = codecs(lambda p: p.startswith(in1))
     assert got1[0] == {"int3"} and got1[1] <= {"int3"}  # layer 1: every width 3 (some families: dense there)
     side = json.loads((outs[4] / "moecompress.json").read_text())["quantization"]
