@@ -60,7 +60,7 @@ from moecompress.stages.quantize import QuantizeConfig
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / ".cache" / "venv-llmcompressor"
 BASE = {"smooth": False, "balance": False, "rotate_intermediate": False, "router_bits": None, "refit": False,
-        "code_sweeps": 0, "gptq_rounds": 0, "rare_experts": "rtn", "sequential": False}
+        "code_sweeps": 0, "gptq_rounds": 0, "rare_experts": "rtn", "sequential": False, "fractional_zeros": False}
 ROWS = [
     ("RTN", {**BASE, "method": "rtn"}),
     ("GPTQ", {**BASE}),

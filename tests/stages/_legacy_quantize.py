@@ -17,7 +17,7 @@ from torch import nn
 
 from moecompress.algorithms.rotation import random_orthogonal
 from moecompress.errors import MoecompressError
-from moecompress.formats.checkpoint import FORMAT_VERSION, QUANT_METHOD, checksum, write_checkpoint
+from moecompress.formats.checkpoint import QUANT_METHOD, checksum, write_checkpoint
 from moecompress.formats.codecs import encode, packed_bits_per_weight
 from moecompress.formats.quant_record import QuantRecord
 from moecompress.models.base import MoEArch
@@ -391,7 +391,7 @@ def write_packed(loaded, record: QuantRecord, meta: dict[str, Any], out_dir: Pat
     for key in arch.num_experts_keys:
         cfg[key] = n
     cfg["dtype"] = str(disk).replace("torch.", "")
-    cfg["quantization_config"] = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "modules": modules,
+    cfg["quantization_config"] = {"quant_method": QUANT_METHOD, "format_version": 2, "modules": modules,
                                   "checksums": checksums, "activations": meta.get("activations")}
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     if loaded.tokenizer is not None:
