@@ -7,7 +7,7 @@ What it does, in order (each section records what it skipped if the time budget 
 
 1. **Precompile** every kernel specialization the run will launch, in parallel processes, into Triton's
    cache (`moecompress.kernels.aot`; the autotuner would otherwise compile its candidates one by one).
-2. **Correctness without the interpreter**: every codec (int8, int4 sym/asym, int3, int2, ternary2,
+2. **Correctness without the interpreter**: every codec (int8, int4 sym/asym, int3, int2, int2-fz, ternary2,
    ternary-b3) x fp16/bf16 x M = 1, 4, 16, 128 x an odd and a real shape against the torch reference
    (dequantization exact; products within 5e-3 (fp16) / 1.5e-2 (bf16) of the largest output) with fixed
    configurations of every path, the grouped kernel with uneven routing, and the device-side MoE alignment
@@ -28,7 +28,7 @@ What it does, in order (each section records what it skipped if the time budget 
    ``--e2e-layers`` layers) in bf16 and with its experts packed (int4, ``PackedExperts``), batch 1.
 
 Targets reported pass/fail in ``targets``: decode M=1 4096x14336 int4 >= 2.5x faster than fp16 cuBLAS;
-int2 / ternary2 / ternary-b3 >= 4x; prefill M=512 within 1.3x of cuBLAS; grouped 8 experts top-2, T = 1..16,
+int2 / int2-fz / ternary2 / ternary-b3 >= 4x; prefill M=512 within 1.3x of cuBLAS; grouped 8 experts top-2, T = 1..16,
 >= 2x faster than the bf16 per-expert loop; graph capture works; correctness passes.
 
 Without a GPU it prints one line and exits 2. It imports only torch, triton and moecompress's kernel
@@ -51,10 +51,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-# (name, bits, ternary, base3, asymmetric)
+# (name, bits, ternary, base3, asymmetric[, zero fraction bits])
 CODECS = [("int8", 8, False, False, False), ("int4", 4, False, False, False), ("int4-asym", 4, False, False, True),
           ("int3", 3, False, False, False), ("int2", 2, False, False, False), ("ternary2", 2, True, False, False),
-          ("ternary-b3", 8, True, True, False)]
+          ("ternary-b3", 8, True, True, False), ("int2-fz", 2, False, False, True, 6)]
 SHAPES = {"mixtral-w1": (4096, 14336), "mixtral-w2": (14336, 4096), "qwen3-w1": (2048, 768),
           "qwen3-w2": (768, 2048), "dsv3-w1": (7168, 2048), "dsv3-w2": (2048, 7168)}  # (K, N)
 MS = (1, 4, 16, 128, 512)
@@ -142,7 +142,7 @@ def time_eager(fn, calls: int = 20, reps: int = 10) -> float:
 # ------------------------------------------------------------------------------------------------- data
 def random_packed(codec, E: int, N: int, K: int, dev, seed: int = 0) -> dict:
     """Random packed tensors of the right shapes and dtypes (any bit pattern decodes; for timing)."""
-    _, bits, ternary, base3, asym = codec
+    _, bits, ternary, base3, asym, *_ = codec
     g = torch.Generator(device=dev).manual_seed(seed)
     G = max(1, K // GROUP)
     W = (K + 4) // 5 if base3 else (K * bits + 31) // 32
@@ -158,7 +158,7 @@ def random_packed(codec, E: int, N: int, K: int, dev, seed: int = 0) -> dict:
 
 def exact_packed(k, codec, E: int, N: int, K: int, group: int, seed: int = 0):
     """Valid codes packed with the project's packers (CPU), moved to the GPU; also the float32 weights."""
-    _, bits, ternary, base3, asym = codec
+    _, bits, ternary, base3, asym, *frac = codec
     g = torch.Generator().manual_seed(seed)
     top = 2 if ternary else 2 ** bits - 1
     codes = torch.randint(0, top + 1, (E, N, K), generator=g)
@@ -166,6 +166,8 @@ def exact_packed(k, codec, E: int, N: int, K: int, group: int, seed: int = 0):
     scale = (torch.rand(E, N, G, generator=g) * 0.02 + 0.005).half().float()
     if ternary:
         zero = torch.ones_like(scale)
+    elif asym and frac:  # fractional zeros: every storable byte
+        zero = torch.randint(0, 256, scale.shape, generator=g).float() / 2 ** frac[0]
     elif asym:
         zero = torch.randint(0, top + 1, scale.shape, generator=g).float()
     else:
@@ -177,13 +179,20 @@ def exact_packed(k, codec, E: int, N: int, K: int, group: int, seed: int = 0):
     else:
         data = k.bitpack.pack_bits(codes, bits)
     ref = k.reference.dequantize(codes, scale, zero)
-    return ({"data": data.cuda(), "scale": scale.half().cuda(), "zero": zero.to(torch.uint8).cuda() if asym else None},
+    stored = zero * 2 ** (frac[0] if frac else 0)
+    zero_bytes = stored.to(torch.uint8).cuda() if asym else None
+    return ({"data": data.cuda(), "scale": scale.half().cuda(), "zero": zero_bytes},
             ref.cuda())
 
 
 def args_of(codec, t, K):
-    _, bits, ternary, base3, _ = codec
+    _, bits, ternary, base3, *_ = codec
     return bits, ternary, base3, t["data"], t["scale"], t["zero"], K
+
+
+def zf(codec) -> dict:
+    """The kernels' ``zero_frac`` keyword of a codec (fractional zeros: the -fz codecs)."""
+    return {"zero_frac": codec[5] if len(codec) > 5 else 0}
 
 
 def packed_bytes(t) -> int:
@@ -258,13 +267,13 @@ def correctness(k, budget: Budget) -> list[dict]:
                 return rows
             t, ref = exact_packed(k, codec, 1, N, K, group)
             a = args_of(codec, t, K)
-            deq = td.dequantize(*a)
+            deq = td.dequantize(*a, **zf(codec))
             rows.append({"check": "dequant", "codec": codec[0], "N": N, "K": K, "ok": bool(torch.equal(deq, ref))})
             for dtype, tol in ((torch.float16, TOL["fp16"]), (torch.bfloat16, TOL["bf16"])):
                 for M, cfg in check_configs(td).items():
                     x = torch.randn(M, K, device="cuda").to(dtype)
                     want = x.float() @ ref[0].T
-                    got = td.packed_matmul(x, *a, config=_cfg(cfg)).float()
+                    got = td.packed_matmul(x, *a, config=_cfg(cfg), **zf(codec)).float()
                     err = float((got - want).abs().max() / want.abs().max())
                     rows.append({"check": "matmul", "codec": codec[0], "dtype": str(dtype)[6:], "M": M, "N": N,
                                  "K": K, "group": group, "config": str(cfg), "rel_err": err, "tol": tol,
@@ -280,7 +289,7 @@ def correctness(k, budget: Budget) -> list[dict]:
             x = torch.randn(T, 256, device="cuda", dtype=torch.bfloat16)
             route = td.moe_align(idx.reshape(-1), E)
             cfg = {k_: v for k_, v in _cfg(td.GROUPED_CONFIGS[route.block_m][0]).items() if k_ != "BLOCK_M"}
-            got = td.grouped_matmul(x, route, top, *args_of(codec, t, 256), config=cfg).float()
+            got = td.grouped_matmul(x, route, top, *args_of(codec, t, 256), config=cfg, **zf(codec)).float()
             flat = idx.reshape(-1)
             want = torch.einsum("rk,rnk->rn", x.float()[torch.arange(T * top, device="cuda") // top], ref[flat])
             err = float((got - want).abs().max() / want.abs().max())
@@ -303,7 +312,7 @@ def gemm_timings(k, budget: Budget, bandwidth: float, shapes, ms) -> list[dict]:
         w16 = torch.randn(N, K, device="cuda", dtype=torch.float16) * 0.02
         wbf = w16.to(torch.bfloat16)
         packed = {c[0]: random_packed(c, 1, N, K, "cuda") for c in CODECS}
-        dense = {c[0]: td.dequantize(*args_of(c, packed[c[0]], K))[0] for c in CODECS}  # checked exact above
+        dense = {c[0]: td.dequantize(*args_of(c, packed[c[0]], K), **zf(c))[0] for c in CODECS}  # checked exact above
         for M in ms:
             x = torch.randn(M, K, device="cuda", dtype=torch.float16)
             xb = x.to(torch.bfloat16)
@@ -318,7 +327,7 @@ def gemm_timings(k, budget: Budget, bandwidth: float, shapes, ms) -> list[dict]:
                     continue
                 t = packed[codec[0]]
                 a = args_of(codec, t, K)
-                fn = lambda: td.packed_matmul(x, *a)  # noqa: E731
+                fn = lambda: td.packed_matmul(x, *a, **zf(codec))  # noqa: E731
                 got = fn().float()  # autotunes (synchronises) before any graph capture
                 want = x.float() @ dense[codec[0]].T
                 err = float((got - want).abs().max() / want.abs().max())
@@ -603,7 +612,7 @@ def targets(res: dict) -> dict:
     r = find("int4", "mixtral-w1", 1)
     t["decode_int4_4096x14336_M1_>=2.5x_fp16"] = None if r is None else {
         "speedup": r["speedup_vs_fp16"], "pass": r["speedup_vs_fp16"] >= 2.5}
-    for c in ("int2", "ternary2", "ternary-b3"):
+    for c in ("int2", "int2-fz", "ternary2", "ternary-b3"):
         r = find(c, "mixtral-w1", 1)
         t[f"decode_{c}_4096x14336_M1_>=4x_fp16"] = None if r is None else {
             "speedup": r["speedup_vs_fp16"], "pass": r["speedup_vs_fp16"] >= 4.0}
