@@ -323,6 +323,12 @@ def plan_of(cfg: QuantizeConfig) -> tuple[QuantPlan, dict[str, Any]]:
             "record": RECORD_FILE if cfg.save_format == "fake-quant" else None}
     if cfg.layer_bits:  # the packed writer's per-layer widths (JSON keys are strings)
         meta["layer_bits"] = {str(i): b for i, b in cfg.layer_bits.items()}
+    for key, bits in (("weights", lbits), ("experts", wbits)):  # only where used: other metadata keeps its bytes
+        if cfg.zero_frac(bits):
+            meta[key]["zero_fraction_bits"] = cfg.zero_frac(bits)
+    for i, b in cfg.layer_bits.items():
+        if cfg.zero_frac(b):
+            meta.setdefault("layer_zero_fraction_bits", {})[str(i)] = cfg.zero_frac(b)
     return plan, meta
 
 

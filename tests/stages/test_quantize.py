@@ -192,6 +192,24 @@ def test_clip_floor_defaults_to_0_8_for_gptq_at_two_bits_only():
             QuantizeConfig(scheme="w2a16", clip_floor=bad)
 
 
+def test_fractional_zeros_default_to_two_bit_asymmetric_weights():
+    """`fractional_zeros` None: 6 fraction bits (steps of 1/64) for 2-bit asymmetric grids, integers above and on
+    symmetric grids; True/False apply to every asymmetric width; per width with mixed precision; recorded in the
+    metadata only where used."""
+    for scheme, sym, want in (("w2a16", False, 6), ("w2a16", True, 0), ("w3a16", False, 0), ("w4a16", False, 0),
+                              ("w4a4", False, 0)):
+        plan, meta = plan_of(QuantizeConfig(scheme=scheme, symmetric=sym))
+        assert plan.experts.grid.zero_frac == plan.linears.grid.zero_frac == want
+        assert meta["experts"].get("zero_fraction_bits", 0) == want
+    on = plan_of(QuantizeConfig(scheme="w4a16", fractional_zeros=True))[0]
+    assert on.experts.grid.zero_frac == 4
+    assert plan_of(QuantizeConfig(scheme="w2a16", fractional_zeros=False))[0].experts.grid.zero_frac == 0
+    plan, meta = plan_of(QuantizeConfig(scheme="w2a16", linear_bits=4, layer_bits={0: 3}))
+    assert (plan.experts.grid.zero_frac, plan.linears.grid.zero_frac) == (6, 0)
+    assert all(o.grid.zero_frac == 0 for o in plan.layers[0])
+    assert "zero_fraction_bits" not in meta["weights"] and "layer_zero_fraction_bits" not in meta
+
+
 def test_gptq_rounds_default_to_two_bit_weights_and_change_only_those_bytes(tmp_path):
     """`gptq_rounds` None: 4 rounds for 2-bit weights, none above; a number applies at every width. At W2 the
     rounds change the codes (GPTQ on the refit grid chooses others), at W3 the default writes what 0 writes."""
