@@ -31,14 +31,13 @@ class QuantGrid:
     clip_floor: float = 0.2  # the smallest range factor the clip search tries
     zero_frac: int = 0  # fraction bits of asymmetric zero points (0: integers; `fractional_zero_bits`)
 
+    def __post_init__(self) -> None:
+        if self.symmetric and self.zero_frac:
+            raise ValueError("symmetric grids have a fixed integer zero; fractional zeros need an asymmetric grid")
+
     @property
     def maxq(self) -> int:
         return 2 ** self.bits - 1
-
-    @property
-    def zero_step(self) -> float:
-        """The spacing of storable zero points (1 for integer zeros)."""
-        return 2.0 ** -self.zero_frac
 
     def groups(self, columns: int) -> int:
         return 1 if self.group_size in (-1, 0) or self.group_size >= columns else columns // self.group_size
@@ -208,7 +207,7 @@ def find_params(w: torch.Tensor, grid: QuantGrid, rows: int = 16384) -> tuple[to
 def _find_rows(w: torch.Tensor, grid: QuantGrid) -> tuple[torch.Tensor, torch.Tensor]:
     """``find_params`` of ``w [R, n]`` (float32)."""
     xmin, xmax = w.amin(dim=-1, keepdim=True), w.amax(dim=-1, keepdim=True)
-    frac = 0 if grid.symmetric else grid.zero_frac
+    frac = grid.zero_frac
     scale, zero = _params(xmin, xmax, grid.maxq, grid.symmetric, frac)
     if not grid.clip_search:
         return scale, zero

@@ -58,6 +58,9 @@ for _b in (8, 4, 3, 2):
     CODECS.add(f"int{_b}", Codec(f"int{_b}", _b))
 for _b in (4, 3, 2):
     CODECS.add(f"int{_b}-fz", Codec(f"int{_b}-fz", _b, zero_frac=8 - _b))
+CODECS.add("ternary2", Codec("ternary2", 2, ternary=True))
+CODECS.add("ternary-b3", Codec("ternary-b3", 8, ternary=True, base3=True))
+CODECS.add("ternary-dict", Codec("ternary-dict", 16, ternary=True, dict=True))
 
 
 def int_codec(bits: int, fractional_zeros: bool = False) -> str:
@@ -74,9 +77,6 @@ def stored_zeros(zero: torch.Tensor, zero_frac: int) -> torch.Tensor:
         raise ValueError(f"zero points must be {step} in [0, {255 / 2 ** zero_frac:g}] to be stored "
                          f"(got values from {float(zero.min()):g} to {float(zero.max()):g})")
     return k.to(torch.uint8).contiguous()
-CODECS.add("ternary2", Codec("ternary2", 2, ternary=True))
-CODECS.add("ternary-b3", Codec("ternary-b3", 8, ternary=True, base3=True))
-CODECS.add("ternary-dict", Codec("ternary-dict", 16, ternary=True, dict=True))
 
 
 ROWS_ELEMENTS = 1 << 22  # codes packed at a time: packing works in int64, 8 bytes per code

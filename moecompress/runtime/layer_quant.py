@@ -124,7 +124,7 @@ def _refine(W: torch.Tensor, H: torch.Tensor, res: QuantResult, opt: QuantOption
     refit), then ``code_sweeps`` times a coordinate-descent sweep over the codes and the refit again (block
     coordinate descent on GPTQ's objective; no step increases it). ``error``: see `_quantize`; ``factor``:
     `gptq_factor` of ``H``, shared by the rounds (None: each round factorizes ``H`` again)."""
-    frac = 0 if opt.grid.symmetric else opt.grid.zero_frac
+    frac = opt.grid.zero_frac
 
     def refit(Wr: torch.Tensor, r: QuantResult) -> QuantResult:
         return refit_groups(Wr, H, r, opt.grid.symmetric, opt.damp, zero_frac=frac)[0]
