@@ -12,9 +12,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-__all__ = ["FAMILY", "TINY", "skew_router", "tiny_config", "tiny_moe"]
+__all__ = ["FAMILY", "TINY", "DeviceMix", "skew_router", "tiny_config", "tiny_moe"]
 
 TINY: dict[str, Any] = dict(
     num_hidden_layers=2, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
@@ -112,3 +113,27 @@ def skew_router(model: PreTrainedModel, hot_experts: Sequence[int], strength: fl
         w = view.router_weight  # [E, H]
         for e in hot_experts:
             w[e] += (strength * d).to(w.dtype)
+
+
+class DeviceMix(TorchDispatchMode):
+    """Records every operator whose tensors span more than one device (0-dim CPU scalars aside, which CUDA
+    accepts; explicit copies such as ``.to(device)`` are transfers, not mixes). Run code on ``meta`` tensors
+    inside it: a tensor made on the CPU without ``device=`` (an index, a zero buffer) then used with the
+    model's shows up as a mix, which on a GPU is an error or a hidden host round trip."""
+
+    TRANSFERS = ("aten._to_copy", "aten.copy_", "aten.to.")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mixed: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if str(func).startswith(self.TRANSFERS):
+            return out
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs, out))
+        devices = {t.device for t in leaves
+                   if isinstance(t, torch.Tensor) and not (t.device.type == "cpu" and t.dim() == 0)}
+        if len(devices) > 1:
+            self.mixed.append(f"{func}: {sorted(str(d) for d in devices)}")
+        return out

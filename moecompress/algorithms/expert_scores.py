@@ -43,11 +43,12 @@ CONSENSUS = ("tcess", "frequency", "reap", "reap_freq", "ean")  # the scores who
 
 
 def _scatter_sum(index: torch.Tensor, values: torch.Tensor, E: int) -> torch.Tensor:
-    return torch.zeros(E, dtype=torch.float64).index_add_(0, index.reshape(-1), values.reshape(-1).double())
+    return torch.zeros(E, dtype=torch.float64, device=index.device).index_add_(0, index.reshape(-1),
+                                                                           values.reshape(-1).double())
 
 
 def _scatter_max(index: torch.Tensor, values: torch.Tensor, E: int) -> torch.Tensor:
-    out = torch.zeros(E, dtype=torch.float64)
+    out = torch.zeros(E, dtype=torch.float64, device=index.device)
     return out.scatter_reduce_(0, index.reshape(-1), values.reshape(-1).double(), reduce="amax", include_self=True)
 
 
@@ -77,7 +78,7 @@ def routing_statistics(
     confident = (vals.softmax(dim=-1) >= tcess_r).double()
     return {
         "count": _scatter_sum(index, torch.ones_like(weights), E),
-        "top1": _scatter_sum(top1, torch.ones(T, 1), E),
+        "top1": _scatter_sum(top1, torch.ones(T, 1, device=top1.device), E),
         "gate_sum": _scatter_sum(index, weights, E),
         "tcess_logit": _scatter_sum(idx, vals.double() * confident, E),
         "tcess_prob": _scatter_sum(idx, probs.gather(1, idx).double() * confident, E),
@@ -112,7 +113,7 @@ def expert_scores(stats: dict[str, torch.Tensor], tokens: int, score: str, seed:
         return torch.stack(ranks).double().mean(0)
     if score == "random":
         g = torch.Generator().manual_seed(seed)
-        return torch.rand(count.shape, generator=g, dtype=torch.float64)
+        return torch.rand(count.shape, generator=g, dtype=torch.float64).to(count.device)
     raise ValueError(f"unknown score {score!r}; use one of {SCORES}")
 
 

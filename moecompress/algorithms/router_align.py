@@ -97,7 +97,7 @@ def align_router(W: torch.Tensor, X: torch.Tensor, bits: int, k: int, score: str
         for e in range(E):
             losses = []
             for chunk in ratios.split(8):  # candidates [R, H] -> their logits with column e replaced [R, T, E]
-                rows = quant(chunk, torch.full((len(chunk),), e))
+                rows = quant(chunk, torch.full((len(chunk),), e, device=W.device))
                 tries = logits.expand(len(chunk), *logits.shape).clone()
                 tries[:, :, e] = (Xf @ rows.T).T + (0 if bias is None else bias[e].float())
                 qk = _probs(tries, score).gather(-1, idx.expand(len(chunk), *idx.shape))

@@ -86,11 +86,11 @@ def _agreement(idx: torch.Tensor, top1: torch.Tensor, bidx: torch.Tensor, btop1:
     (expert ids) of the model, mapped to the original numbering, against the baseline's."""
     idx, top1, bidx, btop1 = idx.long(), top1.long(), bidx.long(), btop1.long()
     if mapping is not None and layer in mapping:
-        ids = torch.as_tensor(mapping[layer])
+        ids = torch.as_tensor(mapping[layer], device=idx.device)
         idx, top1 = ids[idx], ids[top1]
     E = int(max(idx.max(), bidx.max())) + 1
-    a = torch.zeros(len(idx), E, dtype=torch.bool).scatter_(1, idx, True)
-    b = torch.zeros(len(bidx), E, dtype=torch.bool).scatter_(1, bidx, True)
+    a = torch.zeros(len(idx), E, dtype=torch.bool, device=idx.device).scatter_(1, idx, True)
+    b = torch.zeros(len(bidx), E, dtype=torch.bool, device=bidx.device).scatter_(1, bidx, True)
     jac = ((a & b).sum(1).float() / (a | b).sum(1).float()).sum()
     return float(jac), float((top1 == btop1).sum()), len(idx)
 

@@ -154,7 +154,8 @@ class MoEBlockView:
         """Shared experts' contribution for ``x [T, H]`` (gate included), or None."""
         if self.shared is None:
             return None
-        y = routed_outputs(x, torch.zeros(x.shape[0], 1, dtype=torch.long), self.shared.weights(), self.activation)
+        y = routed_outputs(x, torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device), self.shared.weights(),
+                           self.activation)
         y = y[:, 0]
         if self.shared_gate is not None:
             y = torch.sigmoid(nn.functional.linear(x, self.shared_gate.weight)) * y
@@ -185,7 +186,8 @@ class MoEBlockView:
             *parent_path, name = path.split(".")
             parent = resolve(self.router, ".".join(parent_path)) if parent_path else self.router
             t = getattr(parent, name)
-            new = t.data.index_select(t.dim() - 1 if t.dim() == 2 and t.shape[0] == 1 and t.shape[1] == old else 0, idx)
+            new = t.data.index_select(t.dim() - 1 if t.dim() == 2 and t.shape[0] == 1 and t.shape[1] == old else 0,
+                                      idx.to(t.device))
             if isinstance(t, nn.Parameter):
                 setattr(parent, name, nn.Parameter(new.contiguous(), requires_grad=t.requires_grad))
             else:

@@ -137,7 +137,8 @@ class FusedExperts(ExpertView):
         idx = torch.as_tensor(list(ids), dtype=torch.long)
         names = [self.GATE_UP, self.DOWN] + ([self.GATE_UP + "_bias", self.DOWN + "_bias"] if self.has_bias else [])
         for name in names:
-            _replace(self.module, name, getattr(self.module, name).data.index_select(0, idx))
+            t = getattr(self.module, name).data
+            _replace(self.module, name, t.index_select(0, idx.to(t.device)))
         if hasattr(self.module, "num_experts"):
             self.module.num_experts = len(idx)
 

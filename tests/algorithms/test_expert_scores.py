@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from moecompress.algorithms.expert_scores import expert_scores, js_divergence, routing_statistics, super_experts
+from moecompress.algorithms.expert_scores import STATS, expert_scores, js_divergence, routing_statistics, super_experts
+from moecompress.testing import DeviceMix
 
 
 def test_js_divergence_bounds():
@@ -61,3 +62,18 @@ def test_consensus_is_the_mean_rank_and_ignores_each_scores_units():
     scaled = {**stats, "reap_sum": stats["reap_sum"] * 1e6, "ean_sum": stats["ean_sum"] * 1e-6}
     assert torch.equal(expert_scores(scaled, 100, "consensus"), got)
     assert got.min() >= 0 and got.max() <= E - 1
+
+
+def test_routing_statistics_stay_on_the_inputs_device():
+    """`profile --device cuda` calls this on the GPU's tensors: every sum must be made there (a CPU buffer
+    with a CUDA index is an error in ``index_add_``)."""
+    T, E, K = 12, 6, 2
+    logits = torch.randn(T, E, device="meta")
+    probs = logits.softmax(-1)
+    weights, index = probs.topk(K, dim=-1)
+    per_slot = [torch.rand(T, K, device="meta") for _ in range(3)]
+    with DeviceMix() as mix:
+        stats = routing_statistics(logits, probs, index, weights, *per_slot, tcess_k=K)
+    assert mix.mixed == []
+    assert set(stats) == set(STATS)
+    assert all(v.device.type == "meta" and v.shape == (E,) and v.dtype == torch.float64 for v in stats.values())

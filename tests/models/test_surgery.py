@@ -6,7 +6,7 @@ import torch
 from moecompress.errors import MoecompressError
 from moecompress.models import find_arch
 from moecompress.models.surgery import check_keep, keep_experts
-from moecompress.testing import tiny_config, tiny_moe
+from moecompress.testing import FAMILY, DeviceMix, tiny_config, tiny_moe
 
 
 def test_fewer_than_top_k_names_the_minimum():
@@ -89,3 +89,19 @@ def _fake(model_type, **kw):
     cfg = PretrainedConfig(**kw)
     cfg.model_type = model_type
     return cfg
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY))
+@torch.no_grad()
+def test_keep_makes_no_tensor_off_the_model_device(family):
+    """Pruning runs on the layers where they compute (``--device cuda``): the kept ids must be indexed on each
+    tensor's own device (a CPU index into a CUDA tensor is an error in ``index_select``)."""
+    model = tiny_moe(family).to("meta")
+    arch = find_arch(model.config)
+    plan = {i: [0, 1, 4, 5] for i in arch.moe_layer_indices(model.config)}
+    with DeviceMix() as mix:
+        keep_experts(model, arch, plan)
+    assert mix.mixed == []
+    for view in arch.moe_blocks(model):
+        assert view.num_experts == 4 and view.router_weight.shape[0] == 4
+        assert {p.device.type for p in view.block.parameters()} == {"meta"}
