@@ -8,6 +8,7 @@ from moecompress.algorithms.gptq import gptq_factor, gptq_quantize, proxy_loss
 from moecompress.algorithms.quant_grid import QuantGrid, fake_quant_tokens, rtn_quantize
 from moecompress.algorithms.router_align import align_router, topk_kl
 from moecompress.algorithms.smooth import aggregate_scales, down_outlier_scales, smooth_scales
+from moecompress.testing import DeviceMix
 
 GRIDS = [QuantGrid(4, 32), QuantGrid(3, -1, symmetric=True), QuantGrid(2, 16), QuantGrid(8, 64, clip_search=False),
          QuantGrid(2, 16, zero_frac=6), QuantGrid(3, 32, clip_search=False, zero_frac=5)]
@@ -148,3 +149,15 @@ def test_topk_rest_objective_is_a_divergence_and_eaquants_is_not():
     a, b = torch.randn(500, 8, generator=g), torch.randn(500, 8, generator=g)
     full = (a.softmax(-1) * (a.log_softmax(-1) - b.log_softmax(-1))).sum(-1).mean()
     assert 0 <= float(topk_kl(a, b, 2, objective="topk_rest")) <= float(full) + 1e-6  # coarsening never adds
+
+
+@pytest.mark.parametrize("grid", [QuantGrid(4, 32, symmetric=True), QuantGrid(3, 32, symmetric=False),
+                                  QuantGrid(2, 32, symmetric=False, zero_frac=6)], ids=["sym4", "asym3", "fz2"])
+def test_gptq_and_rtn_make_every_tensor_on_the_weights_device(grid):
+    """`quantize --device cuda`: GPTQ (clip search, factorization, column loop) and RTN run on the weights'
+    device, with no tensor made on the CPU along the way (run on ``meta``, where any such tensor is a mix)."""
+    W, H = torch.randn(2, 16, 64, device="meta"), torch.randn(2, 64, 64, device="meta")
+    with DeviceMix() as mix:
+        results = [gptq_quantize(W, H, grid), rtn_quantize(W, grid)]
+    assert mix.mixed == []
+    assert all(t.device.type == "meta" for r in results for t in (r.codes, r.weight, r.scales, r.zeros))
