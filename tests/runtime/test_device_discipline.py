@@ -1,0 +1,80 @@
+"""The stages make no tensor on the CPU while a decoder layer runs on the compute device (`--device cuda`).
+
+Without a GPU: every layer forward of the stream (the original layers' stream included) and every hook it fires
+run with torch's default device set to ``meta``, so a factory call without ``device=`` (a CPU buffer on a GPU run)
+makes a meta tensor there, and the first operator mixing it with the layer's real tensors fails, naming the line.
+On a GPU run such a tensor is an error (``index_add_``/``index_select`` with a CPU index) or a hidden host round
+trip. Found this way: the profile's routing sums (`algorithms.expert_scores.routing_statistics`).
+"""
+
+import functools
+
+import pytest
+import torch
+
+import moecompress.runtime.executor as executor
+import moecompress.runtime.quantize_run as quantize_run
+from moecompress.context import Context
+from moecompress.io.model import LoadedModel, tiny_tokenizer
+from moecompress.models import find_arch
+from moecompress.recipe import CalibrationConfig
+from moecompress.stages import STAGES
+from moecompress.stages.evaluate import EvaluateConfig
+from moecompress.stages.profile import ProfileConfig
+from moecompress.stages.quantize import QuantizeConfig
+from moecompress.testing import FAMILY, tiny_moe
+
+
+def _meta_default(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.device("meta"):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@pytest.fixture
+def layers_on_meta_default(monkeypatch):
+    monkeypatch.setattr(executor.LayerStream, "run_layer", _meta_default(executor.LayerStream.run_layer))
+    monkeypatch.setattr(quantize_run, "_forward", _meta_default(quantize_run._forward))
+
+
+def _ctx(family, tmp_path):
+    model = tiny_moe(family)
+    loaded = LoadedModel(model, tiny_tokenizer(), find_arch(model.config), "tiny", None, torch.float32)
+    return Context(loaded, CalibrationConfig(tasks=["prose", "code"], samples=2, seq_len=32), tmp_path)
+
+
+def test_the_harness_catches_a_cpu_buffer(layers_on_meta_default, tmp_path, monkeypatch):
+    import moecompress.algorithms.expert_scores as es
+
+    def on_cpu(index, values, E):  # the profile's sums as they were: a CPU buffer, the index on the device
+        return torch.zeros(E, dtype=torch.float64, device="cpu").index_add_(0, index.reshape(-1).cpu(),
+                                                                             values.reshape(-1).double().cpu())
+
+    def made_without_device(index, values, E):
+        return torch.zeros(E, dtype=torch.float64).index_add_(0, index.reshape(-1), values.reshape(-1).double())
+
+    monkeypatch.setattr(es, "_scatter_sum", on_cpu)  # explicit transfers are fine
+    STAGES.get("profile").run(_ctx("mixtral", tmp_path / "a"), ProfileConfig())
+    monkeypatch.setattr(es, "_scatter_sum", made_without_device)
+    with pytest.raises(RuntimeError, match="device"):
+        STAGES.get("profile").run(_ctx("mixtral", tmp_path / "b"), ProfileConfig())
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY))
+def test_profile_and_w2_quantize_make_nothing_off_device(family, layers_on_meta_default, tmp_path):
+    ctx = _ctx(family, tmp_path)
+    STAGES.get("profile").run(ctx, ProfileConfig())
+    STAGES.get("quantize").run(ctx, QuantizeConfig(scheme="w2a16"))
+
+
+@pytest.mark.parametrize("settings", [dict(scheme="w4a4"), dict(scheme="w8a8"),
+                                      dict(scheme="w3a16", router_bits=8, align_router=True),
+                                      dict(scheme="w2a16", sequential_targets="layer"),
+                                      dict(scheme="w4a16", rotate=True)],
+                         ids=["w4a4", "w8a8", "w3-router", "w2-layer-targets", "w4-rotate"])
+def test_quantize_variants_and_eval_make_nothing_off_device(settings, layers_on_meta_default, tmp_path):
+    ctx = _ctx("qwen2_moe", tmp_path)  # shared experts and a dense layer
+    STAGES.get("quantize").run(ctx, QuantizeConfig(**settings))
+    STAGES.get("evaluate").run(ctx, EvaluateConfig(baseline=None, samples=2))
