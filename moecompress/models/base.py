@@ -179,7 +179,7 @@ class MoEBlockView:
         """Keep routed experts ``ids`` (in that order): slices router rows, router and correction biases
         and every expert tensor, and updates the modules' cached expert counts. Shared experts untouched."""
         old = self.num_experts
-        idx = torch.as_tensor(list(ids), dtype=torch.long)
+        ids = list(ids)
         for path in (self.arch.router_weight, self.arch.router_bias, self.arch.correction_bias):
             if path is None:
                 continue
@@ -187,7 +187,7 @@ class MoEBlockView:
             parent = resolve(self.router, ".".join(parent_path)) if parent_path else self.router
             t = getattr(parent, name)
             new = t.data.index_select(t.dim() - 1 if t.dim() == 2 and t.shape[0] == 1 and t.shape[1] == old else 0,
-                                      idx.to(t.device))
+                                      torch.as_tensor(ids, dtype=torch.long, device=t.device))
             if isinstance(t, nn.Parameter):
                 setattr(parent, name, nn.Parameter(new.contiguous(), requires_grad=t.requires_grad))
             else:
@@ -196,6 +196,6 @@ class MoEBlockView:
         for m in self.block.modules():
             for attr in ("num_experts", "num_local_experts"):
                 if isinstance(getattr(m, attr, None), int) and getattr(m, attr) == old:
-                    setattr(m, attr, len(idx))
+                    setattr(m, attr, len(ids))
             if isinstance(m, nn.Linear) and m is self.router:
-                m.out_features = len(idx)
+                m.out_features = len(ids)

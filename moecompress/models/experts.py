@@ -134,13 +134,13 @@ class FusedExperts(ExpertView):
 
     @torch.no_grad()
     def keep(self, ids: Sequence[int]) -> None:
-        idx = torch.as_tensor(list(ids), dtype=torch.long)
+        ids = list(ids)
         names = [self.GATE_UP, self.DOWN] + ([self.GATE_UP + "_bias", self.DOWN + "_bias"] if self.has_bias else [])
         for name in names:
             t = getattr(self.module, name).data
-            _replace(self.module, name, t.index_select(0, idx.to(t.device)))
+            _replace(self.module, name, t.index_select(0, torch.as_tensor(ids, dtype=torch.long, device=t.device)))
         if hasattr(self.module, "num_experts"):
-            self.module.num_experts = len(idx)
+            self.module.num_experts = len(ids)
 
 
 class ListExperts(ExpertView):

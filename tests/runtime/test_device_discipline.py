@@ -12,6 +12,7 @@ import functools
 import pytest
 import torch
 
+import moecompress.eval.expert_sets as expert_sets
 import moecompress.runtime.executor as executor
 import moecompress.runtime.quantize_run as quantize_run
 from moecompress.context import Context
@@ -21,6 +22,7 @@ from moecompress.recipe import CalibrationConfig
 from moecompress.stages import STAGES
 from moecompress.stages.evaluate import EvaluateConfig
 from moecompress.stages.profile import ProfileConfig
+from moecompress.stages.prune import PruneConfig
 from moecompress.stages.quantize import QuantizeConfig
 from moecompress.testing import FAMILY, tiny_moe
 
@@ -37,6 +39,8 @@ def _meta_default(fn):
 def layers_on_meta_default(monkeypatch):
     monkeypatch.setattr(executor.LayerStream, "run_layer", _meta_default(executor.LayerStream.run_layer))
     monkeypatch.setattr(quantize_run, "_forward", _meta_default(quantize_run._forward))
+    for name in ("_run", "_pruned_copy", "_nll"):  # `prune --score auto`: candidate layers and their losses
+        monkeypatch.setattr(expert_sets, name, _meta_default(getattr(expert_sets, name)))
 
 
 def _ctx(family, tmp_path):
@@ -67,6 +71,13 @@ def test_profile_and_w2_quantize_make_nothing_off_device(family, layers_on_meta_
     ctx = _ctx(family, tmp_path)
     STAGES.get("profile").run(ctx, ProfileConfig())
     STAGES.get("quantize").run(ctx, QuantizeConfig(scheme="w2a16"))
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
+def test_prune_auto_makes_nothing_off_device(family, layers_on_meta_default, tmp_path):
+    ctx = _ctx(family, tmp_path)
+    STAGES.get("profile").run(ctx, ProfileConfig())
+    STAGES.get("prune").run(ctx, PruneConfig(keep=4, auto_samples=2))
 
 
 @pytest.mark.parametrize("settings", [dict(scheme="w4a4"), dict(scheme="w8a8"),
