@@ -14,6 +14,8 @@ import torch
 
 import moecompress.eval.expert_sets as expert_sets
 import moecompress.runtime.executor as executor
+import moecompress.stages.patterns as patterns_stage
+import moecompress.stages.retrieve as retrieve_stage
 import moecompress.runtime.quantize_run as quantize_run
 from moecompress.context import Context
 from moecompress.io.model import LoadedModel, tiny_tokenizer
@@ -39,6 +41,8 @@ def _meta_default(fn):
 def layers_on_meta_default(monkeypatch):
     monkeypatch.setattr(executor.LayerStream, "run_layer", _meta_default(executor.LayerStream.run_layer))
     monkeypatch.setattr(quantize_run, "_forward", _meta_default(quantize_run._forward))
+    for stage in (patterns_stage, retrieve_stage):  # TAER's prompt probe
+        monkeypatch.setattr(stage, "routing_signatures", _meta_default(stage.routing_signatures))
     for name in ("_run", "_pruned_copy", "_nll"):  # `prune --score auto`: candidate layers and their losses
         monkeypatch.setattr(expert_sets, name, _meta_default(getattr(expert_sets, name)))
 
@@ -89,3 +93,21 @@ def test_quantize_variants_and_eval_make_nothing_off_device(settings, layers_on_
     ctx = _ctx("qwen2_moe", tmp_path)  # shared experts and a dense layer
     STAGES.get("quantize").run(ctx, QuantizeConfig(**settings))
     STAGES.get("evaluate").run(ctx, EvaluateConfig(baseline=None, samples=2))
+
+
+def test_taer_patterns_and_retrieve_make_nothing_off_device(layers_on_meta_default, tmp_path):
+    from moecompress.io.model import save_model
+    from moecompress.pipeline import run
+    from moecompress.recipe import validate_recipe
+
+    model = tiny_moe("deepseek_v3")
+    d = tmp_path / "model"
+    save_model(LoadedModel(model, tiny_tokenizer(), find_arch(model.config), "tiny", None, torch.float32), d)
+    calib = {"tasks": ["prose", "code"], "samples": 2, "seq_len": 32}
+    run(validate_recipe({"calibration": calib, "stages": [{"stage": "profile"}]}), model=str(d), output=tmp_path / "p")
+    run(validate_recipe({"calibration": calib, "stages": [{"stage": "patterns", "profile": str(tmp_path / "p")}]}),
+        model=str(d), output=tmp_path / "store")
+    r = run(validate_recipe({"stages": [{"stage": "retrieve", "store": str(tmp_path / "store"), "keep": 4,
+                                         "prompt": "The quick brown fox jumps over the lazy dog. " * 4}]}),
+            model=str(d), output=tmp_path / "out").report["stages"][0]["result"]
+    assert all(len(v) == 4 for v in r["kept_experts"].values())
