@@ -70,7 +70,7 @@ def align_router(W: torch.Tensor, X: torch.Tensor, bits: int, k: int, score: str
     and would not carry over to new text).
     Returns ``(W_hat [E, H], ratio per row [E], report)``."""
     E, H = W.shape
-    ratios = (ratios if ratios is not None else torch.linspace(1.0, 0.35, 66)).to(W.device)
+    ratios = ratios.to(W.device) if ratios is not None else torch.linspace(1.0, 0.35, 66, device=W.device)
     grid = QuantGrid(bits, -1, symmetric=False, clip_search=False)
     Wf, Xf = W.float(), X.float()
     ref = Xf @ Wf.T + (0 if bias is None else bias.float())

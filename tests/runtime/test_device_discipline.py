@@ -40,7 +40,10 @@ def _meta_default(fn):
 @pytest.fixture
 def layers_on_meta_default(monkeypatch):
     monkeypatch.setattr(executor.LayerStream, "run_layer", _meta_default(executor.LayerStream.run_layer))
-    monkeypatch.setattr(quantize_run, "_forward", _meta_default(quantize_run._forward))
+    # the quantize stage's per-layer work between the layer runs: the linears, the experts (their down
+    # projections' pairs replayed without a layer run), smoothing and the router
+    for name in ("_forward", "quantize_linears", "quantize_experts", "smooth_layer", "quantize_router"):
+        monkeypatch.setattr(quantize_run, name, _meta_default(getattr(quantize_run, name)))
     for stage in (patterns_stage, retrieve_stage):  # TAER's prompt probe
         monkeypatch.setattr(stage, "routing_signatures", _meta_default(stage.routing_signatures))
     for name in ("_run", "_pruned_copy", "_nll"):  # `prune --score auto`: candidate layers and their losses
