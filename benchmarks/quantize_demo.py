@@ -96,6 +96,9 @@ ROWS = [
     ("all + damp 0.001", {"damp": 0.001}),
     ("all - act order", {"act_order": False}),
     ("all - clip search", {"clip_search": False}),
+    ("all + group 64", {"group_size": 64}),  # stop 28: finer groups, full-precision parameters (an upper bound)
+    ("all + clip floor 0.7", {"clip_floor": 0.7}),  # stop 28: the floor with fractional zeros (default 0.8 at 2 bits)
+    ("all + clip floor 0.9", {"clip_floor": 0.9}),
     ("all - clip search + GPTQ rounds", {"clip_search": False, "gptq_rounds": 4}),
     ("all + code sweeps", {"code_sweeps": 2}),
     ("all + 1 code sweep", {"code_sweeps": 1}),
