@@ -298,3 +298,32 @@ def test_a_bug_is_still_one_line(monkeypatch):
     assert r.exit_code == 1
     line = one_line_error(r, "unexpected RuntimeError: something went wrong", "--verbose")
     assert "Traceback" not in r.output and line
+
+
+@pytest.mark.parametrize("swallowed", [False, True], ids=["chained", "swallowed"])
+def test_a_signal_a_library_turned_into_its_own_error_is_still_an_interrupt(swallowed, capsys):
+    """CI caught this: SIGTERM mid-import, and transformers' lazy module answered with ModuleNotFoundError;
+    the run said 'a bug in moecompress', exit 1. Whether the interrupt stays in the exception chain or the
+    library dropped it, the run reports the signal and exits 128 + SIGTERM."""
+    import os
+    import signal
+    import time
+
+    import typer
+
+    from moecompress.cli.core import handled
+
+    with pytest.raises(typer.Exit) as exit_info, handled():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises before this returns
+            pytest.fail("SIGTERM was not turned into an interrupt")
+        except KeyboardInterrupt:
+            if not swallowed:
+                raise ModuleNotFoundError("Could not import module 'DeepseekV3ForCausalLM'")  # noqa: B904
+        raise ModuleNotFoundError("Could not import module 'DeepseekV3ForCausalLM'")
+    assert exit_info.value.exit_code == 128 + signal.SIGTERM
+    assert "interrupted (SIGTERM)" in capsys.readouterr().err
+    with pytest.raises(typer.Exit) as exit_info, handled():  # a later run without a signal: a bug again
+        raise ModuleNotFoundError("x")
+    assert exit_info.value.exit_code == 1

@@ -10,7 +10,7 @@ import logging
 import os
 import signal
 from collections.abc import Iterator
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import click
 import typer
@@ -18,7 +18,7 @@ import typer.rich_utils
 
 from moecompress.console import console, error, setup_console, warn
 from moecompress.errors import MoecompressError, shorten
-from moecompress.io.fsops import disk_full_error, signals_as_interrupts
+from moecompress.io.fsops import disk_full_error, interrupting_signal, signals_as_interrupts
 from moecompress.version import __version__
 
 app = typer.Typer(
@@ -40,19 +40,21 @@ def handled() -> Iterator[None]:
     try:
         with signals_as_interrupts():
             yield
+    except KeyboardInterrupt as e:
+        _interrupted(getattr(e, "signum", signal.SIGINT))
     except MoecompressError as e:
+        if (signum := interrupting_signal(e)) is not None:
+            _interrupted(signum)
         error(str(e))
         raise typer.Exit(2) from None
-    except KeyboardInterrupt as e:
-        signum = getattr(e, "signum", signal.SIGINT)
-        error(f"interrupted ({signal.Signals(signum).name})")
-        raise typer.Exit(128 + signum) from None
     except MemoryError:
         error("out of memory: use a machine with more memory, or lower --samples / --batch-size")
         raise typer.Exit(1) from None
     except (typer.Exit, typer.Abort, click.exceptions.ClickException):
         raise
     except Exception as e:
+        if (signum := interrupting_signal(e)) is not None:  # a library turned the interrupt into its own error
+            _interrupted(signum)
         full = disk_full_error(e)  # ENOSPC / EFBIG / EDQUOT, however a library wrapped it
         if full is not None:
             error(str(full))
@@ -64,6 +66,11 @@ def handled() -> Iterator[None]:
         error(f"unexpected {e.__class__.__name__}: {shorten(str(e))} (a bug in moecompress: run again with "
               "--verbose for the traceback and report it)")
         raise typer.Exit(1) from None
+
+
+def _interrupted(signum: int) -> NoReturn:
+    error(f"interrupted ({signal.Signals(signum).name})")
+    raise typer.Exit(128 + signum) from None
 
 
 def _os_error(e: OSError) -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from moecompress.errors import MoecompressError
 
-__all__ = ["Interrupted", "disk_full_error", "exchange", "fsync_path", "fsync_tree", "rename2", "signals_as_interrupts",
+__all__ = ["Interrupted", "disk_full_error", "exchange", "fsync_path", "fsync_tree", "interrupting_signal", "rename2", "signals_as_interrupts",
            "signals_deferred"]
 
 _NO_EXCHANGE = "MOECOMPRESS_TEST_NO_EXCHANGE"  # tests: behave as on a filesystem without exchange rename
@@ -154,14 +154,34 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+_received: list[int] = []  # the termination signals `signals_as_interrupts` turned into Interrupted
+
+
 def _raise_interrupted(signum: int, _frame: object) -> None:
+    _received.append(signum)
     raise Interrupted(signum)
+
+
+def interrupting_signal(exc: BaseException) -> int | None:
+    """The signal that caused ``exc``, or None. An interrupt can land inside library code that turns it into
+    its own error (transformers' lazy import answers a KeyboardInterrupt mid-import with ModuleNotFoundError);
+    so: a KeyboardInterrupt anywhere in the chain, or a SIGTERM / SIGHUP taken since `signals_as_interrupts`
+    began, makes the failure an interrupt."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, KeyboardInterrupt):
+            return getattr(e, "signum", signal.SIGINT)
+        e = e.__cause__ or e.__context__
+    return _received[0] if _received else None
 
 
 @contextlib.contextmanager
 def signals_as_interrupts() -> Iterator[None]:
     """While the block runs, SIGTERM and SIGHUP raise `Interrupted` (a KeyboardInterrupt) like SIGINT does."""
     old = {}
+    _received.clear()
     if threading.current_thread() is threading.main_thread():
         for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
             if s is not None:
