@@ -103,6 +103,7 @@ ROWS = [
     ("all + code sweeps", {"code_sweeps": 2}),
     ("all + 1 code sweep", {"code_sweeps": 1}),
     ("all + router W8 aligned", {"router_bits": 8, "align_router": True}),
+    ("all + rotation", {"rotate": True}),  # stop 29: the residual rotation (QuaRot, folded) on top of the default
     ("GPTQ + linears 4-bit", {**BASE, "linear_bits": 4}),
     ("all + linears 4-bit", {"linear_bits": 4}),  # attention (all non-expert linears) at 4 bits, experts as scheme
     ("all + linears 3-bit", {"linear_bits": 3}),

@@ -300,8 +300,13 @@ def test_a_bug_is_still_one_line(monkeypatch):
     assert "Traceback" not in r.output and line
 
 
-@pytest.mark.parametrize("swallowed", [False, True], ids=["chained", "swallowed"])
-def test_a_signal_a_library_turned_into_its_own_error_is_still_an_interrupt(swallowed, capsys):
+class _Panic(BaseException):
+    """What pyo3 raises for a Rust panic: not an Exception."""
+
+
+@pytest.mark.parametrize("swallowed,error", [(False, ModuleNotFoundError), (True, ModuleNotFoundError), (True, _Panic)],
+                         ids=["chained", "swallowed", "swallowed-panic"])
+def test_a_signal_a_library_turned_into_its_own_error_is_still_an_interrupt(swallowed, error, capsys):
     """CI caught this: SIGTERM mid-import, and transformers' lazy module answered with ModuleNotFoundError;
     the run said 'a bug in moecompress', exit 1. Whether the interrupt stays in the exception chain or the
     library dropped it, the run reports the signal and exits 128 + SIGTERM."""
@@ -320,8 +325,8 @@ def test_a_signal_a_library_turned_into_its_own_error_is_still_an_interrupt(swal
             pytest.fail("SIGTERM was not turned into an interrupt")
         except KeyboardInterrupt:
             if not swallowed:
-                raise ModuleNotFoundError("Could not import module 'DeepseekV3ForCausalLM'")  # noqa: B904
-        raise ModuleNotFoundError("Could not import module 'DeepseekV3ForCausalLM'")
+                raise error("Could not import module 'DeepseekV3ForCausalLM'")  # noqa: B904
+        raise error("Could not import module 'DeepseekV3ForCausalLM'")
     assert exit_info.value.exit_code == 128 + signal.SIGTERM
     assert "interrupted (SIGTERM)" in capsys.readouterr().err
     with pytest.raises(typer.Exit) as exit_info, handled():  # a later run without a signal: a bug again

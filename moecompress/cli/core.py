@@ -66,6 +66,10 @@ def handled() -> Iterator[None]:
         error(f"unexpected {e.__class__.__name__}: {shorten(str(e))} (a bug in moecompress: run again with "
               "--verbose for the traceback and report it)")
         raise typer.Exit(1) from None
+    except BaseException as e:  # e.g. a native library's panic (pyo3's PanicException) after a signal
+        if isinstance(e, (SystemExit, GeneratorExit)) or (signum := interrupting_signal(e)) is None:
+            raise
+        _interrupted(signum)
 
 
 def _interrupted(signum: int) -> NoReturn:
