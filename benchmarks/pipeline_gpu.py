@@ -7,10 +7,17 @@ Per command: ``moecompress <command> ... --device cuda`` and ``--device cpu`` in
 a check of the two outputs: profile scores (relative difference), the experts pruning keeps (equal sets),
 the quantized codes (share of equal bytes: float reductions differ between devices, so a few codes at 2 bits
 may flip); then eval and generate on the GPU's packed W2 checkpoint. ``--gpu cpu`` dry-runs it on the CPU.
+It also runs plain GPTQ at W2 (`PLAIN_GPTQ`'s flags) and reports the W2 default's seconds over plain GPTQ's on
+each device (issue 12's wall-time target: at most 2x), from each run's own ``seconds`` in moecompress.json.
+``--model DIR`` runs it all on another checkpoint, e.g. one at a real model's width from
+``scripts/make_synthetic_moe.py`` (where GPTQ's own cost, not the calibration passes, dominates).
 
 Usage (one command, on a GPU machine)::
 
     python benchmarks/pipeline_gpu.py --workdir /tmp/pipe-gpu --out benchmarks/results/pipeline_gpu.json
+    python scripts/make_synthetic_moe.py /tmp/syn1024 --layers 2 --hidden 1024 --intermediate 2816
+    python benchmarks/pipeline_gpu.py --model /tmp/syn1024 --workdir /tmp/pipe-gpu-1024 \
+        --out benchmarks/results/pipeline_gpu_h1024.json
 
 Without a GPU (and without ``--gpu cpu``) it stops with one line.
 """
@@ -28,11 +35,15 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 
-def _run(args: list[str]) -> dict:
+def _run(args: list[str], out: Path | None = None) -> dict:
     t0 = time.time()
     r = subprocess.run([sys.executable, "-m", "moecompress", *args], capture_output=True, text=True)
     tail = (r.stdout + r.stderr).strip().splitlines()[-3:]
-    return {"exit": r.returncode, "seconds": round(time.time() - t0, 1), "tail": tail}
+    row = {"exit": r.returncode, "seconds": round(time.time() - t0, 1), "tail": tail}
+    side = None if out is None else out / "moecompress.json"
+    if side is not None and side.is_file():  # the run's own seconds: without the interpreter's start
+        row["run_seconds"] = json.loads(side.read_text()).get("seconds")
+    return row
 
 
 def _tensors(d: Path) -> dict:
@@ -64,11 +75,28 @@ def _code_agreement(a: Path, b: Path) -> float:
     return same / max(total, 1)
 
 
+PLAIN_GPTQ = ["--no-refit", "--gptq-rounds", "0", "--code-sweeps", "0", "--no-sequential", "--no-balance",
+              "--rare-experts", "rtn", "--integer-zeros"]
+
+
+def _ratios(rows: dict) -> dict:
+    """The W2 default's run seconds over plain GPTQ's, per device (the target: at most 2)."""
+    out = {}
+    for side in ("cpu", "gpu"):
+        a = rows.get("quantize_w2a16", {}).get(side, {}).get("run_seconds")
+        b = rows.get("quantize_w2a16_plain_gptq", {}).get(side, {}).get("run_seconds")
+        if a and b:
+            out[side] = round(a / b, 2)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/pipe-gpu"))
     ap.add_argument("--gpu", default="cuda", help="the device under test (cpu: a dry run of the script)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--model", default=None, help="a model directory instead of the bundled demo (e.g. one from "
+                    "scripts/make_synthetic_moe.py at a real model's width)")
     args = ap.parse_args()
     import torch
 
@@ -83,6 +111,8 @@ def main() -> None:
                   lambda a, b: _kept(a) == _kept(b)),
         "quantize_w4a16": (["quantize", "--scheme", "w4a16"], _code_agreement),
         "quantize_w2a16": (["quantize", "--scheme", "w2a16"], _code_agreement),
+        # issue 12's wall-time target: the default against plain GPTQ, on each device
+        "quantize_w2a16_plain_gptq": (["quantize", "--scheme", "w2a16", *PLAIN_GPTQ], _code_agreement),
         "ternary": (["ternary", "--method", "gptq"], _code_agreement),
     }
     rows = {}
@@ -90,7 +120,9 @@ def main() -> None:
         row = {}
         for side, dev in (("cpu", "cpu"), ("gpu", args.gpu)):
             cmd_dev = [c.replace("{cpu_profile}", str(w / "profile-cpu")) for c in cmd]
-            row[side] = _run([*cmd_dev, "--device", dev, "-o", str(w / f"{name}-{side}")])
+            model = [args.model] if args.model else []
+            out = w / f"{name}-{side}"
+            row[side] = _run([cmd_dev[0], *model, *cmd_dev[1:], "--device", dev, "-o", str(out)], out)
         if row["cpu"]["exit"] == 0 and row["gpu"]["exit"] == 0:
             row["agreement"] = compare(w / f"{name}-cpu", w / f"{name}-gpu")
         rows[name] = row
@@ -101,7 +133,9 @@ def main() -> None:
                       "generate_w2": ["generate", str(q), "--prompt", "The cat"]}.items():
         rows[name] = {"gpu": _run([*cmd, "--device", args.gpu])}
         print(name, rows[name]["gpu"]["exit"], rows[name]["gpu"]["seconds"])
-    report = {"device": torch.cuda.get_device_name(0) if args.gpu.startswith("cuda") else "cpu", "runs": rows}
+    report = {"device": torch.cuda.get_device_name(0) if args.gpu.startswith("cuda") else "cpu",
+              "model": args.model or "demo", "w2_default_over_plain_gptq": _ratios(rows), "runs": rows}
+    print("W2 default / plain GPTQ (run seconds):", report["w2_default_over_plain_gptq"])
     if args.out is not None:
         args.out.write_text(json.dumps(report, indent=1) + "\n")
 
