@@ -21,8 +21,8 @@ from pathlib import Path
 
 from moecompress.errors import MoecompressError
 
-__all__ = ["Interrupted", "disk_full_error", "exchange", "fsync_path", "fsync_tree", "interrupting_signal", "rename2", "signals_as_interrupts",
-           "signals_deferred"]
+__all__ = ["Interrupted", "disk_full_error", "exchange", "fsync_path", "fsync_tree", "interrupting_signal", "rename2",
+           "signals_as_interrupts", "signals_deferred"]
 
 _NO_EXCHANGE = "MOECOMPRESS_TEST_NO_EXCHANGE"  # tests: behave as on a filesystem without exchange rename
 
