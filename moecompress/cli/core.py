@@ -40,36 +40,37 @@ def handled() -> Iterator[None]:
     try:
         with signals_as_interrupts():
             yield
-    except KeyboardInterrupt as e:
-        _interrupted(getattr(e, "signum", signal.SIGINT))
-    except MoecompressError as e:
+    except (typer.Exit, typer.Abort, click.exceptions.ClickException, SystemExit, GeneratorExit):
+        raise
+    except BaseException as e:
+        # an interrupt, also one a library turned into its own error (transformers' lazy import answers it with
+        # ModuleNotFoundError) or a native library's panic after the signal (pyo3's PanicException)
         if (signum := interrupting_signal(e)) is not None:
             _interrupted(signum)
+        if not isinstance(e, Exception):
+            raise
+        _failed(e)
+
+
+def _failed(e: Exception) -> NoReturn:
+    """One line for a failure that no signal caused, and its exit status."""
+    if isinstance(e, MoecompressError):
         error(str(e))
         raise typer.Exit(2) from None
-    except MemoryError:
+    if isinstance(e, MemoryError):
         error("out of memory: use a machine with more memory, or lower --samples / --batch-size")
         raise typer.Exit(1) from None
-    except (typer.Exit, typer.Abort, click.exceptions.ClickException):
-        raise
-    except Exception as e:
-        if (signum := interrupting_signal(e)) is not None:  # a library turned the interrupt into its own error
-            _interrupted(signum)
-        full = disk_full_error(e)  # ENOSPC / EFBIG / EDQUOT, however a library wrapped it
-        if full is not None:
-            error(str(full))
-            raise typer.Exit(2) from None
-        if isinstance(e, OSError):
-            error(_os_error(e))
-            raise typer.Exit(2) from None
-        logging.getLogger("moecompress").debug("traceback", exc_info=True)  # a bug: still one line
-        error(f"unexpected {e.__class__.__name__}: {shorten(str(e))} (a bug in moecompress: run again with "
-              "--verbose for the traceback and report it)")
-        raise typer.Exit(1) from None
-    except BaseException as e:  # e.g. a native library's panic (pyo3's PanicException) after a signal
-        if isinstance(e, (SystemExit, GeneratorExit)) or (signum := interrupting_signal(e)) is None:
-            raise
-        _interrupted(signum)
+    full = disk_full_error(e)  # ENOSPC / EFBIG / EDQUOT, however a library wrapped it
+    if full is not None:
+        error(str(full))
+        raise typer.Exit(2) from None
+    if isinstance(e, OSError):
+        error(_os_error(e))
+        raise typer.Exit(2) from None
+    logging.getLogger("moecompress").debug("traceback", exc_info=e)  # a bug: still one line
+    error(f"unexpected {e.__class__.__name__}: {shorten(str(e))} (a bug in moecompress: run again with "
+          "--verbose for the traceback and report it)")
+    raise typer.Exit(1) from None
 
 
 def _interrupted(signum: int) -> NoReturn:
