@@ -137,6 +137,16 @@ def code_bits(model, arch, bits: int, linear_bits: int | None = None, layer_bits
     return weighted / total
 
 
+def held_out(tok, per_task: int | None = None):
+    """The evaluation set: per bundled task its held-out windows of 256 tokens (the first ``per_task``, or all);
+    returns (tasks, windows per task, all windows ``[N, 256]``, each window's task index ``[N]``)."""
+    tasks = bundled_tasks()
+    evw = {t: token_windows(tok, read_documents(t, "eval"), 256)[:per_task] for t in tasks}
+    windows = torch.cat([evw[t] for t in tasks])
+    owners = torch.cat([torch.full((len(evw[t]),), i) for i, t in enumerate(tasks)])
+    return tasks, evw, windows, owners
+
+
 @torch.no_grad()
 def evaluate(model, arch, windows, batch=8):
     """Per-window mean NLL [N] and per-layer top-k index [N*S, K] over the evaluation windows."""
@@ -306,10 +316,7 @@ def main() -> None:
     model_dir = str(args.model)
     base_model = load_model(model_dir)
     tok, arch = base_model.tokenizer, base_model.arch
-    tasks = bundled_tasks()
-    evw = {t: token_windows(tok, read_documents(t, "eval"), 256)[:args.eval_windows] for t in tasks}
-    windows = torch.cat([evw[t] for t in tasks])
-    owners = torch.cat([torch.full((len(evw[t]),), i) for i, t in enumerate(tasks)])
+    tasks, evw, windows, owners = held_out(tok, args.eval_windows)
     base = evaluate(base_model.model, arch, windows)
     results = {"model": "demo" if args.model == DEMO_MODEL else str(args.model),
                "calibration": {"windows_per_task": args.samples, "seq_len": 256, "seed": args.calib_seed},

@@ -33,10 +33,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quantize_demo import compare, evaluate  # noqa: E402
+from quantize_demo import compare, evaluate, held_out  # noqa: E402
 
 from moecompress.algorithms.quant_grid import TernaryGrid, rtn_quantize  # noqa: E402
-from moecompress.calib import bundled_tasks, read_documents, token_windows  # noqa: E402
 from moecompress.formats.codecs import encode, encoded_bits_per_weight  # noqa: E402
 from moecompress.formats.inspect import inspect_dir  # noqa: E402
 from moecompress.pipeline import run  # noqa: E402
@@ -100,10 +99,7 @@ CONFIGS = [  # (label, stage), in the order they run
 def quality(out: dict, samples: int, only: set[str] | None, path: Path, per_task: int) -> None:
     base_model = load_model()
     tok, arch = base_model.tokenizer, base_model.arch
-    tasks = bundled_tasks()
-    evw = {t: token_windows(tok, read_documents(t, "eval"), 256)[:per_task] for t in tasks}
-    windows = torch.cat([evw[t] for t in tasks])
-    owners = torch.cat([torch.full((len(evw[t]),), i) for i, t in enumerate(tasks)])
+    tasks, evw, windows, owners = held_out(tok, per_task)
     base = evaluate(base_model.model, arch, windows)
     out["quality"]["base_ppl"] = {t: float(base[0][owners == i].mean().exp()) for i, t in enumerate(tasks)}
     out["quality"]["eval_windows"] = {t: len(w) for t, w in evw.items()}

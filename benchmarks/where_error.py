@@ -25,9 +25,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from quantize_demo import compare, evaluate  # noqa: E402
+from quantize_demo import compare, evaluate, held_out  # noqa: E402
 
-from moecompress.calib import bundled_tasks, read_documents, token_windows  # noqa: E402
 from moecompress.context import Context  # noqa: E402
 from moecompress.io.model import DEMO_MODEL  # noqa: E402
 from moecompress.recipe import CalibrationConfig  # noqa: E402
@@ -45,10 +44,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
     base = load_model(str(args.model))
-    arch, tasks = base.arch, bundled_tasks()
-    evw = {t: token_windows(base.tokenizer, read_documents(t, "eval"), 256) for t in tasks}
-    windows = torch.cat([evw[t] for t in tasks])
-    owners = torch.cat([torch.full((len(evw[t]),), i) for i, t in enumerate(tasks)])
+    arch = base.arch
+    tasks, _, windows, owners = held_out(base.tokenizer)
     ref = evaluate(base.model, arch, windows)
     original = {k: v.clone() for k, v in base.model.state_dict().items()}
     q = load_model(str(args.model))
