@@ -24,6 +24,7 @@ from torch import nn
 from moecompress.algorithms.moe_math import glu
 from moecompress.models.base import MoEBlockView
 from moecompress.models.calls import experts_call_args
+from moecompress.runtime import token_weights
 
 __all__ = ["ExpertStats", "LayerStats", "LinearStats", "collect", "dense_linears"]
 
@@ -120,7 +121,10 @@ def _accumulate(stats: LinearStats, x: torch.Tensor, weight: torch.Tensor | None
                 cache: dict | None = None) -> None:
     """``cache`` (cleared per layer call): linears reading the same tensor with the same weighting (q, k, v)
     share one Gram matrix and maximum per call."""
-    key = (x.data_ptr(), tuple(x.shape), None if weight is None else weight.data_ptr())
+    tw = token_weights.current(x.device)
+    if tw is not None:
+        weight = tw if weight is None else weight.reshape(-1).float() * tw
+    key = (x.data_ptr(), tuple(x.shape), None if weight is None else (weight.data_ptr(), tw is not None))
     if cache is None or key not in cache:
         x2 = x.reshape(-1, x.shape[-1]).float()
         xw = x2 if weight is None else x2 * weight.reshape(-1, 1).float().sqrt()
@@ -141,6 +145,7 @@ def _expert_step(st: ExpertStats, view: MoEBlockView, x: torch.Tensor, logits: t
     K = index.shape[1]
     w = view.experts.weights()
     act = view.activation
+    tw = token_weights.current(x.device)
     if mode == "routed":
         st.router_act_max = torch.maximum(st.router_act_max, x.abs().amax(0))
         if sum(len(s) for s in st.sample) < sample_tokens:
@@ -163,6 +168,8 @@ def _expert_step(st: ExpertStats, view: MoEBlockView, x: torch.Tensor, logits: t
         if len(sel) == 0:
             continue
         xs, g = x[sel], weight[sel].float()
+        if tw is not None:
+            g = g * tw[sel]
         if target == "routed" and not st.routed:
             st.count[e] += len(sel)
             st.gate_sum[e] += float(g.sum())

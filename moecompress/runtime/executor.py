@@ -38,6 +38,7 @@ from moecompress.formats.spec import ModuleSpec
 from moecompress.io.checkpoint import CheckpointSource, build_skeleton, layer_of, release, stored_dtype
 from moecompress.io.validate import check_finite
 from moecompress.models.base import MoEArch, resolve
+from moecompress.runtime import token_weights
 
 __all__ = ["LayerStream", "ModelSource", "Placement", "resolve_device"]
 
@@ -133,6 +134,9 @@ class LayerStream:
         self.placement = placement or Placement()
         self.device = self.placement.device
         self.batches = list(batches)
+        # ``token_weights(layer, batch) -> [T] | None``: the statistics of that call weight its tokens so
+        # (`runtime.token_weights`); None: unweighted
+        self.token_weights: Callable[[int, int], torch.Tensor | None] | None = None
         if source.in_memory:
             self.model = source.model
             self.files = None
@@ -285,7 +289,8 @@ class LayerStream:
         layer = self.load(i)
         for b in batches if batches is not None else range(len(self.hidden)):
             h = self.hidden[b].to(self.device)
-            out = layer(h, **self.kwargs[i][b])
+            with token_weights.weighting(None if self.token_weights is None else self.token_weights(i, b)):
+                out = layer(h, **self.kwargs[i][b])
             if store:
                 out = out[0] if isinstance(out, tuple) else out
                 self.hidden[b] = out.cpu() if self.placement.offload else out

@@ -26,6 +26,7 @@ from moecompress.algorithms.asym_calib import corrected_weight
 from moecompress.algorithms.moe_math import glu
 from moecompress.models.base import MoEBlockView
 from moecompress.models.calls import experts_call_args
+from moecompress.runtime import token_weights
 
 __all__ = ["MIN_TOKENS_PER_INPUT", "PairStats", "capture_inputs", "collect_pairs", "pair_linears", "paired_rows",
            "target_rows"]
@@ -88,7 +89,10 @@ def pair_linears(modules: dict[str, nn.Linear], fp: dict[str, list],
         key = (id(xf), x.data_ptr(), tuple(x.shape))
         if last.get("key") != key:
             xq = x.detach().reshape(-1, x.shape[-1]).float()
-            last.update(key=key, x=x, xf=xf, Hq=xq.T @ xq, C=xf.to(xq.device).T @ xq, n=xq.shape[0])
+            xf = xf.to(xq.device)
+            tw = token_weights.current(xq.device)
+            xw = xq if tw is None else xq * tw[:, None]
+            last.update(key=key, x=x, xf=xf, Hq=xw.T @ xq, C=xf.T @ xw, n=xq.shape[0])
         if name not in out:
             out[name] = [torch.zeros_like(last["Hq"]), torch.zeros_like(last["C"]), 0]
         out[name][0] += last["Hq"]
@@ -140,6 +144,9 @@ def collect_pairs(view: MoEBlockView, which: str, gate: torch.Tensor, up: torch.
         x, index, weights = experts_call_args(args, kwargs)
         x = x.reshape(-1, x.shape[-1]).float()
         index, weights = index.reshape(-1, index.shape[-1]), weights.reshape(-1, weights.shape[-1]).float()
+        tw = token_weights.current(x.device) if mod is not None else None  # replayed calls carry theirs
+        if tw is not None:
+            weights = weights * tw[:, None]
         if keep is not None:
             keep.append((x, index, weights))
         xf = x if fp_inputs is None else fp_inputs[calls["n"]].to(x.device)
