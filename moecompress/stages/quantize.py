@@ -21,6 +21,7 @@ from pydantic import Field, field_validator
 
 from moecompress.algorithms.quant_grid import QuantGrid, fractional_zero_bits
 from moecompress.errors import MoecompressError
+from moecompress.formats.codecs import CODECS
 from moecompress.formats.quant_record import RECORD_FILE
 from moecompress.nn.act_quant import ActQuant
 from moecompress.runtime.layer_quant import QuantOptions
@@ -167,6 +168,14 @@ class QuantizeConfig(StageConfig):
                                        f"use `moecompress ternary --codec {self.codec}`, or leave --codec auto")
             raise MoecompressError(f"--codec {self.codec} does not fit scheme {self.scheme}",
                                    f"use --codec auto (int{self.bits[0]})")
+        if self.save_format == "packed":  # packed checkpoints need an integer codec for every width
+            packable = sorted(int(c[3:]) for c in CODECS.names() if c.startswith("int") and c[3:].isdigit())
+            for opt, b in [(f"--linear-bits {self.linear_bits}", self.linear_bits)] + [(f"--layer-bits {i}:{b}", b)
+                                                                  for i, b in self.layer_bits.items()]:
+                if b is not None and b not in packable:
+                    raise MoecompressError(f"{opt}: packed checkpoints store {', '.join(map(str, packable))}-bit "
+                                           f"integer weights, not {b}-bit",
+                                           f"use one of {', '.join(map(str, packable))}, or --fake-quant")
         layers = config.num_hidden_layers
         outside = [i for i in self.layer_bits if i >= layers]
         if outside:

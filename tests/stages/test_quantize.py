@@ -270,6 +270,18 @@ def test_layer_bits_give_those_layers_their_own_options_and_are_checked():
             QuantizeConfig(scheme="w2a16", layer_bits=bad)
 
 
+def test_widths_without_a_packed_codec_are_refused_before_any_work_unless_fake_quant():
+    """5-7-bit linears or layers have no integer codec: a packed run stops in `check` (before calibrating) with
+    the widths it can store; a fake-quant run (no codec needed) passes the check."""
+    cfg = tiny_config("mixtral")
+    for given, named in (({"linear_bits": 7}, "--linear-bits 7"), ({"layer_bits": {1: 5}}, "--layer-bits 1:5")):
+        with pytest.raises(MoecompressError, match=f"{named}: packed checkpoints store 2, 3, 4, 8-bit") as err:
+            QuantizeConfig(scheme="w4a16", group_size=8, **given).check(cfg, find_arch(cfg))
+        assert "--fake-quant" in err.value.fix
+        QuantizeConfig(scheme="w4a16", group_size=8, save_format="fake-quant", **given).check(cfg, find_arch(cfg))
+    QuantizeConfig(scheme="w2a16", group_size=8, linear_bits=8, layer_bits={0: 3}).check(cfg, find_arch(cfg))
+
+
 @pytest.mark.parametrize("family", sorted(FAMILY))
 def test_linear_and_layer_bits_pack_each_part_at_its_width(family, tmp_path):
     """W2A16 with ``linear_bits: 4`` and ``layer_bits: {1: 3}`` on every adapter: the packed checkpoint stores every
