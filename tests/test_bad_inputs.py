@@ -317,6 +317,13 @@ CASES = [
     command_case("retrieve-no-store", ["retrieve", "MODEL", "-s", "WORK/none", "--prompt", "x", "--keep", "4",
                                        "-o", "WORK/out"], ("WORK",)),
     command_case("generate-empty-prompt", ["generate", "MODEL", "--prompt", ""], ("prompt is empty",)),
+    command_case("generate-no-new-tokens", ["generate", "MODEL", "--prompt", "x", "--max-new-tokens", "0"],
+                 ("--max-new-tokens", "greater than or equal to 1")),
+    command_case("generate-negative-temperature", ["generate", "MODEL", "--prompt", "x", "--temperature", "-1"],
+                 ("--temperature", "greater than or equal to 0")),
+    command_case("quantize-width-without-codec", ["quantize", "MODEL", *SMALL, "--scheme", "w4a16", "--linear-bits", "6",
+                                                  "--group-size", "8", "-o", "WORK/out"],
+                 ("--linear-bits 6", "--fake-quant")),
 ]
 
 

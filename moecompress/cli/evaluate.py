@@ -57,8 +57,8 @@ def run(
 def generate(
     model: ModelArg = None,
     prompt: Annotated[str, typer.Option("--prompt", help="Text to continue.")] = ...,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 40,
-    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 40,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
     seed: Annotated[int, typer.Option()] = 0,
     device: DeviceOpt = None,
 ) -> None:
