@@ -39,7 +39,7 @@ from torch.nn.utils import parametrize
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from quantize_demo import compare, evaluate, held_out, paired  # noqa: E402
+from quantize_demo import compare, evaluate, held_out, paired, peer_nll  # noqa: E402
 
 from moecompress.context import Context  # noqa: E402
 from moecompress.io.model import DEMO_MODEL  # noqa: E402
@@ -220,12 +220,10 @@ def main() -> None:
     seconds_tune = time.time() - t0
 
     got = evaluate(q.model, arch, windows)
-    peer = json.loads(args.peer_from.read_text())
-    row = [r for r in peer["runs"] if r["scheme"] == args.scheme and r["method"] == "llm-compressor GPTQ"][0]
     res = {"model": str(args.model), "scheme": args.scheme, "args": {k: str(v) for k, v in vars(args).items()},
            "seconds_quantize": round(seconds_quantize, 1), "seconds_tune": round(seconds_tune, 1), "layers": log,
            **compare(ref, got, owners, tasks),
-           "paired": paired(got[0], torch.tensor(row["window_nll"]), ref[0], owners, tasks)}
+           "paired": paired(got[0], peer_nll(args.peer_from, args.scheme), ref[0], owners, tasks)}
     for t in tasks:
         p = res["paired"][t]
         print(f"{t:13s} ours {100 * p['gap_ours']:+.2f} theirs {100 * p['gap_theirs']:+.2f} ratio "

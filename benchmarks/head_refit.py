@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from quantize_demo import evaluate, held_out, paired  # noqa: E402
+from quantize_demo import evaluate, held_out, paired, peer_nll  # noqa: E402
 
 from moecompress.context import Context  # noqa: E402
 from moecompress.io.model import DEMO_MODEL  # noqa: E402
@@ -59,11 +59,7 @@ def main() -> None:
     arch, tok = base_m.arch, base_m.tokenizer
     tasks, _, windows, owners = held_out(tok)
     base = evaluate(base_m.model, arch, windows)
-    peer = json.load(open(args.peer_from))
-    if peer["calibration"]["seed"] != args.calib_seed:
-        raise SystemExit(f"{args.peer_from} was calibrated with seed {peer['calibration']['seed']}")
-    theirs = torch.tensor(next(r for r in peer["runs"] if r["scheme"] == args.scheme
-                               and r["method"] == "llm-compressor GPTQ")["window_nll"])
+    theirs = peer_nll(args.peer_from, args.scheme, args.calib_seed)
     q = load_model(args.model)
     ctx = Context(q, CalibrationConfig(samples=32, seq_len=256, seed=args.calib_seed), None)
     calib = torch.cat(list(ctx.windows("calib").values()))

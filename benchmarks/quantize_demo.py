@@ -147,6 +147,16 @@ def held_out(tok, per_task: int | None = None):
     return tasks, evw, windows, owners
 
 
+def peer_nll(path, scheme: str, seed: int | None = None) -> torch.Tensor:
+    """llm-compressor's per-window NLLs ``[N]`` at ``scheme`` from a quantize_demo JSON (``seed``: the calibration
+    seed it must have been run with, else the script stops)."""
+    peer = json.loads(Path(path).read_text())
+    got = peer.get("calibration", {}).get("seed", 0)
+    if seed is not None and got != seed:
+        raise SystemExit(f"{path} was calibrated with seed {got}, not {seed}")
+    return torch.tensor(next(r for r in peer["runs"] if r["scheme"] == scheme and r["method"] == PEER)["window_nll"])
+
+
 @torch.no_grad()
 def evaluate(model, arch, windows, batch=8):
     """Per-window mean NLL [N] and per-layer top-k index [N*S, K] over the evaluation windows."""

@@ -34,7 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from quantize_demo import compare, evaluate, held_out, paired  # noqa: E402
+from quantize_demo import compare, evaluate, held_out, paired, peer_nll  # noqa: E402
 
 from moecompress.context import Context  # noqa: E402
 from moecompress.io.model import DEMO_MODEL  # noqa: E402
@@ -123,10 +123,7 @@ def main() -> None:
     arch, tok = base_m.arch, base_m.tokenizer
     tasks, _, windows, owners = held_out(tok)
     base = evaluate(base_m.model, arch, windows)
-    peer = json.load(open(args.peer_from))
-    theirs = next(r for r in peer["runs"] if r["scheme"] == args.scheme and r["method"] == "llm-compressor GPTQ")
-    if peer["calibration"]["seed"] != args.calib_seed:
-        raise SystemExit(f"{args.peer_from} was calibrated with seed {peer['calibration']['seed']}")
+    theirs = peer_nll(args.peer_from, args.scheme, args.calib_seed)
     out = {"command": " ".join(sys.argv), "model": args.model, "scheme": args.scheme, "calib_seed": args.calib_seed,
            "peer_from": args.peer_from, "base_window_nll": base[0].tolist(), "runs": []}
     for spec in args.variants.split(","):
@@ -137,7 +134,7 @@ def main() -> None:
         q, secs = run_variant(args.model, args.scheme, args.calib_seed, alpha, per_window, only, base_m.model, arch)
         got = evaluate(q.model, arch, windows)
         res = compare(base, got, owners, tasks)
-        pp = paired(got[0], torch.tensor(theirs["window_nll"]), base[0], owners, tasks)
+        pp = paired(got[0], theirs, base[0], owners, tasks)
         row = {"variant": name, "alpha": alpha, "per_window": per_window, "only": only, "seconds": secs,
                "tasks": res["tasks"], "paired": pp, "window_nll": got[0].tolist()}
         if out["runs"]:  # against the first variant (the unweighted default), paired by window
