@@ -332,3 +332,10 @@ def test_a_signal_a_library_turned_into_its_own_error_is_still_an_interrupt(swal
     with pytest.raises(typer.Exit) as exit_info, handled():  # a later run without a signal: a bug again
         raise ModuleNotFoundError("x")
     assert exit_info.value.exit_code == 1
+
+
+def test_inspect_takes_the_demo_alias_like_every_model_argument(tmp_path):
+    r = invoke("inspect", "demo")
+    assert r.exit_code == 0, r.output
+    assert "16.00 bits/parameter" in r.output  # the unpacked demo: bf16-equivalent accounting, nothing packed
+    one_line_error(invoke("inspect", tmp_path / "none"), "does not exist")

@@ -55,10 +55,12 @@ def info(model: ModelArg = None) -> None:
         print_table(f"{d['model']}", ["property", "value"], [[k, v] for k, v in d.items() if k != "model"])
 
 
-def inspect(directory: Annotated[Path, typer.Argument(help="A model directory (packed or not).")]) -> None:
+def inspect(directory: Annotated[str, typer.Argument(help="A model directory (packed or not), or demo.")]) -> None:
     """Show per module the codec, bits per weight and bytes, and the overall compression ratio."""
     with handled():
-        show_inspect(directory)
+        from moecompress.io.model import model_dir
+
+        show_inspect(model_dir(directory))
 
 
 def export(
