@@ -321,8 +321,8 @@ CASES = [
                  ("--max-new-tokens", "greater than or equal to 1")),
     command_case("generate-negative-temperature", ["generate", "MODEL", "--prompt", "x", "--temperature", "-1"],
                  ("--temperature", "greater than or equal to 0")),
-    command_case("quantize-width-without-codec", ["quantize", "MODEL", *SMALL, "--scheme", "w4a16", "--linear-bits", "6",
-                                                  "--group-size", "8", "-o", "WORK/out"],
+    command_case("quantize-width-without-codec", ["quantize", "MODEL", *SMALL, "--scheme", "w4a16",
+                                                  "--linear-bits", "6", "--group-size", "8", "-o", "WORK/out"],
                  ("--linear-bits 6", "--fake-quant")),
 ]
 

@@ -170,12 +170,13 @@ class QuantizeConfig(StageConfig):
                                    f"use --codec auto (int{self.bits[0]})")
         if self.save_format == "packed":  # packed checkpoints need an integer codec for every width
             packable = sorted(int(c[3:]) for c in CODECS.names() if c.startswith("int") and c[3:].isdigit())
-            for opt, b in [(f"--linear-bits {self.linear_bits}", self.linear_bits)] + [(f"--layer-bits {i}:{b}", b)
-                                                                  for i, b in self.layer_bits.items()]:
+            given = [(f"--linear-bits {self.linear_bits} (linear_bits)", self.linear_bits)]
+            given += [(f"--layer-bits {i}:{b} (layer_bits)", b) for i, b in self.layer_bits.items()]
+            widths = ", ".join(map(str, packable))
+            for opt, b in given:
                 if b is not None and b not in packable:
-                    raise MoecompressError(f"{opt}: packed checkpoints store {', '.join(map(str, packable))}-bit "
-                                           f"integer weights, not {b}-bit",
-                                           f"use one of {', '.join(map(str, packable))}, or --fake-quant")
+                    raise MoecompressError(f"{opt}: packed checkpoints store {widths}-bit integer weights, not {b}-bit",
+                                           f"use one of {widths}, or --fake-quant (save_format: fake-quant)")
         layers = config.num_hidden_layers
         outside = [i for i in self.layer_bits if i >= layers]
         if outside:

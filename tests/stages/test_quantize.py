@@ -274,7 +274,8 @@ def test_widths_without_a_packed_codec_are_refused_before_any_work_unless_fake_q
     """5-7-bit linears or layers have no integer codec: a packed run stops in `check` (before calibrating) with
     the widths it can store; a fake-quant run (no codec needed) passes the check."""
     cfg = tiny_config("mixtral")
-    for given, named in (({"linear_bits": 7}, "--linear-bits 7"), ({"layer_bits": {1: 5}}, "--layer-bits 1:5")):
+    for given, named in (({"linear_bits": 7}, r"--linear-bits 7 \(linear_bits\)"),
+                          ({"layer_bits": {1: 5}}, r"--layer-bits 1:5 \(layer_bits\)")):
         with pytest.raises(MoecompressError, match=f"{named}: packed checkpoints store 2, 3, 4, 8-bit") as err:
             QuantizeConfig(scheme="w4a16", group_size=8, **given).check(cfg, find_arch(cfg))
         assert "--fake-quant" in err.value.fix
