@@ -160,3 +160,16 @@ def test_store_or_profile_from_another_model_is_refused(tmp_path):
     with pytest.raises(MoecompressError, match="no pattern store"):
         _retrieve(d, tmp_path / "nope", tmp_path / "o", keep=4)
     assert not (tmp_path / "o").exists() and not (tmp_path / "s2").exists()
+
+
+def test_retrieve_budget_names_routing_groups_only_where_the_model_has_them():
+    from moecompress.models import find_arch
+    from moecompress.stages.retrieve import RetrieveConfig
+    from moecompress.testing import tiny_config
+
+    for family, keep, want, unwanted in (("mixtral", 1, "keep between 2 and 8 experts", "multiple"),
+                                         ("deepseek_v2", 3, "a multiple of 2", None)):
+        cfg = tiny_config(family)
+        with pytest.raises(MoecompressError, match=want) as err:
+            RetrieveConfig(prompt="x", keep=keep).check(cfg, find_arch(cfg))
+        assert unwanted is None or unwanted not in str(err.value)

@@ -72,8 +72,10 @@ class RetrieveConfig(StageConfig):
         n = self.count(E)
         groups = rule.n_group if rule.group_score else 1
         if n < rule.top_k or n > E or n % groups:
-            raise MoecompressError(f"keeping {n} of {E} experts is impossible (top_k {rule.top_k}, {groups} routing "
-                                   "groups)", f"keep between {rule.top_k} and {E} experts, a multiple of {groups}")
+            grouped = f", {groups} routing groups" if groups > 1 else ""
+            raise MoecompressError(f"keeping {n} of {E} experts is impossible (top_k {rule.top_k}{grouped})",
+                                   f"keep between {rule.top_k} and {E} experts"
+                                   + (f", a multiple of {groups}" if groups > 1 else ""))
         if self.store is not None:
             check_identity(PatternStore.load(self.store).model, config_identity(config, arch),
                            "the pattern store", _FIX)
