@@ -54,12 +54,12 @@ def main() -> None:
     ap.add_argument("--damps", default="0,0.01,0.1")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
+    theirs = peer_nll(args.peer_from, args.scheme, args.calib_seed)  # a wrong file stops before any work
     torch.manual_seed(0)
     base_m = load_model(args.model)
     arch, tok = base_m.arch, base_m.tokenizer
     tasks, _, windows, owners = held_out(tok)
     base = evaluate(base_m.model, arch, windows)
-    theirs = peer_nll(args.peer_from, args.scheme, args.calib_seed)
     q = load_model(args.model)
     ctx = Context(q, CalibrationConfig(samples=32, seq_len=256, seed=args.calib_seed), None)
     calib = torch.cat(list(ctx.windows("calib").values()))

@@ -118,12 +118,12 @@ def main() -> None:
                                           "window-dense=1:per-window:dense,window-experts=1:per-window:experts")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
+    theirs = peer_nll(args.peer_from, args.scheme, args.calib_seed)  # a wrong file stops before any work
     torch.manual_seed(0)
     base_m = load_model(args.model)
     arch, tok = base_m.arch, base_m.tokenizer
     tasks, _, windows, owners = held_out(tok)
     base = evaluate(base_m.model, arch, windows)
-    theirs = peer_nll(args.peer_from, args.scheme, args.calib_seed)
     out = {"command": " ".join(sys.argv), "model": args.model, "scheme": args.scheme, "calib_seed": args.calib_seed,
            "peer_from": args.peer_from, "base_window_nll": base[0].tolist(), "runs": []}
     for spec in args.variants.split(","):
