@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--methods", default="GPTQ,all (default)", help="comma-separated rows of quantize_demo.ROWS")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--model", default=None, help="a checkpoint directory (default: the bundled demo)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     rows = dict(ROWS)
@@ -48,13 +49,13 @@ def main() -> None:
     times: dict[str, list[float]] = {n: [] for n in names}
     for rep in range(args.reps):
         for name in names:
-            ctx = Context(load_model(), CalibrationConfig(samples=args.samples, seq_len=256), None)
+            ctx = Context(load_model(args.model), CalibrationConfig(samples=args.samples, seq_len=256), None)
             t0 = time.perf_counter()
             STAGES.get("quantize").run(ctx, QuantizeConfig(scheme=args.scheme, **rows[name]))
             times[name].append(round(time.perf_counter() - t0, 2))
             print(f"round {rep + 1}: {name}: {times[name][-1]} s", flush=True)
     first = names[0]
-    out = {"scheme": args.scheme, "reps": args.reps, "methods": {}}
+    out = {"model": args.model or "demo", "scheme": args.scheme, "reps": args.reps, "methods": {}}
     for n in names:
         ratios = [round(a / b, 2) for a, b in zip(times[n], times[first])]
         out["methods"][n] = {"seconds": times[n], "median": statistics.median(times[n]),

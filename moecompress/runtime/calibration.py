@@ -26,7 +26,7 @@ from moecompress.models.base import MoEBlockView
 from moecompress.models.calls import experts_call_args
 from moecompress.runtime import token_weights
 
-__all__ = ["ExpertStats", "LayerStats", "LinearStats", "collect", "dense_linears"]
+__all__ = ["ExpertStats", "LayerStats", "LinearStats", "collect", "dense_linears", "norm_sources"]
 
 
 @dataclass
@@ -211,16 +211,17 @@ def dense_linears(layer: nn.Module, views: list[MoEBlockView]) -> dict[str, nn.L
 @contextlib.contextmanager
 def collect(layer: nn.Module, views: list[MoEBlockView], attn_norm: nn.Module | None, near_miss: int,
             sample_tokens: int = 8192, owned: range | None = None, hessians: bool = True,
-            routed_hessians: bool = True) -> Iterator[LayerStats]:
+            routed_hessians: bool = True, linears: bool = True) -> Iterator[LayerStats]:
     """Hooks that fill a `LayerStats` while ``layer`` runs; removed on exit. Statistics live on the layer's device
     (float32). ``near_miss``: the routing ranks past top-k recorded for topping up rare experts (the ``near_miss``
     recipe key); ``owned``: the experts whose statistics this process computes (default all).
     ``routed_hessians=False``: the experts' Hessians over the base batches' routed tokens (and ``h_max``) are
     left at zero, for a caller that takes them from a later pass (`runtime.paired.collect_pairs`); the reserve
-    and near-miss top-ups are still collected."""
+    and near-miss top-ups are still collected. ``linears=False``: only the router's and experts' statistics (the
+    caller has the linears' from elsewhere: `runtime.paired.norm_reader_pairs`, `pair_linears`)."""
     stats = LayerStats(sample_tokens=sample_tokens)
     handles: list = []
-    norm_out: dict[str, torch.Tensor] = {}  # held, so that no other tensor can reuse its memory meanwhile
+    norm_out: dict[str, torch.Tensor] = {}
     grams: dict[tuple, tuple] = {}  # per layer call: one Gram matrix per distinct linear input (`_accumulate`)
     handles += [layer.register_forward_pre_hook(lambda m, a: grams.clear()),
                 layer.register_forward_hook(lambda m, a, out: grams.clear())]
@@ -235,21 +236,16 @@ def collect(layer: nn.Module, views: list[MoEBlockView], attn_norm: nn.Module | 
         E, I = v.num_experts, v.experts.stacked("down").shape[2]
         stats.experts = ExpertStats.empty(E, C, I, v.router_weight.device, owned, hessians)
         stats.experts.routed = routed_hessians
-    for tag, norm in (("attn_norm", attn_norm), ("moe_norm", views[0].pre_moe_norm if views else None)):
-        if norm is not None:
-            handles.append(norm.register_forward_hook(
-                lambda m, a, out, tag=tag: norm_out.__setitem__(tag, out.detach())))
-    for name, m in dense_linears(layer, views).items():
+    handles += _norm_hooks(norm_out, attn_norm, views)
+    for name, m in (dense_linears(layer, views) if linears else {}).items():
 
         def pre(mod, args, name=name):
             x = args[0]
             st = stats.linears.get(name)
             if st is None:
                 C = x.shape[-1]
-                src = next((t for t, o in norm_out.items() if o.data_ptr() == x.data_ptr() and o.shape == x.shape),
-                           None)
                 st = stats.linears[name] = LinearStats(torch.zeros(C, C, device=x.device),
-                                                       torch.zeros(C, device=x.device), 0, src)
+                                                       torch.zeros(C, device=x.device), 0, _source(norm_out, x))
             if stats.mode != "routed":
                 return
             weight = shared_gate_value.get("w") if id(mod) in shared_linears else None
@@ -272,6 +268,45 @@ def collect(layer: nn.Module, views: list[MoEBlockView], attn_norm: nn.Module | 
         handles.append(v.experts.module.register_forward_pre_hook(on_experts, with_kwargs=True))
     try:
         yield stats
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _norm_hooks(norm_out: dict[str, torch.Tensor], attn_norm: nn.Module | None,
+                views: list[MoEBlockView]) -> list:
+    """Hooks keeping the latest output of the attention norm and the MoE block's norm in ``norm_out`` (held, so
+    that no other tensor can reuse its memory meanwhile)."""
+    handles = []
+    for tag, norm in (("attn_norm", attn_norm), ("moe_norm", views[0].pre_moe_norm if views else None)):
+        if norm is not None:
+            handles.append(norm.register_forward_hook(
+                lambda m, a, out, tag=tag: norm_out.__setitem__(tag, out.detach())))
+    return handles
+
+
+def _source(norm_out: dict[str, torch.Tensor], x: torch.Tensor) -> str | None:
+    """The tag of the norm whose output ``x`` is (the same tensor), or None."""
+    return next((t for t, o in norm_out.items() if o.data_ptr() == x.data_ptr() and o.shape == x.shape), None)
+
+
+@contextlib.contextmanager
+def norm_sources(layer: nn.Module, views: list[MoEBlockView], attn_norm: nn.Module | None,
+                 modules: dict[str, nn.Module]) -> Iterator[dict[str, str | None]]:
+    """While ``layer`` runs: ``{name: "attn_norm" / "moe_norm" / None}`` for each of ``modules`` called, the norm
+    whose output it reads directly at its first call (as `collect`'s `LinearStats.source`)."""
+    norm_out: dict[str, torch.Tensor] = {}
+    out: dict[str, str | None] = {}
+    handles = _norm_hooks(norm_out, attn_norm, views)
+    handles += [layer.register_forward_hook(lambda m, a, o: norm_out.clear())]
+    def pre(mod, args, name):
+        if name not in out:
+            out[name] = _source(norm_out, args[0])
+
+    for name, m in modules.items():
+        handles.append(m.register_forward_pre_hook(lambda mod, a, name=name: pre(mod, a, name)))
+    try:
+        yield out
     finally:
         for h in handles:
             h.remove()

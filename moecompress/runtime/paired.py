@@ -15,7 +15,7 @@ Shapes: T tokens of a call, C a linear's input width.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,9 +27,10 @@ from moecompress.algorithms.moe_math import glu
 from moecompress.models.base import MoEBlockView
 from moecompress.models.calls import experts_call_args
 from moecompress.runtime import token_weights
+from moecompress.runtime.calibration import LinearStats
 
-__all__ = ["MIN_TOKENS_PER_INPUT", "PairStats", "capture_inputs", "collect_pairs", "pair_linears", "paired_rows",
-           "target_rows"]
+__all__ = ["MIN_TOKENS_PER_INPUT", "PairStats", "capture_inputs", "collect_pairs", "norm_reader_pairs", "pair_linears",
+           "paired_rows", "target_rows"]
 
 # A pair is used only with at least this many tokens per input dimension; with fewer, ``W'`` fits the
 # calibration tokens' noise (tiny test models calibrated on 128 tokens, about 1.3 tokens per input per expert,
@@ -106,6 +107,34 @@ def pair_linears(modules: dict[str, nn.Linear], fp: dict[str, list],
         for h in handles:
             h.remove()
         last.clear()
+
+
+@torch.no_grad()
+def norm_reader_pairs(norm: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]],
+                      fp: dict[str, list[torch.Tensor]], device: torch.device
+                      ) -> tuple[dict[str, LinearStats], dict[str, list]]:
+    """The statistics and pairs of linears that read ``norm``'s output directly (the attention's q, k, v), from
+    the norm alone: ``batches`` yields each calibration batch's layer input ``h [B, S, C]`` and token weights
+    (`runtime.token_weights`, or None); ``fp {name: [x [T, C] per batch]}`` the full-precision inputs captured
+    for them (`capture_inputs`). Returns what a statistics pass under `collect` and `pair_linears` would have
+    given them (the same products, shared by the linears: their input is one tensor), without running the
+    layer's attention and MoE block."""
+    names = list(fp)
+    H = C = amax = None
+    n = 0
+    for j, (h, tw) in enumerate(batches):
+        x = norm(h.to(device))
+        x2 = x.reshape(-1, x.shape[-1]).float()
+        xf = fp[names[0]][j].to(x2.device)
+        if tw is not None:
+            tw = tw.reshape(-1).float().to(x2.device)
+        xw = x2 if tw is None else x2 * tw.sqrt()[:, None]
+        G, Cj, m = xw.T @ xw, xf.T @ (x2 if tw is None else x2 * tw[:, None]), x2.abs().amax(0)
+        H, C, amax = (G, Cj, m) if H is None else (H + G, C + Cj, torch.maximum(amax, m))
+        n += x2.shape[0]
+    if H is None:
+        return {}, {}
+    return ({k: LinearStats(H, amax, n, "attn_norm") for k in names}, {k: [H, C, n] for k in names})
 
 
 @dataclass

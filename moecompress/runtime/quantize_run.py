@@ -17,7 +17,12 @@ Per decoder layer ``i`` (loaded from disk, or the layer of a model in memory):
    The full-precision side is, with ``sequential_targets="model"`` (GPTAQ), the original model's: the
    calibration batches also run through the original layers (a second stream, like the probe's), so every
    linear, the norm readers included, also takes up what the earlier layers' quantization changed; with
-   ``"layer"`` (or a residual rotation) it is this layer in full precision on the quantized stream;
+   ``"layer"`` (or a residual rotation) it is this layer in full precision on the quantized stream. With model
+   targets, where every linear that reads a norm reads the attention's (no shared expert or dense MLP reading
+   the MoE block's norm), there is no separate statistics pass: the norm readers' statistics are the attention
+   norm applied to the stream (`runtime.paired.norm_reader_pairs`), and the router's and experts' come from the
+   pass that pairs the attention output (its inputs, so a linear too short of tokens to be paired gets GPTQ on
+   the Hessian of its inputs once q, k, v are quantized: GPTQ's "true sequential");
 4. simulated activation quantization installed; the quantized layer produces the next layer's inputs for every
    batch (the probe windows' quantized stream among them: its routing against step 1's is the agreement);
 5. the layer is written (its record entries with it) and released.
@@ -38,11 +43,11 @@ from torch import nn
 from moecompress.formats.quant_record import QuantRecord
 from moecompress.nn.act_quant import ActQuant, ActQuantHandle, install_layer_act_quant, rotation_matrix
 from moecompress.progress import NullProgress, Progress
-from moecompress.runtime.calibration import collect, dense_linears
+from moecompress.runtime.calibration import LayerStats, LinearStats, collect, dense_linears, norm_sources
 from moecompress.runtime.dist import Dist
 from moecompress.runtime.executor import LayerStream
 from moecompress.runtime.hooks import capture_routing
-from moecompress.runtime.paired import capture_inputs, collect_pairs, pair_linears
+from moecompress.runtime.paired import capture_inputs, collect_pairs, norm_reader_pairs, pair_linears
 from moecompress.runtime.replay import record_output_replay, replaying
 from moecompress.runtime.layer_quant import QuantOptions, quantize_experts, quantize_linears
 from moecompress.runtime.layer_smooth import quantize_router, smooth_layer
@@ -242,10 +247,16 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
             # model's stream ("model": the norm readers are paired in the statistics pass too), else this pass's
             fp_in = None
             dense = dense_linears(layer, lv) if paired else {}
+            sources: dict[str, str | None] = {}
             if fp_hidden is not None:
-                with capture_inputs(layer, dense, lv[0].experts.module if lv else None, park) as fp_in:
+                with capture_inputs(layer, dense, lv[0].experts.module if lv else None, park) as fp_in, \
+                        norm_sources(layer, lv, attn_norm, dense) as sources:
                     for j, b in enumerate(base):
                         fp_hidden[j] = park(_forward(layer, fp_hidden[j], stream.kwargs[i][b], stream.device))
+            # the linears reading a norm all read the attention's: their statistics come from that norm alone
+            # (no statistics pass), the experts' and router's from the attention output's pass
+            early = fp_hidden is not None and plan.linears is not None and attn_norm is not None and \
+                "attn_norm" in sources.values() and "moe_norm" not in sources.values()
 
             def capture(st):
                 """The statistics pass's pairing ("model": only the norm readers, the others are paired in their own
@@ -257,34 +268,68 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
                 return contextlib.nullcontext()
             # with model targets the experts' routed Hessians come from the pairing passes (`_with_base`)
             from_pairs = fp_hidden is not None and plan.experts is not None and plan.experts.method == "gptq"
-            with collect(layer, lv, attn_norm, plan.near_miss, owned=owned, hessians=not rtn_only,
-                         routed_hessians=not from_pairs) as stats, _skip_experts(lv):
-                with capture(stats) as got0:
+
+            def statistics(run, linears=True):
+                """``run()`` under `collect` (the experts' statistics summed over processes), then the rare
+                experts' top-ups (reserve batches, near-miss tokens)."""
+                with collect(layer, lv, attn_norm, plan.near_miss, owned=owned, hessians=not rtn_only,
+                             routed_hessians=not from_pairs, linears=linears) as stats, _skip_experts(lv):
+                    got = run(stats)
+                    if lv:
+                        stats.experts.sum_over(dist, ("count", "gate_sum", "act_max", "h_max"))
+                    if balance and lv and plan.experts is not None:  # top up rare experts: reserve, near-miss
+                        stats.experts.short = set((stats.experts.count < n_min).nonzero().flatten().tolist())
+                        if stats.experts.short and n_reserve:
+                            stats.mode = "reserve"
+                            stream.run_layer(i, store=False, batches=reserve)
+                            stats.experts.sum_over(dist, ("res_count",))
+                        if stats.experts.short and plan.near_miss:
+                            stats.mode = "near"
+                            stream.run_layer(i, store=False, batches=base)
+                            stats.experts.sum_over(dist, ("near_count",))
+                return stats, got
+
+            def stats_pass(st):
+                with capture(st) as got:
                     stream.run_layer(i, store=False, batches=base)
-                fp_in = got0 if fp_in is None else fp_in
-                if lv:
-                    stats.experts.sum_over(dist, ("count", "gate_sum", "act_max", "h_max"))
-                if balance and lv and plan.experts is not None:  # top up rare experts: reserve, near-miss
-                    stats.experts.short = set((stats.experts.count < n_min).nonzero().flatten().tolist())
-                    if stats.experts.short and n_reserve:
-                        stats.mode = "reserve"
-                        stream.run_layer(i, store=False, batches=reserve)
-                        stats.experts.sum_over(dist, ("res_count",))
-                    if stats.experts.short and plan.near_miss:
-                        stats.mode = "near"
-                        stream.run_layer(i, store=False, batches=base)
-                        stats.experts.sum_over(dist, ("near_count",))
-            # 3. smoothing, linears, experts, router
-            replay = None  # the attention's output projection on its recorded inputs (`runtime.replay`)
+                return got
+
             record = QuantRecord()
             entry: dict[str, Any] = {}
+            if early:  # the norm readers from the norm, quantized; the attention output's pass for the rest
+                first = [n for n, src in sources.items() if src == "attn_norm"]
+                first_stats, got0 = norm_reader_pairs(
+                    attn_norm, ((stream.hidden[b], None if stream.token_weights is None else stream.token_weights(i, b))
+                                for b in base), {n: fp_in[n] for n in first}, stream.device)
+                entry["linears"] = quantize_linears(layer, LayerStats(linears=first_stats), plan.linears, record,
+                                                    prefix, names=first, pairs=got0)
+                inner = {n: m for n, m in dense.items() if n not in first}
+                attn = set(first) if plan.act is None else set()
+
+                def attention_pass(st):
+                    with pair_linears(inner, fp_in) as got, record_output_replay(layer, inner, attn, park) as found:
+                        stream.run_layer(i, store=False, batches=base)
+                    return got, found[0]
+                stats, (got, replay) = statistics(attention_pass, linears=False)
+                stats.linears.update(first_stats)
+                stats.linears.update({n: LinearStats(p[0], torch.zeros_like(p[0][0]), p[2]) for n, p in got.items()})
+                entry["linears"].update(quantize_linears(layer, stats, plan.linears, record, prefix, names=inner,
+                                                         pairs=got))
+                got = got0 = None
+            else:
+                stats, got0 = statistics(stats_pass)
+                fp_in = got0 if fp_in is None else fp_in
+                replay = None  # the attention's output projection on its recorded inputs (`runtime.replay`)
+            # 3. smoothing, linears, experts, router
             if plan.smooth:
                 used = smooth_layer(layer, lv, stats, attn_norm, plan.smooth_alpha, plan.smooth_aggregate,
                                     plan.smooth_router, plan.smooth_attention, plan.smooth_down)
                 for k, vec in used.items():
                     record.add_vector(f"{prefix}.smooth.{k}", vec)
                 entry["smoothed"] = sorted(used)
-            if plan.linears is not None and paired:  # first those reading a norm, then the others on their inputs
+            if early:
+                pass  # done above
+            elif plan.linears is not None and paired:  # first those reading a norm, then the others on their inputs
                 first = [n for n, st in stats.linears.items() if st.source is not None]
                 entry["linears"] = quantize_linears(layer, stats, plan.linears, record, prefix, names=first,
                                                     pairs=got0 if fp_hidden is not None else None)

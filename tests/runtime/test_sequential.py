@@ -90,9 +90,10 @@ def test_sequential_quantize_stage_on_every_adapter(family, tmp_path):
 
 
 def test_too_few_tokens_keep_plain_gptq(tmp_path):
-    """Below `MIN_TOKENS_PER_INPUT` tokens per input no linear or expert is paired: the first layer's attention
-    equals plain GPTQ's byte for byte (its experts are GPTQ on their routed tokens' Hessian taken after the
-    attention is quantized, so the layers after it differ)."""
+    """Below `MIN_TOKENS_PER_INPUT` tokens per input no linear or expert is paired: the first layer's norm readers
+    (q, k, v) equal plain GPTQ's byte for byte; the linears after them (the attention output) and the experts are
+    GPTQ on the Hessian of their inputs once the linears before them are quantized (GPTQ's "true sequential"), so
+    they differ, as do the layers after."""
     from moecompress.context import Context
     from moecompress.io.model import LoadedModel, tiny_tokenizer
     from moecompress.recipe import CalibrationConfig
@@ -109,10 +110,13 @@ def test_too_few_tokens_keep_plain_gptq(tmp_path):
             assert not any(v["experts"]["corrected"]["down"] or v["experts"]["corrected"]["gate_up"]
                            for v in result["layers"].values() if "experts" in v)
         codes.append(model.state_dict())
-    first = [k for k in codes[0] if k.startswith("model.layers.0.") and ".experts." not in k and "proj" in k]
-    assert first
+    first = [k for k in codes[0] if k.startswith("model.layers.0.") and k.endswith(("q_proj.weight", "k_proj.weight",
+                                                                                       "v_proj.weight"))]
+    assert len(first) == 3
     for k in first:
         assert torch.equal(codes[0][k], codes[1][k]), k
+    assert not torch.equal(codes[0]["model.layers.0.self_attn.o_proj.weight"],
+                           codes[1]["model.layers.0.self_attn.o_proj.weight"])
     assert any(not torch.equal(v, codes[1][k]) for k, v in codes[0].items() if ".experts." in k)
 
 
