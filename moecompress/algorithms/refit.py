@@ -44,15 +44,17 @@ def row_errors(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> torch.Tens
 
 
 def _gram(A: torch.Tensor, Hb: torch.Tensor) -> torch.Tensor:
-    """``M[r, g, h] = A[r, g] . Hb[g, :, h, :] . A[r, h]``: ``[R, G, gs], [G, gs, G, gs] -> [R, G, G]``."""
-    R, G, gs = A.shape
-    step = max(1, CHUNK_BYTES // (8 * G * G * gs))
-    out = []
-    for a in range(0, R, step):
-        part = A[a:a + step]
-        T = torch.einsum("rgi,gihj->rghj", part, Hb)  # [r, G, G, gs]
-        out.append(torch.einsum("rghj,rhj->rgh", T, part))
-    return torch.cat(out, 0)
+    """``M[b, r, g, h] = A[b, r, g] . Hb[b, g, :, h, :] . A[b, r, h]``: ``[B, R, G, gs], [B, G, gs, G, gs] ->
+    [B, R, G, G]``, symmetric (``Hb`` is a symmetric matrix's blocks): the blocks ``h >= g`` only, ``R C^2 / 2``
+    multiply-adds per expert."""
+    B, R, G, gs = A.shape
+    out = A.new_empty(B, R, G, G)
+    for g in range(G):
+        T = torch.bmm(A[:, :, g], Hb[:, g, :, g:].reshape(B, gs, (G - g) * gs))  # A[b, r, g] . Hb[b, g, :, h >= g]
+        v = (T.view(B, R, G - g, gs) * A[:, :, g:]).sum(-1)  # [B, R, G - g]
+        out[:, :, g, g:] = v
+        out[:, :, g + 1:, g] = v[:, :, 1:]
+    return out
 
 
 def _solve(M: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -75,8 +77,8 @@ def refit_groups(W: torch.Tensor, H: torch.Tensor, res: QuantResult, symmetric: 
 
     ``H`` is the Hessian GPTQ used (an all-zero one, an expert without tokens, counts as the identity: plain
     squared error). The normal equations are solved on ``H`` plus ``damp`` times its mean diagonal (as GPTQ
-    damps); rows are accepted on the undamped error only. Experts one at a time, rows in chunks whose
-    intermediates fit `CHUNK_BYTES` (rows are independent).
+    damps); rows are accepted on the undamped error only. As many whole experts at once as fit `CHUNK_BYTES`
+    (the demo's: all), else one expert's rows in chunks that fit it (rows are independent).
 
     Precision: the two ``O(C^2)`` products per row (the residual product and the code Gram) run in float32 (twice
     float64's speed on a CPU, and far more on GPUs with slow float64), the small ``2G x 2G`` solves in float64.
@@ -88,35 +90,37 @@ def refit_groups(W: torch.Tensor, H: torch.Tensor, res: QuantResult, symmetric: 
     E, O, C = W.shape
     dt = torch.float64 if exact else torch.float32
     G = res.scales.shape[-1]
-    step = max(1, CHUNK_BYTES // (8 * (G * C + 8 * G * G + 8 * C)))
+    step = max(1, CHUNK_BYTES // (8 * (G * C + 8 * G * G + 8 * C)))  # rows per chunk
+    # whole experts together where they fit (fewer, larger products), else one expert's rows in chunks
+    chunks = [(range(e, min(E, e + step // O)), slice(0, O)) for e in range(0, E, step // O)] if step >= O else \
+        [(range(e, e + 1), slice(a, a + step)) for e in range(E) for a in range(0, O, step)]
     scales, zeros, weight = res.scales.clone(), res.zeros.clone(), res.weight.clone()
     before = after = changed = verified = 0.0
-    for e in range(E):
-        He = H[e].detach().to(dt)
-        if float(He.diagonal().sum()) == 0:
-            He = torch.eye(C, dtype=He.dtype, device=He.device)
-        He64 = None
-        for a in range(0, O, step):
-            rows = slice(a, a + step)
-            args = (res.codes[e, rows], res.scales[e, rows].double(), res.zeros[e, rows].double(), symmetric, zero_max,
-                    zero_frac)
-            s, z, b, imp, ok, sure = _refit_rows(W[e, rows].detach().to(dt), He, damp, *args)
-            if not bool(sure.all()):  # float64 where float32 may have decided wrong
-                He64 = He.double() if He64 is None else He64
-                idx = (~sure).nonzero().flatten()
-                verified += len(idx)
-                got = _refit_rows(W[e, rows][idx].detach().double(), He64, damp, res.codes[e, rows][idx],
-                                  args[1][idx], args[2][idx], symmetric, zero_max, zero_frac)
-                for t, g in zip((s, z, b, imp, ok), got):
-                    t[idx] = g.to(t.dtype)
-            before += float(b.sum())
-            after += float((b - imp).sum())
-            changed += float(ok.sum())
-            if bool(ok.any()):
-                scales[e, rows][ok], zeros[e, rows][ok] = s[ok].float(), z[ok].float()
-                q = res.codes[e, rows][ok].float().view(-1, G, C // G)
-                weight[e, rows][ok] = dequantize(q, s[ok].float()[..., None], z[ok].float()[..., None]).view(
-                    -1, C).to(weight.dtype)
+    for ex, rows in chunks:
+        es = slice(ex.start, ex.stop)
+        He = H[es].detach().to(dt)
+        empty = He.diagonal(dim1=-2, dim2=-1).sum(-1) == 0
+        if bool(empty.any()):
+            He = torch.where(empty[:, None, None], torch.eye(C, dtype=He.dtype, device=He.device), He)
+        args = (res.codes[es, rows], res.scales[es, rows].double(), res.zeros[es, rows].double(), symmetric, zero_max,
+                zero_frac)
+        s, z, b, imp, ok, sure = _refit_rows(W[es, rows].detach().to(dt), He, damp, *args)
+        for j in (~sure).any(-1).nonzero().flatten().tolist():  # float64 where float32 may have decided wrong
+            idx = (~sure[j]).nonzero().flatten()
+            verified += len(idx)
+            got = _refit_rows(W[es, rows][j, idx][None].detach().double(), He[j:j + 1].double(), damp,
+                              args[0][j, idx][None], args[1][j, idx][None], args[2][j, idx][None], symmetric,
+                              zero_max, zero_frac)
+            for t, g in zip((s, z, b, imp, ok), got):
+                t[j, idx] = g[0].to(t.dtype)
+        before += float(b.sum())
+        after += float((b - imp).sum())
+        changed += float(ok.sum())
+        if bool(ok.any()):
+            scales[es, rows][ok], zeros[es, rows][ok] = s[ok].float(), z[ok].float()
+            q = res.codes[es, rows][ok].float().view(-1, G, C // G)
+            weight[es, rows][ok] = dequantize(q, s[ok].float()[..., None], z[ok].float()[..., None]).view(
+                -1, C).to(weight.dtype)
     out = QuantResult(weight, res.codes, scales, zeros, res.loss)
     return out, {"rows_changed": changed / (E * O), "rows_verified": verified / (E * O), "error_before": before,
                  "error_after": after}
@@ -124,36 +128,38 @@ def refit_groups(W: torch.Tensor, H: torch.Tensor, res: QuantResult, symmetric: 
 
 def _refit_rows(W: torch.Tensor, H: torch.Tensor, damp: float, codes: torch.Tensor, s0: torch.Tensor,
                 z0: torch.Tensor, symmetric: bool, zero_max: int, zero_frac: int = 0) -> tuple[torch.Tensor, ...]:
-    """`refit_groups` on one expert's rows ``W [R, C]`` with ``H [C, C]``: ``(scale, zero, error before,
-    improvement, accepted, sure)``, the last four ``[R]`` (improvement 0 where GPTQ's parameters are kept).
+    """`refit_groups` on rows ``W [B, R, C]`` of ``B`` experts with their ``H [B, C, C]``: ``(scale, zero, error
+    before, improvement, accepted, sure)``, the last four ``[B, R]`` (improvement 0 where GPTQ's parameters are kept).
     The ``O(C^2)`` products run in ``W``'s dtype (float32 or float64), the rest in float64; ``sure``: whether the
     decision stands at that precision (always with float64)."""
-    R, C = W.shape
+    B, R, C = W.shape
     G = s0.shape[-1]
     gs = C // G
     dt = W.dtype
-    Hb = H.view(G, gs, G, gs)
-    q = codes.to(dt).view(R, G, gs)
-    D = W - dequantize(q, s0.to(dt)[..., None], z0.to(dt)[..., None]).view(R, C)  # GPTQ's residual, exact in float32
-    u = D @ H
+    Hb = H.view(B, G, gs, G, gs)
+    q = codes.to(dt).view(B, R, G, gs)
+    D = W - dequantize(q, s0.to(dt)[..., None], z0.to(dt)[..., None]).view(B, R, C)  # GPTQ's residual, exact in float32
+    u = torch.bmm(D, H)
     err = (D * u).sum(-1).double()
-    Dg, ug = D.view(R, G, gs), u.view(R, G, gs)
-    H1 = Hb.sum(-1)  # [G, gs, G]: H_gh 1
-    Mq1 = torch.einsum("rgi,gih->rgh", q, H1).double()
-    M11 = H1.sum(1).double().expand(R, G, G)
+    Dg, ug = D.view(B, R, G, gs), u.view(B, R, G, gs)
+    H1 = Hb.sum(-1)  # [B, G, gs, G]: H_gh 1
+    Mq1 = torch.einsum("brgi,bgih->brgh", q, H1).double()
+    M11 = H1.sum(2).double()[:, None].expand(B, R, G, G)
     M = torch.cat([torch.cat([_gram(q, Hb).double(), Mq1], -1), torch.cat([Mq1.transpose(-1, -2), M11], -1)], -2)
-    r = torch.cat([(q * ug).sum(-1), ug.sum(-1)], -1).double()  # [R, 2G]
+    r = torch.cat([(q * ug).sum(-1), ug.sum(-1)], -1).double()  # [B, R, 2G]
     q, Dg = q.double(), Dg.double()
-    lam = damp * H.diagonal().double().mean()  # damping: lam * I adds lam * (basis Gram) on each group's own block
+    # damping [B, 1, 1]: lam * I adds lam * (basis Gram) on each group's own block
+    lam = damp * H.diagonal(dim1=-2, dim2=-1).double().mean(-1)[:, None, None]
     sq2, sq1 = (q * q).sum(-1), q.sum(-1)
-    Ms = M + lam * torch.cat([torch.cat([torch.diag_embed(sq2), torch.diag_embed(sq1)], -1),
-                              torch.cat([torch.diag_embed(sq1), torch.diag_embed(torch.full_like(sq1, gs))], -1)], -2)
+    Ms = M + lam[..., None] * torch.cat([torch.cat([torch.diag_embed(sq2), torch.diag_embed(sq1)], -1),
+                                         torch.cat([torch.diag_embed(sq1), torch.diag_embed(torch.full_like(sq1, gs))],
+                                                   -1)], -2)
     rs = r + lam * torch.cat([(q * Dg).sum(-1), Dg.sum(-1)], -1)
-    eye = torch.eye(G, dtype=torch.float64, device=W.device).expand(R, G, G)
+    eye = torch.eye(G, dtype=torch.float64, device=W.device).expand(B, R, G, G)
     k = torch.cat([-s0, s0 * z0], -1)  # p = P s + k: c = s - s0, d = -s z + s0 z0
 
     def scales_for(z: torch.Tensor) -> torch.Tensor:  # zero fixed: least squares in the scales alone
-        P = torch.cat([eye, -torch.diag_embed(z)], -2)  # [R, 2G, G]
+        P = torch.cat([eye, -torch.diag_embed(z)], -2)  # [B, R, 2G, G]
         Pt = P.transpose(-1, -2)
         s = _solve(Pt @ Ms @ P, (Pt @ (rs - (Ms @ k[..., None])[..., 0])[..., None])[..., 0])
         return storable(torch.where(torch.isfinite(s) & (s > 0), s, s0).float()).double()

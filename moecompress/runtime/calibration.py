@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from moecompress.algorithms.gram import gram
 from moecompress.algorithms.moe_math import glu
 from moecompress.models.base import MoEBlockView
 from moecompress.models.calls import experts_call_args
@@ -128,7 +129,7 @@ def _accumulate(stats: LinearStats, x: torch.Tensor, weight: torch.Tensor | None
     if cache is None or key not in cache:
         x2 = x.reshape(-1, x.shape[-1]).float()
         xw = x2 if weight is None else x2 * weight.reshape(-1, 1).float().sqrt()
-        got = (x, weight, xw.T @ xw, x2.abs().amax(0), x2.shape[0])  # x, weight held: their addresses stay theirs
+        got = (x, weight, gram(xw), x2.abs().amax(0), x2.shape[0])  # x, weight held: their addresses stay theirs
         if cache is None:
             cache = {}
         cache[key] = got
@@ -182,13 +183,13 @@ def _expert_step(st: ExpertStats, view: MoEBlockView, x: torch.Tensor, logits: t
         hw = h * g.sqrt()[:, None]
         if target in ("near", "reserve"):
             He, Hde = st.extra("near" if target == "near" else "res", e)
-            He += xw.T @ xw
-            Hde += hw.T @ hw
+            He += gram(xw)
+            Hde += gram(hw)
             (st.near_count if target == "near" else st.res_count)[e] += len(sel)
         else:
             if st.H.numel():
-                st.H[st.row(e)] += xw.T @ xw
-                st.H_down[st.row(e)] += hw.T @ hw
+                st.H[st.row(e)] += gram(xw)
+                st.H_down[st.row(e)] += gram(hw)
             st.count[e] += len(sel)
             st.gate_sum[e] += float(g.sum())
             st.act_max[e] = torch.maximum(st.act_max[e], xs.abs().amax(0))

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from moecompress.algorithms.asym_calib import corrected_weight
+from moecompress.algorithms.gram import gram
 from moecompress.algorithms.moe_math import glu
 from moecompress.models.base import MoEBlockView
 from moecompress.models.calls import experts_call_args
@@ -93,7 +94,8 @@ def pair_linears(modules: dict[str, nn.Linear], fp: dict[str, list],
             xf = xf.to(xq.device)
             tw = token_weights.current(xq.device)
             xw = xq if tw is None else xq * tw[:, None]
-            last.update(key=key, x=x, xf=xf, Hq=xw.T @ xq, C=xf.T @ xw, n=xq.shape[0])
+            Hq = gram(xq if tw is None else xq * tw.sqrt()[:, None])
+            last.update(key=key, x=x, xf=xf, Hq=Hq, C=xf.T @ xw, n=xq.shape[0])
         if name not in out:
             out[name] = [torch.zeros_like(last["Hq"]), torch.zeros_like(last["C"]), 0]
         out[name][0] += last["Hq"]
@@ -129,7 +131,7 @@ def norm_reader_pairs(norm: nn.Module, batches: Iterable[tuple[torch.Tensor, tor
         if tw is not None:
             tw = tw.reshape(-1).float().to(x2.device)
         xw = x2 if tw is None else x2 * tw.sqrt()[:, None]
-        G, Cj, m = xw.T @ xw, xf.T @ (x2 if tw is None else x2 * tw[:, None]), x2.abs().amax(0)
+        G, Cj, m = gram(xw), xf.T @ (x2 if tw is None else x2 * tw[:, None]), x2.abs().amax(0)
         H, C, amax = (G, Cj, m) if H is None else (H + G, C + Cj, torch.maximum(amax, m))
         n += x2.shape[0]
     if H is None:
@@ -218,7 +220,7 @@ def _accumulate_pairs(st: PairStats, view: MoEBlockView, which: str, gate: torch
             xq, xf = inter(xs, w.gate[e], w.up[e]) * g, inter(xf, gate[j], up[j]) * g
         else:
             xq, xf = xs * g, xf * g
-        st.Hq[j] += xq.T @ xq
+        st.Hq[j] += gram(xq)
         st.C[j] += xf.T @ xq
         st.count[j] += len(sel)
 

@@ -269,9 +269,10 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
             # with model targets the experts' routed Hessians come from the pairing passes (`_with_base`)
             from_pairs = fp_hidden is not None and plan.experts is not None and plan.experts.method == "gptq"
 
-            def statistics(run, linears=True):
+            def statistics(run, linears=True, replay_of=lambda got: None):
                 """``run()`` under `collect` (the experts' statistics summed over processes), then the rare
-                experts' top-ups (reserve batches, near-miss tokens)."""
+                experts' top-ups (reserve batches, near-miss tokens: the base batches again, their attention
+                output replayed where ``replay_of(run's result)`` recorded it)."""
                 with collect(layer, lv, attn_norm, plan.near_miss, owned=owned, hessians=not rtn_only,
                              routed_hessians=not from_pairs, linears=linears) as stats, _skip_experts(lv):
                     got = run(stats)
@@ -285,7 +286,8 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
                             stats.experts.sum_over(dist, ("res_count",))
                         if stats.experts.short and plan.near_miss:
                             stats.mode = "near"
-                            stream.run_layer(i, store=False, batches=base)
+                            with replaying(replay_of(got), stream.device):
+                                stream.run_layer(i, store=False, batches=base)
                             stats.experts.sum_over(dist, ("near_count",))
                 return stats, got
 
@@ -310,7 +312,7 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
                     with pair_linears(inner, fp_in) as got, record_output_replay(layer, inner, attn, park) as found:
                         stream.run_layer(i, store=False, batches=base)
                     return got, found[0]
-                stats, (got, replay) = statistics(attention_pass, linears=False)
+                stats, (got, replay) = statistics(attention_pass, linears=False, replay_of=lambda got: got[1])
                 stats.linears.update(first_stats)
                 stats.linears.update({n: LinearStats(p[0], torch.zeros_like(p[0][0]), p[2]) for n, p in got.items()})
                 entry["linears"].update(quantize_linears(layer, stats, plan.linears, record, prefix, names=inner,

@@ -98,8 +98,8 @@ def test_refit_in_row_chunks_equals_one_chunk(monkeypatch):
     grid = QuantGrid(2, 16)
     W, H = _random(3)
     res = gptq_quantize(W, H, grid)
-    whole, _ = refit_groups(W, H, res, False)
-    monkeypatch.setattr(refit, "CHUNK_BYTES", 1)  # one row at a time
+    whole, _ = refit_groups(W, H, res, False)  # every expert in one batch
+    monkeypatch.setattr(refit, "CHUNK_BYTES", 1)  # one expert's row at a time
     rows, _ = refit_groups(W, H, res, False)
     for f in ("weight", "scales", "zeros"):
         torch.testing.assert_close(getattr(rows, f), getattr(whole, f), atol=1e-6, rtol=1e-5)

@@ -1,0 +1,30 @@
+"""The Gram matrix ``X^T X`` of calibration inputs (every Hessian GPTQ uses, `runtime.calibration`,
+`runtime.paired`), from the blocks on and above its diagonal: with ``b`` column blocks it takes
+``(b + 1) / (2 b)`` of a full product's multiply-adds (5/8 at four blocks), the blocks below the diagonal being
+transposed copies (a full product computes each of them again, as another sum). No BLAS ``syrk`` is reachable
+from torch.
+
+Shapes: T tokens, D input width.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["gram"]
+
+BLOCK = 128  # columns per block: thin enough to skip most of the lower half, wide enough for an efficient product
+
+
+def gram(x: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
+    """``x^T x`` for ``x [T, D]`` -> ``[D, D]``, in ``x``'s dtype and device."""
+    D = x.shape[-1]
+    if D <= block:
+        return x.T @ x
+    out = x.new_empty(D, D)
+    for a in range(0, D, block):
+        b = min(a + block, D)
+        part = x[:, a:b].T @ x[:, a:]  # [b - a, D - a]: rows a..b, columns a..
+        out[a:b, a:] = part
+        out[b:, a:b] = part[:, b - a:].T
+    return out
