@@ -157,7 +157,7 @@ def mm_arguments(x, data, scale, zero, out, rows, experts, *, M: int, N: int, K:
     so that the AOT compiler can pass placeholder tensors."""
     group, mode = _group_args(K, G, geo.SLOTS)
     return dict(x_ptr=x, data_ptr=data, scale_ptr=scale, zero_ptr=scale if zero is None else zero, out_ptr=out,
-                rows_ptr=rows, expert_ptr=experts, M=M, N=N, K=K, W=W, G=G, GROUP=group, X_DIV=x_div,
+                rows_ptr=rows, expert_ptr=experts, M=M, N=N, K=K, W=W, G=G, GROUP=group, X_DIV=x_div, W_ROW=W,
                 stride_e_data=stride_e[0], stride_e_scale=stride_e[1], M_BUCKET=_bucket(M),
                 BITS=geo.BITS, KIND=geo.KIND, ZERO_DIV=0 if zero is None else geo.ZDIV, SCALE_MODE=mode,
                 SLOTS=geo.SLOTS, SP2=geo.SP2, ZC=geo.ZC, GROUPED=grouped, DOT=_dot_dtype(dot_dtype or x.dtype))

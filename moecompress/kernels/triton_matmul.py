@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from moecompress.kernels.triton_common import (_as_f32, _codes3, _k_range, _load_units, _scale_zero3, _slot,
-                                               _store_out, _weights3, _zload)
+                                               _store_out, _weights3, _window_code, _zload)
 
 __all__ = ["DECODE_CONFIGS", "GEMM_CONFIGS", "GROUPED_CONFIGS", "INTERPRET_CONFIGS", "plain_tuner"]
 
@@ -21,13 +21,16 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read by @triton.jit at 
 
 # ----------------------------------------------------------------------------------------------- device code
 @triton.jit
-def _gemv(x_ptr, data_ptr, scale_ptr, zero_ptr, out_ptr, expert_ptr, M, N, K, W, G, X_DIV,
+def _gemv(x_ptr, data_ptr, scale_ptr, zero_ptr, out_ptr, expert_ptr, M, N, K, W, G, X_DIV, W_ROW,
           stride_e_data, stride_e_scale, GROUP: tl.constexpr,
           BITS: tl.constexpr, KIND: tl.constexpr, ZERO_DIV: tl.constexpr, SCALE_MODE: tl.constexpr,
           SLOTS: tl.constexpr, SP2: tl.constexpr, ZC: tl.constexpr, GROUPED: tl.constexpr,
           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     """One row, BLOCK_N outputs, one K split; fp32 FMAs, scales once per tile (tile inside a group) or per
-    unit (module docstring)."""
+    unit (module docstring). Rows are addressed through ``W_ROW`` (= ``W``, never specialized): the compiler cannot
+    prove 16-byte row starts, so it gives each thread one word column of several rows instead of a vector of one
+    row's words, and one activation load serves those rows. Codes with a power-of-two count per word are read
+    in place (`_window_code`)."""
     BU: tl.constexpr = BLOCK_K // SP2
     KSTEP: tl.constexpr = BU * SLOTS
     ONE_GROUP: tl.constexpr = (GROUP % KSTEP) == 0
@@ -46,10 +49,12 @@ def _gemv(x_ptr, data_ptr, scale_ptr, zero_ptr, out_ptr, expert_ptr, M, N, K, W,
         scale_base = scale_ptr
         zero_base = zero_ptr
     n64 = offs_n.to(tl.int64)[:, None]
-    row_off = n64 * W
+    row_off = n64 * W_ROW
     srow = n64 * G
     t0, t1 = _k_range(K, tl.program_id(2), KSTEP, SPLIT_K)
     acc = tl.zeros([BLOCK_N, BU], dtype=tl.float32)
+    WINDOW: tl.constexpr = KIND != 2 and BITS != 3  # power-of-two codes per word
+    LOW: tl.constexpr = (23 - BITS) // BITS + 1  # slots read without a shift (WINDOW)
     for t in range(t0, t1):
         u = t * BU + tl.arange(0, BU)[None, :]
         w0, w1, w2 = _load_units(data_base, row_off, u, n_ok, W, KIND, BITS)
@@ -69,12 +74,18 @@ def _gemv(x_ptr, data_ptr, scale_ptr, zero_ptr, out_ptr, expert_ptr, M, N, K, W,
             sx = tl.zeros([1, BU], dtype=tl.float32)
             for j in tl.static_range(SLOTS):
                 xj = tl.load(x_row + kb + j, mask=kb + j < K, other=0.0).to(tl.float32)
-                q = _as_f32(_slot(w0, w1, w2, j, KIND, BITS))
-                if ZERO_DIV:
-                    p += q * xj
-                    sx += xj
+                if WINDOW:
+                    f, xs = _window_code(w0, j, BITS, LOW, 0 if ZERO_DIV else ZC)
+                    p += f * (xj * xs)
+                    if ZERO_DIV:
+                        sx += xj
                 else:
-                    p += (q - ZC) * xj
+                    q = _as_f32(_slot(w0, w1, w2, j, KIND, BITS))
+                    if ZERO_DIV:
+                        p += q * xj
+                        sx += xj
+                    else:
+                        p += (q - ZC) * xj
             if ZERO_DIV:
                 p -= _zload(zero_base + srow + g, m, ZERO_DIV) * sx
             acc += p * s
@@ -173,9 +184,9 @@ def _gemm(x_ptr, data_ptr, scale_ptr, zero_ptr, out_ptr, rows_ptr, expert_ptr, M
     _store_out(out_ptr, out_offs, acc, valid[:, None] & (offs_n[None, :] < N), SPLIT_K)
 
 
-@triton.jit(do_not_specialize=["M_BUCKET"])
+@triton.jit(do_not_specialize=["M_BUCKET", "W_ROW"])
 def _packed_mm_kernel(x_ptr, data_ptr, scale_ptr, zero_ptr, out_ptr, rows_ptr, expert_ptr,
-                      M, N, K, W, G, X_DIV, stride_e_data, stride_e_scale, M_BUCKET, GROUP: tl.constexpr,
+                      M, N, K, W, G, X_DIV, W_ROW, stride_e_data, stride_e_scale, M_BUCKET, GROUP: tl.constexpr,
                       BITS: tl.constexpr, KIND: tl.constexpr, ZERO_DIV: tl.constexpr, SCALE_MODE: tl.constexpr,
                       SLOTS: tl.constexpr, SP2: tl.constexpr, ZC: tl.constexpr, GROUPED: tl.constexpr,
                       DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -183,9 +194,10 @@ def _packed_mm_kernel(x_ptr, data_ptr, scale_ptr, zero_ptr, out_ptr, rows_ptr, e
     """``out[r] = x[r // X_DIV] @ W_e^T`` for the rows of program axis 0 (grid: M-blocks, N-tiles, K-splits).
 
     ``BLOCK_M == 1``: GEMV (row = program, grouped: expert ``expert_ptr[row]``); else the tensor-core GEMM
-    (grouped: rows ``rows_ptr[block]``, expert ``expert_ptr[block]``). ``M_BUCKET`` is only an autotune key."""
+    (grouped: rows ``rows_ptr[block]``, expert ``expert_ptr[block]``). ``M_BUCKET`` is only an autotune key;
+    ``W_ROW`` equals ``W`` (the GEMV's unspecialized copy)."""
     if BLOCK_M == 1:
-        _gemv(x_ptr, data_ptr, scale_ptr, zero_ptr, out_ptr, expert_ptr, M, N, K, W, G, X_DIV,
+        _gemv(x_ptr, data_ptr, scale_ptr, zero_ptr, out_ptr, expert_ptr, M, N, K, W, G, X_DIV, W_ROW,
               stride_e_data, stride_e_scale, GROUP, BITS, KIND, ZERO_DIV, SCALE_MODE, SLOTS, SP2, ZC, GROUPED,
               BLOCK_N, BLOCK_K, SPLIT_K)
     else:
@@ -207,13 +219,16 @@ def _zero_out(nargs):  # split-K programs add into the output
 # Decode (M <= 16): GEMV configurations (BLOCK_M = 1) and tensor-core ones (BLOCK_M = 16), split-K for
 # shapes with few output tiles (e.g. 14336 -> 4096). BLOCK_K counts unit slots (base 3: 8 per byte); tiles of
 # at most a group (128) load one scale per row, larger ones one per word.
+# The GEMV tiles of a group (128) and split K in two were the fastest of a sweep of the in-place read on an H200
+# (benchmarks/gemv_variants.py: 128 x 128 / 2 at 4096 x 14336, 32 x 128 / 2 at 14336 x 4096 and 2048 x 768).
 DECODE_CONFIGS = [
     _cfg(BLOCK_M=1, BLOCK_N=16, BLOCK_K=512, SPLIT_K=1),
     _cfg(BLOCK_M=1, BLOCK_N=32, BLOCK_K=256, SPLIT_K=1),
     _cfg(BLOCK_M=1, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1),
     _cfg(BLOCK_M=1, BLOCK_N=32, BLOCK_K=128, SPLIT_K=2),
-    _cfg(BLOCK_M=1, BLOCK_N=16, BLOCK_K=1024, SPLIT_K=1, num_warps=8),
-    _cfg(BLOCK_M=1, BLOCK_N=32, BLOCK_K=512, SPLIT_K=2),
+    _cfg(BLOCK_M=1, BLOCK_N=128, BLOCK_K=128, SPLIT_K=2),
+    _cfg(BLOCK_M=1, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1, num_warps=8),
+    _cfg(BLOCK_M=1, BLOCK_N=64, BLOCK_K=128, SPLIT_K=2, num_warps=8),
     _cfg(BLOCK_M=1, BLOCK_N=16, BLOCK_K=512, SPLIT_K=4),
     _cfg(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1, num_stages=4),
     _cfg(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, SPLIT_K=2),
@@ -232,8 +247,8 @@ GEMM_CONFIGS = [
 # Grouped MoE: BLOCK_M is fixed by the routing (`grouped_block_m`), the rest is tuned.
 GROUPED_CONFIGS = {
     1: [_cfg(BLOCK_N=16, BLOCK_K=512, SPLIT_K=1), _cfg(BLOCK_N=32, BLOCK_K=256, SPLIT_K=1),
-        _cfg(BLOCK_N=64, BLOCK_K=128, SPLIT_K=1), _cfg(BLOCK_N=32, BLOCK_K=512, SPLIT_K=2),
-        _cfg(BLOCK_N=16, BLOCK_K=512, SPLIT_K=4)],
+        _cfg(BLOCK_N=64, BLOCK_K=128, SPLIT_K=1), _cfg(BLOCK_N=32, BLOCK_K=128, SPLIT_K=2),
+        _cfg(BLOCK_N=128, BLOCK_K=128, SPLIT_K=2), _cfg(BLOCK_N=16, BLOCK_K=512, SPLIT_K=4)],
     16: [_cfg(BLOCK_N=64, BLOCK_K=128, SPLIT_K=1, num_stages=4), _cfg(BLOCK_N=128, BLOCK_K=128, SPLIT_K=1),
          _cfg(BLOCK_N=32, BLOCK_K=256, SPLIT_K=2), _cfg(BLOCK_N=64, BLOCK_K=256, SPLIT_K=4)],
     64: [_cfg(BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, num_warps=4, num_stages=4),
