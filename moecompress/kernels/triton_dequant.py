@@ -70,6 +70,12 @@ __all__ = ["DECODE_CONFIGS", "GEMM_CONFIGS", "GROUPED_CONFIGS", "INTERPRET", "Mo
            "dequant_arguments", "dequantize", "geometry", "grouped_block_m", "grouped_matmul", "mm_arguments",
            "moe_align", "packed_matmul", "plain_tuner", "supported"]
 
+
+def _cdiv(a: int, b: int) -> int:
+    """Host-side ceil division (``triton.cdiv`` is a jitted function: microseconds per host call)."""
+    return -(-a // b)
+
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read by @triton.jit at import, as here
 
 
@@ -185,7 +191,7 @@ def _mm(values: dict, config: dict | None, tuner, grid_m, **extra) -> None:
         if config is None:
             cache = getattr(tuner, "cache", None)
             before = set(cache) if isinstance(cache, dict) else None
-            _launch(tuner, lambda meta: (grid_m(meta), triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"]), **values,
+            _launch(tuner, lambda meta: (grid_m(meta), _cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"]), **values,
                     **extra)
             new = [k for k in cache if k not in before] if before is not None else []
             if len(new) == 1:  # the tuner benchmarked this key just now: remember its choice
@@ -196,7 +202,7 @@ def _mm(values: dict, config: dict | None, tuner, grid_m, **extra) -> None:
     opts = {k: config.pop(k) for k in ("num_warps", "num_stages") if k in config}
     if config.get("SPLIT_K", 1) > 1:
         values["out_ptr"].zero_()
-    grid = (grid_m(config), triton.cdiv(N, config["BLOCK_N"]), config["SPLIT_K"])
+    grid = (grid_m(config), _cdiv(N, config["BLOCK_N"]), config["SPLIT_K"])
     _launch(_packed_mm_kernel, grid, **values, **config, **opts)
 
 
@@ -218,7 +224,7 @@ def packed_matmul(x: torch.Tensor, bits: int, ternary: bool, base3: bool, data: 
     out = torch.empty(M, N, dtype=_out_dtype(x.dtype), device=x.device)
     values = mm_arguments(x.contiguous(), data, scale, zero, out, out, out, M=M, N=N, K=K, W=data.shape[-1],
                           G=scale.shape[-1], x_div=1, stride_e=(0, 0), geo=geo, grouped=False)
-    _mm(values, config, plain_tuner(M), lambda meta: triton.cdiv(M, meta["BLOCK_M"]))
+    _mm(values, config, plain_tuner(M), lambda meta: _cdiv(M, meta["BLOCK_M"]))
     return out
 
 
@@ -280,8 +286,8 @@ def dequantize(bits: int, ternary: bool, base3: bool, data: torch.Tensor, scale:
     out = torch.empty(R, columns, dtype=_out_dtype(dtype), device=data.device)
     values = dequant_arguments(data.contiguous().view(R, W), scale.contiguous().view(R, G),
                                None if zero is None else zero.contiguous(), out, R=R, C=columns, W=W, G=G, geo=geo)
-    grid = (triton.cdiv(R, values["BLOCK_R"]),
-            triton.cdiv(triton.cdiv(columns, geo.SLOTS), values["BLOCK_K"] // geo.SP2))
+    grid = (_cdiv(R, values["BLOCK_R"]),
+            _cdiv(_cdiv(columns, geo.SLOTS), values["BLOCK_K"] // geo.SP2))
     _launch(_dequant_kernel, grid, **values)
     return out.view(E, O, columns).to(dtype)
 

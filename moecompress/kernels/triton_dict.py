@@ -34,6 +34,12 @@ from moecompress.kernels.routing import MoeRoute
 
 __all__ = ["dict_arguments", "dict_matmul", "grouped_dict_matmul"]
 
+
+def _cdiv(a: int, b: int) -> int:
+    """Host-side ceil division (``triton.cdiv`` is a jitted function: microseconds per host call)."""
+    return -(-a // b)
+
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK_N = 16 if INTERPRET else 32
 
@@ -142,7 +148,7 @@ def dict_matmul(x: torch.Tensor, codewords: torch.Tensor, row_index: torch.Tenso
     out = torch.empty(M, N, dtype=torch.float32, device=x.device)
     values = dict_arguments(x.contiguous(), codewords, row_index, dec, scale, scale_neg, out, row_index, row_index,
                             M=M, N=N, K=K, G=G, x_div=1, subs=1, grouped=False, block_m=mb, mb=mb)
-    _launch(_dict_mm_kernel, (triton.cdiv(M, mb), triton.cdiv(N, BLOCK_N)), **values)
+    _launch(_dict_mm_kernel, (_cdiv(M, mb), _cdiv(N, BLOCK_N)), **values)
     return out
 
 
@@ -165,5 +171,5 @@ def grouped_dict_matmul(x: torch.Tensor, route: MoeRoute, x_div: int, codewords:
     values = dict_arguments(x.contiguous(), codewords, row_index, dec, scale, scale_neg, out, rows, experts,
                             M=R, N=N, K=K, G=G, x_div=x_div, subs=subs, grouped=True, block_m=bm, mb=mb)
     if programs:
-        _launch(_dict_mm_kernel, (programs, triton.cdiv(N, BLOCK_N)), **values)
+        _launch(_dict_mm_kernel, (programs, _cdiv(N, BLOCK_N)), **values)
     return out
