@@ -57,6 +57,7 @@ CODECS = [("int8", 8, False, False, False), ("int4", 4, False, False, False), ("
           ("ternary-b3", 8, True, True, False), ("int2-fz", 2, False, False, True, 6)]
 SHAPES = {"mixtral-w1": (4096, 14336), "mixtral-w2": (14336, 4096), "qwen3-w1": (2048, 768),
           "qwen3-w2": (768, 2048), "dsv3-w1": (7168, 2048), "dsv3-w2": (2048, 7168)}  # (K, N)
+GEMM_CODECS = list(CODECS)  # the gemm section's codecs (--codecs)
 MS = (1, 4, 16, 128, 512)
 GROUP = 128
 BANDWIDTH = {"H200": 4800.0, "H100 SXM": 3350.0, "H100 PCIe": 2000.0, "H100 NVL": 3900.0, "H100": 3350.0,
@@ -221,19 +222,20 @@ def precompile(k, arch: int, jobs: int, quick: bool, shapes, ms, wanted=None) ->
     """Specs of every launch the run makes (all autotune candidates), compiled in parallel."""
     td, aot = k.td, k.aot
     specs = []
+    check = wanted is None or "correctness" in wanted
     for codec in CODECS:
         c4 = codec[1:]
-        for (N, K, group) in CHECK_SHAPES:
+        for (N, K, group) in CHECK_SHAPES if check else ():
             for dt in ("fp16", "bf16"):
                 for M, cfg in check_configs(td).items():
                     specs.append(aot.mm_spec(c4, dt, N, K, group, M, cfg))
             specs.append(aot.KernelSpec("dequant", c4, "fp32", N, K, group))
-        for K, N in shapes.values():
+        for K, N in shapes.values() if codec in GEMM_CODECS else ():
             specs.append(aot.KernelSpec("dequant", c4, "fp32", N, K, GROUP))
-        for T in (1, 3, 40):
+        for T in (1, 3, 40) if check else ():
             bm = k.routing.grouped_block_m(2 * T, 6)
             specs.append(aot.mm_spec(c4, "bf16", 160, 256, 128, 2 * T, td.GROUPED_CONFIGS[bm][0], True, bm, 2))
-    for codec in CODECS if wanted is None or "gemm" in wanted else ():
+    for codec in GEMM_CODECS if wanted is None or "gemm" in wanted else ():
         c4 = codec[1:]
         for K, N in shapes.values():
             for M in ms:
@@ -241,7 +243,7 @@ def precompile(k, arch: int, jobs: int, quick: bool, shapes, ms, wanted=None) ->
                     if 1 <= cfg.kwargs["BLOCK_K"] // td.geometry(*c4[:3]).SP2 <= 256:
                         specs.append(aot.mm_spec(c4, "fp16", N, K, GROUP, M, cfg))
     moes = {**MOES, "graph-check": (8, 2, 1024, 512)}
-    ts = (1, 2, 4, 8, 16, 64, 512)
+    ts = (1, 2, 4, 8, 16, 64, 512)  # a superset of --quick's
     if wanted is not None and not {"grouped", "graph_capture"} & wanted:
         # the end-to-end model's layers only (int4, Mixtral width, decode and a 32-token prompt)
         moes, ts = ({"mixtral-8e-top2": MOES["mixtral-8e-top2"]}, (1, 32)) if "e2e" in wanted else ({}, ())
@@ -250,10 +252,11 @@ def precompile(k, arch: int, jobs: int, quick: bool, shapes, ms, wanted=None) ->
             c4 = codec[1:]
             for T in ts:
                 R = T * top
-                bm = k.routing.grouped_block_m(R, E)
-                for cfg in td.GROUPED_CONFIGS[bm]:
-                    for (N, K, xdiv) in ((I, H, top), (H, I, 1)):
-                        specs.append(aot.mm_spec(c4, "bf16", N, K, GROUP, R, cfg, True, bm, xdiv))
+                bms = {k.routing.grouped_block_m(R, E), *((1,) if T <= 16 else ())}  # the GEMV comparison too
+                for bm in bms:
+                    for cfg in td.GROUPED_CONFIGS[bm]:
+                        for (N, K, xdiv) in ((I, H, top), (H, I, 1)):
+                            specs.append(aot.mm_spec(c4, "bf16", N, K, GROUP, R, cfg, True, bm, xdiv))
     t0 = time.time()
     distinct = len({aot.specialization_key(s) for s in set(specs)})
     errors = aot.precompile(specs, arch, jobs)
@@ -312,8 +315,8 @@ def gemm_timings(k, budget: Budget, bandwidth: float, shapes, ms) -> list[dict]:
     for sname, (K, N) in shapes.items():
         w16 = torch.randn(N, K, device="cuda", dtype=torch.float16) * 0.02
         wbf = w16.to(torch.bfloat16)
-        packed = {c[0]: random_packed(c, 1, N, K, "cuda") for c in CODECS}
-        dense = {c[0]: td.dequantize(*args_of(c, packed[c[0]], K), **zf(c))[0] for c in CODECS}  # checked exact above
+        packed = {c[0]: random_packed(c, 1, N, K, "cuda") for c in GEMM_CODECS}
+        dense = {c[0]: td.dequantize(*args_of(c, packed[c[0]], K), **zf(c))[0] for c in GEMM_CODECS}  # exact
         for M in ms:
             x = torch.randn(M, K, device="cuda", dtype=torch.float16)
             xb = x.to(torch.bfloat16)
@@ -322,7 +325,7 @@ def gemm_timings(k, budget: Budget, bandwidth: float, shapes, ms) -> list[dict]:
             cub = {"fp16_graph": time_graph(lambda: x @ w16.T), "fp16_eager": time_eager(lambda: x @ w16.T),
                    "bf16_graph": time_graph(lambda: xb @ wbf.T)}
             rows.append({**base, "kernel": "cublas", **cub, "bandwidth_limit": dense_bytes / bandwidth / 1e9})
-            for codec in CODECS:
+            for codec in GEMM_CODECS:
                 if not budget.ok(120):
                     rows.append({**base, "codec": codec[0], "skipped": "time budget"})
                     continue
@@ -393,14 +396,18 @@ def _packed_layer(k, E, H, I, codec, seed=0):
             for i, (p, shape) in enumerate((("gate", (I, H)), ("up", (I, H)), ("down", (H, I))))}
 
 
-def packed_moe(k, layer, codec, x, idx, w, backend=None):
+def packed_moe(k, layer, codec, x, idx, w, backend=None, block_m=None):
     """The packed MoE layer exactly as ``PackedExperts.forward`` computes it (one routing, three grouped
-    products, SiLU GLU, weighted top-k sum)."""
+    products, SiLU GLU, weighted top-k sum). ``block_m``: force the Triton routing's block size (1: a GEMV per
+    row, no sorting) instead of `grouped_block_m`'s choice."""
     d = k.dispatch
     T, top = idx.shape
     E = layer["gate"]["data"].shape[0]
     H, I = x.shape[1], layer["gate"]["data"].shape[1]
-    route = d.moe_route(idx.reshape(-1), E, backend)
+    if block_m is None:
+        route = d.moe_route(idx.reshape(-1), E, backend)
+    else:
+        route = k.td.moe_align(idx.reshape(-1), E, block_m=block_m)
     gate = d.grouped_linear(x, route, *args_of(codec, layer["gate"], H), backend=backend, x_div=top)
     up = d.grouped_linear(x, route, *args_of(codec, layer["up"], H), backend=backend, x_div=top)
     h = torch.nn.functional.silu(gate) * up
@@ -451,7 +458,7 @@ def grouped_timings(k, budget: Budget, quick: bool) -> list[dict]:
         wd_t = wd.transpose(1, 2) if has_gmm else None
         for codec in ((CODECS[1], CODECS[6]) if not quick else (CODECS[1],)):
             layer = _packed_layer(k, E, H, I, codec)
-            for T in ((1, 2, 4, 8, 16, 64, 512) if not quick else (1, 16, 512)):
+            for T in ((1, 2, 4, 8, 16, 64, 512) if not quick else (1, 2, 4, 16, 512)):
                 if not budget.ok(60):
                     rows.append({"moe": name, "codec": codec[0], "T": T, "skipped": "time budget"})
                     continue
@@ -473,11 +480,18 @@ def grouped_timings(k, budget: Budget, quick: bool) -> list[dict]:
                         r["bf16_grouped_mm_eager"] = time_eager(gm)
                     except Exception as e:  # API differences between torch versions
                         r["bf16_grouped_mm_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                if r["block_m"] not in (None, 1) and T <= 16:
+                    # the per-row GEMV instead of the sorted tensor-core blocks: which is faster at a few rows
+                    # per expert decides `routing.grouped_block_m`'s threshold
+                    g1 = lambda: packed_moe(k, layer, codec, x, idx, w, block_m=1)  # noqa: E731
+                    g1()
+                    r["packed_gemv_graph"], r["packed_gemv_eager"] = time_graph(g1), time_eager(g1)
                 r["speedup_vs_loop_eager"] = r["bf16_loop_eager"] / r["packed_eager"]
                 rows.append(r)
                 print(f"  {name} {codec[0]} T={T}: packed {r['packed_eager'] * 1e6:.0f} us eager / "
-                      f"{r['packed_graph'] * 1e6:.0f} us graph, bf16 loop {r['bf16_loop_eager'] * 1e6:.0f} us",
-                      flush=True)
+                      f"{r['packed_graph'] * 1e6:.0f} us graph (block_m {r['block_m']}), bf16 loop "
+                      f"{r['bf16_loop_eager'] * 1e6:.0f} us" + (f", per-row GEMV {r['packed_gemv_graph'] * 1e6:.0f} us graph"
+                                                             if 'packed_gemv_graph' in r else ""), flush=True)
             del layer
         del wg, wu, wd, wgu_t, wd_t
     return rows
@@ -670,7 +684,7 @@ def main() -> int:
     wanted = set(args.sections.split(","))
     if args.codecs:
         keep = set(args.codecs.split(","))
-        CODECS[:] = [c for c in CODECS if c[0] in keep]
+        GEMM_CODECS[:] = [c for c in CODECS if c[0] in keep]
     k = import_kernels()
     name = torch.cuda.get_device_name()
     cc = torch.cuda.get_device_capability()
@@ -694,9 +708,9 @@ def main() -> int:
                 ("ternary_dict", lambda: dict_timings(k, budget, bw))]
     if not args.skip_e2e:
         sections.append(("e2e", lambda: end_to_end(k, budget, args.e2e_layers, args.e2e_tokens)))
+    order = args.sections.split(",")
+    sections = sorted((sf for sf in sections if sf[0] in wanted), key=lambda sf: order.index(sf[0]))
     for sec, fn in sections:
-        if sec not in wanted:
-            continue
         t0 = time.time()
         print(f"[{sec}] ...", flush=True)
         try:

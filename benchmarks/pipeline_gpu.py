@@ -97,6 +97,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--model", default=None, help="a model directory instead of the bundled demo (e.g. one from "
                     "scripts/make_synthetic_moe.py at a real model's width)")
+    ap.add_argument("--only", default=None, help="comma-separated commands to run (default: all), e.g. "
+                    "quantize_w2a16,quantize_w2a16_plain_gptq")
+    ap.add_argument("--sides", default="cpu,gpu", help="cpu,gpu (default) or one of them")
     args = ap.parse_args()
     import torch
 
@@ -115,22 +118,25 @@ def main() -> None:
         "quantize_w2a16_plain_gptq": (["quantize", "--scheme", "w2a16", *PLAIN_GPTQ], _code_agreement),
         "ternary": (["ternary", "--method", "gptq"], _code_agreement),
     }
+    if args.only:
+        commands = {k: v for k, v in commands.items() if k in args.only.split(",")}
+    sides = [(side, dev) for side, dev in (("cpu", "cpu"), ("gpu", args.gpu)) if side in args.sides.split(",")]
     rows = {}
     for name, (cmd, compare) in commands.items():
         row = {}
-        for side, dev in (("cpu", "cpu"), ("gpu", args.gpu)):
+        for side, dev in sides:
             cmd_dev = [c.replace("{cpu_profile}", str(w / "profile-cpu")) for c in cmd]
             model = [args.model] if args.model else []
             out = w / f"{name}-{side}"
             row[side] = _run([cmd_dev[0], *model, *cmd_dev[1:], "--device", dev, "-o", str(out)], out)
-        if row["cpu"]["exit"] == 0 and row["gpu"]["exit"] == 0:
+        if len(row) == 2 and row["cpu"]["exit"] == 0 and row["gpu"]["exit"] == 0:
             row["agreement"] = compare(w / f"{name}-cpu", w / f"{name}-gpu")
         rows[name] = row
         print(name, {k: (v["exit"], v["seconds"]) if isinstance(v, dict) else v for k, v in row.items()})
     # the packed W2 checkpoint evaluated and sampled on the device under test
     q = w / "quantize_w2a16-gpu"
-    for name, cmd in {"eval_w2": ["eval", str(q), "--samples", "16"],
-                      "generate_w2": ["generate", str(q), "--prompt", "The cat"]}.items():
+    for name, cmd in ({"eval_w2": ["eval", str(q), "--samples", "16"],
+                       "generate_w2": ["generate", str(q), "--prompt", "The cat"]} if q.is_dir() else {}).items():
         rows[name] = {"gpu": _run([*cmd, "--device", args.gpu])}
         print(name, rows[name]["gpu"]["exit"], rows[name]["gpu"]["seconds"])
     report = {"device": torch.cuda.get_device_name(0) if args.gpu.startswith("cuda") else "cpu",
