@@ -18,7 +18,13 @@ Design (docs/BENCHMARKS.md, "Packed kernels", has the reasoning and the GPU meas
   ``p += (q_j - z) * x_j`` in fp32 FMAs on the [BLOCK_N, BU] tile; the group scale is applied once per unit
   (``acc += p * s``), not once per element, and an asymmetric zero point is folded in as ``- z * sum(x)``
   (``ZERO_DIV``: 0 no stored zero, 1 integer zeros, ``2^f`` the -fz codecs' bytes divided exactly).
-  No tensor-core padding, no layout shuffles, weights read exactly once: the bandwidth-bound regime.
+  No tensor-core padding, no layout shuffles, weights read exactly once. On an H200 this loop is bound by
+  instructions, not bandwidth (every codec near cuBLAS's fp16 time at batch 1), so two changes cut them
+  (`triton_common._window_code`, `benchmarks/gemv_variants.py`): codes with a power-of-two count per word are
+  read in place (``(w & (mask << b*j)) | bits(2^23)`` is ``2^23 + q * 2^(b*j)`` while the code lies below bit
+  23: an AND-OR and a subtraction, the activation pre-scaled by ``2^-(b*j)``), and rows are addressed through
+  ``W_ROW``, an unspecialized copy of the row stride, so Triton gives each thread one word column of several rows
+  (one activation load per slot serves them all) instead of a vector of one row's words.
 * **Prefill / small batches (``BLOCK_M >= 16``).** A tiled GEMM on tensor cores: the [BLOCK_N, BU, SLOTS]
   code tile is dequantized to the activation dtype (fp16: ``(1024 + q) - (1024 + z)`` then ``* s`` in fp16,
   which rounds exactly as the reference does; fractional zeros and bf16: ``q - z`` in fp32, exact in the
