@@ -36,14 +36,19 @@ def specialize(fn, values: dict) -> tuple[dict, dict, dict]:
         v = values[p.name]
         if p.is_constexpr:
             sig[p.name], consts[p.name] = "constexpr", v
+            attrs[(i,)] = BaseBackend.parse_attr("")
             continue
         ty, spec = native_specialize_impl(BaseBackend, v, False, not p.do_not_specialize,
                                           not p.do_not_specialize_on_alignment)
         sig[p.name] = ty
         if ty == "constexpr":
             consts[p.name] = spec
-        elif spec:
-            attrs[(i,)] = BaseBackend.parse_attr(spec)
+        # every argument gets an entry, as the JIT's launch makes them (``JITFunction._pack_args``): the
+        # source's hash, hence Triton's cache key, reads ``str(attrs)``, so only the same dict lets a kernel
+        # compiled here be found by the launch
+        desc = "" if ty == "constexpr" else spec
+        if isinstance(desc, str):
+            attrs[(i,)] = BaseBackend.parse_attr(desc)
     return sig, consts, attrs
 
 

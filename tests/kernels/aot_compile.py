@@ -236,6 +236,44 @@ def selftest() -> dict:
     return {"old_error": old_error, "new": new}
 
 
+def cache_keys() -> dict:
+    """Whether a kernel compiled ahead of time (`moecompress.kernels.aot`, e.g. benchmarks/kernels_gpu.py's
+    precompilation) is the one a launch finds in Triton's cache: for launches of every kernel, the cache key
+    ``triton.compile`` gives our specialization against the one the JIT's own binding (``JITFunction._pack_args``,
+    as in a launch on sm_90) gives the same argument values. Uses Triton internals; reports them missing."""
+    from triton import knobs
+    from triton._C.libtriton import get_cache_invalidating_env_vars
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.compiler.compiler import get_cache_key, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    from moecompress.kernels import aot, triton_dequant as td
+
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    env = get_cache_invalidating_env_vars()
+    gemv = next(c for c in td.DECODE_CONFIGS if c.kwargs["BLOCK_M"] == 1 and c.kwargs["SPLIT_K"] > 1)
+    todo = [aot.mm_spec((4, False, False, False), "fp16", *REAL, 1, gemv),
+            aot.mm_spec((8, True, True, False), "bf16", *REAL, 32, td.GROUPED_CONFIGS[16][0], True, 16, 2),
+            aot.mm_spec((3, False, False, True), "fp16", *ODD, 512, td.GEMM_CONFIGS[0]),
+            aot.mm_spec((2, False, False, True, 6), "bf16", *REAL, 2, td.GROUPED_CONFIGS[1][0], True, 1, 2),
+            aot.KernelSpec("dequant", (2, False, False, True, 6), "fp32", *REAL),
+            aot.KernelSpec("align", align=(37, 8, 10, 16)),
+            aot.KernelSpec("dict", (True,), "bf16", *REAL, 1)]
+    out = {}
+    for spec in todo:
+        fn, values, opts = aot.launch_values(spec)
+        binder = create_function_from_signature(fn.signature, fn.params, backend)
+        kw = {**opts, "debug": knobs.runtime.debug, "instrumentation_mode": knobs.compilation.instrumentation_mode}
+        bound, specialization, options = binder(**values, **kw)
+        jit_opts, sig, consts, attrs = fn._pack_args(backend, kw, bound, specialization, options)
+        launch = get_cache_key(ASTSource(fn, sig, consts, attrs), backend, jit_opts, env)
+        ours = get_cache_key(ASTSource(fn, *aot.specialize(fn, values)), backend, backend.parse_options(dict(opts)),
+                             env)
+        out[_label(spec) if isinstance(spec, dict) else f"{spec.kernel} {spec.codec} {spec.dtype}"] = launch == ours
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
@@ -243,12 +281,16 @@ def main(argv=None) -> int:
     ap.add_argument("--level", choices=("ci", "full"), default="ci")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--selftest", action="store_true", help="the old base-3 kernel must fail, the new one compile")
+    ap.add_argument("--cache-keys", action="store_true", help="ahead-of-time cache keys equal the launches' ones")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("aot_compile: unset TRITON_INTERPRET (the interpreter replaces the kernels it would compile)")
         return 2
     if args.selftest:
         print(json.dumps(selftest()))
+        return 0
+    if args.cache_keys:
+        print(json.dumps(cache_keys()))
         return 0
     todo = [s for s in specs(args.level) if args.filter in _label(s)]
     if args.list:

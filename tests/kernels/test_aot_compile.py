@@ -41,6 +41,15 @@ def test_the_harness_catches_the_old_base3_compile_error(tmp_path):
     assert r["new"]["ok"], r["new"]
 
 
+def test_precompiled_kernels_are_the_ones_a_launch_finds(tmp_path):
+    """`moecompress.kernels.aot` specializes as a launch does, to Triton's cache key: a precompiled kernel is
+    found by the launch instead of compiled again (stop 33: it was not, the attributes differed in form)."""
+    out = _run(["--cache-keys"], tmp_path, 300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    keys = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(keys) == 7 and all(keys.values()), keys
+
+
 def test_every_kernel_specialization_compiles_for_sm80_and_sm90(tmp_path):
     t0 = time.time()
     out = _run(["--jobs", str(os.cpu_count() or 1)], tmp_path, 1800)
