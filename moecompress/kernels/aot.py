@@ -26,8 +26,26 @@ __all__ = ["KernelSpec", "compile_kernel", "compile_spec", "launch_values", "mm_
 _TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def specialize(fn, values: dict) -> tuple[dict, dict, dict]:
-    """``(signature, constexprs, attrs)`` of a launch of jitted ``fn`` with these argument values."""
+def specialize(fn, values: dict, arch: int = 90) -> tuple[dict, dict, dict]:
+    """``(signature, constexprs, attrs)`` of a launch of jitted ``fn`` with these argument values, exactly as the
+    JIT forms them (Triton's own binder and ``JITFunction._pack_args``): the source's hash, hence Triton's cache
+    key, reads ``str(attrs)``, whose form differs between Triton versions (3.6 leaves constexprs out, 3.7 gives
+    them an empty entry), and only the same form lets a launch find a kernel compiled here."""
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler.compiler import make_backend
+        from triton.runtime.jit import create_function_from_signature
+
+        backend = make_backend(GPUTarget("cuda", arch, 32))
+        bound, specialization, options = create_function_from_signature(fn.signature, fn.params, backend)(**values)
+        _, sig, consts, attrs = fn._pack_args(backend, {}, bound, specialization, options)
+        return sig, consts, attrs
+    except (ImportError, AttributeError, TypeError, ValueError):  # internals moved: the same, made by hand
+        return _specialize_by_hand(fn, values)
+
+
+def _specialize_by_hand(fn, values: dict) -> tuple[dict, dict, dict]:
+    """`specialize` from ``native_specialize_impl`` alone (Triton 3.7's form of the attributes)."""
     from triton._C.libtriton import native_specialize_impl
     from triton.backends.compiler import BaseBackend
 
@@ -43,9 +61,6 @@ def specialize(fn, values: dict) -> tuple[dict, dict, dict]:
         sig[p.name] = ty
         if ty == "constexpr":
             consts[p.name] = spec
-        # every argument gets an entry, as the JIT's launch makes them (``JITFunction._pack_args``): the
-        # source's hash, hence Triton's cache key, reads ``str(attrs)``, so only the same dict lets a kernel
-        # compiled here be found by the launch
         desc = "" if ty == "constexpr" else spec
         if isinstance(desc, str):
             attrs[(i,)] = BaseBackend.parse_attr(desc)
@@ -60,7 +75,7 @@ def compile_kernel(fn, values: dict, arch: int, options: dict, last: str = "cubi
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    sig, consts, attrs = specialize(fn, values)
+    sig, consts, attrs = specialize(fn, values, arch)
     src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
     target = GPUTarget("cuda", arch, 32)
     if last == "cubin":
