@@ -5,7 +5,8 @@
 #   2. the product kernels at Mixtral-8x7B shapes (int4, int2, ternary-b3; batch 1, 16, 512) against cuBLAS,
 #      and the grouped MoE layer at T = 1..512 with the per-row GEMV against the sorted blocks at T <= 16
 #      (the threshold in moecompress.kernels.routing.grouped_block_m);
-#   3. the quantizer's wall time on the GPU: W2 default over plain GPTQ (issue 12's target: at most 2x), and
+#   3. where an eager decode product's host time goes (cProfile; 83 us per call against 27 for a bare launch);
+#   4. the quantizer's wall time on the GPU: W2 default over plain GPTQ (issue 12's target: at most 2x), and
 #      the GPU-quantized checkpoint evaluated and sampled there.
 # Usage, from the repository root on the device machine (the device tool sets $OUT):
 #   bash benchmarks/device_check.sh
@@ -31,6 +32,11 @@ timeout 330 python3 benchmarks/kernels_gpu.py --quick --sections e2e,gemm,groupe
   --budget 310 --e2e-layers 4 --e2e-tokens 32 --out "$OUT/kernels_gpu.json" > "$OUT/kernels_gpu.log" 2>&1
 echo "kernels_gpu rc=$?"
 tail -c 2500 "$OUT/kernels_gpu.log"
+
+timeout 60 python3 benchmarks/gemv_variants.py --budget 15 --profile --out "$OUT/gemv_variants.json" \
+  > "$OUT/gemv_variants.log" 2>&1
+echo "gemv_variants rc=$?"
+grep -A 3 "host profile" "$OUT/gemv_variants.log" | head -20
 
 timeout 170 python3 benchmarks/pipeline_gpu.py --only quantize_w2a16,quantize_w2a16_plain_gptq --sides gpu \
   --workdir /tmp/pipe-gpu --out "$OUT/pipeline_gpu.json" > "$OUT/pipeline_gpu.log" 2>&1

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,9 @@ import triton.language as tl
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
+
+from moecompress.kernels.triton_common import _window_code  # noqa: E402  (the product's in-place code read)
 
 
 @triton.jit
@@ -67,22 +69,6 @@ def _gemv_tile(x_ptr, data_ptr, scale_ptr, out_ptr, N, K, W, G, GROUP: tl.conste
         tl.atomic_add(out_ptr + offs_n, r.to(out_ptr.dtype.element_ty), mask=n_ok, sem="relaxed")
 
 
-@triton.jit
-def _window_code(w, J: tl.constexpr, BITS: tl.constexpr, LOW: tl.constexpr, ZC: tl.constexpr):
-    """``(f, xs)``: ``f = (q_J - ZC) * 2^SH`` exactly (float32) and ``xs = 2^-SH``; ``SH`` is the code's bit offset
-    in the word (slots below ``LOW``) or in the word shifted right by ``BITS * LOW`` (the others)."""
-    MASK: tl.constexpr = (1 << BITS) - 1
-    if J < LOW:
-        f = ((w & (MASK << (BITS * J))) | 0x4B000000).to(tl.float32, bitcast=True) - \
-            (8388608.0 + ZC * (1 << (BITS * J)))
-        xs = 1.0 / (1 << (BITS * J))
-    else:
-        f = (((w >> (BITS * LOW)) & (MASK << (BITS * (J - LOW)))) | 0x4B000000).to(tl.float32, bitcast=True) - \
-            (8388608.0 + ZC * (1 << (BITS * (J - LOW))))
-        xs = 1.0 / (1 << (BITS * (J - LOW)))
-    return f, xs
-
-
 @triton.jit(do_not_specialize=["W_ROW"])
 def _gemv_rows(x_ptr, data_ptr, scale_ptr, out_ptr, N, K, W, G, W_ROW, GROUP: tl.constexpr, BITS: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
@@ -94,7 +80,6 @@ def _gemv_rows(x_ptr, data_ptr, scale_ptr, out_ptr, N, K, W, G, W_ROW, GROUP: tl
     add. Slots past the 23-bit window use the word shifted once."""
     SLOTS: tl.constexpr = 32 // BITS
     BU: tl.constexpr = BLOCK_K // SLOTS
-    MASK: tl.constexpr = (1 << BITS) - 1
     LOW: tl.constexpr = (23 - BITS) // BITS + 1  # slots 0 .. LOW-1 fit under bit 23 unshifted
     ZC: tl.constexpr = 2 ** (BITS - 1)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -272,11 +257,49 @@ def sweep(budget_s: float, out_path: str | None = None) -> dict:
     return res
 
 
+def host_profile(calls: int = 500) -> dict:
+    """Where the Python time of an eager decode product goes (int4, Mixtral w1, fixed tile and autotuned):
+    cProfile over ``calls`` back-to-back calls, the 15 largest entries by their own time."""
+    import cProfile
+    import io
+    import pstats
+
+    import kernels_gpu as kg
+
+    td = kg.import_kernels().td
+    K, N = 4096, 14336
+    codes = torch.randint(0, 16, (N, K), generator=torch.Generator().manual_seed(0))
+    data, sc = _pack(codes, 4).cuda()[None], torch.full((1, N, K // 128), 0.01, dtype=torch.float16).cuda()
+    x = torch.randn(1, K, device="cuda", dtype=torch.float16)
+    args = (4, False, False, data, sc, None, K)
+    td.packed_matmul(x, *args)
+    best = td.plain_tuner(1).best_config
+    fixed = {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
+    out = {}
+    for label, fn in (("autotuned", lambda: td.packed_matmul(x, *args)),
+                      ("fixed", lambda: td.packed_matmul(x, *args, config=fixed))):
+        fn()
+        torch.cuda.synchronize()
+        prof = cProfile.Profile()
+        t0 = time.perf_counter()
+        prof.enable()
+        for _ in range(calls):
+            fn()
+        prof.disable()
+        torch.cuda.synchronize()
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(15)
+        out[label] = {"us_per_call": (time.perf_counter() - t0) / calls * 1e6, "top": buf.getvalue()[-4000:]}
+        print(f"host profile, {label}: {out[label]['us_per_call']:.1f} us per call\n{out[label]['top']}", flush=True)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None)
     ap.add_argument("--budget", type=float, default=80.0)
     ap.add_argument("--check", action="store_true", help="values only (the CPU under TRITON_INTERPRET=1 works)")
+    ap.add_argument("--profile", action="store_true", help="also cProfile the eager decode product's host time")
     args = ap.parse_args()
     if args.check:
         rows = check("cuda" if torch.cuda.is_available() else "cpu")
@@ -286,6 +309,8 @@ def main() -> int:
         print("gemv_variants: needs a CUDA GPU (without the interpreter); --check runs the values anywhere")
         return 2
     res = sweep(args.budget, args.out)
+    if args.profile:
+        res["host_profile"] = host_profile()
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1, default=str))
     return 0
