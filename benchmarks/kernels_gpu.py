@@ -252,7 +252,7 @@ def precompile(k, arch: int, jobs: int, quick: bool, shapes, ms, wanted=None) ->
             c4 = codec[1:]
             for T in ts:
                 R = T * top
-                bms = {k.routing.grouped_block_m(R, E), *((1,) if T <= 16 else ())}  # the GEMV comparison too
+                bms = {k.routing.grouped_block_m(R, E), *((1, 16) if 2 <= T <= 16 else ())}  # the comparison too
                 for bm in bms:
                     for cfg in td.GROUPED_CONFIGS[bm]:
                         for (N, K, xdiv) in ((I, H, top), (H, I, 1)):
@@ -480,18 +480,19 @@ def grouped_timings(k, budget: Budget, quick: bool) -> list[dict]:
                         r["bf16_grouped_mm_eager"] = time_eager(gm)
                     except Exception as e:  # API differences between torch versions
                         r["bf16_grouped_mm_error"] = f"{type(e).__name__}: {str(e)[:200]}"
-                if r["block_m"] not in (None, 1) and T <= 16:
-                    # the per-row GEMV instead of the sorted tensor-core blocks: which is faster at a few rows
-                    # per expert decides `routing.grouped_block_m`'s threshold
-                    g1 = lambda: packed_moe(k, layer, codec, x, idx, w, block_m=1)  # noqa: E731
+                if r["block_m"] is not None and 2 <= T <= 16:
+                    # the other path (per-row GEMV against sorted 16-row tensor-core blocks): which is faster at a
+                    # few rows per expert checks `routing.grouped_block_m`'s threshold (TC_BLOCK_IN_ROWS)
+                    alt = 16 if r["block_m"] == 1 else 1
+                    g1 = lambda: packed_moe(k, layer, codec, x, idx, w, block_m=alt)  # noqa: E731
                     g1()
-                    r["packed_gemv_graph"], r["packed_gemv_eager"] = time_graph(g1), time_eager(g1)
+                    r["alt_block_m"], r["alt_graph"], r["alt_eager"] = alt, time_graph(g1), time_eager(g1)
                 r["speedup_vs_loop_eager"] = r["bf16_loop_eager"] / r["packed_eager"]
                 rows.append(r)
                 print(f"  {name} {codec[0]} T={T}: packed {r['packed_eager'] * 1e6:.0f} us eager / "
                       f"{r['packed_graph'] * 1e6:.0f} us graph (block_m {r['block_m']}), bf16 loop "
-                      f"{r['bf16_loop_eager'] * 1e6:.0f} us" + (f", per-row GEMV {r['packed_gemv_graph'] * 1e6:.0f} us graph"
-                                                             if 'packed_gemv_graph' in r else ""), flush=True)
+                      f"{r['bf16_loop_eager'] * 1e6:.0f} us" + (f", block_m {r['alt_block_m']}: {r['alt_graph'] * 1e6:.0f} us graph"
+                                                             if 'alt_graph' in r else ""), flush=True)
             del layer
         del wg, wu, wd, wgu_t, wd_t
     return rows
