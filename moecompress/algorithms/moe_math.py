@@ -7,6 +7,7 @@ arXiv:2002.05202); an MoE layer sums the top-k experts' outputs weighted by the 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -39,7 +40,14 @@ def glu(gate: torch.Tensor, up: torch.Tensor, act: Activation) -> torch.Tensor:
         g = gate.clamp(max=act.limit)
         u = up.clamp(min=-act.limit, max=act.limit)
         return (u + 1) * g * torch.sigmoid(g * act.alpha)
-    return ACT2FN[act.fn](gate) * up
+    return _activation(act.fn)(gate) * up
+
+
+@functools.lru_cache(maxsize=None)
+def _activation(name: str):
+    """transformers' activation module ``name``, built once (``ACT2FN[name]`` builds a new module on every
+    lookup: host time on every expert call)."""
+    return ACT2FN[name]
 
 
 def expert_forward(x: torch.Tensor, w: ExpertWeights, e: int, act: Activation) -> torch.Tensor:

@@ -6,6 +6,7 @@ in `moecompress.kernels.triton_dequant`'s docstring.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -218,6 +219,7 @@ def supported(bits: int, ternary: bool, base3: bool) -> bool:
     return base3 or bits in (1, 2, 3, 4, 8)
 
 
+@functools.lru_cache(maxsize=None)  # a frozen value, asked for on every launch
 def geometry(bits: int, ternary: bool, base3: bool, zero_frac: int = 0) -> Geometry:
     if zero_frac and (ternary or base3):
         raise ValueError("fractional zero points are for integer codecs")

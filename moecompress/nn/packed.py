@@ -15,6 +15,7 @@ tensors and their float16 scales as stored (the format's values); only biases fo
 
 from __future__ import annotations
 
+import os
 import weakref
 
 import torch
@@ -110,8 +111,9 @@ def _codec_key(codec: str, symmetric: bool = True) -> tuple:
 def _tensors(module: nn.Module, prefix: str, experts: slice | None = None) -> dict[str, torch.Tensor]:
     """The packed tensors (``experts``: a slice of the stacked ones; ``shape`` is left out then)."""
     out = {}
+    buffers = module._buffers  # they are all buffers: one dict read each, not Module.__getattr__ (host time per call)
     for local in ("packed", "trits", "scale", "scale_neg", "zero", "shape", "codewords", "row_index", "dict"):
-        t = getattr(module, f"{prefix}_{local}", None)
+        t = buffers.get(f"{prefix}_{local}")
         if t is not None and not (experts is not None and local == "shape"):
             out[local] = t if experts is None or local in ("codewords", "row_index", "dict") else t[experts]
     return out
@@ -251,9 +253,15 @@ class PackedExperts(nn.Module):
         return w
 
     def _backend(self, device: torch.device) -> str:
-        """One backend for the three projections (their routing is shared): Triton only if all can use it."""
-        b = {dispatch.resolve_backend(None, device, _codec_key(self.codecs[p], self.spec.symmetric)) for p in PROJS}
-        return "triton" if b == {"triton"} else "torch"
+        """One backend for the three projections (their routing is shared): Triton only if all can use it.
+        Decided once per device and ``MOECOMPRESS_KERNELS`` value (it is asked on every forward call)."""
+        key = (device, os.environ.get("MOECOMPRESS_KERNELS"))
+        cache = self.__dict__.setdefault("_backends", {})
+        if key not in cache:
+            b = {dispatch.resolve_backend(None, device, _codec_key(self.codecs[p], self.spec.symmetric))
+                 for p in PROJS}
+            cache[key] = "triton" if b == {"triton"} else "torch"
+        return cache[key]
 
     def _project(self, x: torch.Tensor, route, proj: str, backend: str, x_div: int) -> torch.Tensor:
         t = _tensors(self, proj)
