@@ -27,10 +27,10 @@ def _gemv(x_ptr, data_ptr, scale_ptr, zero_ptr, out_ptr, expert_ptr, M, N, K, W,
           SLOTS: tl.constexpr, SP2: tl.constexpr, ZC: tl.constexpr, GROUPED: tl.constexpr,
           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     """One row, BLOCK_N outputs, one K split; fp32 FMAs, scales once per tile (tile inside a group) or per
-    unit (module docstring). Rows are addressed through ``W_ROW`` (= ``W``, never specialized): the compiler cannot
-    prove 16-byte row starts, so it gives each thread one word column of several rows instead of a vector of one
-    row's words, and one activation load serves those rows. Codes with a power-of-two count per word are read
-    in place (`_window_code`)."""
+    unit (module docstring). Codes with a power-of-two count per word are read in place (`_window_code`), and their
+    rows are addressed through ``W_ROW`` (= ``W``, never specialized): the compiler cannot prove 16-byte row
+    starts, so it gives each thread one word column of several rows instead of a vector of one row's words, and
+    one activation load serves those rows (int3 and base 3 keep the vector loads of ``W``)."""
     BU: tl.constexpr = BLOCK_K // SP2
     KSTEP: tl.constexpr = BU * SLOTS
     ONE_GROUP: tl.constexpr = (GROUP % KSTEP) == 0
@@ -48,13 +48,16 @@ def _gemv(x_ptr, data_ptr, scale_ptr, zero_ptr, out_ptr, expert_ptr, M, N, K, W,
         data_base = data_ptr
         scale_base = scale_ptr
         zero_base = zero_ptr
+    WINDOW: tl.constexpr = KIND != 2 and BITS != 3  # power-of-two codes per word
+    LOW: tl.constexpr = (23 - BITS) // BITS + 1  # slots read without a shift (WINDOW)
     n64 = offs_n.to(tl.int64)[:, None]
-    row_off = n64 * W_ROW
+    if WINDOW:  # the layout measured with the in-place read; int3 / base 3 keep their vector loads
+        row_off = n64 * W_ROW
+    else:
+        row_off = n64 * W
     srow = n64 * G
     t0, t1 = _k_range(K, tl.program_id(2), KSTEP, SPLIT_K)
     acc = tl.zeros([BLOCK_N, BU], dtype=tl.float32)
-    WINDOW: tl.constexpr = KIND != 2 and BITS != 3  # power-of-two codes per word
-    LOW: tl.constexpr = (23 - BITS) // BITS + 1  # slots read without a shift (WINDOW)
     for t in range(t0, t1):
         u = t * BU + tl.arange(0, BU)[None, :]
         w0, w1, w2 = _load_units(data_base, row_off, u, n_ok, W, KIND, BITS)
