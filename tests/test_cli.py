@@ -142,6 +142,18 @@ def test_profile_then_eval_on_tiny(tmp_path):
                    "already exists")
 
 
+def test_eval_samples_zero_reads_every_held_out_window(tmp_path):
+    """``--samples 0`` means every held-out window, as its help says (it was refused by the calibration check)."""
+    outs = {}
+    for n in (2, 0):
+        outs[n] = tmp_path / f"e{n}.json"
+        r = invoke("eval", "tiny:olmoe", "--no-baseline", "--tasks", "chat", "--samples", n, "--seq-len", 128,
+                   "--json", outs[n])
+        assert r.exit_code == 0, r.output
+    every, two = (json.loads(outs[n].read_text())["tasks"]["chat"]["windows"] for n in (0, 2))
+    assert two == 2 and every > 2
+
+
 def test_profile_bad_inputs(tmp_path):
     base = ["profile", "tiny:mixtral", "--samples", 2, "--seq-len", 32, "-o", tmp_path / "p"]
     one_line_error(invoke(*base, "--tasks", "poetry"), "unknown task 'poetry'", "--data poetry=PATH")

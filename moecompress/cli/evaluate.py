@@ -105,7 +105,9 @@ def eval_cmd(
         if base is None and not no_baseline and model not in (None, "demo") and not str(model).startswith("tiny:"):
             side = read_sidecar(Path(model)) if Path(model).is_dir() else None
             base = "original" if side and side.get("source_model") else None
-        recipe = validate_command("eval", model, _calibration(tasks, data, samples, seq_len, 0),
+        # the calibration settings give the tasks and window length; only the evaluate stage reads `samples`
+        # (0 = every held-out window), which calibration itself would refuse
+        recipe = validate_command("eval", model, _calibration(tasks, data, max(samples, 1), seq_len, 0),
                                   {"stage": "evaluate", "baseline": base, "samples": samples, "batch_size": batch_size},
                                   run=_run(device, dtype, offload_hidden))
         if json_path is not None:  # never a directory, an input, or a file inside an input
