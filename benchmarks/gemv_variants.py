@@ -1,13 +1,14 @@
 #!/usr/bin/env python
-"""Decode (M = 1) packed GEMV designs side by side on a GPU: the product kernel (`_gemv`: one activation load per
-code slot, ``[BLOCK_N, BU]`` partial sums) against a tile design (`_gemv_tile` below: the word tile unpacked by
-broadcast shifts to ``[BLOCK_N, BU, SLOTS]``, the activations loaded once per tile as ``[1, BU, SLOTS]``
-vectors, the slot sum kept in registers), over a sweep of tiles, plus the Python launch overhead (autotuned
-call, fixed configuration, raw launch). Int codecs with power-of-two codes per word, symmetric, group 128.
+"""Decode (M = 1) packed GEMV designs side by side on a GPU: the product kernel (`_packed_mm_kernel`'s GEMV) and cuBLAS
+against `_gemv_rows` below (codes read in place with `triton_common._window_code`, rows addressed through an
+unspecialized stride so each thread holds one word column of several rows), over a sweep of tiles, plus the
+Python launch overhead (autotuned call, fixed configuration, bare launch; ``--profile``: cProfile of the eager
+call). Int codecs with power-of-two codes per word, symmetric, group 128. Stop 33 measured this on an H200 and
+moved `_gemv_rows`' loop into the product kernel.
 
     python benchmarks/gemv_variants.py --out benchmarks/results/gemv_variants.json
 
-Under ``TRITON_INTERPRET=1`` ``--check`` runs the tile kernel's values against the torch reference on the CPU
+Under ``TRITON_INTERPRET=1`` ``--check`` runs `_gemv_rows`' values against the torch reference on the CPU
 (small shapes); without a GPU and without ``--check`` it prints one line and exits 2.
 """
 
@@ -29,44 +30,6 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
 from moecompress.kernels.triton_common import _window_code  # noqa: E402  (the product's in-place code read)
-
-
-@triton.jit
-def _gemv_tile(x_ptr, data_ptr, scale_ptr, out_ptr, N, K, W, G, GROUP: tl.constexpr, BITS: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-    """``out[n] = sum_k x[k] * (q[n, k] - 2^(BITS-1)) * s[n, k // GROUP]`` for BLOCK_N rows and one K split."""
-    SLOTS: tl.constexpr = 32 // BITS
-    BU: tl.constexpr = BLOCK_K // SLOTS
-    C: tl.constexpr = 8388608.0 + 2 ** (BITS - 1)  # (q | bits(2^23)) - C = q - zero, exact
-    PER_UNIT: tl.constexpr = BLOCK_K > GROUP  # several groups per tile: one scale per word
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
-    n64 = offs_n.to(tl.int64)
-    tiles = tl.cdiv(K, BLOCK_K)
-    per = tl.cdiv(tiles, SPLIT_K)
-    t0 = tl.program_id(1) * per
-    t1 = tl.minimum(t0 + per, tiles)
-    j = tl.arange(0, SLOTS)[None, None, :]
-    acc = tl.zeros([BLOCK_N, BU], dtype=tl.float32)
-    for t in range(t0, t1):
-        u = t * BU + tl.arange(0, BU)
-        w = tl.load(data_ptr + n64[:, None] * W + u[None, :], mask=n_ok[:, None] & (u[None, :] < W), other=0)
-        q = (w[:, :, None] >> (j * BITS)) & ((1 << BITS) - 1)
-        qf = (q | 0x4B000000).to(tl.float32, bitcast=True) - C
-        kx = u[None, :, None] * SLOTS + j
-        x = tl.load(x_ptr + kx, mask=kx < K, other=0.0).to(tl.float32)
-        p = tl.sum(qf * x, axis=2)  # [BN, BU]
-        if PER_UNIT:
-            g = (u * SLOTS) // GROUP
-            s = tl.load(scale_ptr + n64[:, None] * G + g[None, :], mask=n_ok[:, None] & (g[None, :] < G), other=0.0)
-        else:
-            s = tl.load(scale_ptr + n64 * G + (t * BLOCK_K) // GROUP, mask=n_ok, other=0.0)[:, None]
-        acc += p * s.to(tl.float32)
-    r = tl.sum(acc, axis=1)
-    if SPLIT_K == 1:
-        tl.store(out_ptr + offs_n, r.to(out_ptr.dtype.element_ty), mask=n_ok)
-    else:
-        tl.atomic_add(out_ptr + offs_n, r.to(out_ptr.dtype.element_ty), mask=n_ok, sem="relaxed")
 
 
 @triton.jit(do_not_specialize=["W_ROW"])
@@ -123,20 +86,6 @@ def rows_gemv(x, data, scale, K, bits, group, BLOCK_N, BLOCK_K, SPLIT_K, num_war
     return out
 
 
-def tile_gemv(x, data, scale, K, bits, group, BLOCK_N, BLOCK_K, SPLIT_K, num_warps=4, out=None):
-    N, W = data.shape[-2:]
-    G = scale.shape[-1]
-    if out is None:
-        out = torch.zeros(1, N, dtype=x.dtype, device=x.device) if SPLIT_K > 1 else \
-            torch.empty(1, N, dtype=x.dtype, device=x.device)
-    elif SPLIT_K > 1:
-        out.zero_()
-    _gemv_tile[(triton.cdiv(N, BLOCK_N), SPLIT_K)](x, data, scale, out, N, K, W, G, GROUP=group, BITS=bits,
-                                                   BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SPLIT_K=SPLIT_K,
-                                                   num_warps=num_warps)
-    return out
-
-
 def _reference(codes, scale, bits, group):
     """Float32 weights ``(q - 2^(bits-1)) * s`` [N, K]."""
     s = scale.float().repeat_interleave(group, dim=-1)[..., :codes.shape[-1]]
@@ -160,11 +109,6 @@ def check(device: str) -> list[dict]:
             data = _pack(codes, bits).to(device)
             x = torch.randn(1, K, generator=g).to(device)
             want = x.float() @ _reference(codes, scale, bits, group).to(device).T
-            for (bn, bk, sk) in ((16, 128, 1), (32, 256, 2), (16, 512, 1)):
-                got = tile_gemv(x, data, scale.to(device), K, bits, group, bn, bk, sk)
-                err = float((got.float() - want).abs().max() / want.abs().max())
-                rows.append({"kernel": "tile", "bits": bits, "N": N, "K": K, "tile": [bn, bk, sk], "rel_err": err,
-                             "ok": err < 1e-4})
             for (bn, bk, sk) in ((16, 128, 1), (32, 64, 2), (64, 128, 3)):
                 got = rows_gemv(x, data, scale.to(device), K, bits, group, bn, bk, sk)
                 err = float((got.float() - want).abs().max() / want.abs().max())

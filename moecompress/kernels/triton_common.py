@@ -201,6 +201,11 @@ def _k_range(K, pid_k, KSTEP: tl.constexpr, SPLIT_K: tl.constexpr):
 
 
 # -------------------------------------------------------------------------------- host code: codec geometry
+def _cdiv(a: int, b: int) -> int:
+    """Host-side ceil division (``triton.cdiv`` is a jitted function: microseconds per host call)."""
+    return -(-a // b)
+
+
 @dataclass(frozen=True)
 class Geometry:
     """How a codec's rows are read: ``SLOTS`` codes per storage unit (``SP2``: padded to a power of two),

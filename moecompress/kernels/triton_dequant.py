@@ -67,20 +67,14 @@ import triton
 import triton.language as tl
 
 from moecompress.kernels.routing import MoeRoute, grouped_block_m, max_blocks
-from moecompress.kernels.triton_common import (Geometry, _as_f32, _codes3, _group_args, _load_units, _scale_zero3,
-                                               geometry, supported)
+from moecompress.kernels.triton_common import (Geometry, _as_f32, _cdiv, _codes3, _group_args, _load_units,
+                                               _scale_zero3, geometry, supported)
 from moecompress.kernels.triton_matmul import (DECODE_CONFIGS, GEMM_CONFIGS, GROUPED_CONFIGS, INTERPRET_CONFIGS,
                                                _packed_mm_kernel, _tuned, plain_tuner)
 
 __all__ = ["DECODE_CONFIGS", "GEMM_CONFIGS", "GROUPED_CONFIGS", "INTERPRET", "MoeRoute", "align_arguments",
            "dequant_arguments", "dequantize", "geometry", "grouped_block_m", "grouped_matmul", "mm_arguments",
            "moe_align", "packed_matmul", "plain_tuner", "supported"]
-
-
-def _cdiv(a: int, b: int) -> int:
-    """Host-side ceil division (``triton.cdiv`` is a jitted function: microseconds per host call)."""
-    return -(-a // b)
-
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read by @triton.jit at import, as here
 

@@ -31,14 +31,9 @@ import triton
 import triton.language as tl
 
 from moecompress.kernels.routing import MoeRoute
+from moecompress.kernels.triton_common import _cdiv
 
 __all__ = ["dict_arguments", "dict_matmul", "grouped_dict_matmul"]
-
-
-def _cdiv(a: int, b: int) -> int:
-    """Host-side ceil division (``triton.cdiv`` is a jitted function: microseconds per host call)."""
-    return -(-a // b)
-
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK_N = 16 if INTERPRET else 32

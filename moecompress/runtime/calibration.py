@@ -300,6 +300,7 @@ def norm_sources(layer: nn.Module, views: list[MoEBlockView], attn_norm: nn.Modu
     out: dict[str, str | None] = {}
     handles = _norm_hooks(norm_out, attn_norm, views)
     handles += [layer.register_forward_hook(lambda m, a, o: norm_out.clear())]
+
     def pre(mod, args, name):
         if name not in out:
             out[name] = _source(norm_out, args[0])
