@@ -128,7 +128,8 @@ def trellis_gptq(W: torch.Tensor, H: torch.Tensor, lut: torch.Tensor, L: int, k:
                  params: tuple[torch.Tensor, torch.Tensor] | None = None, factor=None, damp: float = 0.01,
                  act_order: bool = True, shuffle: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """GPTQ with the trellis as its per-column quantizer (``shuffle [O]``: the row order sequences follow). ``W [E, O, C]``, ``H [E, C, C]`` -> ``(weights [E, O, C],
+    """GPTQ with the trellis as its per-column quantizer (``shuffle [O]``: the row order sequences follow).
+    ``W [E, O, C]``, ``H [E, C, C]`` -> ``(weights [E, O, C],
     table values [E, O, C], scales, offsets [E, O, G])``."""
     E, O, C = W.shape
     s, z = group_params(W, gs) if params is None else params
@@ -153,7 +154,8 @@ def trellis_gptq(W: torch.Tensor, H: torch.Tensor, lut: torch.Tensor, L: int, k:
         err = (w - sc * (v - zc)) / U[:, i, i, None]  # [E, O]
         if i + 1 < C:
             Wt[:, i + 1:] -= U[:, i, i + 1:, None] * err[:, None, :]
-    V = torch.empty(E, O, C).transpose(1, 2).scatter_(1, perm[:, :, None].expand(E, C, O), Vt).transpose(1, 2).contiguous()
+    at = perm[:, :, None].expand(E, C, O)
+    V = torch.empty(E, O, C).transpose(1, 2).scatter_(1, at, Vt).transpose(1, 2).contiguous()
     return dequant(V, s, z, gs), V, s, z
 
 
@@ -301,7 +303,8 @@ def end_to_end(args, lut: torch.Tensor) -> None:
     quantize_demo.main()
     res = json.loads(args.out.read_text())
     res["note"] = (f"trellis L={args.L} k={args.k} seq={args.seq} g{args.group_size} rounds={args.rounds} "
-                   f"direction={args.direction} row_shuffle={args.row_shuffle}: the row named 'all (default)' is the W3 default with every "
+                   f"direction={args.direction} row_shuffle={args.row_shuffle}: the row named 'all (default)' is "
+                   "the default with every "
                    "GPTQ-quantized linear replaced by the trellis (benchmarks/trellis_proxy.py)")
     if args.scale_error is not None:
         res["note"] = (f"oracle: the row named 'all (default)' is the W3 default with every GPTQ-quantized linear's "
@@ -326,6 +329,8 @@ def main() -> None:
                     "rows (exact GPTQ step) or along a row's columns in blocks of --seq (QTIP's BlockLDLQ)")
     ap.add_argument("--rounds", type=int, default=0, help="trellis GPTQ rounds on the refit parameters")
     ap.add_argument("--e2e", action="store_true")
+    ap.add_argument("--gaussian", action="store_true", help="the code alone on N(0, 1) samples (held out from the "
+                    "table's training samples)")
     ap.add_argument("--scale-error", type=float, default=None, help="--e2e oracle: no trellis; every GPTQ-quantized "
                     "linear is the shipped scalar result with its error (Q - W) multiplied by this factor")
     ap.add_argument("--peer-from", type=Path, default=None)
@@ -333,6 +338,18 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "trellis_proxy.json")
     args = ap.parse_args()
     torch.set_num_threads(2)
+    if args.gaussian:  # the code alone on N(0, 1) samples: squared error per weight against the best uniform grid
+        t = torch.randn(2048, 128, generator=torch.Generator().manual_seed(1))
+        a = torch.linspace(1.5, 3.5, 81)[:, None, None]  # clip ranges of a uniform 2^k-level grid
+        step = 2 * a / 2 ** args.k
+        r = (((t + a) / step - 0.5).round().clamp(0, 2 ** args.k - 1) + 0.5) * step - a
+        out = {"uniform_best_clip": float(((t - r) ** 2).mean((1, 2)).min())}
+        for L in (8, 10, 12):
+            lut = train_lut(L, args.k)
+            out[f"trellis_L{L}"] = float(((t - lut[tailbite(t, torch.ones_like(t), lut, L, args.k)]) ** 2).mean())
+        out["rate_distortion_bound"] = 2.0 ** (-2 * args.k)
+        print(json.dumps(out))
+        return
     lut = train_lut(args.L, args.k)
     if args.e2e:
         end_to_end(args, lut)

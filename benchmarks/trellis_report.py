@@ -3,7 +3,8 @@
 
 Each ``--run TRELLIS.json:SCALAR.json`` pairs a trellis run with a scalar-default run of the same model and
 calibration seed (the same held-out windows; checked through the base model's per-window NLLs); llm-compressor's
-row is read from the trellis file (its ``--peer-from`` rows). Per task: the gaps, the ratio of our gap to
+row is read from the trellis file (its ``--peer-from`` rows; without one, the trellis against the scalar default
+alone). Per task: the gaps, the ratio of our gap to
 llm-compressor's, the paired 95 % interval of trellis over llm-compressor and of trellis over the scalar default,
 and whether the cell meets the issue's W3 rule (gap at most half of theirs and the interval below 1).
 
@@ -41,6 +42,11 @@ def report(trellis: dict, scalar: dict) -> dict:
     base = torch.tensor(trellis["base_window_nll"])
     tr = torch.tensor(_row(trellis, "all (default)")["window_nll"])
     sc = torch.tensor(_row(scalar, "all (default)")["window_nll"])
+    has_peer = any(r["method"] == PEER and r["scheme"] == "w3a16" for r in trellis["runs"])
+    if not has_peer:  # no llm-compressor run on this model: the trellis against the scalar default only
+        vs_scalar = paired(tr, sc, base, owners, tasks)
+        return {t: {"gap_trellis": r["gap_ours"], "gap_scalar": r["gap_theirs"],
+                    "trellis_over_scalar": [r["ppl_ratio"], *r["ci95"]]} for t, r in vs_scalar.items()}
     peer = torch.tensor(_row(trellis, PEER)["window_nll"])
     vs_peer, vs_scalar, scalar_vs_peer = (paired(a, b, base, owners, tasks) for a, b in ((tr, peer), (tr, sc),
                                                                                       (sc, peer)))
@@ -69,12 +75,14 @@ def main() -> None:
         print(Path(t_path).name)
         for t, r in rep.items():
             o, lo, hi = r["trellis_over_scalar"]
-            print(f"  {t:13s} gaps trellis {100 * r['gap_trellis']:+.2f} scalar {100 * r['gap_scalar']:+.2f} "
-                  f"peer {100 * r['gap_peer']:+.2f} | ratio {r['ratio_trellis']:.2f} (scalar {r['ratio_scalar']:.2f}) "
-                  f"| trellis/scalar {100 * (o - 1):+.2f} ({100 * (lo - 1):+.2f}, {100 * (hi - 1):+.2f}) "
-                  f"| met {r['met_trellis']} (scalar {r['met_scalar']})")
-        result[Path(t_path).name]["cells_met"] = {"trellis": sum(r["met_trellis"] for r in rep.values()),
-                                                  "scalar": sum(r["met_scalar"] for r in rep.values())}
+            peer = (f"peer {100 * r['gap_peer']:+.2f} | ratio {r['ratio_trellis']:.2f} (scalar "
+                    f"{r['ratio_scalar']:.2f}) | " if "gap_peer" in r else "")
+            met = f" | met {r['met_trellis']} (scalar {r['met_scalar']})" if "met_trellis" in r else ""
+            print(f"  {t:13s} gaps trellis {100 * r['gap_trellis']:+.2f} scalar {100 * r['gap_scalar']:+.2f} {peer}"
+                  f"trellis/scalar {100 * (o - 1):+.2f} ({100 * (lo - 1):+.2f}, {100 * (hi - 1):+.2f}){met}")
+        if all("met_trellis" in r for r in rep.values()):
+            result[Path(t_path).name]["cells_met"] = {"trellis": sum(r["met_trellis"] for r in rep.values()),
+                                                      "scalar": sum(r["met_scalar"] for r in rep.values())}
     args.out.write_text(json.dumps(result, indent=1) + "\n")
 
 
