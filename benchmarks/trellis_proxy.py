@@ -243,8 +243,10 @@ def trellis_quantize(W: torch.Tensor, H: torch.Tensor, args, lut: torch.Tensor) 
     H = torch.where((H.diagonal(dim1=1, dim2=2).sum(-1) > 0)[:, None, None], H.float(), torch.eye(C))
     factor = gptq_factor(H, 0.01, True)
     quant = trellis_gptq_rows if args.direction == "row" else trellis_gptq
-    if args.row_shuffle and args.direction == "column":
-        order = torch.randperm(O, generator=torch.Generator().manual_seed(0))
+    if (args.row_shuffle or args.row_stride) and args.direction == "column":
+        n = min(args.seq, O)
+        order = torch.randperm(O, generator=torch.Generator().manual_seed(0)) if args.row_shuffle else \
+            torch.arange(O).view(n, O // n).t().reshape(-1)  # sequence j: rows j, j + O/n, j + 2 O/n, ...
         quant = functools.partial(trellis_gptq, shuffle=order)
     Q, V, s, z = quant(W, H, lut, args.L, args.k, gs, args.seq, factor=factor)
     best = Q
@@ -303,7 +305,7 @@ def end_to_end(args, lut: torch.Tensor) -> None:
     quantize_demo.main()
     res = json.loads(args.out.read_text())
     res["note"] = (f"trellis L={args.L} k={args.k} seq={args.seq} g{args.group_size} rounds={args.rounds} "
-                   f"direction={args.direction} row_shuffle={args.row_shuffle}: the row named 'all (default)' is "
+                   f"direction={args.direction} row_shuffle={args.row_shuffle} row_stride={args.row_stride}: the row named 'all (default)' is "
                    "the default with every "
                    "GPTQ-quantized linear replaced by the trellis (benchmarks/trellis_proxy.py)")
     if args.scale_error is not None:
@@ -325,6 +327,8 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--row-shuffle", action="store_true", help="column direction: each sequence over a fixed "
                     "pseudo-random set of rows instead of neighbouring rows (errors not correlated along heads)")
+    ap.add_argument("--row-stride", action="store_true", help="column direction: sequence j over rows j, j + O/n, "
+                    "j + 2 O/n, ... (n = --seq): no stored permutation")
     ap.add_argument("--direction", choices=["column", "row"], default="column", help="sequences along a column's "
                     "rows (exact GPTQ step) or along a row's columns in blocks of --seq (QTIP's BlockLDLQ)")
     ap.add_argument("--rounds", type=int, default=0, help="trellis GPTQ rounds on the refit parameters")
