@@ -287,6 +287,24 @@ def _save(out: Path, results: dict, partial: bool) -> None:
     tmp.replace(out)
 
 
+def default_row_with(patch, model: Path, scheme: str, calib_seed: int, out: Path,
+                     peer_from: Path | None) -> dict:
+    """Run this script's "all (default)" row of ``scheme`` with `layer_quant._quantize` replaced by
+    ``patch(original)`` (a proxy benchmark's replacement of some linears' quantization; restored afterwards),
+    llm-compressor's rows read from ``peer_from`` (none without it); returns the results written to ``out``."""
+    import moecompress.runtime.layer_quant as lq
+    original, argv = lq._quantize, sys.argv
+    lq._quantize = patch(original)
+    sys.argv = ["quantize_demo.py", "--model", str(model), "--schemes", scheme, "--methods", "all (default)",
+                "--calib-seed", str(calib_seed), "--out", str(out),
+                *(["--peer-from", str(peer_from)] if peer_from else ["--no-peer"])]
+    try:
+        main()
+    finally:
+        lq._quantize, sys.argv = original, argv
+    return json.loads(out.read_text())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=DEMO_MODEL, help="a Mixtral- or Qwen3-MoE-style checkpoint "

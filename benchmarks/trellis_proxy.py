@@ -50,6 +50,7 @@ import torch
 
 from moecompress.algorithms.gptq import gptq_factor, proxy_loss
 from moecompress.algorithms.quant_grid import storable
+from moecompress.algorithms.refit import row_errors
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -223,15 +224,10 @@ def refit(W: torch.Tensor, H: torch.Tensor, V: torch.Tensor, s: torch.Tensor, z:
     s2 = torch.linalg.solve(torch.einsum("eoic,eojc->eoij", BH, B) + 1e-12 * torch.eye(G, dtype=M.dtype),
                             torch.einsum("eoic,eoc->eoi", BH, W.double())).float()
     s2 = storable(torch.where(torch.isfinite(s2) & (s2 > 0), s2, s))
-    before = row_err(W, dequant(V, s, z, gs), H)
-    after = row_err(W, dequant(V, s2, z1, gs), H)
+    before = row_errors(W, dequant(V, s, z, gs), H)
+    after = row_errors(W, dequant(V, s2, z1, gs), H)
     keep = (after < before)[..., None]
     return torch.where(keep, s2, s), torch.where(keep, z1, z)
-
-
-def row_err(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
-    D = (W - Q).double()
-    return torch.einsum("eoc,eoc->eo", torch.bmm(D, H.double()), D)
 
 
 @torch.no_grad()
@@ -249,65 +245,62 @@ def trellis_quantize(W: torch.Tensor, H: torch.Tensor, args, lut: torch.Tensor) 
             torch.arange(O).view(n, O // n).t().reshape(-1)  # sequence j: rows j, j + O/n, j + 2 O/n, ...
         quant = functools.partial(trellis_gptq, shuffle=order)
     Q, V, s, z = quant(W, H, lut, args.L, args.k, gs, args.seq, factor=factor)
-    best = Q
+    best, best_err = Q, row_errors(W, Q, H)
+
+    def keep(Q: torch.Tensor) -> None:  # per row, the result with the lower error so far
+        nonlocal best, best_err
+        err = row_errors(W, Q, H)
+        best = torch.where((err < best_err)[..., None], Q, best)
+        best_err = torch.minimum(err, best_err)
+
     for r in range(args.rounds + 1):
         s, z = refit(W, H, V, s, z, gs)
-        Q = dequant(V, s, z, gs)
-        take = (row_err(W, Q, H) < row_err(W, best, H))[..., None]
-        best = torch.where(take, Q, best)
+        keep(dequant(V, s, z, gs))
         if r < args.rounds:
             _, V, s, z = quant(W, H, lut, args.L, args.k, gs, args.seq, params=(s, z), factor=factor)
-            Q = dequant(V, s, z, gs)
-            best = torch.where((row_err(W, Q, H) < row_err(W, best, H))[..., None], Q, best)
+            keep(dequant(V, s, z, gs))
     return best
 
 
 def end_to_end(args, lut: torch.Tensor) -> None:
-    import moecompress.runtime.layer_quant as lq
     import quantize_demo
 
-    original = lq._quantize
     calls = []
 
-    def patched(chunk, shape, H, opt, dtype, finish=None, store=None, error=None):
-        res = original(chunk, shape, H, opt, dtype, finish, None, error)  # the scalar codes, for the record only
-        if H is None:  # round-to-nearest calls: as shipped
+    def patch(original):
+        def patched(chunk, shape, H, opt, dtype, finish=None, store=None, error=None):
+            res = original(chunk, shape, H, opt, dtype, finish, None, error)  # the scalar codes, for the record
+            if H is None:  # round-to-nearest calls: as shipped
+                if store is not None:
+                    store(0, res.weight)
+                    return dataclasses.replace(res, weight=None)
+                return res
+            t = time.time()
+            W = chunk(0, shape[0])
+            if args.scale_error is not None:  # the oracle: the shipped scalar result with its error scaled
+                if finish is not None:
+                    raise SystemExit("--scale-error: experts stored through finish() are not supported")
+                Wq = W + args.scale_error * (res.weight.float() - W)
+            else:
+                Wq = trellis_quantize(W, H, args, lut)
+            Hs = torch.where((H.diagonal(dim1=1, dim2=2).sum(-1) > 0)[:, None, None], H, torch.eye(shape[2]))
+            e_t = float(proxy_loss(W, Wq, Hs).sum())
+            e_s = float(proxy_loss(W, res.weight.float(), Hs).sum()) if finish is None else None
+            calls.append({"shape": list(shape), "trellis": e_t, "scalar": e_s, "seconds": round(time.time() - t, 2)})
+            print("call", calls[-1], flush=True)
+            weight = Wq if finish is None else finish(Wq)
             if store is not None:
-                store(0, res.weight)
+                store(0, weight)
                 return dataclasses.replace(res, weight=None)
-            return res
-        t = time.time()
-        W = chunk(0, shape[0])
-        if args.scale_error is not None:  # the oracle: the shipped scalar result with its error scaled
-            Wq = W + args.scale_error * (res.weight.float() - W) if finish is None else None
-            if Wq is None:
-                raise SystemExit("--scale-error: experts stored through finish() are not supported")
-        else:
-            Wq = trellis_quantize(W, H, args, lut)
-        Hs = torch.where((H.diagonal(dim1=1, dim2=2).sum(-1) > 0)[:, None, None], H, torch.eye(shape[2]))
-        scalar = res.weight.float() if finish is None else None
-        e_t = float(proxy_loss(W, Wq, Hs).sum())
-        e_s = float(proxy_loss(W, scalar, Hs).sum()) if scalar is not None else None
-        calls.append({"shape": list(shape), "trellis": e_t, "scalar": e_s, "seconds": round(time.time() - t, 2)})
-        print("call", calls[-1], flush=True)
-        weight = Wq if finish is None else finish(Wq)
-        if store is not None:
-            store(0, weight)
-            return dataclasses.replace(res, weight=None)
-        return dataclasses.replace(res, weight=weight.to(dtype))
+            return dataclasses.replace(res, weight=weight.to(dtype))
+        return patched
 
-    lq._quantize = patched
-    argv = ["quantize_demo.py", "--model", str(args.model), "--schemes", f"w{args.k}a16", "--methods",
-            "all (default)",
-            "--calib-seed", str(args.calib_seed), "--out", str(args.out)]
-    argv += ["--peer-from", str(args.peer_from)] if args.peer_from else ["--no-peer"]
-    sys.argv = argv
-    quantize_demo.main()
-    res = json.loads(args.out.read_text())
+    res = quantize_demo.default_row_with(patch, args.model, f"w{args.k}a16", args.calib_seed, args.out,
+                                         args.peer_from)
     res["note"] = (f"trellis L={args.L} k={args.k} seq={args.seq} g{args.group_size} rounds={args.rounds} "
-                   f"direction={args.direction} row_shuffle={args.row_shuffle} row_stride={args.row_stride}: the row named 'all (default)' is "
-                   "the default with every "
-                   "GPTQ-quantized linear replaced by the trellis (benchmarks/trellis_proxy.py)")
+                   f"direction={args.direction} row_shuffle={args.row_shuffle} row_stride={args.row_stride}: the row "
+                   "named 'all (default)' is the default with every GPTQ-quantized linear replaced by the trellis "
+                   "(benchmarks/trellis_proxy.py)")
     if args.scale_error is not None:
         res["note"] = (f"oracle: the row named 'all (default)' is the W3 default with every GPTQ-quantized linear's "
                        f"error (Q - W) multiplied by {args.scale_error} (benchmarks/trellis_proxy.py --scale-error)")

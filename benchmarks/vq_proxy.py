@@ -267,35 +267,27 @@ PICKS: list[list[int]] = []  # --pick: [VQ chosen, experts] per expert projectio
 
 def end_to_end(args) -> None:
     import sys
-
-    import moecompress.runtime.layer_quant as lq
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import quantize_demo
 
-    original = lq._quantize
+    def patch(original):
+        def patched(chunk, shape, H, opt, dtype, finish=None, store=None, error=None):
+            if store is None or H is None:  # the linears (and RTN): as shipped
+                return original(chunk, shape, H, opt, dtype, finish, store, error)
+            res = original(chunk, shape, H, opt, dtype, finish, None, error)  # the scalar codes, for the record
+            W = chunk(0, shape[0])
+            Wq = vq_experts(W, H, args, args.vq_rounds)
+            if args.pick:  # per expert projection, the codec with the lower Hessian-weighted error
+                Hs = torch.where((H.diagonal(dim1=1, dim2=2).sum(-1) > 0)[:, None, None], H, torch.eye(shape[2]))
+                scalar = res.weight.float()
+                better = proxy_loss(W, Wq, Hs) < proxy_loss(W, scalar, Hs)
+                PICKS.append([int(better.sum()), len(better)])
+                Wq = torch.where(better[:, None, None], Wq, scalar)
+            store(0, Wq if finish is None else finish(Wq))
+            return dataclasses.replace(res, weight=None)
+        return patched
 
-    def patched(chunk, shape, H, opt, dtype, finish=None, store=None, error=None):
-        if store is None or H is None:  # the linears (and RTN): as shipped
-            return original(chunk, shape, H, opt, dtype, finish, store, error)
-        res = original(chunk, shape, H, opt, dtype, finish, None, error)  # the scalar codes, for the record only
-        W = chunk(0, shape[0])
-        Wq = vq_experts(W, H, args, args.vq_rounds)
-        if args.pick:  # per expert projection, the codec with the lower Hessian-weighted error
-            Hs = torch.where((H.diagonal(dim1=1, dim2=2).sum(-1) > 0)[:, None, None], H, torch.eye(shape[2]))
-            scalar = res.weight.float()
-            better = proxy_loss(W, Wq, Hs) < proxy_loss(W, scalar, Hs)
-            PICKS.append([int(better.sum()), len(better)])
-            Wq = torch.where(better[:, None, None], Wq, scalar)
-        store(0, Wq if finish is None else finish(Wq))
-        return dataclasses.replace(res, weight=None)
-
-    lq._quantize = patched
-    argv = ["quantize_demo.py", "--model", str(args.model), "--schemes", "w2a16", "--methods", "all (default)",
-            "--calib-seed", str(args.calib_seed), "--out", str(args.out)]
-    argv += ["--peer-from", str(args.peer_from)] if args.peer_from else ["--no-peer"]
-    sys.argv = argv
-    quantize_demo.main()
-    res = json.loads(args.out.read_text())
+    res = quantize_demo.default_row_with(patch, args.model, "w2a16", args.calib_seed, args.out, args.peer_from)
     res["note"] = (f"VQ experts: {args.vq_dim}-D, {4 ** args.vq_dim} centroids, codebook per {args.vq_rows} rows x "
                    f"{args.vq_cols} columns, {args.book_bits}-bit centroids, {args.vq_rounds} rounds; the row named "
                    "'all (default)' is the W2 default with the routed experts VQ-quantized (benchmarks/vq_proxy.py)")
