@@ -109,11 +109,12 @@ ROWS = [
     ("all + linears 3-bit", {"linear_bits": 3}),
     ("all + layer 0 4-bit", {"layer_bits": {0: 4}}),  # the first decoder layer entirely at 4 bits
     ("all + linears 4-bit + layer 0 4-bit", {"linear_bits": 4, "layer_bits": {0: 4}}),
+    ("all + trellis", {"codec": "trellis"}),  # stop 35: QTIP's bitshift trellis code (2-4 bits; --codec trellis)
 ]
 PAIRED = "all (default)"  # the row compared window by window with llm-compressor
 PEER = "llm-compressor GPTQ"
 # further window-by-window comparisons: (our row, llm-compressor's row); `--peer-linear-bits 4` runs the latter
-PAIRS = [(PAIRED, PEER), ("all + linears 4-bit", f"{PEER} + linears 4-bit")]
+PAIRS = [(PAIRED, PEER), ("all + linears 4-bit", f"{PEER} + linears 4-bit"), ("all + trellis", PEER)]
 SCHEMES = ["w8a8", "w4a16", "w3a16", "w2a16", "w4a4", "w3a4"]
 
 

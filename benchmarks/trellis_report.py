@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Trellis proxy runs (`trellis_proxy.py --e2e`) against our scalar W3 default and llm-compressor, window by window.
+"""Trellis runs against our scalar W3 default and llm-compressor, window by window: the codec's row "all + trellis"
+(`quantize_demo.py --methods "all + trellis"`, stop 35) or a proxy run (`trellis_proxy.py --e2e`, stop 34).
 
 Each ``--run TRELLIS.json:SCALAR.json`` pairs a trellis run with a scalar-default run of the same model and
 calibration seed (the same held-out windows; checked through the base model's per-window NLLs); llm-compressor's
@@ -34,13 +35,19 @@ def _row(res: dict, method: str, scheme: str = "w3a16") -> dict:
     return rows[-1]
 
 
+def _trellis_row(res: dict) -> dict:
+    """The codec's row ("all + trellis", `quantize_demo.py`), else a proxy run's patched "all (default)"."""
+    named = [r for r in res["runs"] if r["method"] == "all + trellis" and "window_nll" in r]
+    return named[-1] if named else _row(res, "all (default)")
+
+
 def report(trellis: dict, scalar: dict) -> dict:
     if trellis["base_window_nll"] != scalar["base_window_nll"]:
         raise SystemExit("the trellis and scalar runs were not evaluated on the same windows of the same model")
     tasks = list(trellis["eval_windows"])
     owners = torch.cat([torch.full((n,), i) for i, n in enumerate(trellis["eval_windows"].values())])
     base = torch.tensor(trellis["base_window_nll"])
-    tr = torch.tensor(_row(trellis, "all (default)")["window_nll"])
+    tr = torch.tensor(_trellis_row(trellis)["window_nll"])
     sc = torch.tensor(_row(scalar, "all (default)")["window_nll"])
     has_peer = any(r["method"] == PEER and r["scheme"] == "w3a16" for r in trellis["runs"])
     if not has_peer:  # no llm-compressor run on this model: the trellis against the scalar default only

@@ -9,7 +9,8 @@ computed from the original weights' groups ("static groups", so act order never 
 the packed layout needs no group index), symmetric or asymmetric grids. Hessians ``H = sum_t g_t x_t
 x_t^T`` come from each expert's routed tokens weighted by their gate score (MoEQuant's affinity-guided
 Hessian, arXiv:2505.03804); an all-zero Hessian (an expert with no tokens) becomes the identity, i.e. RTN.
-With a `TernaryGrid` this is QMoE's error-compensated ternary GPTQ (arXiv:2310.16795), with group scales.
+With a `TernaryGrid` this is QMoE's error-compensated ternary GPTQ (arXiv:2310.16795), with group scales; with a
+`trellis.TrellisGrid` each visited column is one Viterbi search over its rows (QTIP's trellis code).
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ def gptq_quantize(
     del W
     group_of = torch.div(perm, gs, rounding_mode="floor")  # [E, C] group of each (permuted) column
     Qt = torch.empty_like(Wt)
-    codes_t = torch.empty(E, C, O, dtype=torch.uint8, device=Wt.device)
+    code_dtype = getattr(grid, "code_dtype", torch.uint8)  # trellis states need 16 bits
+    codes_t = torch.empty(E, C, O, dtype=code_dtype, device=Wt.device)
     Err = torch.empty_like(Wt[:, :block_size])  # [E, b, O] scaled errors of the block's columns
     losses = torch.zeros(E, O, device=Wt.device)
     for i1 in range(0, C, block_size):
@@ -123,7 +125,7 @@ def gptq_quantize(
                     w = B[:, i]  # [E, O]
                     col = [c[:, i] for c in cols]
                     q = grid.codes(w, *col)
-                    wq = grid.dequant(q, *col) if isinstance(grid, TernaryGrid) else dequantize(q, col[0], col[1])
+                    wq = dequantize(q, col[0], col[1]) if isinstance(grid, QuantGrid) else grid.dequant(q, *col)
                     codes_t[:, i1 + i] = q
                     Qt[:, i1 + i] = wq
                     err = torch.sub(w, wq, out=Err[:, i]).div_(dg[:, i])
@@ -139,7 +141,7 @@ def gptq_quantize(
     at = perm[:, :, None].expand(E, C, O)
     Q = torch.empty(E, O, C, device=Qt.device).transpose(1, 2).scatter_(1, at, Qt).transpose(1, 2)
     del Qt
-    codes = torch.empty(E, O, C, dtype=torch.uint8, device=codes_t.device).transpose(1, 2).scatter_(
+    codes = torch.empty(E, O, C, dtype=code_dtype, device=codes_t.device).transpose(1, 2).scatter_(
         1, at, codes_t).transpose(1, 2)
     neg = params[3] if isinstance(grid, TernaryGrid) and grid.two_scales else None
     return QuantResult(Q, codes, scale, zero, losses.sum(-1), neg)

@@ -209,8 +209,10 @@ def quantize(
         "pairs, e.g. 0:4 or 0:4,1:3 (the first layers carry much of the 2-bit error) (default: none).")] = None,
     fake_quant: Annotated[bool, typer.Option("--fake-quant", help="Write dequantized bf16 weights and the record "
                                                                   "instead of the packed format.")] = False,
-    codec: Annotated[str, typer.Option(help="Packed codec: auto (the scheme's int<b>, as int<b>-fz where the zero "
-                                       "points are fractional); ternary codecs need `moecompress ternary`.")] = "auto",
+    codec: Annotated[str, typer.Option(help="auto: the scheme's int<b> (int<b>-fz where the zero points are "
+                                       "fractional); trellis: 2-4-bit weights in QTIP's bitshift trellis code "
+                                       "(packed trellis<b>, same size, lower error, slower to quantize; no Triton "
+                                       "kernel yet); ternary codecs need `moecompress ternary`.")] = "auto",
     tasks: TasksOpt = None,
     data: DataOpt = None,
     samples: Annotated[int, typer.Option(help="Calibration windows per task.")] = 32,

@@ -11,9 +11,10 @@ from safetensors.torch import save_file
 
 __all__ = ["FORMAT_VERSION", "QUANT_METHOD", "READABLE_VERSIONS", "checksum", "write_checkpoint"]
 
-FORMAT_VERSION = 3  # the newest written; 2 added the ternary-dict codec and two-level ternary scales, 3 the -fz codecs
-# (fractional zero points; a checkpoint without them is still written as version 2: docs/FORMAT.md)
-READABLE_VERSIONS = (1, 2, 3)  # every version this moecompress loads (each one a valid checkpoint of the next)
+FORMAT_VERSION = 4  # the newest written; 2 added the ternary-dict codec and two-level ternary scales, 3 the -fz codecs
+# (fractional zero points), 4 the trellis codecs; a checkpoint is written at the lowest version its codecs need
+# (without -fz or trellis codecs: version 2; docs/FORMAT.md)
+READABLE_VERSIONS = (1, 2, 3, 4)  # every version this moecompress loads (each one a valid checkpoint of the next)
 QUANT_METHOD = "moecompress"
 
 

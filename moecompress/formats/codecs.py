@@ -19,6 +19,12 @@ Packed tensors, with local names (the checkpoint prefixes them with the weight's
   uint16 ``[n]``, ``row_index`` int32 ``[E O + 1]``, ``scale`` float16; below 1 bit per weight at about 90 %
   zeros, more than base 3 below about 70 %.
 
+* ``trellis2`` / ``trellis3`` / ``trellis4`` (version 4): QTIP's bitshift trellis code (`algorithms.trellis`;
+  formats/trellis_code.py): ``stream`` int32 ``[E, S, C, 2k]`` (per column, ``S = ceil(O / 64)`` circular
+  streams of 64 k bits, one per sequence of 64 rows), ``order`` int32 ``[O]`` (the rows in sequence order),
+  ``table`` float32 ``[1024]`` (10-bit states), ``scale`` float16, ``zero`` uint8 (``zero * 32``); value
+  ``(table[state] - zero) * scale``. The size of int<k> with byte zeros, plus 4 KiB and 4 bytes per row.
+
 Ternary weights of two-level grids (QMoE's ``{min, 0, max}``; the module's ``symmetric`` is false) also carry
 ``scale_neg`` float16 ``[E, O, G]``: ``t = 1`` is ``scale``, ``t = -1`` is ``-scale_neg``.
 
@@ -33,7 +39,10 @@ from dataclasses import dataclass
 import torch
 
 from moecompress.formats.bitpack import pack_bits, pack_trits, packed_width, unpack_bits, unpack_trits
+from moecompress.algorithms.trellis import SEQ, STATE_BITS, ZERO_FRAC
 from moecompress.formats.dictcode import dict_decode, dict_table, pick_and_encode
+from moecompress.formats.trellis_code import trellis_stream
+from moecompress.kernels.reference import trellis_states
 from moecompress.registry import Registry
 
 __all__ = ["CODECS", "Codec", "decode", "encode", "encoded_bits_per_weight", "int_codec", "packed_bits_per_weight",
@@ -48,6 +57,7 @@ class Codec:
     base3: bool = False
     dict: bool = False  # variable-rate dictionary code (ternary-dict)
     zero_frac: int = 0  # fraction bits of the stored zero points (the -fz codecs: 8 - bits)
+    trellis: bool = False  # bitshift trellis code (trellis<k>): states of STATE_BITS bits, sequences of SEQ rows
 
     def bits_per_code(self) -> float:
         return 1.6 if self.base3 else float(self.bits)
@@ -58,6 +68,8 @@ for _b in (8, 4, 3, 2):
     CODECS.add(f"int{_b}", Codec(f"int{_b}", _b))
 for _b in (4, 3, 2):
     CODECS.add(f"int{_b}-fz", Codec(f"int{_b}-fz", _b, zero_frac=8 - _b))
+for _b in (2, 3, 4):
+    CODECS.add(f"trellis{_b}", Codec(f"trellis{_b}", _b, zero_frac=ZERO_FRAC, trellis=True))
 CODECS.add("ternary2", Codec("ternary2", 2, ternary=True))
 CODECS.add("ternary-b3", Codec("ternary-b3", 8, ternary=True, base3=True))
 CODECS.add("ternary-dict", Codec("ternary-dict", 16, ternary=True, dict=True))
@@ -94,15 +106,24 @@ def _by_rows(pack, codes: torch.Tensor) -> torch.Tensor:
 
 
 def encode(codec: str, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-           symmetric: bool, scale_neg: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+           symmetric: bool, scale_neg: torch.Tensor | None = None, order: torch.Tensor | None = None,
+           table: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Packed tensors for codes ``[E, O, C]`` (uint8; ternary codes are ``t + 1``; ``scale_neg``: the negative
-    level of two-level ternary grids)."""
+    level of two-level ternary grids; trellis codecs: int16 states with the weight's row ``order`` and ``table``)."""
     c = CODECS.get(codec)
     if codes.dim() == 2:
         codes, scale, zero = codes[None], scale[None], zero[None]
         scale_neg = None if scale_neg is None else scale_neg[None]
     E, O, C = codes.shape
     out = {"shape": torch.tensor([E, O, C], dtype=torch.int64), "scale": scale.to(torch.float16).contiguous()}
+    if c.trellis:
+        if order is None or table is None or table.numel() != 1 << STATE_BITS:
+            raise ValueError(f"{codec} needs the weight's row order and its {1 << STATE_BITS}-entry table")
+        out["stream"] = trellis_stream(codes, order, STATE_BITS, c.bits, SEQ)
+        out["order"] = order.to(torch.int32).contiguous()
+        out["table"] = table.float().contiguous()
+        out["zero"] = stored_zeros(zero, c.zero_frac)
+        return out
     if c.ternary:
         if scale_neg is not None:
             out["scale_neg"] = scale_neg.to(torch.float16).contiguous()
@@ -125,6 +146,11 @@ def decode(codec: str, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     c = CODECS.get(codec)
     E, O, C = (int(v) for v in tensors["shape"])
     scale = tensors["scale"].float()
+    if c.trellis:  # codes: the states, in row order (values: tensors["table"][codes])
+        st = trellis_states(tensors["stream"], STATE_BITS, c.bits)  # [E, S, C, n]
+        st = st.transpose(2, 3).reshape(E, -1, C)[:, :O]
+        codes = torch.empty_like(st).index_copy_(1, tensors["order"].to(torch.int64), st)
+        return codes, scale, tensors["zero"].float() / 2 ** c.zero_frac
     if c.dict:
         t = dict_decode(tensors["codewords"], tensors["row_index"], dict_table(tensors["dict"]), E * O, C).view(E, O, C)
         return t.to(torch.int64) + 1, scale, torch.ones_like(scale)
@@ -143,8 +169,9 @@ def packed_bits_per_weight(codec: str, columns: int, group: int, symmetric: bool
     two-level ternary grid (``symmetric`` false) stores a second scale. Fixed-rate codecs only (the dictionary
     code's rate depends on the weights: `encoded_bits_per_weight`)."""
     c = CODECS.get(codec)
-    if c.dict:
-        raise ValueError("ternary-dict has no fixed rate; measure the encoded tensors (encoded_bits_per_weight)")
+    if c.dict or c.trellis:
+        raise ValueError(f"{codec} has no rate independent of the rows; measure the encoded tensors "
+                         "(encoded_bits_per_weight)")
     groups = max(1, columns // group) if group > 0 else 1
     code_bits = (8 * ((columns + 4) // 5) if c.base3 else 32 * packed_width(columns, c.bits)) / columns
     extra = 16 * groups / columns + (8 * groups / columns if not symmetric else 0)

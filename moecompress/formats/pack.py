@@ -46,6 +46,9 @@ def _codec(meta: dict | None, ternary_codec: str) -> tuple[str, bool]:
         raise MoecompressError("the quantization record has weights but no scheme", "quantize the model again")
     if meta.get("kind") == "ternary":
         return ternary_codec, not meta.get("two_scales", False)
+    code = meta.get("code") or {}
+    if code.get("kind") == "trellis" and meta["bits"] in code.get("widths", ()):
+        return f"trellis{meta['bits']}", False
     return f"int{meta['bits']}", bool(meta.get("symmetric", False))
 
 
@@ -65,8 +68,19 @@ TERNARY_CODECS = ("ternary-b3", "ternary2", "ternary-dict", "auto")
 
 
 def _encode(codec: str, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, symmetric: bool,
-            neg: torch.Tensor | None) -> tuple[str, dict[str, torch.Tensor]]:
-    """``(codec, tensors)``; ``auto`` (ternary weights): the smaller of ``ternary-b3`` and ``ternary-dict``."""
+            neg: torch.Tensor | None, record: QuantRecord | None = None,
+            name: str = "") -> tuple[str, dict[str, torch.Tensor]]:
+    """``(codec, tensors)``; ``auto`` (ternary weights): the smaller of ``ternary-b3`` and ``ternary-dict``; a
+    trellis codec reads the weight's row order and table from ``record``."""
+    if CODECS.get(codec if codec != "auto" else "ternary-dict").trellis:
+        order, table = (record.tensors.get(f"{name}.{x}") for x in ("order", "table"))
+        if order is None or table is None or q.dtype != torch.int16:
+            raise MoecompressError(f"the quantization record's {name} is not trellis-coded, but the scheme says "
+                                   f"{codec}", "quantize the model again")
+        try:
+            return codec, encode(codec, q, s, z, symmetric, order=order.cpu(), table=table.cpu())
+        except ValueError as e:
+            raise MoecompressError(f"cannot pack {name} as {codec}: {e}", "quantize the model again") from None
     if codec != "auto":
         codec = _zero_form(codec, z, symmetric)
         return codec, encode(codec, q, s, z, symmetric, neg)
@@ -75,7 +89,7 @@ def _encode(codec: str, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, symme
 
 
 def _bits(codec: str, tensors: dict[str, torch.Tensor], columns: int, group: int, symmetric: bool) -> float:
-    if CODECS.get(codec).dict:
+    if CODECS.get(codec).dict or CODECS.get(codec).trellis:
         return encoded_bits_per_weight(tensors)
     return packed_bits_per_weight(codec, columns, group, symmetric)
 
@@ -143,7 +157,8 @@ class PackedWriter:
                     raise MoecompressError(f"the quantization record lacks {name}", "quantize the model again")
                 q, s, z = (record.tensors[f"{name}.{x}"] for x in ("codes", "scales", "zeros"))
                 neg = record.tensors.get(f"{name}.scales_neg")
-                chosen[p], enc = _encode(codec, q.cpu(), s.cpu(), z.cpu(), symmetric, None if neg is None else neg.cpu())
+                neg = None if neg is None else neg.cpu()
+                chosen[p], enc = _encode(codec, q.cpu(), s.cpu(), z.cpu(), symmetric, neg, record, name)
                 for local, t in enc.items():
                     packed[f"{path}.{p}_{local}"] = t
                 if "codewords" in enc:
@@ -169,18 +184,17 @@ class PackedWriter:
                 raise MoecompressError(f"{name}: ternary-dict is written for routed experts only",
                                        "use --codec ternary-b3 for ternary linears")
             q, s, z = (record.tensors[f"{name}.{x}"] for x in ("codes", "scales", "zeros"))
-            codec = _zero_form(codec, z, symmetric)
             if f"{name}.weight" not in tensors:
                 raise MoecompressError(f"the quantization record has {name}, which this part of the model lacks",
                                        "quantize the model again")
-            for local, t in encode(codec, q.cpu(), s.cpu(), z.cpu(), symmetric).items():
+            codec, enc = _encode(codec, q.cpu(), s.cpu(), z.cpu(), symmetric, None, record, name)
+            for local, t in enc.items():
                 packed[f"{name}.weight_{local}"] = t
             _, O, C = q.shape
             self.modules[name] = ModuleSpec.linear((1, O, C), codec, C // s.shape[-1], symmetric,
                                                    f"{name}.bias" in sd)
             self.stats["modules"][name] = {"codec": codec, "weights": q.numel(),
-                                           "bits_per_weight": packed_bits_per_weight(codec, C, C // s.shape[-1],
-                                                                                      symmetric)}
+                                           "bits_per_weight": _bits(codec, enc, C, C // s.shape[-1], symmetric)}
         for k, t in packed.items():  # every packed tensor has its checksum (floating ones as float16)
             self.checksums[k] = checksum(t.to(torch.float16) if t.is_floating_point() else t)
         sd.update(packed)
@@ -192,9 +206,11 @@ class PackedWriter:
         self.writer.close()
         cfg = dict(config)
         cfg["dtype"] = str(self.stored).replace("torch.", "")
-        # version 3 only where a -fz codec is used: every other checkpoint stays readable by version-2 readers
-        fz = any(CODECS.get(c).zero_frac for m in self.modules.values() for c in m.all_codecs)
-        cfg["quantization_config"] = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION if fz else 2,
+        # the lowest version that has every codec used (4: trellis, 3: -fz, else 2): older readers keep reading
+        # what they can
+        used = [CODECS.get(c) for m in self.modules.values() for c in m.all_codecs]
+        version = FORMAT_VERSION if any(c.trellis for c in used) else 3 if any(c.zero_frac for c in used) else 2
+        cfg["quantization_config"] = {"quant_method": QUANT_METHOD, "format_version": version,
                                       "modules": {k: m.to_dict() for k, m in self.modules.items()},
                                       "checksums": self.checksums,
                                       "activations": self.meta.get("activations")}

@@ -4,7 +4,9 @@ The record holds, per quantized weight ``NAME`` (a module path; routed experts a
 path>:<gate|up|down>``, a quantized router as ``<router module path>:router``): ``NAME.codes`` uint8
 ``[E, O, C]`` (E = 1 for a plain linear), ``NAME.scales`` float32 ``[E, O, G]``, ``NAME.zeros`` float32
 ``[E, O, G]`` (two-level ternary grids such as QMoE's add ``NAME.scales_neg`` ``[E, O, G]``: code 0 is
-``-scales_neg``, code 2 ``scales``); and smoothing vectors ``<layer>.smooth.attn`` ``[H]``, ``<layer>.smooth.moe`` ``[H]``,
+``-scales_neg``, code 2 ``scales``; trellis-coded weights (`algorithms.trellis`) have int16 states as codes, whose
+values are ``NAME.table[codes]`` (float32 ``[2^L]``), and ``NAME.order`` int32 ``[O]``, the rows in sequence
+order); and smoothing vectors ``<layer>.smooth.attn`` ``[H]``, ``<layer>.smooth.moe`` ``[H]``,
 ``<layer>.smooth.down`` ``[E, I]`` (already folded into the checkpoint's weights and norms; kept for the
 record). Dequantized weights are ``(codes - zeros) * scales`` per group of ``group_size`` input columns. The
 packed format is built from the codes, so it is exact even though the checkpoint stores the dequantized
@@ -51,8 +53,14 @@ class QuantRecord:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def add(self, name: str, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-            scales_neg: torch.Tensor | None = None) -> None:
-        self.tensors[f"{name}.codes"] = codes.to(torch.uint8).contiguous()
+            scales_neg: torch.Tensor | None = None, order: torch.Tensor | None = None,
+            table: torch.Tensor | None = None) -> None:
+        """``order`` and ``table``: a trellis-coded weight (its codes are int16 states)."""
+        trellis = table is not None
+        self.tensors[f"{name}.codes"] = codes.to(torch.int16 if trellis else torch.uint8).contiguous()
+        if trellis:
+            self.tensors[f"{name}.order"] = order.to(torch.int32).contiguous()
+            self.tensors[f"{name}.table"] = table.float().contiguous()
         self.tensors[f"{name}.scales"] = scales.float().contiguous()
         self.tensors[f"{name}.zeros"] = zeros.float().contiguous()
         if scales_neg is not None:  # two-level ternary grids (qmoe): t = -1 is -scales_neg
@@ -66,6 +74,9 @@ class QuantRecord:
 
     def dequantize(self, name: str, group_size: int) -> torch.Tensor:
         q, s, z = (self.tensors[f"{name}.{p}"].float() for p in ("codes", "scales", "zeros"))
+        table = self.tensors.get(f"{name}.table")
+        if table is not None:  # trellis states -> table values
+            q = table.float()[self.tensors[f"{name}.codes"].long()]
         E, O, C = q.shape
         G = s.shape[-1]
         neg = self.tensors.get(f"{name}.scales_neg")

@@ -23,7 +23,8 @@ from moecompress.kernels import reference
 from moecompress.kernels.routing import MoeRoute, torch_route
 
 __all__ = ["MoeRoute", "dequantize_packed", "dict_dequantize", "dict_grouped_linear", "dict_linear", "grouped_linear",
-           "moe_route", "packed_linear", "resolve_backend", "triton_available", "triton_usable"]
+           "moe_route", "packed_linear", "resolve_backend", "trellis_dequantize", "trellis_grouped_linear",
+           "trellis_linear", "triton_available", "triton_usable"]
 
 log = logging.getLogger("moecompress.kernels")
 
@@ -79,7 +80,7 @@ def _warn_once(msg: str) -> None:
 
 def resolve_backend(backend: str | None, device: torch.device, codec: tuple | None = None) -> str:
     """``"triton"`` or ``"torch"`` for tensors on ``device`` (``codec``: ``(bits, ternary, base3)``, optionally
-    followed by ``(two-level ternary, dictionary code)``)."""
+    followed by ``(two-level ternary, dictionary code, trellis code)``)."""
     backend = backend or os.environ.get("MOECOMPRESS_KERNELS", "auto")
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"unknown kernel backend {backend!r}; use auto, triton or torch")
@@ -89,8 +90,10 @@ def resolve_backend(backend: str | None, device: torch.device, codec: tuple | No
     if ok and codec is not None:
         from moecompress.kernels.triton_dequant import supported
 
-        two_level, is_dict = (tuple(codec[3:5]) + (False, False))[:2]
-        if is_dict:
+        two_level, is_dict, trellis = (tuple(codec[3:6]) + (False, False, False))[:3]
+        if trellis:
+            ok, why = False, f"no Triton kernel for trellis{codec[0]} weights yet"
+        elif is_dict:
             pass  # moecompress.kernels.triton_dict
         elif two_level:
             ok, why = False, "no Triton kernel for two-level ternary scales in ternary-b3 / ternary2 (ternary-dict has one)"
@@ -296,3 +299,40 @@ def dict_grouped_linear(x: torch.Tensor, route: MoeRoute, codewords: torch.Tenso
         return reference.dict_dequantize(cw, ri, dec, scale.index_select(0, e), neg, columns, x.dtype)
 
     return _grouped_blocks(x, route, x_div, O, columns, weights)
+
+
+# ---------------------------------------------------------------------- trellis (QTIP's bitshift trellis code)
+def _trellis_backend(backend: str | None, device: torch.device, bits: int) -> str:
+    return resolve_backend(backend, device, (bits, False, False, False, False, True))
+
+
+def trellis_dequantize(stream: torch.Tensor, order: torch.Tensor, table: torch.Tensor, scale: torch.Tensor,
+                       zero: torch.Tensor, bits: int, zero_frac: int, dtype: torch.dtype = torch.float32,
+                       backend: str | None = None) -> torch.Tensor:
+    """Dense ``[E, O, C]`` of a trellis-coded weight (`reference.trellis_dequantize`; the torch reference on every
+    device: there is no Triton kernel for it yet)."""
+    _trellis_backend(backend, stream.device, bits)
+    return reference.trellis_dequantize(stream, order, table, scale, zero, bits, zero_frac, dtype)
+
+
+def trellis_linear(x: torch.Tensor, stream: torch.Tensor, order: torch.Tensor, table: torch.Tensor,
+                   scale: torch.Tensor, zero: torch.Tensor, bits: int, zero_frac: int,
+                   backend: str | None = None) -> torch.Tensor:
+    """``x [T, C] @ W^T`` for one trellis-coded weight ``[1, O, C]`` -> ``[T, O]`` in ``x.dtype``."""
+    w = trellis_dequantize(stream, order, table, scale, zero, bits, zero_frac, x.dtype, backend)[0]
+    return x @ w.T
+
+
+def trellis_grouped_linear(x: torch.Tensor, route: MoeRoute, stream: torch.Tensor, order: torch.Tensor,
+                           table: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, zero_frac: int,
+                           columns: int, backend: str | None = None, x_div: int = 1) -> torch.Tensor:
+    """`grouped_linear` for a trellis-coded weight: each routed expert's weight decoded by the torch reference."""
+    _trellis_backend(backend, x.device, bits)
+    if route.backend != "torch":
+        raise ValueError("trellis weights have no Triton kernel: make the route with the torch backend")
+
+    def weights(e: torch.Tensor) -> torch.Tensor:
+        return reference.trellis_dequantize(stream.index_select(0, e), order, table, scale.index_select(0, e),
+                                            zero.index_select(0, e), bits, zero_frac, x.dtype)
+
+    return _grouped_blocks(x, route, x_div, scale.shape[1], columns, weights)

@@ -4,7 +4,8 @@ Bit layouts (docs/FORMAT.md): ``b``-bit codes are packed densely and LSB-first a
 into int32 words (code ``k`` at bits ``[k*b, k*b + b)`` of the row's little-endian bit stream, crossing word
 boundaries when needed); ternary values may instead be packed five per byte in base 3 (GGUF TQ1_0: trit
 ``n`` of a byte is ``((byte * 3^n) mod 256) * 3 >> 8``, minus 1). A weight is ``(q - zero) * scale`` per
-group of ``C / G`` input columns.
+group of ``C / G`` input columns. Trellis-coded weights (QTIP's bitshift trellis) are circular bitstreams per
+sequence of rows, a weight's state a window of the stream and its value a table entry (`trellis_states`).
 
 Shapes: ``packed [E, O, W]`` int32 or ``trits [E, O, ceil(C/5)]`` uint8, ``scale``/``zero`` ``[E, O, G]``,
 activations ``x [T, C]``.
@@ -18,7 +19,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["dequantize", "dict_decode", "dict_dequantize", "dict_entry_lengths", "grouped_experts_matmul",
-           "packed_matmul", "unpack_bits", "unpack_trits"]
+           "packed_matmul", "trellis_dequantize", "trellis_states", "unpack_bits", "unpack_trits"]
 
 def unpack_bits(packed: torch.Tensor, bits: int, columns: int) -> torch.Tensor:
     """``[..., W]`` int32 words -> ``[..., columns]`` uint8 codes."""
@@ -123,3 +124,32 @@ def dict_dequantize(codewords: torch.Tensor, row_index: torch.Tensor, dec: torch
     s = scale.float()[..., None]
     neg = s if scale_neg is None else scale_neg.float()[..., None]
     return torch.where(t > 0, s, torch.where(t < 0, -neg, torch.zeros_like(s))).view(E, O, columns).to(dtype)
+
+
+# -------------------------------------------------------------------- trellis (QTIP's bitshift trellis code)
+def trellis_states(stream: torch.Tensor, L: int, k: int) -> torch.Tensor:
+    """States ``[..., n]`` (int64) of tail-biting sequences ``stream [..., W]`` int32, ``n = 32 W / k`` weights
+    each. Stream bit ``b`` is bit ``31 - b mod 32`` of word ``b // 32`` (most significant first); state ``p`` is
+    the ``L`` bits from bit ``(k p + k - L) mod 32 W`` on, circularly, the earliest most significant."""
+    *lead, W = stream.shape
+    nk = 32 * W
+    words = stream.to(torch.int64) & 0xFFFFFFFF
+    start = (torch.arange(nk // k, device=stream.device) * k + (k - L)) % nk
+    w0, off = start // 32, start % 32
+    both = (words[..., w0] << 32) | words[..., (w0 + 1) % W]  # [..., n]: the window within 64 bits
+    return (both >> (64 - L - off)) & ((1 << L) - 1)
+
+
+def trellis_dequantize(stream: torch.Tensor, order: torch.Tensor, table: torch.Tensor, scale: torch.Tensor,
+                       zero: torch.Tensor, k: int, zero_frac: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Dense ``[E, O, C]`` of a trellis-coded weight: ``stream [E, S, C, W]`` int32 (sequence ``j`` of column
+    ``c`` holds the weights at positions ``j n .. j n + n - 1``), ``order [O]`` int32 (the row at each position;
+    positions from ``O`` on are padding), ``table [2^L]`` float32, ``scale [E, O, G]``, ``zero [E, O, G]`` uint8
+    (``zero / 2^zero_frac``): weight ``(table[state] - zero) * scale``."""
+    E, S, C, W = stream.shape
+    O = order.numel()
+    L = table.numel().bit_length() - 1
+    v = table.float()[trellis_states(stream, L, k)]  # [E, S, C, n]
+    v = v.transpose(2, 3).reshape(E, -1, C)[:, :O]  # [E, O, C] in position order
+    rows = torch.empty_like(v).index_copy_(1, order.to(torch.int64), v)
+    return dequantize(rows, scale, zero.float() / 2 ** zero_frac, dtype)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from moecompress.algorithms.moe_math import ExpertWeights, glu
+from moecompress.algorithms.trellis import SEQ, STATE_BITS
 from moecompress.formats.codecs import CODECS
 from moecompress.formats.dictcode import dict_table
 from moecompress.formats.spec import PROJS, ModuleSpec
@@ -38,7 +39,12 @@ def _buffers(module: nn.Module, prefix: str, codec: str, shape: tuple[int, int, 
     E, O, C = shape
     c = CODECS.get(codec)
     G = max(1, C // group) if group > 0 else 1
-    if c.dict:
+    if c.trellis:
+        module.register_buffer(f"{prefix}_stream", torch.zeros(E, -(-O // SEQ), C, SEQ * c.bits // 32,
+                                                               dtype=torch.int32))
+        module.register_buffer(f"{prefix}_order", torch.zeros(O, dtype=torch.int32))
+        module.register_buffer(f"{prefix}_table", torch.zeros(1 << STATE_BITS, dtype=torch.float32))
+    elif c.dict:
         n, N = lengths
         module.register_buffer(f"{prefix}_codewords", torch.zeros(n, dtype=torch.uint16))
         module.register_buffer(f"{prefix}_row_index", torch.zeros(E * O + 1, dtype=torch.int32))
@@ -50,7 +56,7 @@ def _buffers(module: nn.Module, prefix: str, codec: str, shape: tuple[int, int, 
     module.register_buffer(f"{prefix}_scale", torch.zeros(E, O, G, dtype=torch.float16))
     if not symmetric and c.ternary:  # two-level ternary grid: the negative level
         module.register_buffer(f"{prefix}_scale_neg", torch.zeros(E, O, G, dtype=torch.float16))
-    if not symmetric and not c.ternary:
+    if (not symmetric or c.trellis) and not c.ternary:
         module.register_buffer(f"{prefix}_zero", torch.zeros(E, O, G, dtype=torch.uint8))
     module.register_buffer(f"{prefix}_shape", torch.tensor([E, O, C], dtype=torch.int64))
 
@@ -65,6 +71,8 @@ def dequantize_packed_columns(codec: str, t: dict[str, torch.Tensor], columns: i
     """As `dequantize_packed`, with the column count given (no read of the ``shape`` tensor)."""
     if CODECS.get(codec).dict:
         return dispatch.dict_dequantize(*_dict_args(t), columns, dtype)
+    if CODECS.get(codec).trellis:
+        return dispatch.trellis_dequantize(*_trellis_args(codec, t), dtype)
     return dispatch.dequantize_packed(*_args(codec, t, columns), dtype, zero_frac=CODECS.get(codec).zero_frac)
 
 
@@ -98,31 +106,38 @@ def decode_table(header: torch.Tensor) -> torch.Tensor:
     return table
 
 
+def _trellis_args(codec: str, t: dict[str, torch.Tensor]) -> tuple:
+    c = CODECS.get(codec)
+    return t["stream"], t["order"], t["table"], t["scale"], t["zero"], c.bits, c.zero_frac
+
+
 def _dict_args(t: dict[str, torch.Tensor]) -> tuple:
     return t["codewords"], t["row_index"], decode_table(t["dict"]), t["scale"], t.get("scale_neg")
 
 
 def _codec_key(codec: str, symmetric: bool = True) -> tuple:
-    """The dispatch's codec key ``(bits, ternary, base3, two-level ternary, dictionary)``."""
+    """The dispatch's codec key ``(bits, ternary, base3, two-level ternary, dictionary, trellis)``."""
     c = CODECS.get(codec)
-    return c.bits, c.ternary, c.base3, c.ternary and not symmetric, c.dict
+    return c.bits, c.ternary, c.base3, c.ternary and not symmetric, c.dict, c.trellis
 
 
 def _tensors(module: nn.Module, prefix: str, experts: slice | None = None) -> dict[str, torch.Tensor]:
     """The packed tensors (``experts``: a slice of the stacked ones; ``shape`` is left out then)."""
     out = {}
     buffers = module._buffers  # they are all buffers: one dict read each, not Module.__getattr__ (host time per call)
-    for local in ("packed", "trits", "scale", "scale_neg", "zero", "shape", "codewords", "row_index", "dict"):
+    for local in ("packed", "trits", "scale", "scale_neg", "zero", "shape", "codewords", "row_index", "dict", "stream",
+                  "order", "table"):
         t = buffers.get(f"{prefix}_{local}")
         if t is not None and not (experts is not None and local == "shape"):
-            out[local] = t if experts is None or local in ("codewords", "row_index", "dict") else t[experts]
+            whole = experts is None or local in ("codewords", "row_index", "dict", "order", "table")
+            out[local] = t if whole else t[experts]
     return out
 
 
 def _keep_scales(module: nn.Module, fn, apply) -> nn.Module:
-    """``Module._apply`` that moves the packed tensors (device) but never re-types their float16 scales:
-    ``model.to(torch.bfloat16)`` must not round the stored values."""
-    scales = {k: b for k, b in module._buffers.items() if k.endswith("_scale") and b is not None}
+    """``Module._apply`` that moves the packed tensors (device) but never re-types their float16 scales (or a
+    trellis code's float32 table): ``model.to(torch.bfloat16)`` must not round the stored values."""
+    scales = {k: b for k, b in module._buffers.items() if k.endswith(("_scale", "_table")) and b is not None}
     apply(fn)
     for k, b in scales.items():
         moved = module._buffers[k]
@@ -153,8 +168,11 @@ class PackedLinear(nn.Module):
         if self.act is not None:
             x = self.act(x)
         flat = x.reshape(-1, x.shape[-1])
-        y = dispatch.packed_linear(flat, *_args(self.codec, _tensors(self, "weight"), self.in_features),
-                                   zero_frac=CODECS.get(self.codec).zero_frac)
+        if CODECS.get(self.codec).trellis:
+            y = dispatch.trellis_linear(flat, *_trellis_args(self.codec, _tensors(self, "weight")))
+        else:
+            y = dispatch.packed_linear(flat, *_args(self.codec, _tensors(self, "weight"), self.in_features),
+                                       zero_frac=CODECS.get(self.codec).zero_frac)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -265,6 +283,9 @@ class PackedExperts(nn.Module):
 
     def _project(self, x: torch.Tensor, route, proj: str, backend: str, x_div: int) -> torch.Tensor:
         t = _tensors(self, proj)
+        if CODECS.get(self.codecs[proj]).trellis:
+            return dispatch.trellis_grouped_linear(x, route, *_trellis_args(self.codecs[proj], t), self._columns(proj),
+                                                   backend=backend, x_div=x_div)
         if CODECS.get(self.codecs[proj]).dict:
             return dispatch.dict_grouped_linear(x, route, *_dict_args(t), self._columns(proj), backend=backend,
                                                 x_div=x_div)

@@ -7,7 +7,7 @@ Everything works through the adapter views; statistics come from `runtime.calibr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from collections.abc import Callable, Collection
 from typing import Any
 
@@ -20,6 +20,7 @@ from moecompress.algorithms.gptq import gptq_factor, gptq_quantize
 from moecompress.algorithms.quant_grid import QuantGrid, QuantResult, TernaryGrid, rtn_quantize
 from moecompress.algorithms.rare_experts import pooled_hessians
 from moecompress.algorithms.refit import alternate, refit_groups
+from moecompress.algorithms.trellis import TrellisGrid, row_order, trellis_rounds
 from moecompress.formats.quant_record import QuantRecord
 from moecompress.models.base import MoEBlockView
 from moecompress.runtime.calibration import LayerStats
@@ -33,7 +34,7 @@ __all__ = ["QuantOptions", "quantize_experts", "quantize_linears"]
 class QuantOptions:
     """How one group of weights is quantized (every value given: the defaults live in the stage configs)."""
 
-    grid: QuantGrid | TernaryGrid
+    grid: QuantGrid | TernaryGrid | TrellisGrid
     method: str  # "gptq" or "rtn"
     act_order: bool
     damp: float
@@ -43,7 +44,7 @@ class QuantOptions:
     gptq_rounds: int  # with the refit: GPTQ again on the refit grid, up to this many times (`refit.alternate`)
 
     @classmethod
-    def of(cls, grid: QuantGrid | TernaryGrid, settings: Any, **given: Any) -> QuantOptions:
+    def of(cls, grid: QuantGrid | TernaryGrid | TrellisGrid, settings: Any, **given: Any) -> QuantOptions:
         """``grid`` and ``given`` as given, the other fields read by name from ``settings`` (a stage config; its
         ``code_sweeps`` and ``gptq_rounds`` None, the defaults that the stage resolves, read as 0)."""
         names = ("method", "act_order", "damp", "block_size", "refit", "code_sweeps", "gptq_rounds")
@@ -72,7 +73,8 @@ def _quantize(chunk: Callable[[int, int], torch.Tensor], shape: tuple[int, int, 
     ``num`` and ``den``; with GPTQ rounds, the Hessian-weighted error before and after them to ``rounds_before``
     and ``rounds_after``, and the most rounds a chunk ran to ``rounds``."""
     E, O, C = shape
-    rtn = opt.method == "rtn" or H is None
+    trellis = isinstance(opt.grid, TrellisGrid)
+    rtn = (opt.method == "rtn" or H is None) and not trellis
     if rtn:  # the clip search holds about six [O, C] float32 copies per expert
         step = max(1, min(E, WORKSPACE_BYTES // 2 // (4 * 6 * O * C)))
     else:
@@ -81,7 +83,9 @@ def _quantize(chunk: Callable[[int, int], torch.Tensor], shape: tuple[int, int, 
     for a in range(0, E, step):
         b = min(E, a + step)
         W = chunk(a, b)
-        if rtn:
+        if trellis:
+            res = _trellis(W, None if opt.method == "rtn" or H is None else H[a:b], opt, error)
+        elif rtn:
             res = rtn_quantize(W, opt.grid)
         else:
             rounds = isinstance(opt.grid, QuantGrid) and opt.refit and opt.gptq_rounds > 0
@@ -116,6 +120,40 @@ def _gptq(W: torch.Tensor, H: torch.Tensor, opt: QuantOptions, params: tuple | N
     ``factor``: `gptq_factor` of ``H``, when computed once for several runs)."""
     return gptq_quantize(W, H, opt.grid, block_size=opt.block_size, damp=opt.damp, act_order=opt.act_order,
                          params=params, factor=factor)
+
+
+def _trellis(W: torch.Tensor, H: torch.Tensor | None, opt: QuantOptions,
+             error: dict[str, float] | None = None) -> QuantResult:
+    """Trellis GPTQ (`algorithms.trellis`), then with ``opt.refit`` the refit and up to ``gptq_rounds`` rounds
+    (`trellis.trellis_rounds`). ``H`` None (RTN, or no calibration statistics): plain squared error, each column
+    searched alone."""
+    E, O, C = W.shape
+    H = W.new_zeros(E, C, C) if H is None else H  # all-zero: the identity
+    factor = gptq_factor(H, opt.damp, opt.act_order)
+    res = _gptq(W, H, opt, factor=factor)
+    if not opt.refit:
+        return res
+    res, history = trellis_rounds(W, H, res, opt.grid, lambda p: _gptq(W, H, opt, p, factor), opt.gptq_rounds,
+                                  opt.damp)
+    if error is not None and opt.gptq_rounds:
+        error["rounds_before"] = error.get("rounds_before", 0.0) + history[0]
+        error["rounds_after"] = error.get("rounds_after", 0.0) + history[-1]
+        error["rounds"] = max(error.get("rounds", 0), len(history) - 1)
+    return res
+
+
+def _record(record: QuantRecord, name: str, grid, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+            neg: torch.Tensor | None = None) -> None:
+    """One weight's record entry; a trellis code adds its row order and table (`formats.quant_record`)."""
+    if isinstance(grid, TrellisGrid):
+        record.add(name, codes, scales, zeros, order=row_order(codes.shape[1]), table=grid.table())
+    else:
+        record.add(name, codes, scales, zeros, neg)
+
+
+def _blocks(opt: QuantOptions, *rows: int) -> QuantOptions:
+    """``opt`` for a matrix of separately stored weights of ``rows`` each (a trellis keeps their sequences apart)."""
+    return replace(opt, grid=replace(opt.grid, blocks=tuple(rows))) if isinstance(opt.grid, TrellisGrid) else opt
 
 
 def _refine(W: torch.Tensor, H: torch.Tensor, res: QuantResult, opt: QuantOptions,
@@ -175,12 +213,14 @@ def quantize_linears(layer: nn.Module, stats: LayerStats, opt: QuantOptions, rec
     for H, members in groups:
         Wall = torch.cat([W for _, W in members])[None]  # [1, sum O, C]
         dtype = modules[members[0][0]].weight.dtype
-        res = _quantize(lambda a, b, Wall=Wall: Wall, tuple(Wall.shape), None if H is None else H[None], opt, dtype)
+        res = _quantize(lambda a, b, Wall=Wall: Wall, tuple(Wall.shape), None if H is None else H[None],
+                        _blocks(opt, *(W.shape[0] for _, W in members)), dtype)
         a = 0
         for name, W in members:
             b = a + W.shape[0]
             modules[name].weight.copy_(res.weight[0, a:b])
-            record.add(f"{prefix}.{name}", *(t[:, a:b].clone() for t in (res.codes, res.scales, res.zeros)))
+            _record(record, f"{prefix}.{name}", opt.grid,
+                    *(t[:, a:b].clone() for t in (res.codes, res.scales, res.zeros)))
             a = b
     return out
 
@@ -265,17 +305,17 @@ def quantize_experts(view: MoEBlockView, stats: LayerStats, opt: QuantOptions, r
 
     err_gu: dict[str, float] = {}
     res = _gathered(_quantize(gate_up_chunk,  # gate, up: one input
-                              (gate.shape[0], 2 * I, gate.shape[2]), H, opt, dtype,
+                              (gate.shape[0], 2 * I, gate.shape[2]), H, _blocks(opt, I, I), dtype,
                               store=None if dist.active else store_gate_up, error=err_gu), dist, E)
     gate = up = None  # (a copy for experts stored as modules)
     if dist.active:
         store_gate_up(0, res.weight)
     error = {"gate_up": _error(err_gu, res, own, ternary)}
     neg = res.neg_scales
-    record.add(f"{prefix}:gate", res.codes[:, :I], res.scales[:, :I], res.zeros[:, :I],
-               None if neg is None else neg[:, :I])
-    record.add(f"{prefix}:up", res.codes[:, I:], res.scales[:, I:], res.zeros[:, I:],
-               None if neg is None else neg[:, I:])
+    _record(record, f"{prefix}:gate", opt.grid, res.codes[:, :I], res.scales[:, :I], res.zeros[:, :I],
+            None if neg is None else neg[:, :I])
+    _record(record, f"{prefix}:up", opt.grid, res.codes[:, I:], res.scales[:, I:], res.zeros[:, I:],
+            None if neg is None else neg[:, I:])
     del res, neg
     down = view.experts.stacked("down")[own]  # [E_own, H, I]
     Cd = paired_rows(_with_base(pairs("down", *fp) if correct else None, ex, Hd, fallback),
@@ -299,7 +339,7 @@ def quantize_experts(view: MoEBlockView, stats: LayerStats, opt: QuantOptions, r
     if dist.active:
         store_down(0, res.weight)
     error["down"] = _error(err_d, res, own, ternary)
-    record.add(f"{prefix}:down", res.codes, res.scales, res.zeros, res.neg_scales)
+    _record(record, f"{prefix}:down", opt.grid, res.codes, res.scales, res.zeros, res.neg_scales)
     return {"weight_error": error, "routed_tokens": [int(c) for c in ex.count], "tokens_used": [int(c) for c in n], "min_tokens": n_min,
             "topped_up_reserve": reserve_used, "topped_up_near_miss": near_used, "topped_up_pooled": pooled,
             "rtn_fallback": fallback, "corrected": {"gate_up": sorted({ex.owned.start + r for r in Cg} if Cg else []),

@@ -20,6 +20,7 @@ import torch
 from pydantic import Field, field_validator
 
 from moecompress.algorithms.quant_grid import QuantGrid, fractional_zero_bits
+from moecompress.algorithms.trellis import SEQ, STATE_BITS, TrellisGrid
 from moecompress.errors import MoecompressError
 from moecompress.formats.codecs import CODECS
 from moecompress.formats.quant_record import RECORD_FILE
@@ -109,7 +110,9 @@ class QuantizeConfig(StageConfig):
     sequential_targets: Literal["model", "layer"] = "model"  # fp outputs of the original model, or of the layer
     batch_size: int = Field(8, ge=1)
     save_format: Literal["packed", "fake-quant"] = "packed"  # packed tensors, or dequantized bf16 + the record
-    codec: str = "auto"  # integer schemes: their int<b> codec (ternary codecs belong to the ternary stage)
+    # auto: each width's int<b> codec (ternary codecs belong to the ternary stage); trellis: weights of 2-4 bits in
+    # QTIP's bitshift-trellis code (`algorithms.trellis`; packed trellis<b>, the same size as int<b>), others int<b>
+    codec: str = "auto"
     # the weight width of every quantized linear outside the routed experts (attention, dense and shared MLPs; a
     # few percent of an MoE's weights, much of its low-bit error); default: the scheme's
     linear_bits: int | None = Field(None, ge=2, le=8)
@@ -129,7 +132,15 @@ class QuantizeConfig(StageConfig):
         """The GPTQ rounds on the refit grid (`gptq_rounds`, or its per-width default) at ``bits`` (default: the
         scheme's weight width)."""
         bits = bits if bits is not None else self.bits[0]
-        return self.gptq_rounds if self.gptq_rounds is not None else (4 if bits <= 2 else 0)
+        if self.gptq_rounds is not None:
+            return self.gptq_rounds
+        if self.trellis(bits):
+            return 2  # measured at 3 bits (docs/BENCHMARKS.md, stop 34)
+        return 4 if bits <= 2 else 0
+
+    def trellis(self, bits: int) -> bool:
+        """Are ``bits``-wide weights trellis-coded (``codec: trellis``, 2 to 4 bits)?"""
+        return self.codec == "trellis" and 2 <= bits <= 4
 
     def zero_frac(self, bits: int) -> int:
         """Fraction bits of the zero points at ``bits`` (0: integer zeros; `fractional_zeros`, default on at 2 bits)."""
@@ -161,13 +172,20 @@ class QuantizeConfig(StageConfig):
     def check(self, config: Any, arch: Any) -> None:
         from transformers import AutoModelForCausalLM
 
-        if self.codec not in ("auto", f"int{self.bits[0]}"):
+        if self.codec == "trellis":
+            if not self.trellis(self.bits[0]):
+                raise MoecompressError(f"--codec trellis codes 2-4-bit weights, but scheme {self.scheme} has "
+                                       f"{self.bits[0]}-bit weights", "use a 2-4-bit scheme, or leave --codec auto")
+            if self.symmetric:
+                raise MoecompressError("--codec trellis stores a zero point per group; it has no symmetric form",
+                                       "drop --symmetric, or leave --codec auto")
+        elif self.codec not in ("auto", f"int{self.bits[0]}"):
             if self.codec.startswith("ternary"):
                 raise MoecompressError(f"--codec {self.codec} stores ternary weights, but scheme {self.scheme} has "
                                        f"{self.bits[0]}-bit integer weights",
                                        f"use `moecompress ternary --codec {self.codec}`, or leave --codec auto")
             raise MoecompressError(f"--codec {self.codec} does not fit scheme {self.scheme}",
-                                   f"use --codec auto (int{self.bits[0]})")
+                                   f"use --codec auto (int{self.bits[0]}) or --codec trellis")
         if self.save_format == "packed":  # packed checkpoints need an integer codec for every width
             packable = sorted(int(c[3:]) for c in CODECS.names() if c.startswith("int") and c[3:].isdigit())
             given = [(f"--linear-bits {self.linear_bits} (linear_bits)", self.linear_bits)]
@@ -300,6 +318,8 @@ def plan_of(cfg: QuantizeConfig) -> tuple[QuantPlan, dict[str, Any]]:
     smooth = cfg.smooth if cfg.smooth is not None else abits is not None
 
     def options(bits: int) -> QuantOptions:
+        if cfg.trellis(bits):
+            return QuantOptions.of(TrellisGrid(bits, cfg.groups()), cfg, gptq_rounds=cfg.rounds(bits))
         frac = cfg.zero_frac(bits)
         grid = QuantGrid(bits, cfg.groups(), cfg.symmetric, cfg.clip_search, cfg.floor(bits), frac)
         return QuantOptions.of(grid, cfg, gptq_rounds=cfg.rounds(bits))
@@ -311,9 +331,9 @@ def plan_of(cfg: QuantizeConfig) -> tuple[QuantPlan, dict[str, Any]]:
                       inter_rotation_seed=cfg.rotation_seed if rotate_inter else None)
     sequential = cfg.sequential if cfg.sequential is not None else abits is None
 
-    def both(ebits: int, lbits: int) -> tuple[QuantOptions, QuantOptions]:
-        return (replace(options(ebits), code_sweeps=cfg.sweeps(experts=True)),
-                replace(options(lbits), code_sweeps=cfg.sweeps(experts=False)))
+    def both(ebits: int, lbits: int) -> tuple[QuantOptions, QuantOptions]:  # no code sweeps over trellis paths
+        return (replace(options(ebits), code_sweeps=0 if cfg.trellis(ebits) else cfg.sweeps(experts=True)),
+                replace(options(lbits), code_sweeps=0 if cfg.trellis(lbits) else cfg.sweeps(experts=False)))
 
     experts, linears = both(wbits, lbits)
     plan = QuantPlan.of(cfg, experts=experts, linears=linears, act=aq, smooth=smooth,
@@ -331,6 +351,9 @@ def plan_of(cfg: QuantizeConfig) -> tuple[QuantPlan, dict[str, Any]]:
             "gptq_rounds": cfg.rounds(), "linear_gptq_rounds": cfg.rounds(lbits),
             "code_sweeps": {"experts": cfg.sweeps(True), "linears": cfg.sweeps(False)},
             "record": RECORD_FILE if cfg.save_format == "fake-quant" else None}
+    if cfg.codec == "trellis":  # the packed writer codes these widths as trellis<b>
+        for key in ("weights", "experts"):
+            meta[key]["code"] = {"kind": "trellis", "widths": [2, 3, 4], "state_bits": STATE_BITS, "seq": SEQ}
     if cfg.layer_bits:  # the packed writer's per-layer widths (JSON keys are strings)
         meta["layer_bits"] = {str(i): b for i, b in cfg.layer_bits.items()}
     for key, bits in (("weights", lbits), ("experts", wbits)):  # only where used: other metadata keeps its bytes

@@ -1,0 +1,62 @@
+"""``quantize --codec trellis`` on every adapter: the packed checkpoint (trellis3 codecs, format version 4) loads
+through transformers, keeps its streams packed, and gives the fake-quantized checkpoint's logits; bad requests
+are refused before any work."""
+
+import json
+
+import pytest
+import torch
+
+from moecompress.errors import MoecompressError
+from moecompress.formats.quant_record import QuantRecord
+from moecompress.nn.packed import PackedExperts, PackedLinear
+from moecompress.pipeline import run
+from moecompress.recipe import validate_recipe
+from moecompress.runtime.source import load_model
+from moecompress.stages.quantize import QuantizeConfig
+from moecompress.models.registry import find_arch
+from moecompress.testing import FAMILY, tiny_config
+
+
+def _run(family, out, fmt, **over):
+    stage = {"stage": "quantize", "scheme": "w3a16", "group_size": 8, "codec": "trellis", "save_format": fmt,
+             "gptq_rounds": 1, **over}
+    r = validate_recipe({"model": f"tiny:{family}", "calibration": {"tasks": ["prose"], "samples": 2, "seq_len": 32},
+                         "stages": [stage]})
+    return run(r, output=out)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY))
+@torch.no_grad()
+def test_trellis_checkpoint_loads_and_matches_fake_quant(family, tmp_path):
+    _run(family, tmp_path / "packed", "packed")
+    _run(family, tmp_path / "fake", "fake-quant")
+    qc = json.loads((tmp_path / "packed" / "config.json").read_text())["quantization_config"]
+    assert qc["format_version"] == 4
+    codecs = {c for m in qc["modules"].values()
+              for c in ([m["codec"]] if m["type"] == "linear" else m["codecs"].values())}
+    assert codecs == {"trellis3"}
+    record = QuantRecord.load(tmp_path / "fake")
+    assert all(record.tensors[f"{w}.codes"].dtype == torch.int16 for w in record.weights() if ":router" not in w)
+    packed, fake = load_model(str(tmp_path / "packed")), load_model(str(tmp_path / "fake"))
+    mods = list(packed.model.modules())
+    assert any(isinstance(m, PackedExperts) for m in mods) and any(isinstance(m, PackedLinear) for m in mods)
+    assert all(m.gate_stream.dtype == torch.int32 for m in mods if isinstance(m, PackedExperts))
+    x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    a, b = packed.model(input_ids=x).logits, fake.model(input_ids=x).logits
+    torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3)  # fake-quant stores bf16-rounded weights
+    # the stored table survives a dtype change of the model (the values are the format's)
+    packed.model.to(torch.bfloat16)
+    assert all(m.gate_table.dtype == torch.float32 for m in mods if isinstance(m, PackedExperts))
+
+
+def test_trellis_requests_that_cannot_work_are_refused():
+    config = tiny_config("mixtral")
+    arch = find_arch(config)
+    with pytest.raises(MoecompressError, match="codes 2-4-bit weights"):
+        QuantizeConfig(scheme="w8a16", codec="trellis").check(config, arch)
+    with pytest.raises(MoecompressError, match="no symmetric form"):
+        QuantizeConfig(scheme="w3a16", codec="trellis", symmetric=True).check(config, arch)
+    with pytest.raises(MoecompressError, match="--codec trellis"):
+        QuantizeConfig(scheme="w3a16", codec="int4").check(config, arch)
+    assert QuantizeConfig(scheme="w3a16", codec="trellis").rounds() == 2
