@@ -211,8 +211,8 @@ def quantize(
                                                                   "instead of the packed format.")] = False,
     codec: Annotated[str, typer.Option(help="auto: the scheme's int<b> (int<b>-fz where the zero points are "
                                        "fractional); trellis: 2-4-bit weights in QTIP's bitshift trellis code "
-                                       "(packed trellis<b>, same size, lower error, slower to quantize; no Triton "
-                                       "kernel yet); ternary codecs need `moecompress ternary`.")] = "auto",
+                                       "(packed trellis<b>, same size, lower error, slower to quantize); ternary "
+                                       "codecs need `moecompress ternary`.")] = "auto",
     tasks: TasksOpt = None,
     data: DataOpt = None,
     samples: Annotated[int, typer.Option(help="Calibration windows per task.")] = 32,

@@ -103,8 +103,8 @@ def compile_kernel(fn, values: dict, arch: int, options: dict, last: str = "cubi
 class KernelSpec:
     """One kernel specialization as plain data (picklable for worker processes)."""
 
-    kernel: str  # "mm", "dequant", "align" or "dict" (the ternary-dict decoder, triton_dict)
-    codec: tuple = ()  # (bits, ternary, base3, asymmetric[, zero fraction bits]); dict: (two-level scales,)
+    kernel: str  # "mm", "dequant", "align", "dict" (the ternary-dict decoder, triton_dict) or "trellis" (triton_trellis)
+    codec: tuple = ()  # (bits, ternary, base3, asymmetric[, zero fraction bits]); dict: (two-level scales,); trellis: (bits,)
     dtype: str = "fp16"  # activations (mm) or output (dequant)
     N: int = 0
     K: int = 0
@@ -140,6 +140,8 @@ def launch_values(spec: KernelSpec):
         return td._moe_align_kernel, values, {"num_warps": values.pop("num_warps")}
     if spec.kernel == "dict":
         return _dict_launch(spec)
+    if spec.kernel == "trellis":
+        return _trellis_launch(spec)
     bits, ternary, base3, asym, *frac = spec.codec
     geo = td.geometry(bits, ternary, base3, frac[0] if frac else 0)
     K, N = spec.K, spec.N
@@ -189,6 +191,25 @@ def _dict_launch(spec: KernelSpec):
                                   _placeholder(torch.int64 if bm == 1 else torch.int32), M=spec.M, N=N, K=K, G=G,
                                   x_div=spec.x_div, subs=max(1, bm // mb), grouped=spec.grouped, block_m=bm, mb=mb)
     return tdict._dict_mm_kernel, values, {"num_warps": values.pop("num_warps")}
+
+
+def _trellis_launch(spec: KernelSpec):
+    """The trellis decoder's launch (`triton_trellis.trellis_matmul` / `grouped_trellis_matmul`; 10-bit states,
+    sequences of 64, zeros with 5 fraction bits, as the format writes them)."""
+    from moecompress.kernels import triton_trellis as tt
+
+    (bits,) = spec.codec
+    K, N = spec.K, spec.N
+    G = max(1, K // spec.group) if spec.group > 0 else 1
+    bm = spec.block_m if spec.grouped else tt._mb(spec.M)
+    mb = 1 if spec.grouped and bm == 1 else min(16, bm)
+    idx = _placeholder(torch.int64 if bm == 1 else torch.int32)
+    values = tt.trellis_arguments(_placeholder(_TORCH_DTYPES[spec.dtype]), _placeholder(torch.int32),
+                                  _placeholder(torch.int32), _placeholder(torch.float32), _placeholder(torch.float16),
+                                  _placeholder(torch.uint8), _placeholder(torch.float32), idx, idx, M=spec.M, N=N, K=K,
+                                  G=G, S=-(-N // 64), bits=bits, zero_frac=5, x_div=spec.x_div, subs=max(1, bm // mb),
+                                  grouped=spec.grouped, block_m=bm, mb=mb)
+    return tt._trellis_mm_kernel, values, {"num_warps": values.pop("num_warps")}
 
 
 def compile_spec(spec: KernelSpec, arch: int, last: str = "cubin") -> int | None:

@@ -91,10 +91,8 @@ def resolve_backend(backend: str | None, device: torch.device, codec: tuple | No
         from moecompress.kernels.triton_dequant import supported
 
         two_level, is_dict, trellis = (tuple(codec[3:6]) + (False, False, False))[:3]
-        if trellis:
-            ok, why = False, f"no Triton kernel for trellis{codec[0]} weights yet"
-        elif is_dict:
-            pass  # moecompress.kernels.triton_dict
+        if trellis or is_dict:
+            pass  # moecompress.kernels.triton_trellis / triton_dict
         elif two_level:
             ok, why = False, "no Triton kernel for two-level ternary scales in ternary-b3 / ternary2 (ternary-dict has one)"
         elif not supported(*codec[:3]):
@@ -309,16 +307,20 @@ def _trellis_backend(backend: str | None, device: torch.device, bits: int) -> st
 def trellis_dequantize(stream: torch.Tensor, order: torch.Tensor, table: torch.Tensor, scale: torch.Tensor,
                        zero: torch.Tensor, bits: int, zero_frac: int, dtype: torch.dtype = torch.float32,
                        backend: str | None = None) -> torch.Tensor:
-    """Dense ``[E, O, C]`` of a trellis-coded weight (`reference.trellis_dequantize`; the torch reference on every
-    device: there is no Triton kernel for it yet)."""
-    _trellis_backend(backend, stream.device, bits)
+    """Dense ``[E, O, C]`` of a trellis-coded weight (`reference.trellis_dequantize`, on every device: the forward
+    passes use the fused kernels)."""
     return reference.trellis_dequantize(stream, order, table, scale, zero, bits, zero_frac, dtype)
 
 
 def trellis_linear(x: torch.Tensor, stream: torch.Tensor, order: torch.Tensor, table: torch.Tensor,
                    scale: torch.Tensor, zero: torch.Tensor, bits: int, zero_frac: int,
                    backend: str | None = None) -> torch.Tensor:
-    """``x [T, C] @ W^T`` for one trellis-coded weight ``[1, O, C]`` -> ``[T, O]`` in ``x.dtype``."""
+    """``x [T, C] @ W^T`` for one trellis-coded weight ``[1, O, C]`` -> ``[T, O]`` in ``x.dtype`` (fused decode +
+    product on Triton, `triton_trellis`)."""
+    if _trellis_backend(backend, x.device, bits) == "triton":
+        from moecompress.kernels import triton_trellis
+
+        return triton_trellis.trellis_matmul(x, stream, order, table, scale, zero, bits, zero_frac).to(x.dtype)
     w = trellis_dequantize(stream, order, table, scale, zero, bits, zero_frac, x.dtype, backend)[0]
     return x @ w.T
 
@@ -326,10 +328,15 @@ def trellis_linear(x: torch.Tensor, stream: torch.Tensor, order: torch.Tensor, t
 def trellis_grouped_linear(x: torch.Tensor, route: MoeRoute, stream: torch.Tensor, order: torch.Tensor,
                            table: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, zero_frac: int,
                            columns: int, backend: str | None = None, x_div: int = 1) -> torch.Tensor:
-    """`grouped_linear` for a trellis-coded weight: each routed expert's weight decoded by the torch reference."""
-    _trellis_backend(backend, x.device, bits)
+    """`grouped_linear` for a trellis-coded weight: one fused decode + multiply launch on Triton; the torch path
+    decodes each routed expert's weight with the reference."""
+    if route.backend == "triton" and _trellis_backend(backend, x.device, bits) == "triton":
+        from moecompress.kernels import triton_trellis
+
+        return triton_trellis.grouped_trellis_matmul(x, route, x_div, stream, order, table, scale, zero, bits,
+                                                     zero_frac).to(x.dtype)
     if route.backend != "torch":
-        raise ValueError("trellis weights have no Triton kernel: make the route with the torch backend")
+        raise ValueError("this route was made for the Triton kernels; make it with the same backend")
 
     def weights(e: torch.Tensor) -> torch.Tensor:
         return reference.trellis_dequantize(stream.index_select(0, e), order, table, scale.index_select(0, e),

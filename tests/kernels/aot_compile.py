@@ -120,6 +120,7 @@ def specs(level: str = "ci") -> list[dict]:
                 for c in path[1]:
                     mm(90, codec, "fp16", path, c, "ttir")
     out.extend(dict_specs(level))
+    out.extend(trellis_specs(level))
     return out
 
 
@@ -150,6 +151,31 @@ def dict_specs(level: str = "ci") -> list[dict]:
     return out
 
 
+# The trellis decoder (moecompress/kernels/triton_trellis.py): the dict decoder's paths
+TRELLIS_PATHS = [(p.replace("dict", "trellis"), g, bm, m, xdiv) for p, g, bm, m, xdiv in DICT_PATHS]
+
+
+def trellis_specs(level: str = "ci") -> list[dict]:
+    """Every trellis specialization: each path x 2 / 3 / 4 bits x groups of 128 (and one group per row at 3 bits)
+    x sm_80 (bf16 activations) / sm_90 (fp16; the kernel has no dot: the dtype only changes a load; ``full``: both
+    on both), at Mixtral-8x7B's gate shape through PTX (3 bits, batch 1 and grouped, through ptxas), and the odd
+    shape (groups inside a block, a padded sequence; fp16, sm_90)."""
+    out = []
+    for arch in ARCHS:
+        for path, grouped, bm, m, xdiv in TRELLIS_PATHS:
+            for bits, group in ((2, 128), (3, 128), (4, 128), (3, 0)):
+                for dtype in (DTYPES if level == "full" else ("bf16" if arch == 80 else "fp16",)):
+                    main = bits == 3 and group == 128
+                    stage = "cubin" if level == "full" or (main and path in ("trellis-gemv", "trellis-grouped-gemv")) \
+                        else "ptx"
+                    out.append(dict(kind="trellis", arch=arch, bits=bits, dtype=dtype, path=path, grouped=grouped,
+                                    block_m=bm, M=m, x_div=xdiv, shape=(REAL[0], REAL[1], group), stage=stage))
+    for path, grouped, bm, m, xdiv in TRELLIS_PATHS:
+        out.append(dict(kind="trellis", arch=90, bits=3, dtype="fp16", path=path + "-odd", grouped=grouped,
+                        block_m=bm, M=m + 3 if m > 1 else 1, x_div=xdiv, shape=ODD, stage="ptx"))
+    return out
+
+
 def _cfg_dict(c) -> dict:
     return {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
 
@@ -161,6 +187,9 @@ def _label(s: dict) -> str:
 def _what(s: dict) -> str:
     if s["kind"] == "align":
         return f"moe_align E={s['E']} BLOCK_M={s['block_m']} sm_{s['arch']}"
+    if s["kind"] == "trellis":
+        return (f"{s['path']} trellis{s['bits']} {s['dtype']} sm_{s['arch']} shape={s['shape']} M={s['M']} "
+                f"BM={s['block_m']}")
     if s["kind"] == "dict":
         return (f"{s['path']} ternary-dict{' two-level' if s['neg'] else ''} {s['dtype']} sm_{s['arch']} "
                 f"shape={s['shape']} M={s['M']} BM={s['block_m']}")
@@ -178,6 +207,10 @@ def _kernel_spec(s: dict):
     if s["kind"] == "align":
         E, bm = s["E"], s["block_m"]
         return KernelSpec("align", align=(16, E, 37, bm))
+    if s["kind"] == "trellis":
+        N, K, group = s["shape"]
+        return KernelSpec("trellis", (s["bits"],), s["dtype"], N, K, group, s["M"], s["grouped"], s["block_m"],
+                          s["x_div"])
     if s["kind"] == "dict":
         N, K, group = s["shape"]
         return KernelSpec("dict", (s["neg"],), s["dtype"], N, K, group, s["M"], s["grouped"], s["block_m"], s["x_div"])
@@ -259,7 +292,8 @@ def cache_keys() -> dict:
             aot.mm_spec((2, False, False, True, 6), "bf16", *REAL, 2, td.GROUPED_CONFIGS[1][0], True, 1, 2),
             aot.KernelSpec("dequant", (2, False, False, True, 6), "fp32", *REAL),
             aot.KernelSpec("align", align=(37, 8, 10, 16)),
-            aot.KernelSpec("dict", (True,), "bf16", *REAL, 1)]
+            aot.KernelSpec("dict", (True,), "bf16", *REAL, 1),
+            aot.KernelSpec("trellis", (3,), "bf16", *REAL, 1)]
     out = {}
     for spec in todo:
         fn, values, opts = aot.launch_values(spec)
@@ -300,7 +334,7 @@ def main(argv=None) -> int:
         for s in todo:
             print(_label(s))
         return 0
-    from moecompress.kernels import triton_dequant, triton_dict  # noqa: F401  (imported once, before the workers fork)
+    from moecompress.kernels import triton_dequant, triton_dict, triton_trellis  # noqa: F401  (imported before the fork)
 
     t0 = time.time()
     failed = 0
