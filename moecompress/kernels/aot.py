@@ -103,8 +103,9 @@ def compile_kernel(fn, values: dict, arch: int, options: dict, last: str = "cubi
 class KernelSpec:
     """One kernel specialization as plain data (picklable for worker processes)."""
 
-    kernel: str  # "mm", "dequant", "align", "dict" (the ternary-dict decoder, triton_dict) or "trellis" (triton_trellis)
-    codec: tuple = ()  # (bits, ternary, base3, asymmetric[, zero fraction bits]); dict: (two-level scales,); trellis: (bits,)
+    kernel: str  # "mm", "dequant", "align", "dict" (ternary-dict, triton_dict) or "trellis" (triton_trellis)
+    # (bits, ternary, base3, asymmetric[, zero fraction bits]); dict: (two-level scales,); trellis: (bits,)
+    codec: tuple = ()
     dtype: str = "fp16"  # activations (mm) or output (dequant)
     N: int = 0
     K: int = 0

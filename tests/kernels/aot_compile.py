@@ -334,7 +334,7 @@ def main(argv=None) -> int:
         for s in todo:
             print(_label(s))
         return 0
-    from moecompress.kernels import triton_dequant, triton_dict, triton_trellis  # noqa: F401  (imported before the fork)
+    from moecompress.kernels import triton_dequant, triton_dict, triton_trellis  # noqa: F401  (before the fork)
 
     t0 = time.time()
     failed = 0
