@@ -24,6 +24,7 @@ Shapes: ``E`` experts, ``O`` rows, ``C`` columns, ``N`` sequences, ``n`` weights
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -86,7 +87,14 @@ def viterbi(t: torch.Tensor, w: torch.Tensor, table: torch.Tensor, L: int, k: in
 
 def tailbite(t: torch.Tensor, w: torch.Tensor, table: torch.Tensor, L: int, k: int) -> torch.Tensor:
     """`viterbi` on circular streams of ``n k`` bits: a free pass, then one with the start's high bits and the
-    end's low bits fixed to the free path's last state's low bits (QTIP's approximation)."""
+    end's low bits fixed to the free path's last state's low bits (QTIP's approximation). On a GPU with Triton one
+    kernel launch does both passes for every sequence (`kernels.triton_viterbi`)."""
+    if t.device.type != "cpu" or os.environ.get("MOECOMPRESS_KERNELS") == "triton":
+        from moecompress.kernels.dispatch import trellis_search
+
+        got = trellis_search(t, w, table, L, k)
+        if got is not None:
+            return got
     free = viterbi(t, w, table, L, k)
     return viterbi(t, w, table, L, k, tie=free[:, -1] & ((1 << (L - k)) - 1))
 

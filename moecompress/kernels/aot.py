@@ -103,8 +103,8 @@ def compile_kernel(fn, values: dict, arch: int, options: dict, last: str = "cubi
 class KernelSpec:
     """One kernel specialization as plain data (picklable for worker processes)."""
 
-    kernel: str  # "mm", "dequant", "align", "dict" (ternary-dict, triton_dict) or "trellis" (triton_trellis)
-    # (bits, ternary, base3, asymmetric[, zero fraction bits]); dict: (two-level scales,); trellis: (bits,)
+    kernel: str  # "mm", "dequant", "align", "dict" (ternary-dict), "trellis" (its decoder) or "viterbi" (its search)
+    # (bits, ternary, base3, asymmetric[, zero fraction bits]); dict: (two-level scales,); trellis, viterbi: (bits,)
     codec: tuple = ()
     dtype: str = "fp16"  # activations (mm) or output (dequant)
     N: int = 0
@@ -143,6 +143,13 @@ def launch_values(spec: KernelSpec):
         return _dict_launch(spec)
     if spec.kernel == "trellis":
         return _trellis_launch(spec)
+    if spec.kernel == "viterbi":
+        from moecompress.kernels import triton_viterbi as tv
+
+        values = tv.viterbi_arguments(*(_placeholder(d) for d in (torch.float32, torch.float32, torch.float32,
+                                                                   torch.uint8, torch.int32)),
+                                      seq=64, L=10, k=spec.codec[0])
+        return tv._tailbite_kernel, values, {"num_warps": values.pop("num_warps")}
     bits, ternary, base3, asym, *frac = spec.codec
     geo = td.geometry(bits, ternary, base3, frac[0] if frac else 0)
     K, N = spec.K, spec.N

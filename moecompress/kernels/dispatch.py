@@ -24,7 +24,7 @@ from moecompress.kernels.routing import MoeRoute, torch_route
 
 __all__ = ["MoeRoute", "dequantize_packed", "dict_dequantize", "dict_grouped_linear", "dict_linear", "grouped_linear",
            "moe_route", "packed_linear", "resolve_backend", "trellis_dequantize", "trellis_grouped_linear",
-           "trellis_linear", "triton_available", "triton_usable"]
+           "trellis_linear", "trellis_search", "triton_available", "triton_usable"]
 
 log = logging.getLogger("moecompress.kernels")
 
@@ -343,3 +343,14 @@ def trellis_grouped_linear(x: torch.Tensor, route: MoeRoute, stream: torch.Tenso
                                             zero.index_select(0, e), bits, zero_frac, x.dtype)
 
     return _grouped_blocks(x, route, x_div, scale.shape[1], columns, weights)
+
+
+def trellis_search(t: torch.Tensor, w: torch.Tensor, table: torch.Tensor, L: int, k: int,
+                   backend: str | None = None) -> torch.Tensor | None:
+    """The trellis quantizer's tail-biting search on Triton (`triton_viterbi`, one launch for all sequences), or
+    None where the Triton kernels do not run (then `algorithms.trellis.tailbite` searches in torch)."""
+    if resolve_backend(backend, t.device) != "triton":
+        return None
+    from moecompress.kernels import triton_viterbi
+
+    return triton_viterbi.tailbite_triton(t, w, table, L, k)

@@ -121,6 +121,7 @@ def specs(level: str = "ci") -> list[dict]:
                     mm(90, codec, "fp16", path, c, "ttir")
     out.extend(dict_specs(level))
     out.extend(trellis_specs(level))
+    out.extend(dict(kind="viterbi", arch=arch, bits=bits, stage="cubin") for arch in ARCHS for bits in (2, 3, 4))
     return out
 
 
@@ -187,6 +188,8 @@ def _label(s: dict) -> str:
 def _what(s: dict) -> str:
     if s["kind"] == "align":
         return f"moe_align E={s['E']} BLOCK_M={s['block_m']} sm_{s['arch']}"
+    if s["kind"] == "viterbi":
+        return f"viterbi trellis{s['bits']} sm_{s['arch']}"
     if s["kind"] == "trellis":
         return (f"{s['path']} trellis{s['bits']} {s['dtype']} sm_{s['arch']} shape={s['shape']} M={s['M']} "
                 f"BM={s['block_m']}")
@@ -207,6 +210,8 @@ def _kernel_spec(s: dict):
     if s["kind"] == "align":
         E, bm = s["E"], s["block_m"]
         return KernelSpec("align", align=(16, E, 37, bm))
+    if s["kind"] == "viterbi":
+        return KernelSpec("viterbi", (s["bits"],))
     if s["kind"] == "trellis":
         N, K, group = s["shape"]
         return KernelSpec("trellis", (s["bits"],), s["dtype"], N, K, group, s["M"], s["grouped"], s["block_m"],
@@ -293,7 +298,8 @@ def cache_keys() -> dict:
             aot.KernelSpec("dequant", (2, False, False, True, 6), "fp32", *REAL),
             aot.KernelSpec("align", align=(37, 8, 10, 16)),
             aot.KernelSpec("dict", (True,), "bf16", *REAL, 1),
-            aot.KernelSpec("trellis", (3,), "bf16", *REAL, 1)]
+            aot.KernelSpec("trellis", (3,), "bf16", *REAL, 1),
+            aot.KernelSpec("viterbi", (3,))]
     out = {}
     for spec in todo:
         fn, values, opts = aot.launch_values(spec)
@@ -334,7 +340,7 @@ def main(argv=None) -> int:
         for s in todo:
             print(_label(s))
         return 0
-    from moecompress.kernels import triton_dequant, triton_dict, triton_trellis  # noqa: F401  (before the fork)
+    from moecompress.kernels import triton_dequant, triton_dict, triton_trellis, triton_viterbi  # noqa: F401
 
     t0 = time.time()
     failed = 0
