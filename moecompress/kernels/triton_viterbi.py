@@ -26,7 +26,6 @@ def _pass(t_ptr, w_ptr, v_lk, row, tie, back_ptr, brow, SEQ: tl.constexpr, L: tl
     LO: tl.constexpr = 1 << (L - KB)
     K: tl.constexpr = 1 << KB
     m = tl.arange(0, LO)
-    c = tl.arange(0, K)
     t0 = tl.load(t_ptr + row)
     w0 = tl.load(w_ptr + row)
     cost = w0 * (t0 - v_lk) * (t0 - v_lk)  # [LO, K], flat m K + c
