@@ -61,6 +61,9 @@ def _files(d: Path) -> dict[str, object]:
     ["quantize", "tiny:deepseek_v3", "--scheme", "w4a16", "--group-size", "8", "--fake-quant", "--tasks", "math", "--samples", "4",
      "--seq-len", "32"],
     ["ternary", "tiny:qwen3_moe", "--group-size", "8", "--tasks", "prose", "--samples", "4", "--seq-len", "32"],
+    # the trellis code: int16 states gathered across ranks
+    ["quantize", "tiny:olmoe", "--scheme", "w3a16", "--group-size", "8", "--codec", "trellis", "--tasks", "prose",
+     "--samples", "4", "--seq-len", "32"],
 ])
 def test_two_gloo_processes_write_the_bytes_of_one(command, tmp_path):
     one = _files(_run(command, tmp_path / "one", 1))
