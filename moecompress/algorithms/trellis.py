@@ -24,7 +24,6 @@ Shapes: ``E`` experts, ``O`` rows, ``C`` columns, ``N`` sequences, ``n`` weights
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch
 
 from moecompress.algorithms.quant_grid import QuantResult, storable
 from moecompress.algorithms.refit import refit_groups, row_errors
+from moecompress.kernels.dispatch import trellis_search
 
 __all__ = ["SEQ", "STATE_BITS", "TrellisGrid", "ZERO_FRAC", "ZERO_SHIFT", "refit_trellis", "row_layout", "row_order",
            "row_sequences", "tailbite", "train_table", "trellis_rounds", "trellis_table", "viterbi"]
@@ -89,12 +89,9 @@ def tailbite(t: torch.Tensor, w: torch.Tensor, table: torch.Tensor, L: int, k: i
     """`viterbi` on circular streams of ``n k`` bits: a free pass, then one with the start's high bits and the
     end's low bits fixed to the free path's last state's low bits (QTIP's approximation). On a GPU with Triton one
     kernel launch does both passes for every sequence (`kernels.triton_viterbi`)."""
-    if t.device.type != "cpu" or os.environ.get("MOECOMPRESS_KERNELS") == "triton":
-        from moecompress.kernels.dispatch import trellis_search
-
-        got = trellis_search(t, w, table, L, k)
-        if got is not None:
-            return got
+    got = trellis_search(t, w, table, L, k)
+    if got is not None:
+        return got
     free = viterbi(t, w, table, L, k)
     return viterbi(t, w, table, L, k, tie=free[:, -1] & ((1 << (L - k)) - 1))
 
@@ -139,20 +136,21 @@ def trellis_table(L: int, k: int, device: torch.device | str = "cpu") -> torch.T
 
 def row_order(rows: int, seed: int = ORDER_SEED) -> torch.Tensor:
     """The fixed order in which a weight's ``rows`` fill its sequences (int64 ``[rows]``: position -> row)."""
-    return torch.randperm(rows, generator=torch.Generator().manual_seed(seed))
+    return torch.randperm(rows, generator=torch.Generator().manual_seed(seed), device="cpu")
 
 
 @functools.lru_cache(maxsize=256)
-def row_layout(blocks: tuple[int, ...], seq: int = SEQ, seed: int = ORDER_SEED) -> torch.Tensor:
+def row_layout(blocks: tuple[int, ...], seq: int = SEQ, seed: int = ORDER_SEED,
+               device: torch.device = torch.device("cpu")) -> torch.Tensor:
     """Sequence positions of rows split into ``blocks`` (each block, e.g. a stored weight of a fused matrix, has
-    its own sequences): int64 ``[P]`` with ``P = sum ceil(b / seq) seq``, the row at each position (-1: padding).
-    Cached: do not modify the result."""
+    its own sequences): int64 ``[P]`` with ``P = sum ceil(b / seq) seq``, the row at each position (-1: padding),
+    on ``device``. Cached (GPTQ asks once per column): do not modify the result."""
     parts, start = [], 0
     for b in blocks:
         pad = -(-b // seq) * seq - b
-        parts += [row_order(b, seed) + start, torch.full((pad,), -1, dtype=torch.long)]
+        parts += [row_order(b, seed) + start, torch.full((pad,), -1, dtype=torch.long, device="cpu")]
         start += b
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+    return (torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device="cpu")).to(device)
 
 
 @dataclass(frozen=True)
@@ -182,7 +180,7 @@ class TrellisGrid:
         blocks = self.blocks or (rows,)
         if sum(blocks) != rows:
             raise ValueError(f"trellis blocks {blocks} do not add up to {rows} rows")
-        return row_layout(blocks, self.seq).to(device)
+        return row_layout(blocks, self.seq, device=torch.device(device))
 
     def params(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scale, zero)`` ``[..., 1]`` of groups ``w [..., n]``: the group's standard deviation (the table is

@@ -42,7 +42,7 @@ from moecompress.formats.bitpack import pack_bits, pack_trits, packed_width, unp
 from moecompress.algorithms.trellis import SEQ, STATE_BITS, ZERO_FRAC
 from moecompress.formats.dictcode import dict_decode, dict_table, pick_and_encode
 from moecompress.formats.trellis_code import trellis_stream
-from moecompress.kernels.reference import trellis_states
+from moecompress.kernels.reference import trellis_row_states
 from moecompress.registry import Registry
 
 __all__ = ["CODECS", "Codec", "decode", "encode", "encoded_bits_per_weight", "int_codec", "packed_bits_per_weight",
@@ -147,9 +147,7 @@ def decode(codec: str, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     E, O, C = (int(v) for v in tensors["shape"])
     scale = tensors["scale"].float()
     if c.trellis:  # codes: the states, in row order (values: tensors["table"][codes])
-        st = trellis_states(tensors["stream"], STATE_BITS, c.bits)  # [E, S, C, n]
-        st = st.transpose(2, 3).reshape(E, -1, C)[:, :O]
-        codes = torch.empty_like(st).index_copy_(1, tensors["order"].to(torch.int64), st)
+        codes = trellis_row_states(tensors["stream"], tensors["order"], STATE_BITS, c.bits)
         return codes, scale, tensors["zero"].float() / 2 ** c.zero_frac
     if c.dict:
         t = dict_decode(tensors["codewords"], tensors["row_index"], dict_table(tensors["dict"]), E * O, C).view(E, O, C)

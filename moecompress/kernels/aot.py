@@ -186,12 +186,13 @@ def launch_values(spec: KernelSpec):
 def _dict_launch(spec: KernelSpec):
     """The ternary-dict decoder's launch (`triton_dict.dict_matmul` / `grouped_dict_matmul`)."""
     from moecompress.kernels import triton_dict as tdict
+    from moecompress.kernels.triton_common import decoder_batch
 
     (neg,) = spec.codec
     K, N = spec.K, spec.N
     G = max(1, K // spec.group) if spec.group > 0 else 1
     i32, f16 = _placeholder(torch.int32), _placeholder(torch.float16)
-    bm = spec.block_m if spec.grouped else tdict._mb(spec.M)
+    bm = spec.block_m if spec.grouped else decoder_batch(spec.M)
     mb = 1 if spec.grouped and bm == 1 else min(16, bm)
     values = tdict.dict_arguments(_placeholder(_TORCH_DTYPES[spec.dtype]), _placeholder(torch.uint16), i32, i32, f16,
                                   f16 if neg else None, _placeholder(torch.float32),
@@ -205,11 +206,12 @@ def _trellis_launch(spec: KernelSpec):
     """The trellis decoder's launch (`triton_trellis.trellis_matmul` / `grouped_trellis_matmul`; 10-bit states,
     sequences of 64, zeros with 5 fraction bits, as the format writes them)."""
     from moecompress.kernels import triton_trellis as tt
+    from moecompress.kernels.triton_common import decoder_batch
 
     (bits,) = spec.codec
     K, N = spec.K, spec.N
     G = max(1, K // spec.group) if spec.group > 0 else 1
-    bm = spec.block_m if spec.grouped else tt._mb(spec.M)
+    bm = spec.block_m if spec.grouped else decoder_batch(spec.M)
     mb = 1 if spec.grouped and bm == 1 else min(16, bm)
     idx = _placeholder(torch.int64 if bm == 1 else torch.int32)
     values = tt.trellis_arguments(_placeholder(_TORCH_DTYPES[spec.dtype]), _placeholder(torch.int32),

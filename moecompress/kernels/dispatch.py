@@ -305,8 +305,8 @@ def _trellis_backend(backend: str | None, device: torch.device, bits: int) -> st
 
 
 def trellis_dequantize(stream: torch.Tensor, order: torch.Tensor, table: torch.Tensor, scale: torch.Tensor,
-                       zero: torch.Tensor, bits: int, zero_frac: int, dtype: torch.dtype = torch.float32,
-                       backend: str | None = None) -> torch.Tensor:
+                       zero: torch.Tensor, bits: int, zero_frac: int,
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Dense ``[E, O, C]`` of a trellis-coded weight (`reference.trellis_dequantize`, on every device: the forward
     passes use the fused kernels)."""
     return reference.trellis_dequantize(stream, order, table, scale, zero, bits, zero_frac, dtype)
@@ -321,7 +321,7 @@ def trellis_linear(x: torch.Tensor, stream: torch.Tensor, order: torch.Tensor, t
         from moecompress.kernels import triton_trellis
 
         return triton_trellis.trellis_matmul(x, stream, order, table, scale, zero, bits, zero_frac).to(x.dtype)
-    w = trellis_dequantize(stream, order, table, scale, zero, bits, zero_frac, x.dtype, backend)[0]
+    w = trellis_dequantize(stream, order, table, scale, zero, bits, zero_frac, x.dtype)[0]
     return x @ w.T
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["dequantize", "dict_decode", "dict_dequantize", "dict_entry_lengths", "grouped_experts_matmul",
-           "packed_matmul", "trellis_dequantize", "trellis_states", "unpack_bits", "unpack_trits"]
+           "packed_matmul", "trellis_dequantize", "trellis_row_states", "trellis_states", "unpack_bits", "unpack_trits"]
 
 def unpack_bits(packed: torch.Tensor, bits: int, columns: int) -> torch.Tensor:
     """``[..., W]`` int32 words -> ``[..., columns]`` uint8 codes."""
@@ -140,16 +140,20 @@ def trellis_states(stream: torch.Tensor, L: int, k: int) -> torch.Tensor:
     return (both >> (64 - L - off)) & ((1 << L) - 1)
 
 
+def trellis_row_states(stream: torch.Tensor, order: torch.Tensor, L: int, k: int) -> torch.Tensor:
+    """States ``[E, O, C]`` (int64, row order) of ``stream [E, S, C, W]`` with ``order [O]`` int32, the row at each
+    sequence position (positions from ``O`` on are padding)."""
+    E, S, C, W = stream.shape
+    st = trellis_states(stream, L, k).transpose(2, 3).reshape(E, -1, C)[:, :order.numel()]  # position order
+    return torch.empty_like(st).index_copy_(1, order.to(torch.int64), st)
+
+
 def trellis_dequantize(stream: torch.Tensor, order: torch.Tensor, table: torch.Tensor, scale: torch.Tensor,
                        zero: torch.Tensor, k: int, zero_frac: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Dense ``[E, O, C]`` of a trellis-coded weight: ``stream [E, S, C, W]`` int32 (sequence ``j`` of column
     ``c`` holds the weights at positions ``j n .. j n + n - 1``), ``order [O]`` int32 (the row at each position;
     positions from ``O`` on are padding), ``table [2^L]`` float32, ``scale [E, O, G]``, ``zero [E, O, G]`` uint8
     (``zero / 2^zero_frac``): weight ``(table[state] - zero) * scale``."""
-    E, S, C, W = stream.shape
-    O = order.numel()
     L = table.numel().bit_length() - 1
-    v = table.float()[trellis_states(stream, L, k)]  # [E, S, C, n]
-    v = v.transpose(2, 3).reshape(E, -1, C)[:, :O]  # [E, O, C] in position order
-    rows = torch.empty_like(v).index_copy_(1, order.to(torch.int64), v)
-    return dequantize(rows, scale, zero.float() / 2 ** zero_frac, dtype)
+    v = table.float()[trellis_row_states(stream, order, L, k)]
+    return dequantize(v, scale, zero.float() / 2 ** zero_frac, dtype)

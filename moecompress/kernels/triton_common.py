@@ -21,6 +21,34 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read by @triton.jit at 
 
 # ----------------------------------------------------------------------------------------------- device code
 @triton.jit
+def _decoder_rows(pid, rows_ptr, expert_ptr, M, X_DIV, SUBS, GROUPED: tl.constexpr, BLOCK_M: tl.constexpr,
+                  MB: tl.constexpr):
+    """The activation rows of program ``pid`` of the row-walking decoders (`triton_dict`, `triton_trellis`):
+    ``(expert, output rows [MB], input rows [MB], valid [MB])``. Grouped with ``BLOCK_M`` 1: row ``pid`` with its own
+    expert (``expert_ptr``: the rows' experts); otherwise sub-block ``pid % SUBS`` of the route's block
+    ``pid // SUBS``. Plain: rows ``pid MB ..`` of one weight (expert 0)."""
+    mm = tl.arange(0, MB)
+    if GROUPED:
+        if BLOCK_M == 1:
+            e = tl.load(expert_ptr + pid).to(tl.int64)
+            orow = pid + mm
+            m_ok = mm < 1
+        else:
+            b = pid // SUBS
+            e = tl.load(expert_ptr + b).to(tl.int64)
+            orow = tl.load(rows_ptr + b * BLOCK_M + (pid % SUBS) * MB + mm).to(tl.int64)
+            m_ok = (orow < M) & (e >= 0)
+        xrow = orow // X_DIV
+        e = tl.maximum(e, 0)
+    else:
+        e = tl.zeros([], dtype=tl.int64)
+        orow = (pid * MB + mm).to(tl.int64)
+        m_ok = orow < M
+        xrow = orow
+    return e, orow, xrow, m_ok
+
+
+@triton.jit
 def _load_units(data_ptr, row_off, u, n_ok, W, KIND: tl.constexpr, BITS: tl.constexpr):
     """Storage units ``u`` ([1, BU] unit indices) of the rows at ``row_off`` ([BN, 1]): ``(w0, w1, w2)``
     int32 [BN, BU]; int3 units are three words, other units one word (or one byte: base 3)."""
@@ -201,6 +229,20 @@ def _k_range(K, pid_k, KSTEP: tl.constexpr, SPLIT_K: tl.constexpr):
 
 
 # -------------------------------------------------------------------------------- host code: codec geometry
+def decoder_batch(m: int) -> int:
+    """Activation rows per program of the row-walking decoders' plain products (1..16)."""
+    return min(16, triton.next_power_of_2(max(1, m)))
+
+
+def decoder_route(route) -> tuple:
+    """``(rows, experts, MB, SUBS, programs)`` of a row-walking decoder's grouped launch over a `MoeRoute`."""
+    R, bm = route.num_rows, route.block_m
+    if bm == 1:
+        return route.block_expert, route.block_expert, 1, 1, R
+    mb = min(16, bm)
+    return route.sorted_rows, route.block_expert, mb, bm // mb, route.num_blocks * (bm // mb)
+
+
 def _cdiv(a: int, b: int) -> int:
     """Host-side ceil division (``triton.cdiv`` is a jitted function: microseconds per host call)."""
     return -(-a // b)

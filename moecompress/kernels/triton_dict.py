@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from moecompress.kernels.routing import MoeRoute
-from moecompress.kernels.triton_common import _cdiv
+from moecompress.kernels.triton_common import _cdiv, _decoder_rows, decoder_batch, decoder_route
 
 __all__ = ["dict_arguments", "dict_matmul", "grouped_dict_matmul"]
 
@@ -46,24 +46,7 @@ def _dict_mm_kernel(x_ptr, cw_ptr, ri_ptr, dec_ptr, scale_ptr, neg_ptr, out_ptr,
     pid = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
-    mm = tl.arange(0, MB)
-    if GROUPED:
-        if BLOCK_M == 1:  # program r: row r, its own expert (rows_expert)
-            e = tl.load(expert_ptr + pid).to(tl.int64)
-            orow = pid + mm
-            m_ok = mm < 1
-        else:  # sub-block `pid % SUBS` of the route's block `pid // SUBS`
-            b = pid // SUBS
-            e = tl.load(expert_ptr + b).to(tl.int64)
-            orow = tl.load(rows_ptr + b * BLOCK_M + (pid % SUBS) * MB + mm).to(tl.int64)
-            m_ok = (orow < M) & (e >= 0)
-        xrow = orow // X_DIV
-        e = tl.maximum(e, 0)
-    else:
-        e = 0
-        orow = (pid * MB + mm).to(tl.int64)
-        m_ok = orow < M
-        xrow = orow
+    e, orow, xrow, m_ok = _decoder_rows(pid, rows_ptr, expert_ptr, M, X_DIV, SUBS, GROUPED, BLOCK_M, MB)
     wrow = e * N + offs_n.to(tl.int64)  # [BN] weight rows
     start = tl.load(ri_ptr + wrow, mask=n_ok, other=0).to(tl.int64)
     ncw = tl.load(ri_ptr + wrow + 1, mask=n_ok, other=0).to(tl.int64) - start
@@ -128,10 +111,6 @@ def dict_arguments(x, codewords, row_index, dec, scale, scale_neg, out, rows, ex
                 num_warps=4)
 
 
-def _mb(m: int) -> int:
-    return min(16, triton.next_power_of_2(max(1, m)))
-
-
 def dict_matmul(x: torch.Tensor, codewords: torch.Tensor, row_index: torch.Tensor, dec: torch.Tensor,
                 scale: torch.Tensor, scale_neg: torch.Tensor | None, columns: int) -> torch.Tensor:
     """``x [M, K] @ W^T`` for one ``ternary-dict`` weight (``scale [1, N, G]``) -> ``[M, N]`` float32."""
@@ -139,7 +118,7 @@ def dict_matmul(x: torch.Tensor, codewords: torch.Tensor, row_index: torch.Tenso
     if K != columns:
         raise ValueError(f"x has {K} features, the weight {columns}")
     _, N, G = scale.shape
-    mb = _mb(M)
+    mb = decoder_batch(M)
     out = torch.empty(M, N, dtype=torch.float32, device=x.device)
     values = dict_arguments(x.contiguous(), codewords, row_index, dec, scale, scale_neg, out, row_index, row_index,
                             M=M, N=N, K=K, G=G, x_div=1, subs=1, grouped=False, block_m=mb, mb=mb)
@@ -157,12 +136,7 @@ def grouped_dict_matmul(x: torch.Tensor, route: MoeRoute, x_div: int, codewords:
     E, N, G = scale.shape
     R, bm = route.num_rows, route.block_m
     out = torch.empty(R, N, dtype=torch.float32, device=x.device)
-    if bm == 1:
-        rows, experts, mb, subs, programs = route.block_expert, route.block_expert, 1, 1, R
-    else:
-        mb = min(16, bm)
-        subs = bm // mb
-        rows, experts, programs = route.sorted_rows, route.block_expert, route.num_blocks * subs
+    rows, experts, mb, subs, programs = decoder_route(route)
     values = dict_arguments(x.contiguous(), codewords, row_index, dec, scale, scale_neg, out, rows, experts,
                             M=R, N=N, K=K, G=G, x_div=x_div, subs=subs, grouped=True, block_m=bm, mb=mb)
     if programs:

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from moecompress.kernels.routing import MoeRoute
-from moecompress.kernels.triton_common import _cdiv
+from moecompress.kernels.triton_common import _cdiv, _decoder_rows, decoder_batch, decoder_route
 
 __all__ = ["grouped_trellis_matmul", "trellis_arguments", "trellis_matmul"]
 
@@ -49,24 +49,7 @@ def _trellis_mm_kernel(x_ptr, stream_ptr, order_ptr, table_ptr, scale_ptr, zero_
     pid = tl.program_id(0)
     offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     p_ok = offs_p < N
-    mm = tl.arange(0, MB)
-    if GROUPED:
-        if BLOCK_M == 1:  # program r: row r, its own expert (rows_expert)
-            e = tl.load(expert_ptr + pid).to(tl.int64)
-            orow = pid + mm
-            m_ok = mm < 1
-        else:  # sub-block `pid % SUBS` of the route's block `pid // SUBS`
-            b = pid // SUBS
-            e = tl.load(expert_ptr + b).to(tl.int64)
-            orow = tl.load(rows_ptr + b * BLOCK_M + (pid % SUBS) * MB + mm).to(tl.int64)
-            m_ok = (orow < M) & (e >= 0)
-        xrow = orow // X_DIV
-        e = tl.maximum(e, 0)
-    else:
-        e = 0
-        orow = (pid * MB + mm).to(tl.int64)
-        m_ok = orow < M
-        xrow = orow
+    e, orow, xrow, m_ok = _decoder_rows(pid, rows_ptr, expert_ptr, M, X_DIV, SUBS, GROUPED, BLOCK_M, MB)
     W: tl.constexpr = SEQ * BITS // 32  # words per stream
     NK: tl.constexpr = SEQ * BITS  # bits per stream
     row = tl.load(order_ptr + offs_p, mask=p_ok, other=0).to(tl.int64)  # [BP] the output row of each position
@@ -120,10 +103,6 @@ def trellis_arguments(x, stream, order, table, scale, zero, out, rows, experts, 
                 BLOCK_M=block_m, MB=mb, BLOCK_P=BLOCK_P, BLOCK_K=BLOCK_K, num_warps=4)
 
 
-def _mb(m: int) -> int:
-    return min(16, triton.next_power_of_2(max(1, m)))
-
-
 def _sizes(stream: torch.Tensor, table: torch.Tensor, bits: int) -> dict:
     """The state width and the sequence length of a trellis weight (host-known shapes, no device read)."""
     return {"L": table.numel().bit_length() - 1, "seq": 32 * stream.shape[3] // bits}
@@ -146,7 +125,7 @@ def trellis_matmul(x: torch.Tensor, stream: torch.Tensor, order: torch.Tensor, t
     _check(x, stream, order, table, bits)
     M, K = x.shape
     _, N, G = scale.shape
-    mb = _mb(M)
+    mb = decoder_batch(M)
     out = torch.empty(M, N, dtype=torch.float32, device=x.device)
     values = trellis_arguments(x.contiguous(), stream, order, table, scale, zero, out, order, order, M=M, N=N, K=K,
                                G=G, S=stream.shape[1], bits=bits, zero_frac=zero_frac, x_div=1, subs=1,
@@ -162,17 +141,12 @@ def grouped_trellis_matmul(x: torch.Tensor, route: MoeRoute, x_div: int, stream:
     _check(x, stream, order, table, bits)
     K = x.shape[1]
     E, N, G = scale.shape
-    R, bm = route.num_rows, route.block_m
+    R = route.num_rows
     out = torch.empty(R, N, dtype=torch.float32, device=x.device)
-    if bm == 1:
-        rows, experts, mb, subs, programs = route.block_expert, route.block_expert, 1, 1, R
-    else:
-        mb = min(16, bm)
-        subs = bm // mb
-        rows, experts, programs = route.sorted_rows, route.block_expert, route.num_blocks * subs
+    rows, experts, mb, subs, programs = decoder_route(route)
     values = trellis_arguments(x.contiguous(), stream, order, table, scale, zero, out, rows, experts, M=R, N=N, K=K,
                                G=G, S=stream.shape[1], bits=bits, zero_frac=zero_frac, x_div=x_div, subs=subs,
-                               grouped=True, block_m=bm, mb=mb, **_sizes(stream, table, bits))
+                               grouped=True, block_m=route.block_m, mb=mb, **_sizes(stream, table, bits))
     if programs:
         _launch(_trellis_mm_kernel, (programs, _cdiv(N, BLOCK_P)), **values)
     return out

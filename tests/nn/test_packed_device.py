@@ -237,3 +237,45 @@ def test_to_dtype_keeps_the_packed_values():
     for k, v in before.items():
         assert after[k].dtype == v.dtype and torch.equal(after[k], v), k
     assert experts.gate_bias.dtype == torch.bfloat16 and linear.bias.dtype == torch.float16
+
+
+def _trellis_fill(module, prefix, shape, group, seed):
+    from moecompress.algorithms.gptq import gptq_quantize
+    from moecompress.algorithms.trellis import TrellisGrid, row_order
+
+    E, O, C = shape
+    grid = TrellisGrid(3, group)
+    res = gptq_quantize(torch.randn(E, O, C, generator=torch.Generator().manual_seed(seed)), torch.zeros(E, C, C), grid)
+    enc = encode("trellis3", res.codes, res.scales, res.zeros, False, order=row_order(O), table=grid.table())
+    for k, v in enc.items():
+        getattr(module, f"{prefix}_{k}").copy_(v)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_trellis_forward_makes_no_cpu_tensor_and_reads_nothing_back(backend, monkeypatch):
+    """The trellis codecs (a padded sequence in down): the experts' grouped forward and a linear's make every tensor
+    on the input's device and read nothing back (Triton: host code only, launches checked)."""
+    E, I, H = 5, 64, 48
+    spec = ModuleSpec.experts((E, I, H), {p: "trellis3" for p in ("gate", "up", "down")}, 16, False, False,
+                              Activation("glu", "silu"))
+    experts = PackedExperts(spec)
+    for i, (p, shape) in enumerate((("gate", (E, I, H)), ("up", (E, I, H)), ("down", (E, H, I)))):
+        _trellis_fill(experts, p, shape, 16, i)
+    linear = PackedLinear(H, I, "trellis3", 16, False, bias=False)
+    _trellis_fill(linear, "weight", (1, I, H), 16, 3)
+    idx, w = routing(3, 2, E)
+    monkeypatch.setenv("MOECOMPRESS_KERNELS", backend)
+    experts, linear = experts.to("meta"), linear.to("meta")
+    args = torch.randn(3, H).to("meta"), idx.to("meta"), w.to("meta")
+    with triton_host_only(monkeypatch, "meta") if backend == "triton" else contextlib.nullcontext() as launches:
+        if backend == "triton":
+            from moecompress.kernels import triton_trellis as tt
+
+            monkeypatch.setattr(tt, "_launch", lambda k, grid, *a, **kw: launches.append(k.__name__))
+        with _Recorder() as rec:
+            y = experts(*args)
+            z = linear(args[0])
+    assert not rec.bad, rec.bad[:10]
+    assert y.shape == (3, H) and y.device.type == "meta" and z.shape == (3, I)
+    if backend == "triton":
+        assert "_trellis_mm_kernel" in launches

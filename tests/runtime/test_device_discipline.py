@@ -90,8 +90,9 @@ def test_prune_auto_makes_nothing_off_device(family, layers_on_meta_default, tmp
 @pytest.mark.parametrize("settings", [dict(scheme="w4a4"), dict(scheme="w8a8"),
                                       dict(scheme="w3a16", router_bits=8, align_router=True),
                                       dict(scheme="w2a16", sequential_targets="layer"),
-                                      dict(scheme="w4a16", rotate=True)],
-                         ids=["w4a4", "w8a8", "w3-router", "w2-layer-targets", "w4-rotate"])
+                                      dict(scheme="w4a16", rotate=True),
+                                      dict(scheme="w3a16", codec="trellis", gptq_rounds=1)],
+                         ids=["w4a4", "w8a8", "w3-router", "w2-layer-targets", "w4-rotate", "w3-trellis"])
 def test_quantize_variants_and_eval_make_nothing_off_device(settings, layers_on_meta_default, tmp_path):
     ctx = _ctx("qwen2_moe", tmp_path)  # shared experts and a dense layer
     STAGES.get("quantize").run(ctx, QuantizeConfig(**settings))
