@@ -8,7 +8,8 @@ a check of the two outputs: profile scores (relative difference), the experts pr
 the quantized codes (share of equal bytes: float reductions differ between devices, so a few codes at 2 bits
 may flip); then eval and generate on the GPU's packed W2 checkpoint. ``--gpu cpu`` dry-runs it on the CPU.
 It also runs plain GPTQ at W2 (`PLAIN_GPTQ`'s flags) and reports the W2 default's seconds over plain GPTQ's on
-each device (issue 12's wall-time target: at most 2x), from each run's own ``seconds`` in moecompress.json.
+each device (issue 12's wall-time target: at most 2x), from each run's own ``seconds`` in moecompress.json;
+likewise W3 with ``--codec trellis`` (its search on Triton on a GPU) over plain GPTQ at W3.
 ``--model DIR`` runs it all on another checkpoint, e.g. one at a real model's width from
 ``scripts/make_synthetic_moe.py`` (where GPTQ's own cost, not the calibration passes, dominates).
 
@@ -79,12 +80,12 @@ PLAIN_GPTQ = ["--no-refit", "--gptq-rounds", "0", "--code-sweeps", "0", "--no-se
               "--rare-experts", "rtn", "--integer-zeros"]
 
 
-def _ratios(rows: dict) -> dict:
-    """The W2 default's run seconds over plain GPTQ's, per device (the target: at most 2)."""
+def _ratios(rows: dict, num: str = "quantize_w2a16", den: str = "quantize_w2a16_plain_gptq") -> dict:
+    """``num``'s run seconds over ``den``'s, per device (issue 12's target: at most 2)."""
     out = {}
     for side in ("cpu", "gpu"):
-        a = rows.get("quantize_w2a16", {}).get(side, {}).get("run_seconds")
-        b = rows.get("quantize_w2a16_plain_gptq", {}).get(side, {}).get("run_seconds")
+        a = rows.get(num, {}).get(side, {}).get("run_seconds")
+        b = rows.get(den, {}).get(side, {}).get("run_seconds")
         if a and b:
             out[side] = round(a / b, 2)
     return out
@@ -117,6 +118,9 @@ def main() -> None:
         # issue 12's wall-time target: the default against plain GPTQ, on each device
         "quantize_w2a16_plain_gptq": (["quantize", "--scheme", "w2a16", *PLAIN_GPTQ], _code_agreement),
         "ternary": (["ternary", "--method", "gptq"], _code_agreement),
+        # the trellis code (`--codec trellis`) against plain GPTQ at the same width
+        "quantize_w3a16_trellis": (["quantize", "--scheme", "w3a16", "--codec", "trellis"], _code_agreement),
+        "quantize_w3a16_plain_gptq": (["quantize", "--scheme", "w3a16", *PLAIN_GPTQ], _code_agreement),
     }
     if args.only:
         commands = {k: v for k, v in commands.items() if k in args.only.split(",")}
@@ -133,6 +137,8 @@ def main() -> None:
             row["agreement"] = compare(w / f"{name}-cpu", w / f"{name}-gpu")
         rows[name] = row
         print(name, {k: (v["exit"], v["seconds"]) if isinstance(v, dict) else v for k, v in row.items()})
+        if args.out is not None:  # partial results survive a timeout
+            args.out.write_text(json.dumps({"partial": True, "runs": rows}, indent=1) + "\n")
     # the packed W2 checkpoint evaluated and sampled on the device under test
     q = w / "quantize_w2a16-gpu"
     for name, cmd in ({"eval_w2": ["eval", str(q), "--samples", "16"],
@@ -140,8 +146,11 @@ def main() -> None:
         rows[name] = {"gpu": _run([*cmd, "--device", args.gpu])}
         print(name, rows[name]["gpu"]["exit"], rows[name]["gpu"]["seconds"])
     report = {"device": torch.cuda.get_device_name(0) if args.gpu.startswith("cuda") else "cpu",
-              "model": args.model or "demo", "w2_default_over_plain_gptq": _ratios(rows), "runs": rows}
+              "model": args.model or "demo", "w2_default_over_plain_gptq": _ratios(rows),
+              "w3_trellis_over_plain_gptq": _ratios(rows, "quantize_w3a16_trellis", "quantize_w3a16_plain_gptq"),
+              "runs": rows}
     print("W2 default / plain GPTQ (run seconds):", report["w2_default_over_plain_gptq"])
+    print("W3 trellis / plain GPTQ (run seconds):", report["w3_trellis_over_plain_gptq"])
     if args.out is not None:
         args.out.write_text(json.dumps(report, indent=1) + "\n")
 
