@@ -108,12 +108,12 @@ def product(k, budget: Budget, dev: str, shapes: dict, bandwidth: float) -> list
             limit = (trellis_bytes + 2 * (M * K + M * N)) / bandwidth / 1e9
             rows.append({"shape": sname, "K": K, "N": N, "M": M, "rel_err": err, "ok": err <= TOL["bf16"],
                          **{f"{n}_graph": v for n, v in tg.items()}, "bandwidth_limit": limit,
-                         "trellis3_vs_bf16": tg["trellis3"] / tg["bf16"], "trellis3_vs_int3": tg["trellis3"] / tg["int3"],
+                         "trellis3_vs_bf16": tg["trellis3"] / tg["bf16"],
+                         "trellis3_vs_int3": tg["trellis3"] / tg["int3"],
                          "of_bandwidth": limit / tg["trellis3"],
                          "bits_per_weight": 8 * trellis_bytes / (N * K)})
             print(f"  {sname} M={M}: trellis3 {tg['trellis3'] * 1e6:.1f} us, int3 {tg['int3'] * 1e6:.1f} us, "
                   f"bf16 {tg['bf16'] * 1e6:.1f} us, err {err:.1e}", flush=True)
-        del t, a, wbf, want_w, i3
     return rows
 
 
@@ -134,7 +134,8 @@ def search(budget: Budget, dev: str, counts: dict) -> list[dict]:
         ref = tailbite(t, w, table, L, BITS)
         cost = [float((w * (t - table[s]) ** 2).sum()) for s in (got, ref)]
         lo = (1 << (L - BITS)) - 1
-        path = bool(torch.equal(got[:, 1:] >> BITS, got[:, :-1] & lo) and torch.equal(got[:, 0] >> BITS, got[:, -1] & lo))
+        path = bool(torch.equal(got[:, 1:] >> BITS, got[:, :-1] & lo)
+                    and torch.equal(got[:, 0] >> BITS, got[:, -1] & lo))
         s_tr = seconds(lambda: tv.tailbite_triton(t, w, table, L, BITS), dev)
         s_torch = seconds(lambda: tailbite(t, w, table, L, BITS), dev, 2)
         rows.append({"weight": name, "sequences": n, "triton_seconds": s_tr, "torch_seconds": s_torch,

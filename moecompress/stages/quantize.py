@@ -12,6 +12,7 @@ vectors; ``quantization.safetensors``, sharded with an index when large). See `r
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from dataclasses import replace
 from typing import Any, Literal
@@ -24,12 +25,18 @@ from moecompress.algorithms.trellis import SEQ, STATE_BITS, TrellisGrid
 from moecompress.errors import MoecompressError
 from moecompress.formats.codecs import CODECS
 from moecompress.formats.quant_record import RECORD_FILE
+from moecompress.kernels.dispatch import resolve_backend
 from moecompress.nn.act_quant import ActQuant
 from moecompress.runtime.layer_quant import QuantOptions
 from moecompress.runtime.pack import FakeQuantSink, PackedSink
 from moecompress.runtime.quantize_run import QuantPlan, QuantRun, batches_of, needs_no_statistics, quantize_stream
 from moecompress.runtime.rotate import ResidualRotation, check_rotatable
 from moecompress.stages.base import StageConfig, StageContext, register_stage
+
+log = logging.getLogger(__name__)
+# The torch trellis search's cost per weight and GPTQ pass on one CPU core (benchmarks/results/stop36/): the
+# estimate `warn_trellis_on_cpu` gives
+TRELLIS_CPU_SECONDS_PER_WEIGHT = 2.1e-6
 
 __all__ = ["SCHEMES", "QuantizeConfig", "finish", "plan_of", "quantize", "split_windows"]
 
@@ -371,6 +378,24 @@ def run(ctx: StageContext, cfg: QuantizeConfig) -> dict[str, Any]:
     router alignment and calibration balance; activation quantization simulated in the forward pass."""
     t0 = time.time()
     plan, meta = plan_of(cfg)
+    warn_trellis_on_cpu(ctx, cfg)
     base, extra = split_windows(ctx, cfg.reserve if cfg.balance else 0.0)
     result = quantize(ctx, plan, base, extra, meta, cfg.save_format, f"quantizing ({cfg.scheme})")
     return finish(ctx, result, meta, base, extra, t0, cfg.save_format)
+
+
+def warn_trellis_on_cpu(ctx: StageContext, cfg: QuantizeConfig) -> None:
+    """``--codec trellis`` where its search cannot run on Triton (a CPU): one warning with the expected time (the
+    torch search costs about `TRELLIS_CPU_SECONDS_PER_WEIGHT` per weight and pass, up to ``1 + rounds`` passes)."""
+    device = ctx.placement.device
+    if cfg.codec != "trellis" or resolve_backend(None, device) == "triton":
+        return
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        layers = ctx.source.arch.decoder_layers(AutoModelForCausalLM.from_config(ctx.source.config))
+    weights = sum(p.numel() for p in layers.parameters() if p.dim() >= 2)
+    minutes = weights * TRELLIS_CPU_SECONDS_PER_WEIGHT * (1 + cfg.rounds(cfg.bits[0])) / 60
+    log.warning("--codec trellis on %s: the trellis search runs in torch here, about %.0f min for %.3g weights "
+                "(one core of a 2-core x86 machine); on a CUDA GPU it runs in Triton (--device cuda)",
+                device, max(minutes, 1), weights)

@@ -62,6 +62,32 @@ def test_trellis_requests_that_cannot_work_are_refused():
     assert QuantizeConfig(scheme="w3a16", codec="trellis").rounds() == 2
 
 
+def test_trellis_on_a_cpu_warns_with_the_expected_time(tmp_path, caplog, monkeypatch):
+    """The torch search is slow (microseconds per weight and pass): a CPU run says so once, with the weights it
+    codes and an estimate; an integer codec says nothing; a Triton-capable device says nothing."""
+    import logging
+
+    import moecompress.stages.quantize as stage
+
+    monkeypatch.delenv("MOECOMPRESS_KERNELS", raising=False)
+    with caplog.at_level(logging.WARNING, logger="moecompress"):
+        _run("mixtral", tmp_path / "t", "packed")
+    said = [r.getMessage() for r in caplog.records if "--codec trellis on cpu" in r.getMessage()]
+    assert len(said) == 1 and "min for" in said[0] and "--device cuda" in said[0]
+    config = tiny_config("mixtral")
+    with torch.device("meta"):
+        from transformers import AutoModelForCausalLM
+
+        layers = find_arch(config).decoder_layers(AutoModelForCausalLM.from_config(config))
+    assert f"{sum(p.numel() for p in layers.parameters() if p.dim() >= 2):.3g} weights" in said[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="moecompress"):
+        _run("mixtral", tmp_path / "i", "packed", codec="auto")
+        monkeypatch.setattr(stage, "resolve_backend", lambda *a: "triton")
+        _run("mixtral", tmp_path / "g", "packed")
+    assert not [r for r in caplog.records if "--codec trellis" in r.getMessage()]
+
+
 @pytest.mark.parametrize("family", ["gpt_oss", "qwen2_moe"])
 @torch.no_grad()
 def test_triton_backend_logits_equal_torch_backend(family, tmp_path, monkeypatch):
