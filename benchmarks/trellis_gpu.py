@@ -118,8 +118,12 @@ def product(k, budget: Budget, dev: str, shapes: dict, bandwidth: float) -> list
 
 
 def search(budget: Budget, dev: str, counts: dict) -> list[dict]:
-    from moecompress.algorithms.trellis import tailbite, trellis_table
+    from moecompress.algorithms.trellis import trellis_table, viterbi
     from moecompress.kernels import triton_viterbi as tv
+
+    def tailbite(t, w, table, L, k):  # `trellis.tailbite`'s torch path (on a GPU it would ask the kernel)
+        free = viterbi(t, w, table, L, k)
+        return viterbi(t, w, table, L, k, tie=free[:, -1] & ((1 << (L - k)) - 1))
 
     table = trellis_table(L, BITS, dev)
     rows = []

@@ -33,12 +33,12 @@ from moecompress.runtime.quantize_run import QuantPlan, QuantRun, batches_of, ne
 from moecompress.runtime.rotate import ResidualRotation, check_rotatable
 from moecompress.stages.base import StageConfig, StageContext, register_stage
 
-log = logging.getLogger(__name__)
-# The torch trellis search's cost per weight and GPTQ pass on one CPU core (benchmarks/results/stop36/): the
-# estimate `warn_trellis_on_cpu` gives
-TRELLIS_CPU_SECONDS_PER_WEIGHT = 2.1e-6
-
 __all__ = ["SCHEMES", "QuantizeConfig", "finish", "plan_of", "quantize", "split_windows"]
+
+log = logging.getLogger(__name__)
+# The torch trellis search's cost per weight and GPTQ pass on one core (2.0-2.4 us measured by
+# benchmarks/trellis_search_speed.py on a 2-core x86 box): `warn_trellis_on_cpu`'s estimate
+TRELLIS_CPU_SECONDS_PER_WEIGHT = 2.1e-6
 
 SCHEMES = {"w8a8": (8, 8), "w8a16": (8, None), "w4a16": (4, None), "w3a16": (3, None), "w2a16": (2, None),
            "w4a8": (4, 8), "w4a4": (4, 4), "w3a4": (3, 4)}
@@ -396,6 +396,6 @@ def warn_trellis_on_cpu(ctx: StageContext, cfg: QuantizeConfig) -> None:
         layers = ctx.source.arch.decoder_layers(AutoModelForCausalLM.from_config(ctx.source.config))
     weights = sum(p.numel() for p in layers.parameters() if p.dim() >= 2)
     minutes = weights * TRELLIS_CPU_SECONDS_PER_WEIGHT * (1 + cfg.rounds(cfg.bits[0])) / 60
-    log.warning("--codec trellis on %s: the trellis search runs in torch here, about %.0f min for %.3g weights "
-                "(one core of a 2-core x86 machine); on a CUDA GPU it runs in Triton (--device cuda)",
-                device, max(minutes, 1), weights)
+    took = f"about {minutes:,.0f} min" if minutes >= 1 else "under a minute"
+    log.warning("--codec trellis on %s: the trellis search runs in torch here, %s for %.3g weights (one core of a "
+                "2-core x86 machine); on a CUDA GPU it runs in Triton (--device cuda)", device, took, weights)
