@@ -110,6 +110,8 @@ ROWS = [
     ("all + layer 0 4-bit", {"layer_bits": {0: 4}}),  # the first decoder layer entirely at 4 bits
     ("all + linears 4-bit + layer 0 4-bit", {"linear_bits": 4, "layer_bits": {0: 4}}),
     ("all + trellis", {"codec": "trellis"}),  # stop 35: QTIP's bitshift trellis code (2-4 bits; --codec trellis)
+    ("all + trellis + rotation", {"codec": "trellis", "rotate": True}),  # stop 36: QTIP's incoherence, folded
+    ("all + trellis + intermediate rotation", {"codec": "trellis", "rotate_intermediate": True}),
 ]
 PAIRED = "all (default)"  # the row compared window by window with llm-compressor
 PEER = "llm-compressor GPTQ"
