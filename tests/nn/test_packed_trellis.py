@@ -60,7 +60,7 @@ def test_trellis_requests_that_cannot_work_are_refused():
         QuantizeConfig(scheme="w3a16", codec="trellis", symmetric=True).check(config, arch)
     with pytest.raises(MoecompressError, match="--codec trellis"):
         QuantizeConfig(scheme="w3a16", codec="int4").check(config, arch)
-    assert QuantizeConfig(scheme="w3a16", codec="trellis").rounds() == 2
+    assert QuantizeConfig(scheme="w3a16", codec="trellis").rounds() == 1
 
 
 def test_trellis_on_a_cpu_warns_with_the_expected_time(tmp_path, caplog, monkeypatch):
