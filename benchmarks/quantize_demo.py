@@ -290,22 +290,45 @@ def _save(out: Path, results: dict, partial: bool) -> None:
     tmp.replace(out)
 
 
+def row_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options every script that runs rows of this one takes (`run_rows`'s arguments)."""
+    ap.add_argument("--model", type=Path, default=DEMO_MODEL)
+    ap.add_argument("--calib-seed", type=int, default=0)
+    ap.add_argument("--peer-from", type=Path, default=None, help="llm-compressor's rows from this results file")
+    ap.add_argument("--out", type=Path, required=True)
+
+
+def run_rows(methods: str, model: Path, scheme: str, calib_seed: int, out: Path, peer_from: Path | None,
+             note: str | None = None) -> dict:
+    """Run this script's rows ``methods`` (comma-separated names) of ``scheme``, llm-compressor's rows read from
+    ``peer_from`` (none without it); returns the results written to ``out``, with ``note`` added if given."""
+    argv = sys.argv
+    sys.argv = ["quantize_demo.py", "--model", str(model), "--schemes", scheme, "--methods", methods,
+                "--calib-seed", str(calib_seed), "--out", str(out),
+                *(["--peer-from", str(peer_from)] if peer_from else ["--no-peer"])]
+    try:
+        main()
+    finally:
+        sys.argv = argv
+    res = json.loads(out.read_text())
+    if note is not None:
+        res["note"] = note
+        out.write_text(json.dumps(res, indent=1) + "\n")
+    return res
+
+
 def default_row_with(patch, model: Path, scheme: str, calib_seed: int, out: Path,
                      peer_from: Path | None) -> dict:
     """Run this script's "all (default)" row of ``scheme`` with `layer_quant._quantize` replaced by
     ``patch(original)`` (a proxy benchmark's replacement of some linears' quantization; restored afterwards),
     llm-compressor's rows read from ``peer_from`` (none without it); returns the results written to ``out``."""
     import moecompress.runtime.layer_quant as lq
-    original, argv = lq._quantize, sys.argv
+    original = lq._quantize
     lq._quantize = patch(original)
-    sys.argv = ["quantize_demo.py", "--model", str(model), "--schemes", scheme, "--methods", "all (default)",
-                "--calib-seed", str(calib_seed), "--out", str(out),
-                *(["--peer-from", str(peer_from)] if peer_from else ["--no-peer"])]
     try:
-        main()
+        return run_rows(PAIRED, model, scheme, calib_seed, out, peer_from)
     finally:
-        lq._quantize, sys.argv = original, argv
-    return json.loads(out.read_text())
+        lq._quantize = original
 
 
 def main() -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import sys
 from pathlib import Path
 
@@ -22,16 +21,13 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    from moecompress.io.model import DEMO_MODEL
-    ap.add_argument("--model", type=Path, default=DEMO_MODEL)
-    ap.add_argument("--min-gain", type=float, default=0.0)
-    ap.add_argument("--rounds", type=int, default=None, help="trellis GPTQ rounds (default: the codec's, 2)")
-    ap.add_argument("--calib-seed", type=int, default=0)
-    ap.add_argument("--peer-from", type=Path, default=None)
-    ap.add_argument("--out", type=Path, required=True)
-    args = ap.parse_args()
     import quantize_demo
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--min-gain", type=float, default=0.0)
+    ap.add_argument("--rounds", type=int, default=None, help="trellis GPTQ rounds (default: the codec's, 1)")
+    quantize_demo.row_arguments(ap)
+    args = ap.parse_args()
 
     import moecompress.runtime.layer_quant as lq
     from moecompress.algorithms.trellis import trellis_rounds
@@ -40,14 +36,9 @@ def main() -> None:
     if args.rounds is not None:
         quantize_demo.ROWS.append(("all + trellis", {"codec": "trellis", "gptq_rounds": args.rounds}))
         quantize_demo.ROWS.remove(("all + trellis", {"codec": "trellis"}))
-    sys.argv = ["quantize_demo.py", "--model", str(args.model), "--schemes", "w3a16", "--methods", "all + trellis",
-                "--calib-seed", str(args.calib_seed), "--out", str(args.out),
-                *(["--peer-from", str(args.peer_from)] if args.peer_from else ["--no-peer"])]
-    quantize_demo.main()
-    res = json.loads(args.out.read_text())
-    res["note"] = (f"trellis codec with min_gain={args.min_gain} rounds={args.rounds or 'default'} "
-                   "(benchmarks/trellis_rounds.py)")
-    args.out.write_text(json.dumps(res, indent=1) + "\n")
+    quantize_demo.run_rows("all + trellis", args.model, "w3a16", args.calib_seed, args.out, args.peer_from,
+                           note=f"trellis codec with min_gain={args.min_gain} rounds={args.rounds or 'default'} "
+                           "(benchmarks/trellis_rounds.py)")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
@@ -23,15 +22,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    from moecompress.io.model import DEMO_MODEL
-    ap.add_argument("--model", type=Path, default=DEMO_MODEL)
-    ap.add_argument("--only", choices=["experts", "linears"], required=True, help="what keeps the trellis code")
-    ap.add_argument("--calib-seed", type=int, default=0)
-    ap.add_argument("--peer-from", type=Path, default=None)
-    ap.add_argument("--out", type=Path, required=True)
-    args = ap.parse_args()
     import quantize_demo
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", choices=["experts", "linears"], required=True, help="what keeps the trellis code")
+    quantize_demo.row_arguments(ap)
+    args = ap.parse_args()
 
     import moecompress.stages.quantize as sq
 
@@ -45,14 +41,9 @@ def main() -> None:
         return dataclasses.replace(plan, experts=scalar.experts), meta
 
     sq.plan_of = one_kind
-    sys.argv = ["quantize_demo.py", "--model", str(args.model), "--schemes", "w3a16", "--methods", "all + trellis",
-                "--calib-seed", str(args.calib_seed), "--out", str(args.out),
-                *(["--peer-from", str(args.peer_from)] if args.peer_from else ["--no-peer"])]
-    quantize_demo.main()
-    res = json.loads(args.out.read_text())
-    res["note"] = (f"trellis on the {'routed experts' if args.only == 'experts' else 'non-expert linears'} only, "
-                   "the rest scalar int3 (benchmarks/trellis_targets.py)")
-    args.out.write_text(json.dumps(res, indent=1) + "\n")
+    kind = "routed experts" if args.only == "experts" else "non-expert linears"
+    quantize_demo.run_rows("all + trellis", args.model, "w3a16", args.calib_seed, args.out, args.peer_from,
+                           note=f"trellis on the {kind} only, the rest scalar int3 (benchmarks/trellis_targets.py)")
 
 
 if __name__ == "__main__":
