@@ -88,6 +88,8 @@ ROWS = [
     ("RTN + fractional zeros", {**BASE, "method": "rtn", "fractional_zeros": True}),
     ("all - GPTQ rounds", {"gptq_rounds": 0}),  # at 2 bits (the default has none above)
     ("all + GPTQ rounds", {"gptq_rounds": 4}),  # at 3-4 bits
+    ("all with 2 GPTQ rounds", {"gptq_rounds": 2}),  # stop 37: fewer rounds at 2 bits (then 4; the default since)
+    ("all with 1 GPTQ round", {"gptq_rounds": 1}),
     ("all - sequential", {"sequential": False}),
     ("all + sequential layer targets", {"sequential_targets": "layer"}),  # stop 19: "all, sequential layer targets"
     ("all - balance", {"balance": False}),
@@ -102,6 +104,7 @@ ROWS = [
     ("all - clip search + GPTQ rounds", {"clip_search": False, "gptq_rounds": 4}),
     ("all + code sweeps", {"code_sweeps": 2}),
     ("all + 1 code sweep", {"code_sweeps": 1}),
+    ("all without code sweeps", {"code_sweeps": 0}),  # stop 37: none on the attention either (default 2 there)
     ("all + router W8 aligned", {"router_bits": 8, "align_router": True}),
     ("all + rotation", {"rotate": True}),  # stop 29: the residual rotation (QuaRot, folded) on top of the default
     ("GPTQ + linears 4-bit", {**BASE, "linear_bits": 4}),
@@ -378,8 +381,10 @@ def main() -> None:
                "base_ppl": {t: float(base[0][owners == i].mean().exp()) for i, t in enumerate(tasks)},
                "base_window_nll": [round(float(x), 6) for x in base[0]], "runs": []}
     methods = None if args.methods is None else set(args.methods.split(","))
+    unknown = sorted((methods or set()) - {name for name, _ in ROWS})
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown} (names are comma-separated); rows: {[n for n, _ in ROWS]}")
     peer_name = PEER if args.peer_linear_bits is None else f"{PEER} + linears {args.peer_linear_bits}-bit"
-    mine = {a for a, _ in PAIRS}  # rows keeping their per-window NLLs
     if args.merge:
         old = json.loads(args.out.read_text())
         results["runs"] = [r for r in old["runs"] if methods is not None and r["method"] not in methods
@@ -404,9 +409,9 @@ def main() -> None:
                                                 cfg.layer_bits), 4),
                    "rtn_fallbacks": rep["rtn_fallback_experts_per_layer"],
                    "pooled_experts": rep.get("pooled_experts_per_layer", {}),
-                   **compare(base, got, owners, tasks)}
-            if name in mine:
-                row["window_nll"] = [round(float(x), 6) for x in got[0]]
+                   **compare(base, got, owners, tasks),
+                   # per-window NLLs for paired comparisons (with llm-compressor, between rows: rows_report.py)
+                   "window_nll": [round(float(x), 6) for x in got[0]]}
             results["runs"].append(row)
             results["runs"].sort(key=_order)
             print(json.dumps({k: v for k, v in row.items() if k != "window_nll"}), flush=True)

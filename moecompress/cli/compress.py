@@ -192,7 +192,7 @@ def quantize(
     gptq_rounds: Annotated[Optional[int], typer.Option(
         "--gptq-rounds", help="With the refit: GPTQ again on the refit scales and zeros, each output row keeping the "
         "lower Hessian-weighted error, up to N times; stops once a round gains under 0.5 % (0 = one GPTQ pass) "
-        "(default: 4 for 2-bit weights, 0 above; 1 with --codec trellis, each sequence of 64 rows keeping its "
+        "(default: 2 for 2-bit weights, 0 above; 1 with --codec trellis, each sequence of 64 rows keeping its "
         "lower error).")] = None,
     act_order: Annotated[Optional[bool], typer.Option(
         "--act-order/--no-act-order", help="GPTQ columns by decreasing Hessian diagonal (default: on).")] = None,

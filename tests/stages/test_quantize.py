@@ -211,12 +211,12 @@ def test_fractional_zeros_default_to_two_bit_asymmetric_weights():
 
 
 def test_gptq_rounds_default_to_two_bit_weights_and_change_only_those_bytes(tmp_path):
-    """`gptq_rounds` None: 4 rounds for 2-bit weights, none above; a number applies at every width. At W2 the
+    """`gptq_rounds` None: 2 rounds for 2-bit weights, none above; a number applies at every width. At W2 the
     rounds change the codes (GPTQ on the refit grid chooses others), at W3 the default writes what 0 writes."""
-    for scheme, want in (("w2a16", 4), ("w3a16", 0), ("w4a16", 0), ("w4a4", 0)):
+    for scheme, want in (("w2a16", 2), ("w3a16", 0), ("w4a16", 0), ("w4a4", 0)):
         plan = plan_of(QuantizeConfig(scheme=scheme))[0]
         assert plan.experts.gptq_rounds == plan.linears.gptq_rounds == want
-        assert plan_of(QuantizeConfig(scheme=scheme, gptq_rounds=2))[0].experts.gptq_rounds == 2
+        assert plan_of(QuantizeConfig(scheme=scheme, gptq_rounds=3))[0].experts.gptq_rounds == 3
     got, errors = {}, {}
     for scheme, rounds in (("w2a16", None), ("w2a16", 0), ("w3a16", None), ("w3a16", 0)):
         ctx = _ctx(tiny_moe("mixtral"), tmp_path / f"{scheme}{rounds}", samples=2, seq_len=32)
@@ -226,7 +226,7 @@ def test_gptq_rounds_default_to_two_bit_weights_and_change_only_those_bytes(tmp_
         errors[scheme, rounds] = [e for v in result["layers"].values() if "experts" in v
                                   for e in v["experts"]["weight_error"].values()]
     # the result reports the rounds run and the share of the Hessian-weighted error they removed (never negative)
-    assert all(1 <= e["gptq_rounds"] <= 4 and 0.0 <= e["gptq_rounds_gain"] < 1.0 for e in errors["w2a16", None])
+    assert all(1 <= e["gptq_rounds"] <= 2 and 0.0 <= e["gptq_rounds_gain"] < 1.0 for e in errors["w2a16", None])
     assert any(e["gptq_rounds_gain"] > 0.01 for e in errors["w2a16", None])
     assert not any("gptq_rounds" in e for k in (("w2a16", 0), ("w3a16", None)) for e in errors[k])
     assert any(not torch.equal(got["w2a16", None][k], got["w2a16", 0][k]) for k in got["w2a16", 0])
@@ -235,14 +235,14 @@ def test_gptq_rounds_default_to_two_bit_weights_and_change_only_those_bytes(tmp_
 
 def test_linear_bits_defaults_to_the_scheme_and_sets_its_own_width_defaults():
     """`linear_bits` None: every linear at the scheme's width; a number: the non-expert linears at that width with
-    that width's clip floor and GPTQ rounds (0.2 / 0 at 4 bits), the routed experts keep the scheme's (0.8 / 4 at 2),
+    that width's clip floor and GPTQ rounds (0.2 / 0 at 4 bits), the routed experts keep the scheme's (0.8 / 2 at 2),
     and the metadata records both widths; out of [2, 8] is refused."""
     from pydantic import ValidationError
 
     plan, meta = plan_of(QuantizeConfig(scheme="w3a16"))
     assert plan.experts.grid.bits == plan.linears.grid.bits == 3 and meta["weights"]["bits"] == 3
     plan, meta = plan_of(QuantizeConfig(scheme="w2a16", linear_bits=4))
-    assert (plan.experts.grid.bits, plan.experts.grid.clip_floor, plan.experts.gptq_rounds) == (2, 0.8, 4)
+    assert (plan.experts.grid.bits, plan.experts.grid.clip_floor, plan.experts.gptq_rounds) == (2, 0.8, 2)
     assert (plan.linears.grid.bits, plan.linears.grid.clip_floor, plan.linears.gptq_rounds) == (4, 0.2, 0)
     assert (meta["experts"]["bits"], meta["weights"]["bits"]) == (2, 4)
     for bad in (1, 9):
@@ -260,7 +260,7 @@ def test_layer_bits_give_those_layers_their_own_options_and_are_checked():
     first, other = plan.at(0), plan.at(1)
     for opt in (first.experts, first.linears):
         assert (opt.grid.bits, opt.gptq_rounds, opt.grid.clip_floor) == (4, 0, 0.2)
-    assert other is plan and (other.experts.grid.bits, other.linears.grid.bits, other.experts.gptq_rounds) == (2, 3, 4)
+    assert other is plan and (other.experts.grid.bits, other.linears.grid.bits, other.experts.gptq_rounds) == (2, 3, 2)
     assert meta["layer_bits"] == {"0": 4} and "layer_bits" not in plan_of(QuantizeConfig(scheme="w2a16"))[1]
     cfg = tiny_config("mixtral")
     with pytest.raises(MoecompressError, match=f"layer 9, but the model has {cfg.num_hidden_layers} decoder layers"):
