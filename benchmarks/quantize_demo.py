@@ -363,7 +363,7 @@ def main() -> None:
         raise SystemExit("the --peer-from rows were calibrated on another --calib-seed: run llm-compressor on this "
                          "seed's windows (drop --peer-from) or pass --no-peer")
     if args.peer_from is not None and json.loads(args.peer_from.read_text()).get("model", "demo") != (
-            "demo" if args.model == DEMO_MODEL else str(args.model)):
+            "demo" if args.model.resolve() == DEMO_MODEL.resolve() else str(args.model)):
         raise SystemExit("--peer-from rows were measured on another model: drop --peer-from to run llm-compressor")
     if args.combine:
         combine(args.combine, args.out)
@@ -375,7 +375,7 @@ def main() -> None:
     tok, arch = base_model.tokenizer, base_model.arch
     tasks, evw, windows, owners = held_out(tok, args.eval_windows)
     base = evaluate(base_model.model, arch, windows)
-    results = {"model": "demo" if args.model == DEMO_MODEL else str(args.model),
+    results = {"model": "demo" if args.model.resolve() == DEMO_MODEL.resolve() else str(args.model),
                "calibration": {"windows_per_task": args.samples, "seq_len": 256, "seed": args.calib_seed},
                "eval_windows": {t: len(w) for t, w in evw.items()},
                "base_ppl": {t: float(base[0][owners == i].mean().exp()) for i, t in enumerate(tasks)},

@@ -36,8 +36,9 @@ def main() -> None:
     if args.rounds is not None:
         quantize_demo.ROWS.append(("all + trellis", {"codec": "trellis", "gptq_rounds": args.rounds}))
         quantize_demo.ROWS.remove(("all + trellis", {"codec": "trellis"}))
+    rounds = "default" if args.rounds is None else args.rounds
     quantize_demo.run_rows("all + trellis", args.model, "w3a16", args.calib_seed, args.out, args.peer_from,
-                           note=f"trellis codec with min_gain={args.min_gain} rounds={args.rounds or 'default'} "
+                           note=f"trellis codec with min_gain={args.min_gain} rounds={rounds} "
                            "(benchmarks/trellis_rounds.py)")
 
 
