@@ -208,6 +208,19 @@ def paired(ours: torch.Tensor, theirs: torch.Tensor, base: torch.Tensor, owners,
     return out
 
 
+def result_row(res: dict, method: str, scheme: str) -> dict:
+    """The last ``scheme`` row ``method`` of a results file that kept its per-window NLLs."""
+    rows = [r for r in res["runs"] if r["scheme"] == scheme and r["method"] == method and "window_nll" in r]
+    if not rows:
+        raise SystemExit(f"no {scheme} row {method!r} with per-window NLLs in {res.get('model')}")
+    return rows[-1]
+
+
+def meets_half_gap(p: dict) -> bool:
+    """The issue's rule for one task of `paired`: our gap at most half of theirs, the paired interval below 1."""
+    return p["gap_ratio"] is not None and p["gap_ratio"] <= 0.5 and p["ci95"][1] < 1
+
+
 def add_paired(results: dict) -> None:
     """``results["paired"][scheme]``: `paired` for every weight-only scheme with both tools' per-window NLLs."""
     tasks = list(results["eval_windows"])

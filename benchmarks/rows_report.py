@@ -8,7 +8,7 @@ from another result of the same model, seed and windows (checked), e.g. an earli
 Per run, row and task: the gap, the ratio to llm-compressor's gap, whether the cell meets the issue's half-gap
 rule (gap at most half of theirs and the paired 95 % interval below 1), and the paired 95 % interval of the row
 over the reference. Totals per row: the summed gap, the cells met, the cells with the interval over the reference
-below / above zero, and the quantize seconds.
+below / above zero, and the quantize seconds, per model and over every run.
 
 Usage::
 
@@ -28,18 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quantize_demo import PAIRED, PEER, paired  # noqa: E402
-
-
-def _row(res: dict, method: str, scheme: str) -> dict:
-    rows = [r for r in res["runs"] if r["scheme"] == scheme and r["method"] == method and "window_nll" in r]
-    if not rows:
-        raise SystemExit(f"no {scheme} row {method!r} with per-window NLLs in {res.get('model')}")
-    return rows[-1]
-
-
-def _met(p: dict) -> bool:
-    return p["gap_ratio"] is not None and p["gap_ratio"] <= 0.5 and p["ci95"][1] < 1
+from quantize_demo import PAIRED, PEER, meets_half_gap, paired, result_row  # noqa: E402
 
 
 def report(res: dict, rows: list[str], scheme: str, ref_res: dict | None = None,
@@ -54,15 +43,15 @@ def report(res: dict, rows: list[str], scheme: str, ref_res: dict | None = None,
     owners = torch.cat([torch.full((n,), i) for i, n in enumerate(res["eval_windows"].values())])
     base = torch.tensor(res["base_window_nll"])
     ref_key = ref_row if ref_res is res else f"reference: {ref_row}"
-    ref = torch.tensor(_row(ref_res, ref_row, scheme)["window_nll"])
-    peer = torch.tensor(_row(res, PEER, scheme)["window_nll"])
+    ref = torch.tensor(result_row(ref_res, ref_row, scheme)["window_nll"])
+    peer = torch.tensor(result_row(res, PEER, scheme)["window_nll"])
     out = {}
     for name in [ref_key, *rows]:
-        r = _row(ref_res, ref_row, scheme) if name == ref_key else _row(res, name, scheme)
+        r = result_row(ref_res, ref_row, scheme) if name == ref_key else result_row(res, name, scheme)
         nll = torch.tensor(r["window_nll"])
         vs_peer, vs_reference = paired(nll, peer, base, owners, tasks), paired(nll, ref, base, owners, tasks)
         cells = {t: {"gap": vs_peer[t]["gap_ours"], "gap_peer": vs_peer[t]["gap_theirs"],
-                     "ratio": vs_peer[t]["gap_ratio"], "met": _met(vs_peer[t]),
+                     "ratio": vs_peer[t]["gap_ratio"], "met": meets_half_gap(vs_peer[t]),
                      "over_reference": [vs_reference[t]["ppl_ratio"], *vs_reference[t]["ci95"]]} for t in tasks}
         out[name] = {"tasks": cells, "summed_gap": sum(c["gap"] for c in cells.values()),
                      "cells_met": sum(c["met"] for c in cells.values()),
@@ -94,18 +83,21 @@ def main() -> None:
                              for c in r["tasks"].values())
             print(f"  {name[:36]:36s} sum {100 * r['summed_gap']:5.2f} met {r['cells_met']} below/above reference "
                   f"{r['below_reference']}/{r['above_reference']} {r['seconds']} s | {cells}")
-            t = totals.setdefault(name, {"summed_gap": 0.0, "cells_met": 0, "cells": 0, "below_reference": 0,
-                                         "above_reference": 0, "seconds": 0.0})
-            t["summed_gap"] += r["summed_gap"]
-            t["cells"] += len(r["tasks"])
-            for k in ("cells_met", "below_reference", "above_reference"):
-                t[k] += r[k]
-            t["seconds"] += r["seconds"] or 0.0
-    print("totals")
-    for name, t in totals.items():
-        print(f"  {name[:36]:36s} summed gap {100 * t['summed_gap']:.2f} points, {t['cells_met']} of {t['cells']} cells "
-              f"met, interval vs reference below/above zero {t['below_reference']}/{t['above_reference']}, "
-              f"{t['seconds']:.1f} s")
+            for group in (res.get("model"), "all"):  # per model, and over every run
+                t = totals.setdefault(group, {}).setdefault(name, {
+                    "summed_gap": 0.0, "cells_met": 0, "cells": 0, "below_reference": 0, "above_reference": 0,
+                    "seconds": 0.0})
+                t["summed_gap"] += r["summed_gap"]
+                t["cells"] += len(r["tasks"])
+                for k in ("cells_met", "below_reference", "above_reference"):
+                    t[k] += r[k]
+                t["seconds"] += r["seconds"] or 0.0
+    for group, rows in totals.items():
+        print(f"totals: {group}")
+        for name, t in rows.items():
+            print(f"  {name[:36]:36s} summed gap {100 * t['summed_gap']:.2f} points, {t['cells_met']} of {t['cells']} "
+                  f"cells met, interval vs reference below/above zero {t['below_reference']}/{t['above_reference']}, "
+                  f"{t['seconds']:.1f} s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"scheme": args.scheme, "runs": runs, "totals": totals}, indent=1) + "\n")
 

@@ -25,20 +25,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quantize_demo import PEER, paired  # noqa: E402
-
-
-def _row(res: dict, method: str, scheme: str = "w3a16") -> dict:
-    rows = [r for r in res["runs"] if r["scheme"] == scheme and r["method"] == method and "window_nll" in r]
-    if not rows:
-        raise SystemExit(f"no {scheme} row {method!r} with per-window NLLs in {res.get('model')}")
-    return rows[-1]
+from quantize_demo import PEER, meets_half_gap, paired, result_row  # noqa: E402
 
 
 def _trellis_row(res: dict) -> dict:
     """The codec's row ("all + trellis", `quantize_demo.py`), else a proxy run's patched "all (default)"."""
     named = [r for r in res["runs"] if r["method"] == "all + trellis" and "window_nll" in r]
-    return named[-1] if named else _row(res, "all (default)")
+    return named[-1] if named else result_row(res, "all (default)", "w3a16")
 
 
 def report(trellis: dict, scalar: dict) -> dict:
@@ -48,13 +41,13 @@ def report(trellis: dict, scalar: dict) -> dict:
     owners = torch.cat([torch.full((n,), i) for i, n in enumerate(trellis["eval_windows"].values())])
     base = torch.tensor(trellis["base_window_nll"])
     tr = torch.tensor(_trellis_row(trellis)["window_nll"])
-    sc = torch.tensor(_row(scalar, "all (default)")["window_nll"])
+    sc = torch.tensor(result_row(scalar, "all (default)", "w3a16")["window_nll"])
     has_peer = any(r["method"] == PEER and r["scheme"] == "w3a16" for r in trellis["runs"])
     if not has_peer:  # no llm-compressor run on this model: the trellis against the scalar default only
         vs_scalar = paired(tr, sc, base, owners, tasks)
         return {t: {"gap_trellis": r["gap_ours"], "gap_scalar": r["gap_theirs"],
                     "trellis_over_scalar": [r["ppl_ratio"], *r["ci95"]]} for t, r in vs_scalar.items()}
-    peer = torch.tensor(_row(trellis, PEER)["window_nll"])
+    peer = torch.tensor(result_row(trellis, PEER, "w3a16")["window_nll"])
     vs_peer, vs_scalar, scalar_vs_peer = (paired(a, b, base, owners, tasks) for a, b in ((tr, peer), (tr, sc),
                                                                                       (sc, peer)))
     out = {}
@@ -64,8 +57,7 @@ def report(trellis: dict, scalar: dict) -> dict:
                   "ratio_trellis": p["gap_ratio"], "ratio_scalar": q["gap_ratio"],
                   "trellis_over_peer": [p["ppl_ratio"], *p["ci95"]],
                   "trellis_over_scalar": [s["ppl_ratio"], *s["ci95"]],
-                  "met_trellis": p["gap_ratio"] is not None and p["gap_ratio"] <= 0.5 and p["ci95"][1] < 1,
-                  "met_scalar": q["gap_ratio"] is not None and q["gap_ratio"] <= 0.5 and q["ci95"][1] < 1}
+                  "met_trellis": meets_half_gap(p), "met_scalar": meets_half_gap(q)}
     return out
 
 
