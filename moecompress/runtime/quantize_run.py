@@ -249,8 +249,11 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
             dense = dense_linears(layer, lv) if paired else {}
             sources: dict[str, str | None] = {}
             if fp_hidden is not None:
+                # after the last layer nothing reads the original stream: its experts' inputs are kept, their
+                # outputs need not be computed
+                last = _skip_experts(lv) if i == stream.num_layers - 1 else contextlib.nullcontext()
                 with capture_inputs(layer, dense, lv[0].experts.module if lv else None, park) as fp_in, \
-                        norm_sources(layer, lv, attn_norm, dense) as sources:
+                        norm_sources(layer, lv, attn_norm, dense) as sources, last:
                     for j, b in enumerate(base):
                         fp_hidden[j] = park(_forward(layer, fp_hidden[j], stream.kwargs[i][b], stream.device))
             # the linears reading a norm all read the attention's: their statistics come from that norm alone
