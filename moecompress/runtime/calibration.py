@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from moecompress.algorithms.gram import gram
-from moecompress.algorithms.moe_math import glu
+from moecompress.algorithms.moe_math import expert_intermediate
 from moecompress.models.base import MoEBlockView
 from moecompress.models.calls import experts_call_args
 from moecompress.runtime import token_weights
@@ -177,9 +177,8 @@ def _expert_step(st: ExpertStats, view: MoEBlockView, x: torch.Tensor, logits: t
             st.act_max[e] = torch.maximum(st.act_max[e], xs.abs().amax(0))
             continue
         xw = xs * g.sqrt()[:, None]
-        gg = nn.functional.linear(xs, w.gate[e].float(), None if w.gate_bias is None else w.gate_bias[e].float())
-        uu = nn.functional.linear(xs, w.up[e].float(), None if w.up_bias is None else w.up_bias[e].float())
-        h = glu(gg, uu, act)
+        h = expert_intermediate(xs, w.gate[e], w.up[e], None if w.gate_bias is None else w.gate_bias[e],
+                                None if w.up_bias is None else w.up_bias[e], act, w.gate.dtype)
         hw = h * g.sqrt()[:, None]
         if target in ("near", "reserve"):
             He, Hde = st.extra("near" if target == "near" else "res", e)

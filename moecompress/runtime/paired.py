@@ -24,7 +24,7 @@ from torch import nn
 
 from moecompress.algorithms.asym_calib import corrected_weight
 from moecompress.algorithms.gram import gram
-from moecompress.algorithms.moe_math import glu
+from moecompress.algorithms.moe_math import expert_intermediate
 from moecompress.models.base import MoEBlockView
 from moecompress.models.calls import experts_call_args
 from moecompress.runtime import token_weights
@@ -210,14 +210,10 @@ def _accumulate_pairs(st: PairStats, view: MoEBlockView, which: str, gate: torch
             continue
         xs, xf, g = x[sel], xf_all[sel], (weights * routed).sum(1)[sel].sqrt()[:, None]
         if which == "down":
-            gb = None if w.gate_bias is None else w.gate_bias[e].float()
-            ub = None if w.up_bias is None else w.up_bias[e].float()
-
-            def inter(z, gw, uw):
-                return glu(nn.functional.linear(z, gw.float(), gb), nn.functional.linear(z, uw.float(), ub),
-                           view.activation)
-
-            xq, xf = inter(xs, w.gate[e], w.up[e]) * g, inter(xf, gate[j], up[j]) * g
+            gb = None if w.gate_bias is None else w.gate_bias[e]
+            ub = None if w.up_bias is None else w.up_bias[e]
+            xq = expert_intermediate(xs, w.gate[e], w.up[e], gb, ub, view.activation, w.gate.dtype) * g
+            xf = expert_intermediate(xf, gate[j], up[j], gb, ub, view.activation, w.gate.dtype) * g
         else:
             xq, xf = xs * g, xf * g
         st.Hq[j] += gram(xq)
