@@ -23,7 +23,7 @@ from moecompress.calib import parse_data_specs, resolve_tasks
 from moecompress.context import Context
 from moecompress.errors import MoecompressError
 from moecompress.formats.inspect import storage_summary
-from moecompress.io.model import SIDECAR, input_facts, load_config, model_label
+from moecompress.io.model import SIDECAR, input_facts, load_config, model_label, read_sidecar
 from moecompress.io.outdir import check_output, discard, finish, new_temp_dir
 from moecompress.io.validate import check_weight_files
 from moecompress.models import find_arch
@@ -147,6 +147,10 @@ def run(recipe: Recipe, *, model: str | None = None, output: str | Path | None =
         }
         if "kept_experts" in ctx.artifacts:
             report["kept_experts"] = {str(k): v for k, v in ctx.artifacts["kept_experts"].items()}
+        earlier = read_sidecar(source.path) if source.path is not None else None
+        if earlier and earlier.get("source_model"):  # the input was made by moecompress: its lineage, for eval
+            report["derived_from"] = {k: earlier[k] for k in ("source_model", "kept_experts", "derived_from")
+                                      if k in earlier}
         report.update(ctx.artifacts.get("sidecar", {}))  # what stages record for loaders (quantization, ...)
         if dist.active:
             report["processes"] = dist.world

@@ -23,7 +23,8 @@ from moecompress.io.validate import check_finite, check_weight_files
 from moecompress.models import MoEArch, find_arch
 
 __all__ = ["DEMO_MODEL", "SIDECAR", "LoadedModel", "input_facts", "load_config", "load_tokenizer", "model_dir",
-           "model_label", "read_model", "read_sidecar", "recorded_activations", "save_model", "tiny_tokenizer"]
+           "lineage", "model_label", "read_model", "read_sidecar", "recorded_activations", "same_model", "save_model",
+           "tiny_tokenizer"]
 
 log = logging.getLogger(__name__)
 DEMO_MODEL = Path(__file__).resolve().parent.parent / "assets" / "demo-moe"
@@ -39,6 +40,49 @@ def read_sidecar(path: Path | None) -> dict | None:
         return json.loads(f.read_text())
     except (OSError, json.JSONDecodeError):
         raise MoecompressError(f"{str(f)!r} is corrupt", "re-create the directory with moecompress") from None
+
+
+def _kept_map(d: dict | None) -> dict[int, list[int]] | None:
+    return {int(k): list(v) for k, v in (d or {}).items()} or None
+
+
+def compose_kept(child: dict[int, list[int]] | None, parent: dict[int, list[int]] | None
+                 ) -> dict[int, list[int]] | None:
+    """Kept-expert maps chained: ``child`` numbers a model's experts in an intermediate model's numbering
+    (``{layer: [intermediate id of each expert]}``), ``parent`` the intermediate's in an ancestor's; a missing
+    map or layer keeps the numbering."""
+    if child is None or parent is None:
+        return parent if child is None else child
+    out = {k: [parent[k][e] for e in ids] if k in parent else list(ids) for k, ids in child.items()}
+    out.update({k: list(v) for k, v in parent.items() if k not in child})
+    return out
+
+
+def lineage(side: dict | None, kept: dict[int, list[int]] | None = None) -> list[tuple[str, dict | None]]:
+    """The models a directory was made from, nearest first: ``(model, kept-expert map to its numbering)`` from
+    its ``moecompress.json`` (``side``: ``source_model``, ``kept_experts`` and the ``derived_from`` record of
+    each earlier run). ``kept``: a map of this run's own, in front of the first (None: the same experts)."""
+    out, node = [], side
+    while node and node.get("source_model"):
+        kept = compose_kept(kept, _kept_map(node.get("kept_experts")))
+        out.append((node["source_model"], kept))
+        node = node.get("derived_from")
+    return out
+
+
+def same_model(a: str | Path | None, b: str | Path | None) -> bool:
+    """Whether two model specs name the same model (directories compared resolved)."""
+    if a is None or b is None:
+        return False
+    a, b = str(a), str(b)
+    if a == b:
+        return True
+    if a.startswith("tiny:") or b.startswith("tiny:"):
+        return False
+
+    def where(spec: str) -> Path:
+        return DEMO_MODEL.resolve() if spec in ("", "demo") else Path(spec).expanduser().resolve()
+    return where(a) == where(b)
 
 
 def recorded_activations(path: Path | None) -> dict | None:

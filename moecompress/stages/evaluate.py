@@ -15,7 +15,7 @@ from pydantic import Field
 
 from moecompress.errors import MoecompressError
 from moecompress.eval.compare import evaluate_models
-from moecompress.io.model import read_sidecar
+from moecompress.io.model import lineage, read_sidecar, same_model
 from moecompress.runtime.source import open_source
 from moecompress.stages.base import StageConfig, StageContext, register_stage
 
@@ -58,14 +58,23 @@ def _baseline(ctx: StageContext, cfg: EvaluateConfig, modified: bool, scratch: P
                            "pass --baseline PATH, or --no-baseline")
 
 
-def _kept(ctx: StageContext, modified: bool) -> dict[int, list[int]] | None:
-    """Kept-expert lists mapping the model's experts to the baseline's numbering: this run's pruning, or (for
-    an input evaluated as it is) the one its ``moecompress.json`` records."""
-    kept = ctx.artifacts.get("kept_experts")
-    if kept is None and not modified and ctx.source.path is not None:
-        side = read_sidecar(ctx.source.path) or {}
-        kept = {int(k): v for k, v in side.get("kept_experts", {}).items()} or None
-    return kept
+def _kept(ctx: StageContext, cfg: EvaluateConfig, modified: bool) -> dict[int, list[int]] | None:
+    """Kept-expert lists mapping the model's experts to the baseline's numbering. The baseline is the model
+    this one was made from (this run's input when the run changed it), or any earlier one in the lineage the
+    ``moecompress.json`` files record (a pruned model quantized later, compared with the model before the
+    pruning): the maps along the way are chained. An unrelated baseline gets None (the same numbering)."""
+    run = ctx.artifacts.get("kept_experts") if modified else None
+    start = ctx.original if modified else ctx.source
+    side = read_sidecar(start.path) if start is not None and start.path is not None else None
+    if modified:
+        if cfg.baseline == "original" or same_model(cfg.baseline, start.label) or same_model(cfg.baseline, start.path):
+            return run
+        chain = lineage(side, run)
+    else:
+        chain = lineage(side)
+        if cfg.baseline == "original":
+            return chain[0][1] if chain else None
+    return next((kept for model, kept in chain if same_model(model, cfg.baseline)), None)
 
 
 @register_stage(EvaluateConfig, modifies_model=False, writes_output=False, uses_text=True)
@@ -77,7 +86,7 @@ def run(ctx: StageContext, cfg: EvaluateConfig) -> dict[str, Any]:
     acts = ((ctx.artifacts.get("sidecar") or {}).get("quantization") or {}).get("activations") if modified else None
     with tempfile.TemporaryDirectory(prefix="moecompress-eval-") as scratch:  # a tiny baseline is written here
         baseline = _baseline(ctx, cfg, modified, Path(scratch))
-        report = evaluate_models(ctx.source, windows, baseline, _kept(ctx, modified), cfg.batch_size, ctx.progress,
+        report = evaluate_models(ctx.source, windows, baseline, _kept(ctx, cfg, modified), cfg.batch_size, ctx.progress,
                                  modified, open_stream=ctx.stream, activations=acts)
     if ctx.out_dir is not None:
         (ctx.out_dir / "eval.json").write_text(json.dumps(report, indent=1) + "\n")

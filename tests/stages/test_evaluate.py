@@ -308,3 +308,38 @@ def test_the_stage_over_an_in_memory_context_equals_the_streamed_run(tmp_path):
     assert result["tasks"] == streamed["tasks"] and result["baseline"]["tasks"] == streamed["baseline"]["tasks"]
     assert result["model"] == "tiny:mixtral (compressed in this run)" and result["baseline"]["model"] == "tiny:mixtral"
     assert "held in memory" in result["tokens_per_second_note"]
+
+
+def test_routing_agreement_follows_the_lineage_to_any_earlier_model(tmp_path):
+    """A model pruned twice, or pruned then quantized in another run, compared with the model before any pruning
+    (or the one in between): the kept-expert maps recorded along the way (``derived_from`` in moecompress.json)
+    are chained, in a run that changes the model too; the result equals the whole-model evaluation mapped
+    through the chained map."""
+    d = _tiny_dir(tmp_path, "mixtral")
+    calib = {**CALIB, "samples": 3}
+
+    def recipe(model, stages, out=None):
+        return run(validate_recipe({"model": str(model), "calibration": calib, "stages": stages}), output=out)
+
+    once, twice, quant = tmp_path / "once", tmp_path / "twice", tmp_path / "quant"
+    recipe(d, [{"stage": "keep_experts", "drop": {"all": [1, 5]}}], once)  # kept 0 2 3 4 6 7
+    recipe(once, [{"stage": "keep_experts", "drop": {"all": [0, 2]}}], twice)  # of those: 2 4 6 7
+    recipe(once, [{"stage": "quantize", "scheme": "w4a16", "group_size": 8, "method": "rtn",
+                   "save_format": "fake-quant"}], quant)
+    side = json.loads((twice / SIDECAR).read_text())
+    assert side["derived_from"]["source_model"] == str(d) and side["source_model"] == str(once)
+    windows = _windows()
+    first, second = [0, 2, 3, 4, 6, 7], [2, 4, 6, 7]
+    cases = [(twice, d, second), (twice, once, [1, 3, 4, 5]), (quant, d, first), (quant, once, None)]
+    for model, base, kept in cases:
+        got = recipe(model, [{"stage": "evaluate", "samples": 3, "batch_size": 2, "baseline": str(base)}])
+        want = _reference(load_model(str(model)).model, windows, load_model(str(base)).model,
+                          None if kept is None else {0: kept, 1: kept}, batch_size=2)
+        assert _metrics(got.report["stages"][0]["result"]) == want, (model.name, base.name)
+    # in a run that prunes again: this run's map chained with the input's
+    got = recipe(once, [{"stage": "keep_experts", "drop": {"all": [0, 2]}},
+                        {"stage": "evaluate", "samples": 3, "batch_size": 2, "baseline": str(d)}], tmp_path / "again")
+    want = _reference(load_model(str(twice)).model, windows, load_model(str(d)).model, {0: second, 1: second},
+                      batch_size=2)
+    assert _metrics(got.report["stages"][1]["result"]) == want
+    assert min(min(t["routing_agreement"]) for t in want[0].values()) < 1.0
