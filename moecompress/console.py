@@ -85,7 +85,30 @@ class RichProgress:
 
 
 def show_generic(result: dict) -> None:
-    console.print(", ".join(f"{k}={v}" for k, v in result.items() if not isinstance(v, (dict, list))), soft_wrap=True)
+    console.print(", ".join(f"{k}={_fmt(v)}" for k, v in result.items() if not isinstance(v, (dict, list))),
+                  soft_wrap=True)
+
+
+def show_patterns(r: dict) -> None:
+    print_table("Patterns", ["task", "fallback distance (q99 of its own windows)"],
+                [[t, f"{v:.4f}"] for t, v in r["threshold"].items()])
+    console.print(f"signature: mean router logits of MoE layers {r['signature_layers']}; calibration windows "
+                  f"matched to their own task: {r['accuracy']:.1%} of {r['windows']}")
+
+
+def show_retrieve(r: dict) -> None:
+    print_table("Distance from the prompt to each task pattern (cosine)", ["task", "distance"],
+                [[t, f"{d:.4f}"] for t, d in sorted(r["distances"].items(), key=lambda kv: kv[1])])
+    if r["fallback_to_generalist"]:
+        console.print(f"[yellow]the prompt is far from every pattern (nearest: {escape(r['nearest_task'])}, "
+                      f"{r['distance']:.3f} > {r['threshold']:.3f}): using the generalist pattern[/]")
+    else:
+        console.print(f"matched task: [bold]{escape(r['matched_task'])}[/] (distance {r['distance']:.4f}, "
+                      f"threshold {r['threshold']:.4f}), in {r['match_seconds']:.2f} s")
+    read = (f"; read {r['expert_bytes_read'] / 1e6:.2f} MB of {r['expert_bytes_total'] / 1e6:.2f} MB of expert "
+            f"weights ({r['expert_bytes_read_share']:.1%}), {r['bytes_read_total'] / 1e6:.2f} MB in all"
+            if "expert_bytes_read" in r else "")
+    console.print(f"kept {r['experts_after']} of {r['experts_before']} experts per layer{read}")
 
 
 def show_profile(r: dict) -> None:
@@ -230,4 +253,4 @@ def show_inspect(directory: Path) -> None:
 
 
 SHOW = {"profile": show_profile, "prune": show_prune, "keep_experts": show_keep, "quantize": show_quantize,
-        "evaluate": print_eval}
+        "ternary": show_ternary, "patterns": show_patterns, "retrieve": show_retrieve, "evaluate": print_eval}

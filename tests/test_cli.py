@@ -205,6 +205,21 @@ def test_prune_patterns_retrieve_generate(tmp_path):
     assert r.exit_code == 0 and r.output.startswith("hello")
 
 
+def test_run_shows_each_stage_as_its_command_does(tmp_path):
+    """`run` renders patterns, retrieve and ternary results with their commands' tables and sentences, not as
+    raw key=value dumps."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("calibration: {tasks: [prose, code], samples: 2, seq_len: 32}\nstages:\n"
+                      "  - stage: profile\n  - stage: patterns\n  - stage: retrieve\n"
+                      "    prompt: 'def f(x): return x'\n    keep: 4\n    max_distance: 10\n  - stage: ternary\n"
+                      "    method: rtn\n    group_size: 8\n")
+    r = invoke("run", recipe, "-m", _tiny_dir(tmp_path), "-o", tmp_path / "o")
+    assert r.exit_code == 0, r.output
+    assert "matched to their own task" in r.output and "matched task" in r.output and "kept 4 of 8" in r.output
+    assert "ternary experts by" in r.output
+    assert "accuracy=" not in r.output and "distance=" not in r.output
+
+
 def test_prune_bad_inputs(tmp_path):
     d = _tiny_dir(tmp_path)
     other = _tiny_dir(tmp_path, seed=9)

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from moecompress.cli.core import ForceOpt, DeviceOpt, DtypeOpt, ModelArg, OffloadOpt, _calibration, _run, handled
-from moecompress.console import RichProgress, console, print_table, success
+from moecompress.console import RichProgress, show_patterns, show_retrieve, success
 from moecompress.errors import MoecompressError
 
 
@@ -36,11 +36,7 @@ def patterns(
                                   {"profile": "--profile", "signature_layers": "--signature-layers"},
                                   _run(device, dtype, offload_hidden))
         result = run_pipeline(recipe, output=output, force=force, progress=RichProgress())
-        r = result.report["stages"][0]["result"]
-        print_table("Patterns", ["task", "fallback distance (q99 of its own windows)"],
-                    [[t, f"{v:.4f}"] for t, v in r["threshold"].items()])
-        console.print(f"signature: mean router logits of MoE layers {r['signature_layers']}; calibration windows "
-                      f"matched to their own task: {r['accuracy']:.1%} of {r['windows']}")
+        show_patterns(result.report["stages"][0]["result"])
         success(f"wrote {result.output}")
 
 
@@ -78,16 +74,5 @@ def retrieve(
         recipe = validate_command("retrieve", model, {}, stage, {"store": "--store", "prompt": "--prompt"},
                                   _run(device, dtype, offload_hidden))
         result = run_pipeline(recipe, output=output, force=force, progress=RichProgress())
-        r = result.report["stages"][0]["result"]
-        print_table("Distance from the prompt to each task pattern (cosine)", ["task", "distance"],
-                    [[t, f"{d:.4f}"] for t, d in sorted(r["distances"].items(), key=lambda kv: kv[1])])
-        if r["fallback_to_generalist"]:
-            console.print(f"[yellow]the prompt is far from every pattern (nearest: {r['nearest_task']}, "
-                          f"{r['distance']:.3f} > {r['threshold']:.3f}): using the generalist pattern[/]")
-        else:
-            console.print(f"matched task: [bold]{r['matched_task']}[/] (distance {r['distance']:.4f}, "
-                          f"threshold {r['threshold']:.4f}), in {r['match_seconds']:.2f} s")
-        console.print(f"kept {r['experts_after']} of {r['experts_before']} experts per layer; read "
-                      f"{r['expert_bytes_read'] / 1e6:.2f} MB of {r['expert_bytes_total'] / 1e6:.2f} MB of expert "
-                      f"weights ({r['expert_bytes_read_share']:.1%}), {r['bytes_read_total'] / 1e6:.2f} MB in all")
+        show_retrieve(result.report["stages"][0]["result"])
         success(f"wrote {result.output}")
