@@ -92,6 +92,7 @@ def main() -> None:
         for k, v in parts.items():
             print(f"  {k:<55} {v['seconds']:6.2f} s  ({v['calls']} calls)")
     if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=1) + "\n")
 
 

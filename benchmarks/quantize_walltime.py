@@ -63,6 +63,7 @@ def main() -> None:
         print(f"{n}: median {statistics.median(times[n])} s, range {min(times[n])}-{max(times[n])} s, "
               f"per-round ratio to {first}: {ratios}")
     if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=1) + "\n")
 
 
