@@ -112,7 +112,7 @@ def model_dir(spec: str | None) -> Path:
             raise MoecompressError("the bundled demo model is missing from this install",
                                    "reinstall moecompress, or run scripts/train_demo_model.py")
         return DEMO_MODEL
-    path = Path(str(spec)).expanduser()
+    path = Path(str(spec)).expanduser().absolute()  # recorded in moecompress.json: valid from any directory
     if not path.exists():
         raise MoecompressError(
             f"model path {str(spec)!r} does not exist",

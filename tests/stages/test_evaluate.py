@@ -343,3 +343,20 @@ def test_routing_agreement_follows_the_lineage_to_any_earlier_model(tmp_path):
                       batch_size=2)
     assert _metrics(got.report["stages"][1]["result"]) == want
     assert min(min(t["routing_agreement"]) for t in want[0].values()) < 1.0
+
+
+def test_recorded_original_is_absolute_so_eval_works_from_another_directory(tmp_path, monkeypatch):
+    """A model given by a relative path is recorded in moecompress.json by its absolute path: `eval` of the
+    output from another working directory finds its original (it used to look the relative path up there)."""
+    _tiny_dir(tmp_path, "mixtral")
+    monkeypatch.chdir(tmp_path)
+    run(validate_recipe({"model": "mixtral", "calibration": CALIB, "stages": [
+        {"stage": "keep_experts", "drop": {"all": [1, 5]}}]}), output="pruned")
+    side = json.loads((tmp_path / "pruned" / SIDECAR).read_text())
+    assert side["source_model"] == str(tmp_path / "mixtral")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    r = run(validate_recipe({"model": str(tmp_path / "pruned"), "calibration": CALIB, "stages": [
+        {"stage": "evaluate", "samples": 2, "batch_size": 2}]}))
+    assert r.report["stages"][0]["result"]["baseline"]["model"] == str(tmp_path / "mixtral")
