@@ -204,6 +204,15 @@ def _existing_dir_output(b: Path, w: Path) -> list[str]:
     return ["run", _keep_recipe(w), "-m", str(b / "model"), "-o", str(w / "out")]
 
 
+def _original_gone(b: Path, w: Path) -> list[str]:
+    """A packed checkpoint whose recorded original was deleted since: eval with its default baseline."""
+    d = _copy(b / "packed", w / "p")
+    side = json.loads((d / "moecompress.json").read_text())
+    side["source_model"] = str(w / "deleted-model")
+    (d / "moecompress.json").write_text(json.dumps(side))
+    return ["eval", str(d), *SMALL]
+
+
 CASES = [
     # model directories: every kind of broken file
     command_case("model-missing", ["info", "WORK/nope"], ("does not exist", "local Hugging Face model directory")),
@@ -313,6 +322,7 @@ CASES = [
     command_case("force-onto-the-input", ["run", KEEP[1], "-m", "MODEL", "-o", "MODEL", "--force"], ("input",)),
     command_case("force-onto-an-ancestor", ["run", KEEP[1], "-m", "MODEL", "-o", "MODEL/..", "--force"],
                  ("contains the input",)),
+    Case("eval-original-gone", _original_gone, ("deleted-model", "is gone", "--baseline", "--no-baseline")),
     command_case("export-not-packed", ["export", "MODEL", "-o", "WORK/out"], ("packed",)),
     command_case("retrieve-no-store", ["retrieve", "MODEL", "-s", "WORK/none", "--prompt", "x", "--keep", "4",
                                        "-o", "WORK/out"], ("WORK",)),

@@ -53,7 +53,11 @@ def _baseline(ctx: StageContext, cfg: EvaluateConfig, modified: bool, scratch: P
         return open_source(str(original.path) if original.path is not None else original.label, scratch)
     side = read_sidecar(ctx.source.path) if ctx.source.path is not None else None
     if side and side.get("source_model"):
-        return open_source(side["source_model"], scratch)
+        recorded = side["source_model"]
+        if not str(recorded).startswith("tiny:") and not (Path(recorded).expanduser() / "config.json").is_file():
+            raise MoecompressError(f"the original recorded in {ctx.source.label!r} (moecompress.json), {recorded!r}, "
+                                   "is gone", "pass --baseline PATH (the model it was made from), or --no-baseline")
+        return open_source(recorded, scratch)
     raise MoecompressError(f"{ctx.source.label!r} has no recorded original (no moecompress.json)",
                            "pass --baseline PATH, or --no-baseline")
 
