@@ -366,3 +366,22 @@ def test_inspect_takes_the_demo_alias_like_every_model_argument(tmp_path):
     assert r.exit_code == 0, r.output
     assert "16.00 bits/parameter" in r.output  # the unpacked demo: bf16-equivalent accounting, nothing packed
     one_line_error(invoke("inspect", tmp_path / "none"), "does not exist")
+
+
+def test_info_says_what_a_compressed_model_is_and_where_it_came_from(tmp_path):
+    """`info` on a model pruned then quantized in two runs: its representation and scheme, the models it was made
+    from (nearest first), and how many experts it kept of the first one's; an original says full precision."""
+    d = _tiny_dir(tmp_path)
+    recipe = tmp_path / "keep.yaml"
+    recipe.write_text("stages:\n  - stage: keep_experts\n    drop: {all: [1, 5]}\n")
+    assert invoke("run", recipe, "-m", d, "-o", tmp_path / "p").exit_code == 0
+    r = invoke("quantize", tmp_path / "p", "--method", "rtn", "--group-size", 8, "--samples", 2, "--seq-len", 32,
+               "--tasks", "prose", "-o", tmp_path / "q")
+    assert r.exit_code == 0, r.output
+    r = invoke("info", tmp_path / "q")
+    assert r.exit_code == 0, r.output
+    assert "packed (moecompress), w4a16" in r.output
+    assert f"{tmp_path / 'p'} <- {d}" in r.output
+    assert f"6 of 8 per MoE layer (pruned from {d})" in r.output
+    r = invoke("info", d)
+    assert "full precision" in r.output and "made_from" not in r.output

@@ -8,8 +8,9 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM
 
+from moecompress.errors import MoecompressError
 from moecompress.models import find_arch
-from moecompress.io.model import load_config, model_dir, model_label
+from moecompress.io.model import input_facts, lineage, load_config, model_dir, model_label, read_sidecar
 
 __all__ = ["describe_model"]
 
@@ -55,4 +56,23 @@ def describe_model(spec: str | None) -> dict[str, Any]:
         info["path"] = str(path)
         info["size_on_disk_bytes"] = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
         info["dtype_on_disk"] = str(getattr(config, "dtype", "") or "").replace("torch.", "")
+        facts = input_facts(spec, config)
+        kind = {"original": "full precision", "packed": "packed (moecompress)", "quantized": "fake-quantized "
+                "(moecompress: dequantized weights, codes recorded)", "foreign": "quantized by another tool"}
+        info["representation"] = kind[facts["representation"]] + (f", {facts['scheme']}" if facts["scheme"] else "")
+        side = read_sidecar(path)
+        chain = lineage(side)
+        if chain:  # written by moecompress: what it was made from, and how many experts each ancestor had
+            info["made_from"] = " <- ".join(m for m, _ in chain)
+            first, kept = chain[-1]
+            if kept:  # experts were removed along the way
+                try:
+                    first_config = load_config(first)
+                    of = f" of {find_arch(first_config).num_experts(first_config)}"
+                except MoecompressError:  # the first model is gone: its expert count is unknown
+                    of = ""
+                counts = sorted({len(v) for v in kept.values()})
+                per = (f"{counts[0]}{of} per MoE layer" if len(counts) == 1 else
+                       ", ".join(f"layer {k}: {len(v)}{of}" for k, v in sorted(kept.items())))
+                info["experts_kept"] = f"{per} (pruned from {first})"
     return info
