@@ -15,7 +15,8 @@ from transformers.activations import ACT2FN
 
 from moecompress.types import Activation
 
-__all__ = ["ExpertWeights", "expert_forward", "expert_intermediate", "glu", "moe_combine", "routed_output_stats", "routed_outputs"]
+__all__ = ["ExpertWeights", "expert_forward", "expert_intermediate", "glu", "moe_combine", "routed_output_stats",
+           "routed_outputs"]
 
 
 @dataclass

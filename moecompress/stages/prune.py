@@ -26,6 +26,7 @@ from moecompress.algorithms.pruning import cumulative_counts, pick_lowest, selec
 from moecompress.errors import MoecompressError
 from moecompress.eval.expert_sets import LAYERWISE, UNPRUNED, expert_set_losses
 from moecompress.formats.profile import Profile
+from moecompress.io.model import compose_kept
 from moecompress.models.identity import check_identity, config_identity
 from moecompress.runtime.identity import source_identity
 from moecompress.runtime.router_refit import RouterRefit
@@ -187,9 +188,8 @@ def run(ctx: StageContext, cfg: PruneConfig) -> dict[str, Any]:
             plan, before, after = apply_keep(ctx, keep, cfg.regroup, dead, work=refit)
     else:
         plan, before, after = apply_keep(ctx, keep, cfg.regroup, dead)
-    earlier = ctx.artifacts.get("kept_experts")  # an earlier prune in this recipe: map ids back to the input's
-    ctx.artifacts["kept_experts"] = {k: [earlier[k][e] for e in v] if earlier and k in earlier else v
-                                     for k, v in plan.items()}
+    # an earlier prune in this recipe: map ids back to the input's
+    ctx.artifacts["kept_experts"] = compose_kept(plan, ctx.artifacts.get("kept_experts"))
     if auto is not None:  # the choice and its figures, at the top of moecompress.json
         ctx.artifacts.setdefault("sidecar", {})["prune_score"] = {
             "chosen": auto["chosen"], "tasks": tasks,
