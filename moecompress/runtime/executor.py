@@ -281,11 +281,15 @@ class LayerStream:
     def run_layer(self, i: int, store: bool = True, batches: Sequence[int] | None = None) -> None:
         """Run the batches (default all) through layer ``i`` (layers must run in order). ``store=True``
         replaces the stored hidden states by the outputs and moves on; ``store=False`` only runs the layer
-        (a calibration pass whose hooks collect statistics)."""
+        (a calibration pass whose hooks collect statistics). A storing pass runs every batch, except through the
+        last layer: nothing reads the outputs of the batches it leaves out, and their hidden states are freed."""
         if i != self.next_layer:
             raise RuntimeError(f"layer {i} run out of order (next is {self.next_layer})")
         if store and batches is not None:
-            raise ValueError("a storing pass runs every batch")
+            if i != self.num_layers - 1:
+                raise ValueError("a storing pass runs every batch (but through the last layer)")
+            keep = set(batches)
+            self.hidden = [h if b in keep else h.new_empty(0) for b, h in enumerate(self.hidden)]
         layer = self.load(i)
         for b in batches if batches is not None else range(len(self.hidden)):
             h = self.hidden[b].to(self.device)

@@ -391,20 +391,22 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
                 install_layer_act_quant(layer, lv, plan.act, handle)
             calls = {"n": 0}
             quant_index: list[torch.Tensor] = []
-            total = len(stream.hidden)
+            # through the last layer only the probe batches: nothing reads the others' outputs
+            every = i < stream.num_layers - 1 or probe_set >= set(range(len(stream.hidden)))
+            order = range(len(stream.hidden)) if every else sorted(probe_set)
 
-            def on_route(layer_index, x, logits, index, weights, calls=calls, quant_index=quant_index):
-                if calls["n"] in probe_set:
+            def on_route(layer_index, x, logits, index, weights, calls=calls, quant_index=quant_index, order=order):
+                if order[calls["n"]] in probe_set:
                     quant_index.append(index.cpu())
                 calls["n"] += 1
 
             with capture_routing(model, arch, layers=[i], on_route=on_route, store=False), \
-                    replaying(replay, stream.device):
-                stream.run_layer(i)  # the calibration batches first: the attention replayed on them
+                    replaying(replay if every else None, stream.device):
+                stream.run_layer(i, batches=None if every else order)  # the calibration batches first: replayed
             replay = None
             if lv:
-                if calls["n"] != total:
-                    raise RuntimeError(f"layer {i}'s MoE block ran {calls['n']} times for {total} batches")
+                if calls["n"] != len(order):
+                    raise RuntimeError(f"layer {i}'s MoE block ran {calls['n']} times for {len(order)} batches")
                 a = _topk(ref_traces, i)
                 b = torch.cat(quant_index).sort(-1).values
                 out.routing_agreement.append(float((a == b).all(-1).float().mean()))

@@ -111,6 +111,24 @@ def test_layers_must_run_in_order(tmp_path):
         s.logits(0)
 
 
+def test_last_layer_runs_only_the_batches_asked_for(tmp_path):
+    """Through the last layer a storing pass may run some batches: theirs are the full run's outputs, the
+    others' hidden states are freed; before the last layer a storing pass runs every batch."""
+    model, d = _saved("mixtral", tmp_path)
+    src = ModelSource(model.config, find_arch(model.config), directory=d)
+    batches = _batches()
+    full = _stream(src, batches)
+    s = LayerStream(src, batches)
+    with pytest.raises(ValueError, match="every batch"):
+        s.run_layer(0, batches=[1])
+    for i in range(s.num_layers - 1):
+        s.run_layer(i)
+    s.run_layer(s.num_layers - 1, batches=[1])
+    s.load_head()
+    assert torch.equal(s.logits(1), full.logits(1))
+    assert s.hidden[0].numel() == 0
+
+
 def test_offloaded_hidden_states_give_the_same_result(tmp_path):
     model, d = _saved("qwen3_moe", tmp_path)
     src = ModelSource(model.config, find_arch(model.config), directory=d)
