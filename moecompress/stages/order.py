@@ -68,8 +68,9 @@ def _input_problem(state: InputState, spec: StageSpec) -> MoecompressError:
     what = {"quantized": f"a fake-quantized {state.scheme or ''} model".replace("  ", " "),
             "packed": f"a packed {state.scheme or ''} checkpoint".replace("  ", " "),
             "foreign": f"quantized by {state.scheme}"}[state.representation]
-    fix = (f"run {spec.name} on the original model ({state.original}), then quantize the result"
-           if state.original else f"run {spec.name} on the unquantized model, then quantize the result")
+    then = ", then quantize the result" if spec.changes == "experts" else " instead"  # quantizing twice: no
+    fix = (f"run {spec.name} on the original model ({state.original}){then}"
+           if state.original else f"run {spec.name} on the unquantized model{then}")
     return MoecompressError(f"{state.label} is {what}; {spec.name} needs the original (unquantized) weights", fix)
 
 
