@@ -9,7 +9,8 @@ writes a `quantize_demo.py` result (llm-compressor's rows read from ``--peer-fro
 with an earlier run of the default on the same model, seed and windows::
 
     python benchmarks/bf16_intermediates.py --scheme w2a16 --calib-seed 0 \\
-        --peer-from benchmarks/results/fraczero/quantize_w2_demo_s0.json --out benchmarks/results/stop39/bf16_w2_demo_s0.json
+        --peer-from benchmarks/results/fraczero/quantize_w2_demo_s0.json \\
+        --out benchmarks/results/stop39/bf16_w2_demo_s0.json
     python benchmarks/rows_report.py --scheme w2a16 --row "all (default)" --reference-row "all with 2 GPTQ rounds" \\
         --run benchmarks/results/stop39/bf16_w2_demo_s0.json:benchmarks/results/stop37/rounds_w2_demo_s0.json ...
 

@@ -22,9 +22,9 @@ from moecompress.errors import MoecompressError, shorten
 from moecompress.io.validate import check_finite, check_weight_files
 from moecompress.models import MoEArch, find_arch
 
-__all__ = ["DEMO_MODEL", "SIDECAR", "LoadedModel", "compose_kept", "input_facts", "load_config", "load_tokenizer",
-           "model_dir", "lineage", "model_label", "read_model", "read_sidecar", "recorded_activations", "same_model", "save_model",
-           "tiny_tokenizer"]
+__all__ = ["DEMO_MODEL", "SIDECAR", "LoadedModel", "compose_kept", "input_facts", "lineage", "load_config",
+           "load_tokenizer", "model_dir", "model_label", "read_model", "read_sidecar", "recorded_activations",
+           "same_model", "save_model", "tiny_tokenizer"]
 
 log = logging.getLogger(__name__)
 DEMO_MODEL = Path(__file__).resolve().parent.parent / "assets" / "demo-moe"

@@ -68,7 +68,9 @@ def _input_problem(state: InputState, spec: StageSpec) -> MoecompressError:
     what = {"quantized": f"a fake-quantized {state.scheme or ''} model".replace("  ", " "),
             "packed": f"a packed {state.scheme or ''} checkpoint".replace("  ", " "),
             "foreign": f"quantized by {state.scheme}"}[state.representation]
-    then = ", then quantize the result" if spec.changes == "experts" else " instead"  # quantizing twice: no
+    # a stage that changes the expert set runs on the original and its result is quantized; the others (quantize,
+    # ternary, profile) run on the original instead: "then quantize the result" would quantize twice
+    then = ", then quantize the result" if spec.changes == "experts" else " instead"
     fix = (f"run {spec.name} on the original model ({state.original}){then}"
            if state.original else f"run {spec.name} on the unquantized model{then}")
     return MoecompressError(f"{state.label} is {what}; {spec.name} needs the original (unquantized) weights", fix)
