@@ -14,7 +14,6 @@ memory with nowhere to write is changed in place and nothing is written (the rec
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from moecompress.io.checkpoint import layer_of
 from moecompress.io.outdir import failpoint
 from moecompress.models.base import MoEArch, MoEBlockView
 from moecompress.runtime.executor import LayerStream, ModelSource
-from moecompress.runtime.sink import LayerSink
+from moecompress.runtime.sink import LayerSink, copy_companions, written_config
 
 __all__ = ["FakeQuantSink", "PackedSink"]
 
@@ -90,18 +89,8 @@ class PackedSink:
                                tokenizer=tokenizer if tokenizer is not None else self.source.tokenizer,
                                stored_dtype=self._stored())
         writer = self._open()
-        config.save_pretrained(self.target)
-        cfg = json.loads((self.target / "config.json").read_text())
-        n = arch.num_experts(config)
-        for key in arch.num_experts_keys:  # Qwen3-MoE reads one spelling, older readers the other
-            cfg[key] = n
-        self.stats = writer.close(cfg)
-        gen = self.source.directory / "generation_config.json" if self.source.directory else None
-        if gen is not None and gen.is_file():
-            (self.target / "generation_config.json").write_bytes(gen.read_bytes())
-        tok = tokenizer if tokenizer is not None else self.source.tokenizer
-        if tok is not None:
-            tok.save_pretrained(self.target)
+        self.stats = writer.close(written_config(config, arch, self.target))
+        tok = copy_companions(self.source, self.target, tokenizer)
         from transformers import AutoConfig
 
         written = AutoConfig.from_pretrained(self.target, local_files_only=True)

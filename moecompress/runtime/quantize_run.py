@@ -34,22 +34,22 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from moecompress.formats.quant_record import QuantRecord
-from moecompress.nn.act_quant import ActQuant, ActQuantHandle, install_layer_act_quant, rotation_matrix
+from moecompress.nn.act_quant import ActQuantHandle, install_layer_act_quant, rotation_matrix
 from moecompress.progress import NullProgress, Progress
 from moecompress.runtime.calibration import LayerStats, LinearStats, collect, dense_linears, norm_sources
 from moecompress.runtime.dist import Dist
 from moecompress.runtime.executor import LayerStream
 from moecompress.runtime.hooks import capture_routing
 from moecompress.runtime.paired import capture_inputs, collect_pairs, norm_reader_pairs, pair_linears
+from moecompress.runtime.quant_plan import QuantPlan, QuantRun, needs_no_statistics
 from moecompress.runtime.replay import record_output_replay, replaying
-from moecompress.runtime.layer_quant import QuantOptions, quantize_experts, quantize_linears
+from moecompress.runtime.layer_quant import quantize_experts, quantize_linears
 from moecompress.runtime.layer_smooth import quantize_router, smooth_layer
 from moecompress.runtime.rotate import (
     ResidualRotation,
@@ -60,75 +60,7 @@ from moecompress.runtime.rotate import (
     rotate_outside,
 )
 
-__all__ = ["QuantPlan", "QuantRun", "batches_of", "needs_no_statistics", "quantize_stream"]
-
-
-@dataclass(frozen=True)
-class QuantPlan:
-    """What `quantize_stream` does, every value given: the defaults live in the stage configs only.
-
-    The first five are what a stage derives from its scheme (quantization options, activation quantization,
-    smoothing and the intermediate rotation resolved); the others are recipe keys, named as the ``quantize``
-    stage config names them, so `of` reads them from a config object."""
-
-    experts: QuantOptions | None  # routed experts (None: keep them in full precision)
-    linears: QuantOptions | None  # attention, dense and shared MLPs (None: keep)
-    act: ActQuant | None
-    smooth: bool
-    rotate_intermediate: bool
-    smooth_alpha: float
-    smooth_aggregate: str
-    smooth_router: bool
-    smooth_attention: bool
-    smooth_down: str
-    router_bits: int | None
-    align_router: bool
-    align_objective: str
-    balance: bool
-    balance_ratio: float  # min routed tokens per expert = ratio * seq_len * K / E
-    balance_per_input: float  # GPTQ experts: min routed tokens also >= this * the experts' input width
-    near_miss: int
-    rare_experts: str  # experts still short of tokens: "pooled" (the layer's other tokens) or "rtn"
-    sequential: bool  # each linear toward its full-precision outputs from its quantized inputs (GPTAQ)
-    sequential_targets: str  # "model": the original model's outputs (a second stream); "layer": this layer's
-    rotate: bool
-    rotation_seed: int
-    batch_size: int
-    # per decoder layer: (experts, linears) options replacing the two above in that layer (mixed precision by
-    # depth); resolved by the stage, empty by default
-    layers: dict[int, tuple[QuantOptions | None, QuantOptions | None]] = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, settings: Any, **resolved: Any) -> QuantPlan:
-        """The plan of a stage config: ``resolved`` (at least the five derived fields) as given, every other
-        field without a default read by name from ``settings``."""
-        return cls(**resolved, **{f.name: getattr(settings, f.name) for f in fields(cls) if f.name not in resolved
-                                  and f.default is MISSING and f.default_factory is MISSING})
-
-    def at(self, i: int) -> QuantPlan:
-        """The plan of decoder layer ``i`` (its own options where `layers` has them)."""
-        if i not in self.layers:
-            return self
-        experts, linears = self.layers[i]
-        return replace(self, experts=experts, linears=linears, layers={})
-
-
-@dataclass
-class QuantRun:
-    act_handle: ActQuantHandle  # simulated activation quantization left on a model held in memory
-    layers: dict[str, Any] = field(default_factory=dict)
-    routing_agreement: list[float] = field(default_factory=list)
-    min_tokens_per_expert: float = 0.0
-    rotated_residual: bool = False
-    untied_lm_head: bool = False
-    rotation_max_change: float = 0.0  # largest relative change of a rotated layer's outputs (checked per layer)
-    expert_codes: int = 0  # routed experts' codes written
-    expert_code_ones: int = 0  # of which equal to 1 (ternary: the trit 0)
-    probe_only: bool = False  # RTN without smoothing/router: only the probe windows ran (no statistics needed)
-
-    def fallbacks(self, kind: str = "rtn_fallback") -> dict[str, int]:
-        """Experts per layer that fell back to RTN (``kind="topped_up_pooled"``: were topped up with pooled tokens)."""
-        return {k: len(v["experts"].get(kind, [])) for k, v in self.layers.items() if "experts" in v}
+__all__ = ["quantize_stream"]
 
 
 @contextlib.contextmanager
@@ -148,18 +80,6 @@ def _skip_experts(views):
                 m.__dict__.pop("forward", None)
             else:
                 m.forward = f
-
-
-def batches_of(windows: list[torch.Tensor], size: int) -> list[torch.Tensor]:
-    """``[N, S]`` windows per task cut into batches of at most ``size`` windows (tasks never mixed)."""
-    return [w[i:i + size] for w in windows for i in range(0, len(w), size)]
-
-
-def needs_no_statistics(plan: QuantPlan) -> bool:
-    """Round-to-nearest without smoothing or a quantized router needs no calibration statistics: only the probe
-    windows run (for the routing agreement), so the command is bound by reading and writing the weights."""
-    return not plan.smooth and not plan.router_bits and all(
-        o is None or o.method == "rtn" for o in (plan.experts, plan.linears))
 
 
 def _forward(layer: nn.Module, h: torch.Tensor, kwargs: dict, device: torch.device) -> torch.Tensor:
@@ -225,22 +145,7 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
             attn_norm = getattr(layer, arch.pre_attn_norm, None)
             prefix = f"{arch.layers}.{i}"
             # 1. the original layer on the original probe stream: routing reference (and norm readers)
-            readers_cm = norm_readers(layer, arch) if rotation is not None else contextlib.nullcontext()
-            with capture_routing(model, arch, layers=[i]) as ref_traces, readers_cm as readers:
-                ref_out = [_forward(layer, h, stream.kwargs[i][b], stream.device) for h, b in zip(ref, probe)]
-            if rotation is not None:
-                rotate_layer(layer, arch, lv[0] if lv else None, readers, rotation)
-                with capture_routing(model, arch, layers=[i]) as rot_traces:
-                    got = [_forward(layer, rotation.apply(h.to(stream.device)), stream.kwargs[i][b], stream.device)
-                           for h, b in zip(ref, probe)]
-                expected = torch.cat([rotation.apply(y).reshape(-1, y.shape[-1]) for y in ref_out])
-                got = torch.cat([y.reshape(-1, y.shape[-1]) for y in got])
-                change = check_layer(arch, i, expected, got, _topk(ref_traces, i) if lv else None,
-                                     _topk(rot_traces, i) if lv else None)
-                out.rotation_max_change = max(out.rotation_max_change, change)
-                del got, expected
-            ref = [park(y) for y in ref_out]
-            del ref_out
+            ref_traces, ref = _reference(stream, i, layer, lv, ref, probe, rotation, out, park)
             # 2. statistics
             owned = dist.experts(E) if dist.active else None
             # sequential: the full-precision inputs of every linear and of the experts, kept; from the original
@@ -353,33 +258,10 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
                 entry["linears"] = quantize_linears(layer, stats, plan.linears, record, prefix)
             fp_experts = fp_in.pop("experts", None) if paired else None
             fp_in = got0 = None
-            for v in lv:
-                block = f"{prefix}.{arch.moe_block}"
-                if plan.experts is not None:
-                    q_inter = rotation_matrix(v.experts.stacked("down").shape[2], plan.rotation_seed) \
-                        if plan.rotate_intermediate else None
-
-                    gate_up_calls: list = []  # the gate/up pass's experts calls, replayed for the down projections
-
-                    def pairs(which, gate, up, v=v, i=i, owned=owned, fp=fp_experts, calls=gate_up_calls):
-                        """The calibration batches again (for the down projections: the gate/up pass's calls)."""
-                        if which == "gate_up" and fp is None:
-                            return None  # the gate/up inputs are the statistics pass's own
-                        if which == "down" and calls:
-                            with collect_pairs(v, which, gate, up, owned, fp, replay=calls) as got:
-                                calls.clear()
-                                return got
-                        with collect_pairs(v, which, gate, up, owned, fp, keep=calls if which == "gate_up" else None) \
-                                as got, _skip_experts([v]), replaying(replay, stream.device):
-                            stream.run_layer(i, store=False, batches=base)
-                        return got
-
-                    entry["experts"] = quantize_experts(v, stats, plan.experts, record, f"{block}.{arch.experts}",
-                                                        balance, n_min, plan.rare_experts, q_inter, dist,
-                                                        pairs if plan.sequential and not rtn_only else None)
-                if plan.router_bits:
-                    entry["router"] = quantize_router(v, stats, plan.router_bits, plan.align_router, record,
-                                                      f"{block}.{arch.router}", plan.align_objective)
+            for v in lv:  # the routed experts, then the router
+                entry.update(_experts_and_router(stream, i, v, plan, stats, record, f"{prefix}.{arch.moe_block}",
+                                                 balance, n_min, owned, dist, base, fp_experts, replay,
+                                                 plan.sequential and not rtn_only))
             del stats, fp_experts
             for k, t in record.tensors.items():
                 if ".experts:" in k and k.endswith(".codes"):
@@ -389,27 +271,10 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
             handle = out.act_handle if stream.source.in_memory else ActQuantHandle()
             if plan.act is not None:
                 install_layer_act_quant(layer, lv, plan.act, handle)
-            calls = {"n": 0}
-            quant_index: list[torch.Tensor] = []
-            # through the last layer only the probe batches: nothing reads the others' outputs
-            every = i < stream.num_layers - 1 or probe_set >= set(range(len(stream.hidden)))
-            order = range(len(stream.hidden)) if every else sorted(probe_set)
-
-            def on_route(layer_index, x, logits, index, weights, calls=calls, quant_index=quant_index, order=order):
-                if order[calls["n"]] in probe_set:
-                    quant_index.append(index.cpu())
-                calls["n"] += 1
-
-            with capture_routing(model, arch, layers=[i], on_route=on_route, store=False), \
-                    replaying(replay if every else None, stream.device):
-                stream.run_layer(i, batches=None if every else order)  # the calibration batches first: replayed
+            agreement = _output_pass(stream, i, bool(lv), probe_set, replay, ref_traces)
             replay = None
-            if lv:
-                if calls["n"] != len(order):
-                    raise RuntimeError(f"layer {i}'s MoE block ran {calls['n']} times for {len(order)} batches")
-                a = _topk(ref_traces, i)
-                b = torch.cat(quant_index).sort(-1).values
-                out.routing_agreement.append(float((a == b).all(-1).float().mean()))
+            if agreement is not None:
+                out.routing_agreement.append(agreement)
             out.layers[str(i)] = entry
             # 5. write, free
             sink.layer(stream, i, record, lv)
@@ -425,3 +290,84 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
     else:
         sink.outside(stream)
     return out
+
+
+def _experts_and_router(stream: LayerStream, i: int, v, plan: QuantPlan, stats: LayerStats, record: QuantRecord,
+                        block: str, balance: bool, n_min: float, owned: range | None, dist: Dist, base: Sequence[int],
+                        fp: list | None, replay, sequential: bool) -> dict[str, Any]:
+    """Step 3's MoE block ``v`` of layer ``i``: its routed experts (with ``sequential``, each projection paired
+    over the calibration batches ``base`` again: the gate/up pass's experts calls replayed for the down
+    projections; ``fp``: the experts' full-precision inputs per call), then its router; their record entries."""
+    arch, entry = stream.arch, {}
+    if plan.experts is not None:
+        q_inter = rotation_matrix(v.experts.stacked("down").shape[2], plan.rotation_seed) \
+            if plan.rotate_intermediate else None
+        calls: list = []  # the gate/up pass's experts calls, replayed for the down projections
+
+        def pairs(which, gate, up):
+            """The calibration batches again (for the down projections: the gate/up pass's calls)."""
+            if which == "gate_up" and fp is None:
+                return None  # the gate/up inputs are the statistics pass's own
+            if which == "down" and calls:
+                with collect_pairs(v, which, gate, up, owned, fp, replay=calls) as got:
+                    calls.clear()
+                    return got
+            with collect_pairs(v, which, gate, up, owned, fp, keep=calls if which == "gate_up" else None) as got, \
+                    _skip_experts([v]), replaying(replay, stream.device):
+                stream.run_layer(i, store=False, batches=base)
+            return got
+
+        entry["experts"] = quantize_experts(v, stats, plan.experts, record, f"{block}.{arch.experts}", balance, n_min,
+                                            plan.rare_experts, q_inter, dist, pairs if sequential else None)
+    if plan.router_bits:
+        entry["router"] = quantize_router(v, stats, plan.router_bits, plan.align_router, record,
+                                          f"{block}.{arch.router}", plan.align_objective)
+    return entry
+
+
+def _reference(stream: LayerStream, i: int, layer: nn.Module, lv: list, ref: list, probe: Sequence[int],
+               rotation: ResidualRotation | None, out: QuantRun, park) -> tuple[Any, list]:
+    """Step 1: the original layer ``i`` on the probe windows' original hidden states ``ref``: its routing traces
+    (the agreement's reference) and the probe's next original hidden states. With ``rotation`` the layer is
+    then rotated (its norm readers seen on that forward) and checked against the original's outputs."""
+    arch, model = stream.arch, stream.model
+    readers_cm = norm_readers(layer, arch) if rotation is not None else contextlib.nullcontext()
+    with capture_routing(model, arch, layers=[i]) as ref_traces, readers_cm as readers:
+        ref_out = [_forward(layer, h, stream.kwargs[i][b], stream.device) for h, b in zip(ref, probe)]
+    if rotation is not None:
+        rotate_layer(layer, arch, lv[0] if lv else None, readers, rotation)
+        with capture_routing(model, arch, layers=[i]) as rot_traces:
+            got = [_forward(layer, rotation.apply(h.to(stream.device)), stream.kwargs[i][b], stream.device)
+                   for h, b in zip(ref, probe)]
+        expected = torch.cat([rotation.apply(y).reshape(-1, y.shape[-1]) for y in ref_out])
+        got = torch.cat([y.reshape(-1, y.shape[-1]) for y in got])
+        change = check_layer(arch, i, expected, got, _topk(ref_traces, i) if lv else None,
+                             _topk(rot_traces, i) if lv else None)
+        out.rotation_max_change = max(out.rotation_max_change, change)
+    return ref_traces, [park(y) for y in ref_out]
+
+
+def _output_pass(stream: LayerStream, i: int, moe: bool, probe_set: set[int], replay, ref_traces) -> float | None:
+    """Step 4: the batches through the quantized layer ``i`` (the calibration batches first, the attention
+    replayed where ``replay`` recorded it); through the last layer only the probe batches, since nothing reads
+    the others' outputs. Returns the probe's routing agreement with the original layer's (an MoE layer)."""
+    calls = {"n": 0}
+    quant_index: list[torch.Tensor] = []
+    every = i < stream.num_layers - 1 or probe_set >= set(range(len(stream.hidden)))
+    order = range(len(stream.hidden)) if every else sorted(probe_set)
+
+    def on_route(layer_index, x, logits, index, weights):
+        if order[calls["n"]] in probe_set:
+            quant_index.append(index.cpu())
+        calls["n"] += 1
+
+    with capture_routing(stream.model, stream.arch, layers=[i], on_route=on_route, store=False), \
+            replaying(replay if every else None, stream.device):
+        stream.run_layer(i, batches=None if every else order)
+    if not moe:
+        return None
+    if calls["n"] != len(order):
+        raise RuntimeError(f"layer {i}'s MoE block ran {calls['n']} times for {len(order)} batches")
+    a = _topk(ref_traces, i)
+    b = torch.cat(quant_index).sort(-1).values
+    return float((a == b).all(-1).float().mean())

@@ -20,7 +20,7 @@ from moecompress.io.checkpoint import CheckpointWriter, checkpoint_names, layer_
 from moecompress.io.outdir import failpoint
 from moecompress.runtime.executor import LayerStream, ModelSource
 
-__all__ = ["LayerSink"]
+__all__ = ["LayerSink", "copy_companions", "written_config"]
 
 
 class LayerSink:
@@ -86,18 +86,31 @@ class LayerSink:
             return ModelSource(config, arch, directory=self.target, tokenizer=tokenizer or self.source.tokenizer,
                                stored_dtype=self._stored or self.source.stored_dtype)
         self.writer.close()
-        config.save_pretrained(self.target)
-        cfg_path = self.target / "config.json"
-        cfg = json.loads(cfg_path.read_text())
-        n = arch.num_experts(config)
-        for key in arch.num_experts_keys:  # Qwen3-MoE reads one spelling, older readers the other
-            cfg[key] = n
+        cfg = written_config(config, arch, self.target)
         cfg["dtype"] = str(self._stored or torch.float32).replace("torch.", "")
-        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        gen = self.source.directory / "generation_config.json" if self.source.directory else None
-        if gen is not None and gen.is_file():
-            (self.target / "generation_config.json").write_bytes(gen.read_bytes())
-        tok = tokenizer if tokenizer is not None else self.source.tokenizer
-        if tok is not None:
-            tok.save_pretrained(self.target)
+        (self.target / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        tok = copy_companions(self.source, self.target, tokenizer)
         return ModelSource(config, arch, directory=self.target, tokenizer=tok, stored_dtype=self._stored)
+
+
+def written_config(config, arch, target: Path) -> dict:
+    """``config`` saved into ``target`` and read back as a dict, the expert count under every key readers use
+    (Qwen3-MoE reads one spelling, older readers the other); the caller finishes and writes it."""
+    config.save_pretrained(target)
+    cfg = json.loads((target / "config.json").read_text())
+    n = arch.num_experts(config)
+    for key in arch.num_experts_keys:
+        cfg[key] = n
+    return cfg
+
+
+def copy_companions(source: ModelSource, target: Path, tokenizer=None):
+    """The source's ``generation_config.json`` and the tokenizer (``tokenizer``, else the source's) into
+    ``target``; returns the tokenizer written (or None)."""
+    gen = source.directory / "generation_config.json" if source.directory else None
+    if gen is not None and gen.is_file():
+        (target / "generation_config.json").write_bytes(gen.read_bytes())
+    tok = tokenizer if tokenizer is not None else source.tokenizer
+    if tok is not None:
+        tok.save_pretrained(target)
+    return tok

@@ -29,7 +29,8 @@ from moecompress.kernels.dispatch import resolve_backend
 from moecompress.nn.act_quant import ActQuant
 from moecompress.runtime.layer_quant import QuantOptions
 from moecompress.runtime.pack import FakeQuantSink, PackedSink
-from moecompress.runtime.quantize_run import QuantPlan, QuantRun, batches_of, needs_no_statistics, quantize_stream
+from moecompress.runtime.quant_plan import QuantPlan, QuantRun, batches_of, needs_no_statistics
+from moecompress.runtime.quantize_run import quantize_stream
 from moecompress.runtime.rotate import ResidualRotation, check_rotatable
 from moecompress.stages.base import StageConfig, StageContext, register_stage
 

@@ -22,7 +22,7 @@ from moecompress.algorithms.quant_grid import QuantGrid, TernaryGrid
 from moecompress.errors import MoecompressError
 from moecompress.formats.quant_record import RECORD_FILE
 from moecompress.runtime.layer_quant import QuantOptions
-from moecompress.runtime.quantize_run import QuantPlan
+from moecompress.runtime.quant_plan import QuantPlan
 from moecompress.stages.base import StageConfig, StageContext, register_stage
 from moecompress.stages.quantize import QuantizeConfig, finish, quantize, split_windows
 

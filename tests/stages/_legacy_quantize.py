@@ -27,7 +27,7 @@ from moecompress.runtime.calibration import collect
 from moecompress.runtime.hooks import capture_routing
 from moecompress.runtime.layer_quant import quantize_experts, quantize_linears
 from moecompress.runtime.layer_smooth import quantize_router, smooth_layer
-from moecompress.runtime.quantize_run import QuantPlan
+from moecompress.runtime.quant_plan import QuantPlan
 
 
 # ---------------------------------------------------------------- runtime/sequential.py (deleted from the package)
