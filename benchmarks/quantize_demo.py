@@ -74,6 +74,7 @@ ROWS = [
     ("GPTQ + balance + pooled rare experts", {**BASE, "balance": True, "rare_experts": "pooled"}),
     ("GPTQ + refit", {**BASE, "refit": True}),
     ("GPTQ + refit + GPTQ rounds", {**BASE, "refit": True, "gptq_rounds": 4}),
+    ("GPTQ + refit + 2 GPTQ rounds", {**BASE, "refit": True, "gptq_rounds": 2}),  # stop 40: the W2 default's count
     ("GPTQ + code sweeps", {**BASE, "code_sweeps": 2}),
     ("GPTQ + code sweeps + refit", {**BASE, "code_sweeps": 2, "refit": True}),
     ("GPTQ + rotation", {**BASE, "rotate": True}),
