@@ -27,7 +27,7 @@ from moecompress.formats.checkpoint import FORMAT_VERSION, QUANT_METHOD, checksu
 from moecompress.formats.codecs import CODECS, encode, encoded_bits_per_weight, int_codec, packed_bits_per_weight
 from moecompress.formats.quant_record import QuantRecord
 from moecompress.formats.spec import PROJS, ModuleSpec
-from moecompress.io.checkpoint import CheckpointWriter
+from moecompress.io.writer import CheckpointWriter
 from moecompress.types import Activation
 
 __all__ = ["PackedExpertsInfo", "PackedWriter"]

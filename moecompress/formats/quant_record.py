@@ -31,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from moecompress.errors import MoecompressError
-from moecompress.io.checkpoint import CheckpointWriter
+from moecompress.io.writer import CheckpointWriter
 
 __all__ = ["RECORD_FILE", "RECORD_INDEX", "QuantRecord", "RecordWriter", "is_record_file"]
 

@@ -11,15 +11,12 @@ bytes.
 `build_skeleton` makes the model on the meta device from ``config.json`` (no memory for weights), with its
 non-persistent buffers (rotary tables) real on the compute device.
 
-`CheckpointWriter` writes tensors as they come into safetensors shards of bounded size, then the index, and
-names them as ``save_pretrained`` would for a model loaded from the source (the reverse conversions of the
-ones the source's names needed), so a streamed output is the same checkpoint an in-memory save gives.
+Writing a checkpoint as it comes is `io.writer`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -31,10 +28,13 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from moecompress.errors import MoecompressError
-from moecompress.io.spool import SpooledShard
-from moecompress.io.validate import INDEX, check_weight_files
+from moecompress.io.validate import check_weight_files
 
-__all__ = ["CheckpointSource", "CheckpointWriter", "build_skeleton", "layer_of", "release", "stored_dtype"]
+__all__ = ["CheckpointSource", "build_skeleton", "layer_of", "release", "stored_dtype"]
+
+_ITEM = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+         "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_FLOAT = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 def _open(path: Path):
@@ -287,95 +287,3 @@ def _quiet_loading() -> Iterator[None]:
         if was:
             hf_logging.enable_progress_bar()
 
-
-_ITEM = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
-         "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-_FLOAT = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
-class CheckpointWriter:
-    """Write tensors as they come into ``model-XXXXX-of-YYYYY.safetensors`` shards of at most ``shard_bytes``
-    (a tensor larger than that gets a shard of its own), then ``model.safetensors.index.json``; a single
-    shard is written as ``model.safetensors``. Memory: no tensor is held once added (`io.spool`)."""
-
-    def __init__(self, directory: str | Path, shard_bytes: int = 1 << 30, prefix: str = "model",
-                 metadata: dict[str, str] | None = None) -> None:
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.shard_bytes, self.prefix = shard_bytes, prefix
-        self.metadata = metadata or {"format": "pt"}
-        self._shard: SpooledShard | None = None
-        self._shards: list[tuple[str, list[str]]] = []  # (temporary file name, keys)
-        self.total_bytes = 0
-        self.total_params = 0
-        self._seen: set[str] = set()
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self._seen:
-            raise ValueError(f"tensor {name} written twice")
-        self._seen.add(name)
-        b = tensor.numel() * tensor.element_size()
-        if self._shard is not None and self._shard.nbytes and self._shard.nbytes + b > self.shard_bytes:
-            self.flush()
-        if self._shard is None:
-            name_tmp = f".{self.prefix}-part-{len(self._shards) + 1:05d}.safetensors"
-            self._shard = SpooledShard(self.directory / name_tmp, self.metadata)
-        self._shard.add(name, tensor)
-        self.total_bytes += b
-        self.total_params += tensor.numel()
-
-    def add_all(self, tensors: dict[str, torch.Tensor]) -> None:
-        for k in sorted(tensors):
-            self.add(k, tensors[k])
-
-    def flush(self) -> None:
-        """Finish the current shard."""
-        if self._shard is None:
-            return
-        keys = sorted(self._shard.keys())
-        self._shard.finish()
-        self._shards.append((self._shard.path.name, keys))
-        self._shard = None
-
-    def close(self) -> list[str]:
-        """Flush, give the shards their final names and write the index (when sharded); returns the files."""
-        self.flush()
-        n = len(self._shards)
-        if n == 0:
-            SpooledShard(self.directory / f"{self.prefix}.safetensors", self.metadata).finish()
-            return [f"{self.prefix}.safetensors"]
-        if n == 1:
-            final = f"{self.prefix}.safetensors"
-            os.replace(self.directory / self._shards[0][0], self.directory / final)
-            return [final]
-        weight_map, files = {}, []
-        for i, (tmp, keys) in enumerate(self._shards, 1):
-            final = f"{self.prefix}-{i:05d}-of-{n:05d}.safetensors"
-            os.replace(self.directory / tmp, self.directory / final)
-            files.append(final)
-            weight_map.update({k: final for k in keys})
-        index = {"metadata": {"total_size": self.total_bytes, "total_parameters": self.total_params},
-                 "weight_map": dict(sorted(weight_map.items()))}
-        name = INDEX if self.prefix == "model" else f"{self.prefix}.safetensors.index.json"
-        (self.directory / name).write_text(json.dumps(index, indent=2) + "\n")
-        return files
-
-
-def checkpoint_names(model: nn.Module, tensors: dict[str, torch.Tensor],
-                     conversions: Sequence[Any] | None) -> dict[str, torch.Tensor]:
-    """Model-named ``tensors`` renamed (and split) as ``save_pretrained`` writes them for a model whose
-    weights came through ``conversions`` (`CheckpointSource.used_conversions`; None: the family's defaults,
-    as for a model built from its config)."""
-    from transformers.core_model_loading import revert_weight_conversion
-
-    had = getattr(model, "_weight_conversions", None)
-    model._weight_conversions = list(conversions) if conversions is not None else None
-    try:
-        if conversions is not None and not conversions:
-            return dict(tensors)
-        return revert_weight_conversion(model, dict(tensors))
-    finally:
-        model._weight_conversions = had
-
-
-__all__ += ["checkpoint_names"]

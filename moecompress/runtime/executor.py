@@ -16,18 +16,15 @@ Peak memory is one layer plus the hidden states of the batches (on the device, o
 wrapping a loaded model: load and release do nothing), which is how the streamed path is checked against
 the in-memory one.
 
-The first-layer inputs come from GPTQ's "Catcher" pattern made exact for every family: one pass with every
-decoder layer replaced by an identity records each layer's keyword arguments per batch (attention masks
-differ per layer for sliding-window families; rotary tables are shared) and stops before the final norm.
+The first-layer inputs and every layer's keyword arguments come from `runtime.catcher` (GPTQ's "Catcher"
+pattern made exact for every family); devices and compute dtypes from `runtime.placement`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,52 +36,12 @@ from moecompress.io.checkpoint import CheckpointSource, build_skeleton, layer_of
 from moecompress.io.validate import check_finite
 from moecompress.models.base import MoEArch, resolve
 from moecompress.runtime import token_weights
+from moecompress.runtime.catcher import first_layer_inputs
+from moecompress.runtime.placement import Placement, resolve_device
 
 __all__ = ["LayerStream", "ModelSource", "Placement", "resolve_device"]
 
 _PER_EXPERT = re.compile(r"\.experts\.(\d+)\.")  # a checkpoint that stores one tensor per expert
-
-
-def resolve_device(spec: str | torch.device | None) -> torch.device:
-    """``auto`` (the first GPU when there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``; one-line errors
-    for a GPU that is not there."""
-    if isinstance(spec, torch.device):
-        return spec
-    spec = (spec or "auto").strip().lower()
-    if spec == "auto":
-        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        dev = torch.device(spec)
-    except RuntimeError:
-        raise MoecompressError(f"--device {spec!r} is not a device", "use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cpu":
-        return dev
-    if dev.type != "cuda":
-        raise MoecompressError(f"--device {spec!r} is not supported", "use auto, cpu, cuda or cuda:N")
-    if not torch.cuda.is_available():
-        raise MoecompressError(f"--device {spec} asks for a GPU, but torch sees none (CUDA build: "
-                               f"{torch.version.cuda or 'no'})", "use --device cpu (or auto)")
-    n = torch.cuda.device_count()
-    index = 0 if dev.index is None else dev.index
-    if index >= n:
-        raise MoecompressError(f"--device {spec}: there is no GPU {index} (this machine has {n})",
-                               f"use cuda:0 .. cuda:{n - 1}")
-    return torch.device("cuda", index)
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where a stream computes: ``device``, compute ``dtype`` (None: float32 on the CPU, the stored dtype on a
-    GPU), and whether the batches' hidden states wait in host memory between layers (``offload``)."""
-
-    device: torch.device = torch.device("cpu")
-    dtype: torch.dtype | None = None
-    offload: bool = False
-
-    def compute_dtype(self, stored: torch.dtype) -> torch.dtype:
-        if self.dtype is not None:
-            return self.dtype
-        return torch.float32 if self.device.type == "cpu" else stored
 
 
 class ModelSource:
@@ -199,15 +156,8 @@ class LayerStream:
             return
         if self.files is not None:
             self._read(self._outside("embed"), self.model.get_input_embeddings())
-        first: list[torch.Tensor] = []
-        norm = self.model.get_submodule(self.arch.final_norm)
-        with _identity_layers(self.layers, self.kwargs, first), _stop_at(norm), \
-                _embedding_as(self.model.get_input_embeddings(), self._embed_transform):
-            for x in self.batches:
-                try:
-                    self.model.base_model(input_ids=x.to(self.device), use_cache=False)
-                except _Stop:
-                    pass
+        first = first_layer_inputs(self.model, self.layers, self.model.get_submodule(self.arch.final_norm),
+                                   self.batches, self.device, self.kwargs, self._embed_transform)
         self.hidden = [h if not self.placement.offload else h.cpu() for h in first]
         if self.files is not None:  # the embedding is not needed again (the head is loaded at the end)
             release(self.model.get_input_embeddings())
@@ -357,57 +307,3 @@ class LayerStream:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-class _Stop(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def _embedding_as(module: nn.Module, transform: Callable[[torch.Tensor], torch.Tensor] | None) -> Iterator[None]:
-    """The embedding looks tokens up in ``transform(weight)`` meanwhile (nothing changes without a transform)."""
-    if transform is None:
-        yield
-        return
-    weight = transform(module.weight)
-    h = module.register_forward_hook(lambda m, args, out: nn.functional.embedding(args[0], weight).to(out.dtype))
-    try:
-        yield
-    finally:
-        h.remove()
-
-
-@contextlib.contextmanager
-def _stop_at(module: nn.Module) -> Iterator[None]:
-    def stop(*args, **kwargs):
-        raise _Stop
-
-    h = module.register_forward_pre_hook(stop)
-    try:
-        yield
-    finally:
-        h.remove()
-
-
-@contextlib.contextmanager
-def _identity_layers(layers: nn.ModuleList, record: list[list[dict]], first: list[torch.Tensor]) -> Iterator[None]:
-    originals = [layer.forward for layer in layers]
-
-    def make(i: int):
-        def forward(hidden_states, *args, **kwargs):
-            if args:  # decoder layers are called with keywords after the hidden states in transformers 5
-                raise TypeError("unexpected positional arguments to a decoder layer")
-            record[i].append(kwargs)
-            if i == 0:
-                first.append(hidden_states.detach())
-            return hidden_states
-
-        return forward
-
-    try:
-        for i, layer in enumerate(layers):
-            layer.forward = make(i)
-        yield
-    finally:
-        for layer, fwd in zip(layers, originals):
-            layer.forward = fwd

@@ -14,14 +14,11 @@ from collections.abc import Sequence
 
 import torch
 
+from moecompress.runtime.catcher import Stop, stop_at
 from moecompress.runtime.executor import LayerStream
 from moecompress.runtime.hooks import capture_routing
 
 __all__ = ["cosine_distance", "routing_signatures"]
-
-
-class _Stop(Exception):
-    pass
 
 
 def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -43,19 +40,15 @@ def routing_signatures(stream: LayerStream, layers: Sequence[int]) -> torch.Tens
             stream.release(i)
         layer = stream.load(last, routed=False)
 
-        def stop(mod, args, kwargs):
-            raise _Stop
-
         # registered after the capture hooks, so the last layer's routing is recorded before the stop
-        handle = arch.block(stream.model, last).experts.module.register_forward_pre_hook(stop, with_kwargs=True)
         try:
-            for b in range(len(stream.hidden)):
-                try:
-                    layer(stream.hidden[b].to(stream.device), **stream.kwargs[last][b])
-                except _Stop:
-                    pass
+            with stop_at(arch.block(stream.model, last).experts.module):
+                for b in range(len(stream.hidden)):
+                    try:
+                        layer(stream.hidden[b].to(stream.device), **stream.kwargs[last][b])
+                    except Stop:
+                        pass
         finally:
-            handle.remove()
             stream.release(last)
     out = []
     for b, x in enumerate(stream.batches):

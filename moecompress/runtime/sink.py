@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from moecompress.io.checkpoint import CheckpointWriter, checkpoint_names, layer_of
+from moecompress.io.checkpoint import layer_of
+from moecompress.io.writer import CheckpointWriter, checkpoint_names
 from moecompress.io.outdir import failpoint
 from moecompress.runtime.executor import LayerStream, ModelSource
 

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from moecompress.io.checkpoint import CheckpointWriter
+from moecompress.io.writer import CheckpointWriter
 from moecompress.io.spool import SpooledShard
 
 
