@@ -8,8 +8,8 @@
   routed tokens), routed-token counts, per-channel maxima of both inputs; plus, kept apart, the same
   sums over *near-miss* tokens (the expert ranked k+1..k+m, weighted by its routing probability) and
   over *reserve* batches, which only experts short of tokens use (EAQuant's calibration balance).
-* The router's input: per-channel max over all tokens and a token sample (for router alignment and the
-  smoothing-strength search).
+* The router's input: per-channel max over all tokens and a token sample spread over every batch (for router
+  alignment, the smoothing-strength search and the pooled Hessians of rare experts).
 """
 
 from __future__ import annotations
@@ -61,8 +61,11 @@ class ExpertStats:
     res_H: dict[int, torch.Tensor] = field(default_factory=dict)  # reserve batches (routed)
     res_H_down: dict[int, torch.Tensor] = field(default_factory=dict)
     short: set[int] = field(default_factory=set)  # experts to top up in "near" / "reserve" passes
-    sample: list[torch.Tensor] = field(default_factory=list)  # router inputs [n, C]
-    sample_logits: list[torch.Tensor] = field(default_factory=list)  # their router logits [n, E]
+    # router inputs [n, C]: a hashed share of every base batch's tokens (`_add_sample`), at most `sample_tokens`
+    sample: list[torch.Tensor] = field(default_factory=list)
+    sample_ids: list[torch.Tensor] = field(default_factory=list)  # their token numbers in call order [n]
+    seen: int = 0  # tokens the sample has been drawn from
+    sample_level: int = 0  # a token is kept when its hash is below 2^(32 - level)
 
     @classmethod
     def empty(cls, E: int, C: int, I: int, device: torch.device | str = "cpu",
@@ -139,6 +142,31 @@ def _accumulate(stats: LinearStats, x: torch.Tensor, weight: torch.Tensor | None
     stats.tokens += n
 
 
+_HASH = 0x9E3779B1  # Fibonacci hashing: token number * this mod 2^32, its high bits spread evenly
+
+
+def _kept(ids: torch.Tensor, level: int) -> torch.Tensor:
+    """Which token numbers ``ids`` a sample at ``level`` keeps: about one in ``2^level``, the same ones for
+    every run, and each level's tokens a subset of the level below."""
+    return (ids * _HASH) % (1 << 32) < (1 << (32 - level))
+
+
+def _add_sample(st: ExpertStats, x: torch.Tensor, sample_tokens: int) -> None:
+    """Add the share of one call's tokens ``x [T, C]`` that the sample keeps; while the sample holds more than
+    ``sample_tokens``, go one level up (keep about half). So the sample is spread over every batch (tasks are
+    batched apart: the first batches alone would be one task's tokens) and never larger than ``sample_tokens``."""
+    ids = torch.arange(st.seen, st.seen + x.shape[0], device=x.device)
+    st.seen += x.shape[0]
+    keep = _kept(ids, st.sample_level)
+    st.sample.append(x[keep].clone())
+    st.sample_ids.append(ids[keep])
+    while sum(len(s) for s in st.sample) > sample_tokens:
+        st.sample_level += 1
+        masks = [_kept(i, st.sample_level) for i in st.sample_ids]
+        st.sample = [s[m] for s, m in zip(st.sample, masks)]
+        st.sample_ids = [i[m] for i, m in zip(st.sample_ids, masks)]
+
+
 def _expert_step(st: ExpertStats, view: MoEBlockView, x: torch.Tensor, logits: torch.Tensor, index: torch.Tensor,
                  weights: torch.Tensor, near_miss: int, mode: str, sample_tokens: int) -> None:
     x = x.float()
@@ -149,9 +177,7 @@ def _expert_step(st: ExpertStats, view: MoEBlockView, x: torch.Tensor, logits: t
     tw = token_weights.current(x.device)
     if mode == "routed":
         st.router_act_max = torch.maximum(st.router_act_max, x.abs().amax(0))
-        if sum(len(s) for s in st.sample) < sample_tokens:
-            st.sample.append(x[: sample_tokens].clone())
-            st.sample_logits.append(logits[: sample_tokens].float().clone())
+        _add_sample(st, x, sample_tokens)
     if mode == "near":
         probs = logits.float().sigmoid() if view.routing.score == "sigmoid" else logits.float().softmax(-1)
         order = logits.float().argsort(dim=-1, descending=True)  # [T, E] experts by logit
