@@ -180,7 +180,7 @@ def quantize(
         "--sequential/--no-sequential", help="Quantize each layer in order (norm readers, attention output, experts' "
         "gate/up, their down), each linear toward its full-precision outputs from its quantized inputs (GPTAQ's "
         "asymmetric calibration; up to three more calibration passes per layer) (default: on for weight-only "
-        "schemes).")] = None,
+        "schemes of 2-3-bit weights).")] = None,
     sequential_targets: Annotated[Optional[str], typer.Option(
         "--sequential-targets", help="With --sequential, the full-precision outputs aimed at: model (the original "
         "model's, a second stream of the calibration batches: earlier layers' errors are taken up too) | layer "

@@ -140,7 +140,10 @@ def plan_of(cfg: QuantizeConfig) -> tuple[QuantPlan, dict[str, Any]]:
         sym = cfg.act_symmetric if cfg.act_symmetric is not None else abits >= 8
         aq = ActQuant(abits, cfg.act_clip or (1.0 if abits >= 8 else 0.9), sym, router=cfg.router_bits is not None,
                       inter_rotation_seed=cfg.rotation_seed if rotate_inter else None)
-    sequential = cfg.sequential if cfg.sequential is not None else abits is None
+    # at 4 bits and above the targets' correction fits the calibration tokens more than it helps held-out text
+    # (docs/BENCHMARKS.md, stop 41); with mixed widths the narrowest decides
+    narrowest = min([wbits, lbits, *cfg.layer_bits.values()])
+    sequential = cfg.sequential if cfg.sequential is not None else abits is None and narrowest <= 3
 
     def both(ebits: int, lbits: int) -> tuple[QuantOptions, QuantOptions]:  # no code sweeps over trellis paths
         return (replace(options(ebits), code_sweeps=0 if cfg.trellis(ebits) else cfg.sweeps(experts=True)),
