@@ -79,8 +79,8 @@ def main() -> None:
         rep = runs[path.name] = report(res, args.row, args.scheme, ref, args.reference_row)
         print(f"{path.name} ({res.get('model')}, seed {res['calibration']['seed']})")
         for name, r in rep.items():
-            cells = " ".join(f"{100 * c['gap']:+.2f}({c['ratio']:.2f}{'*' if c['met'] else ''})"
-                             for c in r["tasks"].values())
+            cells = " ".join(f"{100 * c['gap']:+.2f}({'-' if c['ratio'] is None else format(c['ratio'], '.2f')}"
+                             f"{'*' if c['met'] else ''})" for c in r["tasks"].values())  # no ratio: theirs <= 0
             print(f"  {name[:36]:36s} sum {100 * r['summed_gap']:5.2f} met {r['cells_met']} below/above reference "
                   f"{r['below_reference']}/{r['above_reference']} {r['seconds']} s | {cells}")
             for group in (res.get("model"), "all"):  # per model, and over every run
