@@ -158,7 +158,7 @@ def _add_sample(st: ExpertStats, x: torch.Tensor, sample_tokens: int) -> None:
     ids = torch.arange(st.seen, st.seen + x.shape[0], device=x.device)
     st.seen += x.shape[0]
     keep = _kept(ids, st.sample_level)
-    st.sample.append(x[keep].clone())
+    st.sample.append(x[keep])  # boolean indexing copies
     st.sample_ids.append(ids[keep])
     while sum(len(s) for s in st.sample) > sample_tokens:
         st.sample_level += 1
