@@ -116,6 +116,7 @@ ROWS = [
     ("all + trellis", {"codec": "trellis"}),  # stop 35: QTIP's bitshift trellis code (2-4 bits; --codec trellis)
     ("all + trellis + rotation", {"codec": "trellis", "rotate": True}),  # stop 36: QTIP's incoherence, folded
     ("all + trellis + intermediate rotation", {"codec": "trellis", "rotate_intermediate": True}),
+    ("all + vocab prior", {"vocab_prior": 0.1}),  # stop 42: layer 0's q/k/v Hessian smoothed over the vocabulary
 ]
 PAIRED = "all (default)"  # the row compared window by window with llm-compressor
 PEER = "llm-compressor GPTQ"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["gram"]
+__all__ = ["gram", "with_prior"]
 
 BLOCK = 128  # columns per block: thin enough to skip most of the lower half, wide enough for an efficient product
 
@@ -28,3 +28,15 @@ def gram(x: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
         out[a:b, a:] = part
         out[b:, a:b] = part[:, b - a:].T
     return out
+
+
+def with_prior(H: torch.Tensor, P: torch.Tensor, share: float) -> torch.Tensor:
+    """``H + share * tr(H) / tr(P) * P`` (``[D, D]`` each; a new tensor): a Hessian smoothed toward a prior
+    ``P`` of the same inputs at ``share`` of its own weight, whatever either's scale (``H`` unchanged when its
+    trace or ``P``'s is zero). Add-alpha smoothing of a token distribution: with ``P`` the mean outer product over
+    the vocabulary, every token counts as if seen ``share * tokens / vocabulary`` more times."""
+    tp = float(P.diagonal().sum())
+    th = float(H.diagonal().sum())
+    if not (tp > 0 and th > 0):
+        return H.clone()
+    return H + (share * th / tp) * P.to(H.device, H.dtype)

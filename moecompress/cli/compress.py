@@ -208,6 +208,10 @@ def quantize(
     layer_bits: Annotated[Optional[str], typer.Option(
         "--layer-bits", help="Decoder layers at their own weight width, experts and linears alike, as LAYER:BITS "
         "pairs, e.g. 0:4 or 0:4,1:3 (the first layers carry much of the 2-bit error) (default: none).")] = None,
+    vocab_prior: Annotated[Optional[float], typer.Option(
+        "--vocab-prior", help="The first layer's query/key/value read a function of the token alone: add this share "
+        "of the whole vocabulary's input Hessian to theirs (scaled to the calibration Hessian), for tokens the "
+        "calibration text lacks; e.g. 0.1 (default: 0, off).")] = None,
     fake_quant: Annotated[bool, typer.Option("--fake-quant", help="Write dequantized bf16 weights and the record "
                                                                   "instead of the packed format.")] = False,
     codec: Annotated[str, typer.Option(help="auto: the scheme's int<b> (int<b>-fz where the zero points are "
@@ -240,7 +244,7 @@ def quantize(
                                      ("sequential", sequential), ("linear_bits", linear_bits),
                                      ("layer_bits", _layer_bits(layer_bits)),
                                      ("sequential_targets", sequential_targets),
-                                     ("fractional_zeros", fractional_zeros))
+                                     ("fractional_zeros", fractional_zeros), ("vocab_prior", vocab_prior))
                     if v is not None}}  # unset: the stage config's defaults
         recipe = validate_command("quantize", model, _calibration(tasks, data, samples, seq_len, seed), stage,
                                   {"save_format": "--fake-quant"}, _run(device, dtype, offload_hidden))

@@ -75,10 +75,13 @@ class LayerStream:
     def __init__(self, source: ModelSource, batches: Sequence[torch.Tensor], placement: Placement | None = None,
                  packed_modules: Mapping[str, ModuleSpec] | None = None, packed_activations: dict | None = None,
                  embed_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 experts: Mapping[int, Sequence[int]] | None = None) -> None:
+                 experts: Mapping[int, Sequence[int]] | None = None, vocab_rows: int = 0) -> None:
         """``embed_transform``: a function of the input embedding's weight whose result embeds the tokens while
         the first-layer inputs are computed (a stage that changes the embedding: a residual rotation); the
         model's own embedding is left as it is.
+
+        ``vocab_rows``: keep ``vocab`` (``[n, H]``, n <= vocab_rows), every k-th row of the (transformed) input
+        embedding, evenly spread over the vocabulary: what layer 0 reads for tokens the calibration text lacks.
 
         ``experts``: for a directory source, read only these routed experts (stored ids, kept in this order)
         of these MoE layers, with their router rows; ``source.config`` must already count ``len(ids)`` experts
@@ -87,6 +90,8 @@ class LayerStream:
             raise ValueError("an expert subset is read from a directory source only")
         self.source, self.arch = source, source.arch
         self._embed_transform = embed_transform
+        self._vocab_rows = vocab_rows
+        self.vocab: torch.Tensor | None = None
         self.experts = {int(k): [int(e) for e in v] for k, v in (experts or {}).items()}
         self.placement = placement or Placement()
         self.device = self.placement.device
@@ -159,6 +164,11 @@ class LayerStream:
         first = first_layer_inputs(self.model, self.layers, self.model.get_submodule(self.arch.final_norm),
                                    self.batches, self.device, self.kwargs, self._embed_transform)
         self.hidden = [h if not self.placement.offload else h.cpu() for h in first]
+        if self._vocab_rows > 0:
+            w = self.model.get_input_embeddings().weight.detach()
+            w = w if self._embed_transform is None else self._embed_transform(w)
+            step = -(-w.shape[0] // self._vocab_rows)  # ceil: at most vocab_rows rows
+            self.vocab = w[::step].to(self.device).clone()
         if self.files is not None:  # the embedding is not needed again (the head is loaded at the end)
             release(self.model.get_input_embeddings())
 

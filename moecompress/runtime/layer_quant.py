@@ -17,6 +17,7 @@ from torch import nn
 from moecompress.algorithms.asym_calib import corrected_weight
 from moecompress.algorithms.coord_descent import refine_codes
 from moecompress.algorithms.gptq import gptq_factor, gptq_quantize
+from moecompress.algorithms.gram import with_prior
 from moecompress.algorithms.quant_grid import QuantGrid, QuantResult, TernaryGrid, rtn_quantize
 from moecompress.algorithms.rare_experts import pooled_hessians
 from moecompress.algorithms.refit import alternate, refit_groups
@@ -185,12 +186,16 @@ def _refine(W: torch.Tensor, H: torch.Tensor, res: QuantResult, opt: QuantOption
 @torch.no_grad()
 def quantize_linears(layer: nn.Module, stats: LayerStats, opt: QuantOptions, record: QuantRecord,
                      prefix: str, names: Collection[str] | None = None,
-                     pairs: dict[str, list] | None = None) -> dict[str, Any]:
+                     pairs: dict[str, list] | None = None,
+                     prior: tuple[torch.Tensor, float, Collection[str]] | None = None) -> dict[str, Any]:
     """GPTQ (or RTN) every collected linear of the layer (or those in ``names``) with its own Hessian.
 
     ``pairs`` (`runtime.paired.pair_linears`, ``{name: [H_q, C, tokens]}``): those linears are quantized toward
     their full-precision outputs from their quantized inputs (``W' = W C H_q^{-1}`` with ``H_q``;
-    `algorithms.asym_calib`)."""
+    `algorithms.asym_calib`).
+
+    ``prior = (P [C, C], s, linears)``: GPTQ on those linears runs on ``H + s tr(H) / tr(P) P`` (their target
+    is formed first, from ``H`` alone): `algorithms.gram.with_prior`."""
     modules = dict(layer.named_modules())
     out = {}
     groups: list[tuple[torch.Tensor | None, list[tuple[str, torch.Tensor]]]] = []  # (H, [(name, W)])
@@ -202,6 +207,8 @@ def quantize_linears(layer: nn.Module, stats: LayerStats, opt: QuantOptions, rec
         paired = p is not None and p[2] >= MIN_TOKENS_PER_INPUT * w.shape[1] and opt.method == "gptq"
         H = p[0] if paired else (st.H if st.tokens else None)
         W = corrected_weight(w.float()[None], p[1][None], H[None], opt.damp)[0] if paired else w.float()
+        if prior is not None and H is not None and name in prior[2]:
+            H = with_prior(H, prior[0], prior[1])
         out[name] = {"tokens": st.tokens, "method": opt.method if st.tokens else "rtn", "paired": paired}
         # linears reading one input (q, k, v; a dense MLP's gate and up) have equal Hessians: GPTQ's rows are
         # independent, so they are quantized as one matrix (one factorization of H, one column loop)

@@ -11,7 +11,10 @@ import torch
 from moecompress.nn.act_quant import ActQuant, ActQuantHandle
 from moecompress.runtime.layer_quant import QuantOptions
 
-__all__ = ["QuantPlan", "QuantRun", "batches_of", "needs_no_statistics"]
+__all__ = ["VOCAB_ROWS", "QuantPlan", "QuantRun", "batches_of", "needs_no_statistics"]
+
+# rows of the input embedding behind `QuantPlan.vocab_prior` (every k-th; all of a vocabulary up to this size)
+VOCAB_ROWS = 16384
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,9 @@ class QuantPlan:
     # per decoder layer: (experts, linears) options replacing the two above in that layer (mixed precision by
     # depth); resolved by the stage, empty by default
     layers: dict[int, tuple[QuantOptions | None, QuantOptions | None]] = field(default_factory=dict)
+    # the first layer's attention-norm readers: this share (by trace) of the vocabulary's Hessian added to theirs
+    # (add-alpha smoothing over the tokens the calibration text lacks); 0: none
+    vocab_prior: float = 0.0
 
     @classmethod
     def of(cls, settings: Any, **resolved: Any) -> QuantPlan:

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from moecompress.algorithms.gram import gram
 from moecompress.formats.quant_record import QuantRecord
 from moecompress.nn.act_quant import ActQuantHandle, install_layer_act_quant, rotation_matrix
 from moecompress.progress import NullProgress, Progress
@@ -144,6 +145,7 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
             lv = [arch.block(model, i)] if i in moe else []
             attn_norm = getattr(layer, arch.pre_attn_norm, None)
             prefix = f"{arch.layers}.{i}"
+            vocab = _vocab_prior(stream, i, plan, attn_norm)
             # 1. the original layer on the original probe stream: routing reference (and norm readers)
             ref_traces, ref = _reference(stream, i, layer, lv, ref, probe, rotation, out, park)
             # 2. statistics
@@ -212,7 +214,7 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
                     attn_norm, ((stream.hidden[b], None if stream.token_weights is None else stream.token_weights(i, b))
                                 for b in base), {n: fp_in[n] for n in first}, stream.device)
                 entry["linears"] = quantize_linears(layer, LayerStats(linears=first_stats), plan.linears, record,
-                                                    prefix, names=first, pairs=got0)
+                                                    prefix, names=first, pairs=got0, prior=_readers(vocab, first_stats))
                 inner = {n: m for n, m in dense.items() if n not in first}
                 attn = set(first) if plan.act is None else set()
 
@@ -242,7 +244,8 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
             elif plan.linears is not None and paired:  # first those reading a norm, then the others on their inputs
                 first = [n for n, st in stats.linears.items() if st.source is not None]
                 entry["linears"] = quantize_linears(layer, stats, plan.linears, record, prefix, names=first,
-                                                    pairs=got0 if fp_hidden is not None else None)
+                                                    pairs=got0 if fp_hidden is not None else None,
+                                                    prior=_readers(vocab, stats.linears))
                 inner = {n: m for n, m in dense.items() if n in stats.linears and n not in first}
                 # the attention is final once its output projection is: later passes replay that projection (not
                 # with simulated activation quantization, installed before the output pass)
@@ -255,7 +258,8 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
                                                          pairs=got))
                 del got
             elif plan.linears is not None:
-                entry["linears"] = quantize_linears(layer, stats, plan.linears, record, prefix)
+                entry["linears"] = quantize_linears(layer, stats, plan.linears, record, prefix,
+                                                    prior=_readers(vocab, stats.linears))
             fp_experts = fp_in.pop("experts", None) if paired else None
             fp_in = got0 = None
             for v in lv:  # the routed experts, then the router
@@ -290,6 +294,23 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
     else:
         sink.outside(stream)
     return out
+
+
+def _vocab_prior(stream: LayerStream, i: int, plan: QuantPlan, attn_norm: nn.Module | None
+                 ) -> tuple[torch.Tensor, float] | None:
+    """``(P [H, H], share)`` for the first decoder layer with ``plan.vocab_prior``: ``P`` the mean outer product of
+    its attention norm's outputs on the stream's vocabulary rows (what that norm's readers see for any token)."""
+    if i != 0 or plan.vocab_prior <= 0 or stream.vocab is None or attn_norm is None:
+        return None
+    x = attn_norm(stream.vocab).float()
+    return gram(x) / max(len(x), 1), plan.vocab_prior
+
+
+def _readers(vocab: tuple[torch.Tensor, float] | None, linears: dict) -> tuple | None:
+    """`quantize_linears`'s ``prior`` from `_vocab_prior`: for the linears reading the attention norm."""
+    if vocab is None:
+        return None
+    return vocab[0], vocab[1], {n for n, st in linears.items() if st.source == "attn_norm"}
 
 
 def _experts_and_router(stream: LayerStream, i: int, v, plan: QuantPlan, stats: LayerStats, record: QuantRecord,

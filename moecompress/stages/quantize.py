@@ -26,7 +26,7 @@ from moecompress.kernels.dispatch import resolve_backend
 from moecompress.nn.act_quant import ActQuant
 from moecompress.runtime.layer_quant import QuantOptions
 from moecompress.runtime.pack import FakeQuantSink, PackedSink
-from moecompress.runtime.quant_plan import QuantPlan, QuantRun, batches_of, needs_no_statistics
+from moecompress.runtime.quant_plan import VOCAB_ROWS, QuantPlan, QuantRun, batches_of, needs_no_statistics
 from moecompress.runtime.quantize_run import quantize_stream
 from moecompress.runtime.rotate import ResidualRotation
 from moecompress.stages.base import StageContext, register_stage
@@ -73,7 +73,8 @@ def quantize(ctx: StageContext, plan: QuantPlan, base: list, extra: list, meta: 
         sink = FakeQuantSink(ctx.sink(), record_dir if ctx.dist.writer else None)
     n = len(batches) + len(reserve)
     with ctx.stream(batches + reserve + probe,
-                    embed_transform=None if rotation is None else rotation.embedding) as stream:
+                    embed_transform=None if rotation is None else rotation.embedding,
+                    vocab_rows=VOCAB_ROWS if plan.vocab_prior > 0 and batches else 0) as stream:
         result = quantize_stream(stream, sink, plan, len(batches), len(reserve), range(n, n + len(probe)), rotation,
                                  ctx.progress, label, ctx.dist)
     config = ctx.config
@@ -152,7 +153,7 @@ def plan_of(cfg: QuantizeConfig) -> tuple[QuantPlan, dict[str, Any]]:
     experts, linears = both(wbits, lbits)
     plan = QuantPlan.of(cfg, experts=experts, linears=linears, act=aq, smooth=smooth,
                         rotate_intermediate=rotate_inter, sequential=sequential,
-                        layers={i: both(b, b) for i, b in cfg.layer_bits.items()})
+                        layers={i: both(b, b) for i, b in cfg.layer_bits.items()}, vocab_prior=cfg.vocab_prior)
     meta = {"scheme": cfg.scheme,
             "weights": {"kind": "int", "bits": lbits, "group_size": cfg.groups(), "symmetric": cfg.symmetric,
                         "method": cfg.method},
@@ -168,6 +169,8 @@ def plan_of(cfg: QuantizeConfig) -> tuple[QuantPlan, dict[str, Any]]:
     if cfg.codec == "trellis":  # the packed writer codes these widths as trellis<b>
         for key in ("weights", "experts"):
             meta[key]["code"] = {"kind": "trellis", "widths": [2, 3, 4], "state_bits": STATE_BITS, "seq": SEQ}
+    if cfg.vocab_prior:
+        meta["vocab_prior"] = cfg.vocab_prior
     if cfg.layer_bits:  # the packed writer's per-layer widths (JSON keys are strings)
         meta["layer_bits"] = {str(i): b for i, b in cfg.layer_bits.items()}
     for key, bits in (("weights", lbits), ("experts", wbits)):  # only where used: other metadata keeps its bytes

@@ -68,6 +68,11 @@ class QuantizeConfig(StageConfig):
     # above (measured: at 3 and 4 bits they do not pay, and chat got worse on three calibration seeds)
     gptq_rounds: int | None = Field(None, ge=0, le=16)
     damp: float = Field(0.01, ge=0.0)
+    # the first decoder layer's query/key/value (every linear reading its attention norm) read a function of the
+    # token alone: this share of the Hessian of the whole vocabulary's normalized embeddings, scaled to the
+    # calibration Hessian's trace, is added to theirs, so tokens the calibration text lacks are not ignored
+    # (docs/BENCHMARKS.md, stop 42); 0: off
+    vocab_prior: float = Field(0.0, ge=0.0, le=10.0)
     block_size: int = Field(128, ge=1)
     act_clip: float | None = Field(None, gt=0.0, le=1.0)  # default: 1.0 for A8, 0.9 for A4
     act_symmetric: bool | None = None  # default: symmetric for A8, asymmetric for A4 (as EAQuant)

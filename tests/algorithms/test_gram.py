@@ -20,3 +20,18 @@ def test_gram_equals_the_full_product(D):
 def test_gram_keeps_the_input_device():
     x = torch.empty(8, 40, device="meta")
     assert gram(x, block=16).device.type == "meta" and gram(x, block=16).shape == (40, 40)
+
+
+def test_with_prior_adds_the_prior_at_its_share_of_the_trace_whatever_its_scale():
+    from moecompress.algorithms.gram import with_prior
+
+    g = torch.Generator().manual_seed(0)
+    x, v = torch.randn(30, 12, generator=g, dtype=torch.float64), torch.randn(90, 12, generator=g, dtype=torch.float64)
+    H, P = x.T @ x, v.T @ v / 90
+    torch.testing.assert_close(with_prior(H, P, 0.0), H)
+    got = with_prior(H, P, 0.25)
+    torch.testing.assert_close(got.trace(), 1.25 * H.trace())
+    torch.testing.assert_close(got - H, 0.25 * H.trace() / P.trace() * P)
+    torch.testing.assert_close(with_prior(H, 7.0 * P, 0.25), got)  # the prior's scale does not matter
+    torch.testing.assert_close(with_prior(H, torch.zeros_like(P), 0.25), H)  # an empty prior: H
+    assert with_prior(H, P, 0.25) is not H and torch.equal(H, x.T @ x)  # a new tensor, H untouched
