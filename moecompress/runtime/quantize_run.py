@@ -299,10 +299,12 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
 def _vocab_prior(stream: LayerStream, i: int, plan: QuantPlan, attn_norm: nn.Module | None
                  ) -> tuple[torch.Tensor, float] | None:
     """``(P [H, H], share)`` for the first decoder layer with ``plan.vocab_prior``: ``P`` the mean outer product of
-    its attention norm's outputs on the stream's vocabulary rows (what that norm's readers see for any token)."""
+    its attention norm's outputs on the stream's vocabulary rows (what that norm's readers see for any token); the
+    rows are released once read."""
     if i != 0 or plan.vocab_prior <= 0 or stream.vocab is None or attn_norm is None:
         return None
     x = attn_norm(stream.vocab).float()
+    stream.vocab = None  # up to VOCAB_ROWS x H on the device: not held through the other layers
     return gram(x) / max(len(x), 1), plan.vocab_prior
 
 
