@@ -37,59 +37,29 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import nn
 
-from moecompress.algorithms.gram import gram
 from moecompress.formats.quant_record import QuantRecord
 from moecompress.nn.act_quant import ActQuantHandle, install_layer_act_quant, rotation_matrix
 from moecompress.progress import NullProgress, Progress
 from moecompress.runtime.calibration import LayerStats, LinearStats, collect, dense_linears, norm_sources
 from moecompress.runtime.dist import Dist
 from moecompress.runtime.executor import LayerStream
-from moecompress.runtime.hooks import capture_routing
 from moecompress.runtime.paired import capture_inputs, collect_pairs, norm_reader_pairs, pair_linears
 from moecompress.runtime.quant_plan import QuantPlan, QuantRun, needs_no_statistics
 from moecompress.runtime.replay import record_output_replay, replaying
+from moecompress.runtime.layer_passes import (
+    forward_layer,
+    output_pass,
+    prior_readers,
+    reference_pass,
+    skip_experts,
+    vocab_prior,
+)
 from moecompress.runtime.layer_quant import quantize_experts, quantize_linears
 from moecompress.runtime.layer_smooth import quantize_router, smooth_layer
-from moecompress.runtime.rotate import (
-    ResidualRotation,
-    check_layer,
-    check_rotatable,
-    norm_readers,
-    rotate_layer,
-    rotate_outside,
-)
+from moecompress.runtime.rotate import ResidualRotation, check_rotatable, rotate_outside
 
 __all__ = ["quantize_stream"]
-
-
-@contextlib.contextmanager
-def _skip_experts(views):
-    """During a statistics pass the block output is discarded: the hooks see the experts' inputs, so the
-    experts themselves need not run (their statistics are computed from routed tokens only)."""
-    saved = []
-    for v in views:
-        m = v.experts.module
-        saved.append((m, m.__dict__.get("forward")))
-        m.forward = lambda *args, **kwargs: torch.zeros_like(args[0] if args else kwargs["hidden_states"])
-    try:
-        yield
-    finally:
-        for m, f in saved:
-            if f is None:
-                m.__dict__.pop("forward", None)
-            else:
-                m.forward = f
-
-
-def _forward(layer: nn.Module, h: torch.Tensor, kwargs: dict, device: torch.device) -> torch.Tensor:
-    out = layer(h.to(device), **kwargs)
-    return out[0] if isinstance(out, tuple) else out
-
-
-def _topk(traces, i: int) -> torch.Tensor:
-    return torch.cat(traces[i].index).sort(-1).values  # [T, K] chosen experts, as sets
 
 
 @torch.no_grad()
@@ -145,9 +115,9 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
             lv = [arch.block(model, i)] if i in moe else []
             attn_norm = getattr(layer, arch.pre_attn_norm, None)
             prefix = f"{arch.layers}.{i}"
-            vocab = _vocab_prior(stream, i, plan, attn_norm)
+            vocab = vocab_prior(stream, i, plan, attn_norm)
             # 1. the original layer on the original probe stream: routing reference (and norm readers)
-            ref_traces, ref = _reference(stream, i, layer, lv, ref, probe, rotation, out, park)
+            ref_traces, ref = reference_pass(stream, i, layer, lv, ref, probe, rotation, out, park)
             # 2. statistics
             owned = dist.experts(E) if dist.active else None
             # sequential: the full-precision inputs of every linear and of the experts, kept; from the original
@@ -158,11 +128,11 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
             if fp_hidden is not None:
                 # after the last layer nothing reads the original stream: its experts' inputs are kept, their
                 # outputs need not be computed
-                last = _skip_experts(lv) if i == stream.num_layers - 1 else contextlib.nullcontext()
+                last = skip_experts(lv) if i == stream.num_layers - 1 else contextlib.nullcontext()
                 with capture_inputs(layer, dense, lv[0].experts.module if lv else None, park) as fp_in, \
                         norm_sources(layer, lv, attn_norm, dense) as sources, last:
                     for j, b in enumerate(base):
-                        fp_hidden[j] = park(_forward(layer, fp_hidden[j], stream.kwargs[i][b], stream.device))
+                        fp_hidden[j] = park(forward_layer(layer, fp_hidden[j], stream.kwargs[i][b], stream.device))
             # the linears reading a norm all read the attention's: their statistics come from that norm alone
             # (no statistics pass), the experts' and router's from the attention output's pass
             early = fp_hidden is not None and plan.linears is not None and attn_norm is not None and \
@@ -184,7 +154,7 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
                 experts' top-ups (reserve batches, near-miss tokens: the base batches again, their attention
                 output replayed where ``replay_of(run's result)`` recorded it)."""
                 with collect(layer, lv, attn_norm, plan.near_miss, owned=owned, hessians=not rtn_only,
-                             routed_hessians=not from_pairs, linears=linears) as stats, _skip_experts(lv):
+                             routed_hessians=not from_pairs, linears=linears) as stats, skip_experts(lv):
                     got = run(stats)
                     if lv:
                         stats.experts.sum_over(dist, ("count", "gate_sum", "act_max", "h_max"))
@@ -214,7 +184,7 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
                     attn_norm, ((stream.hidden[b], None if stream.token_weights is None else stream.token_weights(i, b))
                                 for b in base), {n: fp_in[n] for n in first}, stream.device)
                 entry["linears"] = quantize_linears(layer, LayerStats(linears=first_stats), plan.linears, record,
-                                                    prefix, names=first, pairs=got0, prior=_readers(vocab, first_stats))
+                                                    prefix, names=first, pairs=got0, prior=prior_readers(vocab, first_stats))
                 inner = {n: m for n, m in dense.items() if n not in first}
                 attn = set(first) if plan.act is None else set()
 
@@ -245,12 +215,12 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
                 first = [n for n, st in stats.linears.items() if st.source is not None]
                 entry["linears"] = quantize_linears(layer, stats, plan.linears, record, prefix, names=first,
                                                     pairs=got0 if fp_hidden is not None else None,
-                                                    prior=_readers(vocab, stats.linears))
+                                                    prior=prior_readers(vocab, stats.linears))
                 inner = {n: m for n, m in dense.items() if n in stats.linears and n not in first}
                 # the attention is final once its output projection is: later passes replay that projection (not
                 # with simulated activation quantization, installed before the output pass)
                 attn = {n for n in first if stats.linears[n].source == "attn_norm"} if plan.act is None else set()
-                with pair_linears(inner, fp_in) as got, _skip_experts(lv), \
+                with pair_linears(inner, fp_in) as got, skip_experts(lv), \
                         record_output_replay(layer, inner, attn, park) as found:
                     stream.run_layer(i, store=False, batches=base)
                 replay, found = found[0], None
@@ -259,7 +229,7 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
                 del got
             elif plan.linears is not None:
                 entry["linears"] = quantize_linears(layer, stats, plan.linears, record, prefix,
-                                                    prior=_readers(vocab, stats.linears))
+                                                    prior=prior_readers(vocab, stats.linears))
             fp_experts = fp_in.pop("experts", None) if paired else None
             fp_in = got0 = None
             for v in lv:  # the routed experts, then the router
@@ -275,7 +245,7 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
             handle = out.act_handle if stream.source.in_memory else ActQuantHandle()
             if plan.act is not None:
                 install_layer_act_quant(layer, lv, plan.act, handle)
-            agreement = _output_pass(stream, i, bool(lv), probe_set, replay, ref_traces)
+            agreement = output_pass(stream, i, bool(lv), probe_set, replay, ref_traces)
             replay = None
             if agreement is not None:
                 out.routing_agreement.append(agreement)
@@ -294,25 +264,6 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
     else:
         sink.outside(stream)
     return out
-
-
-def _vocab_prior(stream: LayerStream, i: int, plan: QuantPlan, attn_norm: nn.Module | None
-                 ) -> tuple[torch.Tensor, float] | None:
-    """``(P [H, H], share)`` for the first decoder layer with ``plan.vocab_prior``: ``P`` the mean outer product of
-    its attention norm's outputs on the stream's vocabulary rows (what that norm's readers see for any token); the
-    rows are released once read."""
-    if i != 0 or plan.vocab_prior <= 0 or stream.vocab is None or attn_norm is None:
-        return None
-    x = attn_norm(stream.vocab).float()
-    stream.vocab = None  # up to VOCAB_ROWS x H on the device: not held through the other layers
-    return gram(x) / max(len(x), 1), plan.vocab_prior
-
-
-def _readers(vocab: tuple[torch.Tensor, float] | None, linears: dict) -> tuple | None:
-    """`quantize_linears`'s ``prior`` from `_vocab_prior`: for the linears reading the attention norm."""
-    if vocab is None:
-        return None
-    return vocab[0], vocab[1], {n for n, st in linears.items() if st.source == "attn_norm"}
 
 
 def _experts_and_router(stream: LayerStream, i: int, v, plan: QuantPlan, stats: LayerStats, record: QuantRecord,
@@ -336,7 +287,7 @@ def _experts_and_router(stream: LayerStream, i: int, v, plan: QuantPlan, stats: 
                     calls.clear()
                     return got
             with collect_pairs(v, which, gate, up, owned, fp, keep=calls if which == "gate_up" else None) as got, \
-                    _skip_experts([v]), replaying(replay, stream.device):
+                    skip_experts([v]), replaying(replay, stream.device):
                 stream.run_layer(i, store=False, batches=base)
             return got
 
@@ -346,51 +297,3 @@ def _experts_and_router(stream: LayerStream, i: int, v, plan: QuantPlan, stats: 
         entry["router"] = quantize_router(v, stats, plan.router_bits, plan.align_router, record,
                                           f"{block}.{arch.router}", plan.align_objective)
     return entry
-
-
-def _reference(stream: LayerStream, i: int, layer: nn.Module, lv: list, ref: list, probe: Sequence[int],
-               rotation: ResidualRotation | None, out: QuantRun, park) -> tuple[Any, list]:
-    """Step 1: the original layer ``i`` on the probe windows' original hidden states ``ref``: its routing traces
-    (the agreement's reference) and the probe's next original hidden states. With ``rotation`` the layer is
-    then rotated (its norm readers seen on that forward) and checked against the original's outputs."""
-    arch, model = stream.arch, stream.model
-    readers_cm = norm_readers(layer, arch) if rotation is not None else contextlib.nullcontext()
-    with capture_routing(model, arch, layers=[i]) as ref_traces, readers_cm as readers:
-        ref_out = [_forward(layer, h, stream.kwargs[i][b], stream.device) for h, b in zip(ref, probe)]
-    if rotation is not None:
-        rotate_layer(layer, arch, lv[0] if lv else None, readers, rotation)
-        with capture_routing(model, arch, layers=[i]) as rot_traces:
-            got = [_forward(layer, rotation.apply(h.to(stream.device)), stream.kwargs[i][b], stream.device)
-                   for h, b in zip(ref, probe)]
-        expected = torch.cat([rotation.apply(y).reshape(-1, y.shape[-1]) for y in ref_out])
-        got = torch.cat([y.reshape(-1, y.shape[-1]) for y in got])
-        change = check_layer(arch, i, expected, got, _topk(ref_traces, i) if lv else None,
-                             _topk(rot_traces, i) if lv else None)
-        out.rotation_max_change = max(out.rotation_max_change, change)
-    return ref_traces, [park(y) for y in ref_out]
-
-
-def _output_pass(stream: LayerStream, i: int, moe: bool, probe_set: set[int], replay, ref_traces) -> float | None:
-    """Step 4: the batches through the quantized layer ``i`` (the calibration batches first, the attention
-    replayed where ``replay`` recorded it); through the last layer only the probe batches, since nothing reads
-    the others' outputs. Returns the probe's routing agreement with the original layer's (an MoE layer)."""
-    calls = {"n": 0}
-    quant_index: list[torch.Tensor] = []
-    every = i < stream.num_layers - 1 or probe_set >= set(range(len(stream.hidden)))
-    order = range(len(stream.hidden)) if every else sorted(probe_set)
-
-    def on_route(layer_index, x, logits, index, weights):
-        if order[calls["n"]] in probe_set:
-            quant_index.append(index.cpu())
-        calls["n"] += 1
-
-    with capture_routing(stream.model, stream.arch, layers=[i], on_route=on_route, store=False), \
-            replaying(replay if every else None, stream.device):
-        stream.run_layer(i, batches=None if every else order)
-    if not moe:
-        return None
-    if calls["n"] != len(order):
-        raise RuntimeError(f"layer {i}'s MoE block ran {calls['n']} times for {len(order)} batches")
-    a = _topk(ref_traces, i)
-    b = torch.cat(quant_index).sort(-1).values
-    return float((a == b).all(-1).float().mean())
