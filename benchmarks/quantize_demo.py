@@ -117,6 +117,7 @@ ROWS = [
     ("all + trellis + rotation", {"codec": "trellis", "rotate": True}),  # stop 36: QTIP's incoherence, folded
     ("all + trellis + intermediate rotation", {"codec": "trellis", "rotate_intermediate": True}),
     ("all + vocab prior", {"vocab_prior": 0.1}),  # stop 42: layer 0's q/k/v Hessian smoothed over the vocabulary
+    ("all - vocab prior", {"vocab_prior": 0.0}),  # stop 43: the default at 3 bits; off
 ]
 PAIRED = "all (default)"  # the row compared window by window with llm-compressor
 PEER = "llm-compressor GPTQ"

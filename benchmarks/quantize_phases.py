@@ -27,6 +27,7 @@ from quantize_demo import ROWS  # noqa: E402
 
 import moecompress.runtime.executor as executor  # noqa: E402
 import moecompress.runtime.layer_quant as layer_quant  # noqa: E402
+import moecompress.runtime.layer_passes as layer_passes  # noqa: E402
 import moecompress.runtime.paired as paired  # noqa: E402
 import moecompress.runtime.quantize_run as quantize_run  # noqa: E402
 from moecompress.context import Context  # noqa: E402
@@ -36,7 +37,8 @@ from moecompress.stages import STAGES  # noqa: E402
 from moecompress.stages.quantize import QuantizeConfig  # noqa: E402
 
 PASSES = "calibration pass"
-TIMED = [(executor.LayerStream, "run_layer", PASSES), (quantize_run, "_forward", "original layer (fp stream, probe)"),
+FP = "original layer (fp stream, probe)"
+TIMED = [(executor.LayerStream, "run_layer", PASSES), (quantize_run, "forward_layer", FP), (layer_passes, "forward_layer", FP),
          (quantize_run, "quantize_linears", "linears (all steps)"), (quantize_run, "quantize_experts",
                                                                       "experts (all steps, their pairing passes)"),
          (paired, "_accumulate_pairs", "experts' pair products"), (layer_quant, "gptq_quantize", "GPTQ"),
@@ -48,8 +50,9 @@ def _timed(seconds: dict, counts: dict, fn, label: str):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         key = label
-        if label == PASSES:  # which pass: the caller's line in quantize_run.py
-            key = f"{label} (quantize_run.py:{sys._getframe(1).f_lineno})"
+        if label == PASSES:  # which pass: the caller's file and line (quantize_run.py, layer_passes.py)
+            frame = sys._getframe(1)
+            key = f"{label} ({Path(frame.f_code.co_filename).name}:{frame.f_lineno})"
         t0 = time.perf_counter()
         try:
             return fn(*args, **kwargs)

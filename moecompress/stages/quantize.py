@@ -153,7 +153,7 @@ def plan_of(cfg: QuantizeConfig) -> tuple[QuantPlan, dict[str, Any]]:
     experts, linears = both(wbits, lbits)
     plan = QuantPlan.of(cfg, experts=experts, linears=linears, act=aq, smooth=smooth,
                         rotate_intermediate=rotate_inter, sequential=sequential,
-                        layers={i: both(b, b) for i, b in cfg.layer_bits.items()}, vocab_prior=cfg.vocab_prior)
+                        layers={i: both(b, b) for i, b in cfg.layer_bits.items()}, vocab_prior=cfg.prior())
     meta = {"scheme": cfg.scheme,
             "weights": {"kind": "int", "bits": lbits, "group_size": cfg.groups(), "symmetric": cfg.symmetric,
                         "method": cfg.method},
@@ -169,8 +169,8 @@ def plan_of(cfg: QuantizeConfig) -> tuple[QuantPlan, dict[str, Any]]:
     if cfg.codec == "trellis":  # the packed writer codes these widths as trellis<b>
         for key in ("weights", "experts"):
             meta[key]["code"] = {"kind": "trellis", "widths": [2, 3, 4], "state_bits": STATE_BITS, "seq": SEQ}
-    if cfg.vocab_prior:
-        meta["vocab_prior"] = cfg.vocab_prior
+    if cfg.prior():
+        meta["vocab_prior"] = cfg.prior()
     if cfg.layer_bits:  # the packed writer's per-layer widths (JSON keys are strings)
         meta["layer_bits"] = {str(i): b for i, b in cfg.layer_bits.items()}
     for key, bits in (("weights", lbits), ("experts", wbits)):  # only where used: other metadata keeps its bytes

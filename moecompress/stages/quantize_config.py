@@ -71,8 +71,8 @@ class QuantizeConfig(StageConfig):
     # the first decoder layer's query/key/value (every linear reading its attention norm) read a function of the
     # token alone: this share of the Hessian of the whole vocabulary's normalized embeddings, scaled to the
     # calibration Hessian's trace, is added to theirs, so tokens the calibration text lacks are not ignored
-    # (docs/BENCHMARKS.md, stop 42); 0: off
-    vocab_prior: float = Field(0.0, ge=0.0, le=10.0)
+    # (docs/BENCHMARKS.md, stops 42-43); 0: off; default: `prior()`
+    vocab_prior: float | None = Field(None, ge=0.0, le=10.0)
     block_size: int = Field(128, ge=1)
     act_clip: float | None = Field(None, gt=0.0, le=1.0)  # default: 1.0 for A8, 0.9 for A4
     act_symmetric: bool | None = None  # default: symmetric for A8, asymmetric for A4 (as EAQuant)
@@ -145,6 +145,15 @@ class QuantizeConfig(StageConfig):
         if self.clip_floor is not None:
             return self.clip_floor
         return 0.8 if self.method == "gptq" and bits <= 2 else 0.2
+
+    def prior(self) -> float:
+        """The vocabulary prior's share (`vocab_prior`, or its default: 0.1 where layer 0's linears take 3-bit
+        weights under GPTQ with full-precision activations, else 0). Measured at 3 bits on four trained models x
+        three calibration seeds; at 2 bits a tie, at 4 worse (docs/BENCHMARKS.md, stops 42-43)."""
+        if self.vocab_prior is not None:
+            return self.vocab_prior
+        width = self.layer_bits.get(0, self.linear_width())
+        return 0.1 if width == 3 and self.method == "gptq" and self.bits[1] is None else 0.0
 
     def linear_width(self) -> int:
         """The weight width of the linears outside the routed experts."""

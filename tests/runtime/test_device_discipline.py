@@ -14,6 +14,7 @@ import torch
 
 import moecompress.eval.expert_sets as expert_sets
 import moecompress.runtime.executor as executor
+import moecompress.runtime.layer_passes as layer_passes
 import moecompress.stages.patterns as patterns_stage
 import moecompress.stages.retrieve as retrieve_stage
 import moecompress.runtime.quantize_run as quantize_run
@@ -42,8 +43,9 @@ def layers_on_meta_default(monkeypatch):
     monkeypatch.setattr(executor.LayerStream, "run_layer", _meta_default(executor.LayerStream.run_layer))
     # the quantize stage's per-layer work between the layer runs: the linears, the experts (their down
     # projections' pairs replayed without a layer run), smoothing and the router
-    for name in ("_forward", "quantize_linears", "quantize_experts", "smooth_layer", "quantize_router"):
+    for name in ("forward_layer", "quantize_linears", "quantize_experts", "smooth_layer", "quantize_router"):
         monkeypatch.setattr(quantize_run, name, _meta_default(getattr(quantize_run, name)))
+    monkeypatch.setattr(layer_passes, "forward_layer", _meta_default(layer_passes.forward_layer))  # the probe's
     for stage in (patterns_stage, retrieve_stage):  # TAER's prompt probe
         monkeypatch.setattr(stage, "routing_signatures", _meta_default(stage.routing_signatures))
     for name in ("_run", "_pruned_copy", "_nll"):  # `prune --score auto`: candidate layers and their losses

@@ -1,5 +1,5 @@
 """`quantize --vocab-prior`: the first layer's attention-norm readers (query/key/value) read a function of the
-token alone, so their Hessian is smoothed toward the whole vocabulary's (`runtime.quantize_run._vocab_prior`):
+token alone, so their Hessian is smoothed toward the whole vocabulary's (`runtime.layer_passes.vocab_prior`):
 their error on the tokens the calibration text lacks falls, on every adapter."""
 
 import pytest
@@ -15,11 +15,19 @@ from moecompress.stages.quantize import QuantizeConfig, plan_of
 from moecompress.testing import FAMILY, tiny_moe
 
 
-def test_the_prior_is_off_by_default_and_recorded_when_on():
-    plan, meta = plan_of(QuantizeConfig(scheme="w3a16"))
-    assert plan.vocab_prior == 0.0 and "vocab_prior" not in meta
-    plan, meta = plan_of(QuantizeConfig(scheme="w3a16", vocab_prior=0.1))
-    assert plan.vocab_prior == 0.1 and meta["vocab_prior"] == 0.1
+def test_the_prior_is_on_by_default_only_where_layer_0s_linears_take_3_bit_weights():
+    def share(**kw):
+        plan, meta = plan_of(QuantizeConfig(**kw))
+        assert meta.get("vocab_prior", 0.0) == plan.vocab_prior  # recorded exactly when on
+        return plan.vocab_prior
+
+    assert share(scheme="w3a16") == 0.1
+    assert share(scheme="w2a16", layer_bits={0: 3}) == 0.1  # layer 0's width decides
+    for kw in ({"scheme": "w2a16"}, {"scheme": "w4a16"}, {"scheme": "w3a16", "linear_bits": 4},
+               {"scheme": "w3a16", "layer_bits": {0: 4}}, {"scheme": "w3a16", "method": "rtn"},
+               {"scheme": "w3a4"}, {"scheme": "w3a16", "vocab_prior": 0.0}):
+        assert share(**kw) == 0.0, kw
+    assert share(scheme="w4a16", vocab_prior=0.5) == 0.5  # an explicit share anywhere
     with pytest.raises(ValueError):
         QuantizeConfig(scheme="w3a16", vocab_prior=-1.0)
 
@@ -44,14 +52,14 @@ def test_vocab_prior_lowers_the_first_layers_error_on_the_whole_vocabulary(famil
     with torch.no_grad():  # what those linears read for every token of the vocabulary
         X = getattr(layer0, arch.pre_attn_norm)(original.get_input_embeddings().weight).float()
     err = {}
-    for prior in (None, 2.0):
+    for prior in (0.0, 2.0):
         model = tiny_moe(family)
         loaded = LoadedModel(model, tiny_tokenizer(), arch, "tiny", None, torch.float32)
         ctx = Context(loaded, CalibrationConfig(tasks=["prose"], samples=2, seq_len=32), tmp_path / str(prior))
         STAGES.get("quantize").run(ctx, QuantizeConfig(scheme="w3a16", group_size=8, save_format="fake-quant",
-                                                       **({"vocab_prior": prior} if prior else {})))
+                                                       vocab_prior=prior))
         got = ctx.model.get_submodule(arch.layers)[0]
         err[prior] = sum(float(((got.get_submodule(n).weight.detach().float() - m.weight.detach().float()) @ X.T).pow(2).sum())
                          for n, m in names.items())
     # 64 calibration tokens leave most of the vocabulary unseen: the prior must pay there
-    assert err[2.0] < 0.9 * err[None], err
+    assert err[2.0] < 0.9 * err[0.0], err

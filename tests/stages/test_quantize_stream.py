@@ -180,7 +180,7 @@ def test_a_rotation_that_changes_a_layer_is_refused(tmp_path, monkeypatch):
     def broken(layer, arch, view, readers, rotation):
         real(layer, arch, view, {"attn": readers["attn"][:-1], "mlp": readers["mlp"]}, rotation)
 
-    monkeypatch.setattr("moecompress.runtime.quantize_run.rotate_layer", broken)
+    monkeypatch.setattr("moecompress.runtime.layer_passes.rotate_layer", broken)
     src = tmp_path / "src"
     save_model(_loaded("mixtral"), src)
     with pytest.raises(MoecompressError, match="rotating mixtral changed layer 0's"):
