@@ -211,8 +211,8 @@ def quantize(
     vocab_prior: Annotated[Optional[float], typer.Option(
         "--vocab-prior", help="The first layer's query/key/value read a function of the token alone: add this share "
         "of the whole vocabulary's input Hessian to theirs (scaled to the calibration Hessian), for tokens the "
-        "calibration text lacks; 0 turns it off (default: 0.1 where layer 0's linears take 3-bit weights, "
-        "where it was measured to pay, else 0).")] = None,
+        "calibration text lacks; 0 turns it off (default: 0.1 where layer 0's linears take 3-bit scalar-coded "
+        "weights, where it was measured to pay, else 0).")] = None,
     fake_quant: Annotated[bool, typer.Option("--fake-quant", help="Write dequantized bf16 weights and the record "
                                                                   "instead of the packed format.")] = False,
     codec: Annotated[str, typer.Option(help="auto: the scheme's int<b> (int<b>-fz where the zero points are "

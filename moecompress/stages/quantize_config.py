@@ -150,12 +150,14 @@ class QuantizeConfig(StageConfig):
 
     def prior(self) -> float:
         """The vocabulary prior's share (`vocab_prior`, or its default: 0.1 where layer 0's linears take 3-bit
-        weights under GPTQ with full-precision activations, else 0). Measured at 3 bits on four trained models x
-        three calibration seeds; at 2 bits a tie, at 4 worse (docs/BENCHMARKS.md, stops 42-43)."""
+        scalar-coded weights under GPTQ with full-precision activations, else 0). Measured at 3 bits on four trained
+        models x three calibration seeds; at 2 bits a tie, at 4 worse; not with the trellis code
+        (docs/BENCHMARKS.md, stops 42-43)."""
         if self.vocab_prior is not None:
             return self.vocab_prior
         width = self.layer_bits.get(0, self.linear_width())
-        return 0.1 if width == 3 and self.method == "gptq" and self.bits[1] is None else 0.0
+        measured = width == 3 and not self.trellis(width) and self.method == "gptq" and self.bits[1] is None
+        return 0.1 if measured else 0.0
 
     def linear_width(self) -> int:
         """The weight width of the linears outside the routed experts."""

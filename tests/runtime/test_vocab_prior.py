@@ -24,7 +24,7 @@ def test_the_prior_is_on_by_default_only_where_layer_0s_linears_take_3_bit_weigh
     assert share(scheme="w3a16") == 0.1
     assert share(scheme="w2a16", layer_bits={0: 3}) == 0.1  # layer 0's width decides
     for kw in ({"scheme": "w2a16"}, {"scheme": "w4a16"}, {"scheme": "w3a16", "linear_bits": 4},
-               {"scheme": "w3a16", "layer_bits": {0: 4}}, {"scheme": "w3a16", "method": "rtn"},
+               {"scheme": "w3a16", "layer_bits": {0: 4}}, {"scheme": "w3a16", "method": "rtn"}, {"scheme": "w3a16", "codec": "trellis"},
                {"scheme": "w3a4"}, {"scheme": "w3a16", "vocab_prior": 0.0}):
         assert share(**kw) == 0.0, kw
     assert share(scheme="w4a16", vocab_prior=0.5) == 0.5  # an explicit share anywhere
