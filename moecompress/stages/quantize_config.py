@@ -45,7 +45,7 @@ class QuantizeConfig(StageConfig):
                                 # the routed experts keep the scheme's (mixed precision, as QuantMoE-Bench)
           layer_bits: {0: 4}    # whole decoder layers at their own width (default: none)
           vocab_prior: 0.1      # layer 0's query/key/value Hessian smoothed toward the whole vocabulary's, this
-                                # share (default: 0.1 where layer 0's linears take 3-bit weights, else 0)
+                                # share (default: 0.1 where layer 0's linears take 3-bit scalar codes, else 0)
     """
 
     stage: Literal["quantize"] = "quantize"
