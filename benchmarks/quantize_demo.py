@@ -118,6 +118,8 @@ ROWS = [
     ("all + trellis + intermediate rotation", {"codec": "trellis", "rotate_intermediate": True}),
     ("all + vocab prior", {"vocab_prior": 0.1}),  # stop 42: layer 0's q/k/v Hessian smoothed over the vocabulary
     ("all - vocab prior", {"vocab_prior": 0.0}),  # stop 43: the default at 3 bits; off
+    ("all + expert prior", {"expert_prior": 0.1}),  # stop 44: layer 0's experts smoothed over the vocabulary too
+    ("all - expert prior", {"expert_prior": 0.0}),
 ]
 PAIRED = "all (default)"  # the row compared window by window with llm-compressor
 PEER = "llm-compressor GPTQ"

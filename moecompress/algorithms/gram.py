@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["gram", "with_prior"]
+__all__ = ["gram", "routed_gram", "with_prior"]
 
 BLOCK = 128  # columns per block: thin enough to skip most of the lower half, wide enough for an efficient product
 
@@ -40,3 +40,13 @@ def with_prior(H: torch.Tensor, P: torch.Tensor, share: float) -> torch.Tensor:
     if not (tp > 0 and th > 0):
         return H.clone()
     return H + (share * th / tp) * P.to(H.device, H.dtype)
+
+
+def routed_gram(x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, e: int) -> torch.Tensor:
+    """Expert ``e``'s gate-weighted Gram matrix ``sum_t g_t x_t x_t^T`` over the tokens routed to it (``x [T, D]``,
+    top-k ``index, weights [T, K]``, ``g_t`` the weight of ``e`` among token t's choices) -> ``[D, D]`` float32:
+    how an expert's GPTQ Hessian weighs its routed tokens (`runtime.calibration`)."""
+    g = (weights.float() * (index == e)).sum(1)
+    sel = g > 0
+    xe = x[sel].float() * g[sel].sqrt()[:, None]
+    return gram(xe)

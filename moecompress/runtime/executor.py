@@ -39,7 +39,9 @@ from moecompress.runtime import token_weights
 from moecompress.runtime.catcher import first_layer_inputs
 from moecompress.runtime.placement import Placement, resolve_device
 
-__all__ = ["LayerStream", "ModelSource", "Placement", "resolve_device"]
+__all__ = ["VOCAB_CHUNK", "LayerStream", "ModelSource", "Placement", "resolve_device"]
+
+VOCAB_CHUNK = 1024  # one-token sequences per batch of `LayerStream.vocab`
 
 _PER_EXPERT = re.compile(r"\.experts\.(\d+)\.")  # a checkpoint that stores one tensor per expert
 
@@ -80,8 +82,10 @@ class LayerStream:
         the first-layer inputs are computed (a stage that changes the embedding: a residual rotation); the
         model's own embedding is left as it is.
 
-        ``vocab_rows``: keep ``vocab`` (``[n, H]``, n <= vocab_rows), every k-th row of the (transformed) input
-        embedding, evenly spread over the vocabulary: what layer 0 reads for tokens the calibration text lacks.
+        ``vocab_rows``: keep ``vocab`` (``[n, H]``, n <= vocab_rows), layer 0's inputs for every k-th token of
+        the vocabulary, each a one-token sequence (the (transformed) embedding as the model scales it), with
+        layer 0's keyword arguments for each `VOCAB_CHUNK` of them (``vocab_kwargs``): what layer 0 reads for
+        tokens the calibration text lacks. `drop_vocab` frees them.
 
         ``experts``: for a directory source, read only these routed experts (stored ids, kept in this order)
         of these MoE layers, with their router rows; ``source.config`` must already count ``len(ids)`` experts
@@ -92,6 +96,7 @@ class LayerStream:
         self._embed_transform = embed_transform
         self._vocab_rows = vocab_rows
         self.vocab: torch.Tensor | None = None
+        self.vocab_kwargs: list[dict] = []  # layer 0's keyword arguments per `VOCAB_CHUNK` rows of ``vocab``
         self.experts = {int(k): [int(e) for e in v] for k, v in (experts or {}).items()}
         self.placement = placement or Placement()
         self.device = self.placement.device
@@ -164,11 +169,15 @@ class LayerStream:
         first = first_layer_inputs(self.model, self.layers, self.model.get_submodule(self.arch.final_norm),
                                    self.batches, self.device, self.kwargs, self._embed_transform)
         self.hidden = [h if not self.placement.offload else h.cpu() for h in first]
-        if self._vocab_rows > 0:
-            w = self.model.get_input_embeddings().weight.detach()
-            w = w if self._embed_transform is None else self._embed_transform(w)
-            step = -(-w.shape[0] // self._vocab_rows)  # ceil: at most vocab_rows rows
-            self.vocab = w[::step].to(self.device).clone()
+        if self._vocab_rows > 0:  # every k-th token as a one-token sequence, caught as the batches are
+            V = self.model.get_input_embeddings().weight.shape[0]
+            step = -(-V // self._vocab_rows)  # ceil: at most vocab_rows rows
+            kwargs: list[list[dict]] = [[] for _ in self.layers]
+            rows = first_layer_inputs(self.model, self.layers, self.model.get_submodule(self.arch.final_norm),
+                                      [c[:, None] for c in torch.arange(0, V, step).split(VOCAB_CHUNK)],
+                                      self.device, kwargs, self._embed_transform)
+            self.vocab = torch.cat([r.reshape(-1, r.shape[-1]) for r in rows])
+            self.vocab_kwargs = kwargs[0]
         if self.files is not None:  # the embedding is not needed again (the head is loaded at the end)
             release(self.model.get_input_embeddings())
 
@@ -229,6 +238,10 @@ class LayerStream:
                 rows[k] = (1 if len(shape) == 2 and shape[0] == 1 else 0, ids)
             out.append(k)
         return out, rows, rename, experts_prefix
+
+    def drop_vocab(self) -> None:
+        """Free ``vocab`` (up to VOCAB_ROWS x H on the device) and its keyword arguments."""
+        self.vocab, self.vocab_kwargs = None, []
 
     def release(self, i: int) -> None:
         """Free layer ``i`` (a directory source; an in-memory model keeps its weights)."""

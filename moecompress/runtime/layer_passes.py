@@ -1,6 +1,6 @@
 """The passes and helpers `runtime.quantize_run` runs per decoder layer besides its statistics and pairing:
 the original layer on the probe windows (routing reference, rotation check), the quantized layer's output pass,
-layer 0's vocabulary prior, and the experts' skip during statistics passes.
+layer 0's vocabulary priors (its attention's readers, its experts), and the experts' skip during statistics passes.
 
 Shapes: T tokens, K top-k, H hidden.
 """
@@ -15,14 +15,15 @@ import torch
 from torch import nn
 
 from moecompress.algorithms.gram import gram
-from moecompress.runtime.executor import LayerStream
+from moecompress.models.calls import experts_call_args
+from moecompress.runtime.executor import VOCAB_CHUNK, LayerStream
 from moecompress.runtime.hooks import capture_routing
 from moecompress.runtime.quant_plan import QuantPlan, QuantRun
 from moecompress.runtime.replay import replaying
 from moecompress.runtime.rotate import ResidualRotation, check_layer, norm_readers, rotate_layer
 
-__all__ = ["forward_layer", "output_pass", "prior_readers", "reference_pass", "skip_experts", "topk_sets",
-           "vocab_prior"]
+__all__ = ["expert_prior", "forward_layer", "output_pass", "prior_readers", "reference_pass", "skip_experts",
+           "topk_sets", "vocab_prior"]
 
 
 @contextlib.contextmanager
@@ -61,8 +62,28 @@ def vocab_prior(stream: LayerStream, i: int, plan: QuantPlan, attn_norm: nn.Modu
     if i != 0 or plan.vocab_prior <= 0 or stream.vocab is None or attn_norm is None:
         return None
     x = attn_norm(stream.vocab).float()
-    stream.vocab = None  # up to VOCAB_ROWS x H on the device: not held through the other layers
     return gram(x) / max(len(x), 1), plan.vocab_prior
+
+
+def expert_prior(stream: LayerStream, i: int, layer: nn.Module, v, plan: QuantPlan) -> tuple | None:
+    """``(X [N, H], index [N, K], weights [N, K], share)`` for the first decoder layer's MoE block ``v`` with
+    ``plan.expert_prior``: the vocabulary rows through layer ``i`` as it is now (its attention quantized), each a
+    one-token sequence, and the experts' inputs and routing captured (the experts themselves skipped): what
+    layer 0's experts see for any token alone. `layer_quant.quantize_experts` smooths each expert's Hessian
+    toward its gate-weighted share of it."""
+    if i != 0 or plan.expert_prior <= 0 or stream.vocab is None or plan.experts is None:
+        return None
+    got = []
+    handle = v.experts.module.register_forward_pre_hook(
+        lambda m, a, kw: got.append(experts_call_args(a, kw)), with_kwargs=True)
+    try:
+        with skip_experts([v]):
+            for rows, kw in zip(stream.vocab.split(VOCAB_CHUNK), stream.vocab_kwargs, strict=True):
+                forward_layer(layer, rows[:, None], kw, stream.device)
+    finally:
+        handle.remove()
+    X, index, weights = (torch.cat([t.reshape(-1, t.shape[-1]) for t in ts]) for ts in zip(*got))
+    return X.float(), index, weights.float(), plan.expert_prior
 
 
 def prior_readers(vocab: tuple[torch.Tensor, float] | None, linears: dict) -> tuple | None:

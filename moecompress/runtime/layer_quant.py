@@ -17,7 +17,7 @@ from torch import nn
 from moecompress.algorithms.asym_calib import corrected_weight
 from moecompress.algorithms.coord_descent import refine_codes
 from moecompress.algorithms.gptq import gptq_factor, gptq_quantize
-from moecompress.algorithms.gram import with_prior
+from moecompress.algorithms.gram import routed_gram, with_prior
 from moecompress.algorithms.quant_grid import QuantGrid, QuantResult, TernaryGrid, rtn_quantize
 from moecompress.algorithms.rare_experts import pooled_hessians
 from moecompress.algorithms.refit import alternate, refit_groups
@@ -243,8 +243,8 @@ def _same_hessian(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
 def quantize_experts(view: MoEBlockView, stats: LayerStats, opt: QuantOptions, record: QuantRecord, prefix: str,
                      balance: bool, n_min: float, rare: str, down_rotation: torch.Tensor | None = None,
                      dist: Dist | None = None,
-                     pairs: Callable[[str, torch.Tensor, torch.Tensor], PairStats | None] | None = None
-                     ) -> dict[str, Any]:
+                     pairs: Callable[[str, torch.Tensor, torch.Tensor], PairStats | None] | None = None,
+                     prior: tuple | None = None) -> dict[str, Any]:
     """GPTQ all experts of the block at once ([E, O, C] with [E, C, C] Hessians), with calibration balance:
     an expert short of ``n_min`` routed tokens is topped up from reserve batches, then near-miss tokens; one
     still short (with balance; without it, one with no token at all) is then, with ``rare="pooled"``, topped up
@@ -263,7 +263,11 @@ def quantize_experts(view: MoEBlockView, stats: LayerStats, opt: QuantOptions, r
     quantized and cross input moments for ``which``: ``"gate_up"`` before the gate/up projections are quantized
     (None when the layer's full-precision inputs were not captured), ``"down"`` after they are stored. Every
     expert quantized on its own routed tokens (not topped up, pooled or RTN) then has those projections
-    quantized toward the full-precision expert's outputs from their quantized inputs (`algorithms.asym_calib`)."""
+    quantized toward the full-precision expert's outputs from their quantized inputs (`algorithms.asym_calib`).
+
+    ``prior`` ``(X [N, H], index, weights [N, K], share)`` (`layer_passes.expert_prior`: layer 0's experts on the
+    vocabulary): each GPTQ expert's gate/up Hessian gets ``share`` (by trace) of its gate-weighted Gram matrix of
+    the rows routed to it (`algorithms.gram.with_prior`; an RTN fallback's zero Hessian stays zero)."""
     ex = stats.experts
     E = view.num_experts
     dist = dist or Dist()
@@ -301,6 +305,10 @@ def quantize_experts(view: MoEBlockView, stats: LayerStats, opt: QuantOptions, r
     skip = set(reserve_used) | set(near_used) | set(pooled) | set(fallback)
     corrected = [e for e in range(E) if correct and e not in skip and ex.count[e] > 0]
     Cg = paired_rows(_with_base(pairs("gate_up", *fp) if correct else None, ex, H, fallback), corrected, ex, H)
+    if prior is not None and opt.method == "gptq" and H.numel():
+        X, index, weights, share = prior
+        for e in ex.owned:
+            H[ex.row(e)] = with_prior(H[ex.row(e)], routed_gram(X, index, weights, e), share)
 
     def gate_up_chunk(a: int, b: int) -> torch.Tensor:  # float32 [b - a, 2I, H]: W, or W' for corrected experts
         return target_rows(torch.cat([gate[a:b], up[a:b]], dim=1).float(), a, Cg, opt.damp)

@@ -54,6 +54,8 @@ class QuantPlan:
     # the first layer's attention-norm readers: this share (by trace) of the vocabulary's Hessian added to theirs
     # (add-alpha smoothing over the tokens the calibration text lacks); 0: none
     vocab_prior: float = 0.0
+    # the first layer's routed experts: this share of each one's Hessian over the vocabulary's one-token sequences
+    expert_prior: float = 0.0
 
     @classmethod
     def of(cls, settings: Any, **resolved: Any) -> QuantPlan:

@@ -48,6 +48,7 @@ from moecompress.runtime.paired import capture_inputs, collect_pairs, norm_reade
 from moecompress.runtime.quant_plan import QuantPlan, QuantRun, needs_no_statistics
 from moecompress.runtime.replay import record_output_replay, replaying
 from moecompress.runtime.layer_passes import (
+    expert_prior,
     forward_layer,
     output_pass,
     prior_readers,
@@ -233,10 +234,13 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
             fp_experts = fp_in.pop("experts", None) if paired else None
             fp_in = got0 = None
             for v in lv:  # the routed experts, then the router
+                prior = expert_prior(stream, i, layer, v, plan)  # layer 0's experts: the vocabulary's inputs
                 entry.update(_experts_and_router(stream, i, v, plan, stats, record, f"{prefix}.{arch.moe_block}",
                                                  balance, n_min, owned, dist, base, fp_experts, replay,
-                                                 plan.sequential and not rtn_only))
+                                                 plan.sequential and not rtn_only, prior))
+                prior = None
             del stats, fp_experts
+            stream.drop_vocab()  # layer 0's alone: not held through the other layers
             for k, t in record.tensors.items():
                 if ".experts:" in k and k.endswith(".codes"):
                     out.expert_codes += t.numel()
@@ -268,10 +272,11 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
 
 def _experts_and_router(stream: LayerStream, i: int, v, plan: QuantPlan, stats: LayerStats, record: QuantRecord,
                         block: str, balance: bool, n_min: float, owned: range | None, dist: Dist, base: Sequence[int],
-                        fp: list | None, replay, sequential: bool) -> dict[str, Any]:
+                        fp: list | None, replay, sequential: bool, prior: tuple | None) -> dict[str, Any]:
     """Step 3's MoE block ``v`` of layer ``i``: its routed experts (with ``sequential``, each projection paired
     over the calibration batches ``base`` again: the gate/up pass's experts calls replayed for the down
-    projections; ``fp``: the experts' full-precision inputs per call), then its router; their record entries."""
+    projections; ``fp``: the experts' full-precision inputs per call; ``prior``: `layer_passes.expert_prior`'s),
+    then its router; their record entries."""
     arch, entry = stream.arch, {}
     if plan.experts is not None:
         q_inter = rotation_matrix(v.experts.stacked("down").shape[2], plan.rotation_seed) \
@@ -292,7 +297,7 @@ def _experts_and_router(stream: LayerStream, i: int, v, plan: QuantPlan, stats: 
             return got
 
         entry["experts"] = quantize_experts(v, stats, plan.experts, record, f"{block}.{arch.experts}", balance, n_min,
-                                            plan.rare_experts, q_inter, dist, pairs if sequential else None)
+                                            plan.rare_experts, q_inter, dist, pairs if sequential else None, prior)
     if plan.router_bits:
         entry["router"] = quantize_router(v, stats, plan.router_bits, plan.align_router, record,
                                           f"{block}.{arch.router}", plan.align_objective)

@@ -74,7 +74,7 @@ def quantize(ctx: StageContext, plan: QuantPlan, base: list, extra: list, meta: 
     n = len(batches) + len(reserve)
     with ctx.stream(batches + reserve + probe,
                     embed_transform=None if rotation is None else rotation.embedding,
-                    vocab_rows=VOCAB_ROWS if plan.vocab_prior > 0 and batches else 0) as stream:
+                    vocab_rows=VOCAB_ROWS if max(plan.vocab_prior, plan.expert_prior) > 0 and batches else 0) as stream:
         result = quantize_stream(stream, sink, plan, len(batches), len(reserve), range(n, n + len(probe)), rotation,
                                  ctx.progress, label, ctx.dist)
     config = ctx.config
@@ -153,7 +153,8 @@ def plan_of(cfg: QuantizeConfig) -> tuple[QuantPlan, dict[str, Any]]:
     experts, linears = both(wbits, lbits)
     plan = QuantPlan.of(cfg, experts=experts, linears=linears, act=aq, smooth=smooth,
                         rotate_intermediate=rotate_inter, sequential=sequential,
-                        layers={i: both(b, b) for i, b in cfg.layer_bits.items()}, vocab_prior=cfg.prior())
+                        layers={i: both(b, b) for i, b in cfg.layer_bits.items()}, vocab_prior=cfg.prior(),
+                        expert_prior=cfg.expert_prior)
     meta = {"scheme": cfg.scheme,
             "weights": {"kind": "int", "bits": lbits, "group_size": cfg.groups(), "symmetric": cfg.symmetric,
                         "method": cfg.method},
@@ -171,6 +172,8 @@ def plan_of(cfg: QuantizeConfig) -> tuple[QuantPlan, dict[str, Any]]:
             meta[key]["code"] = {"kind": "trellis", "widths": [2, 3, 4], "state_bits": STATE_BITS, "seq": SEQ}
     if cfg.prior():
         meta["vocab_prior"] = cfg.prior()
+    if cfg.expert_prior:
+        meta["expert_prior"] = cfg.expert_prior
     if cfg.layer_bits:  # the packed writer's per-layer widths (JSON keys are strings)
         meta["layer_bits"] = {str(i): b for i, b in cfg.layer_bits.items()}
     for key, bits in (("weights", lbits), ("experts", wbits)):  # only where used: other metadata keeps its bytes

@@ -46,6 +46,7 @@ class QuantizeConfig(StageConfig):
           layer_bits: {0: 4}    # whole decoder layers at their own width (default: none)
           vocab_prior: 0.1      # layer 0's query/key/value Hessian smoothed toward the whole vocabulary's, this
                                 # share (default: 0.1 where layer 0's linears take 3-bit scalar codes, else 0)
+          expert_prior: 0.1     # the same for layer 0's routed experts (default: 0, off)
     """
 
     stage: Literal["quantize"] = "quantize"
@@ -75,6 +76,11 @@ class QuantizeConfig(StageConfig):
     # calibration Hessian's trace, is added to theirs, so tokens the calibration text lacks are not ignored
     # (docs/BENCHMARKS.md, stops 42-43); 0: off; default: `prior()`
     vocab_prior: float | None = Field(None, ge=0.0, le=10.0)
+    # the same for the first decoder layer's routed experts (their input is mostly the token's): the vocabulary's
+    # tokens through layer 0 as one-token sequences, and each expert's gate/up Hessian given this share of its
+    # gate-weighted Hessian over the tokens routed to it; 0: off (the default: at 3 bits on four trained models x
+    # three calibration seeds a tie, lower on the demo model only; docs/BENCHMARKS.md, stop 44)
+    expert_prior: float = Field(0.0, ge=0.0, le=10.0)
     block_size: int = Field(128, ge=1)
     act_clip: float | None = Field(None, gt=0.0, le=1.0)  # default: 1.0 for A8, 0.9 for A4
     act_symmetric: bool | None = None  # default: symmetric for A8, asymmetric for A4 (as EAQuant)
