@@ -69,7 +69,7 @@ def expert_prior(stream: LayerStream, i: int, layer: nn.Module, v, plan: QuantPl
     """``(X [N, H], index [N, K], weights [N, K], share)`` for the first decoder layer's MoE block ``v`` with
     ``plan.expert_prior``: the vocabulary rows through layer ``i`` as it is now (its attention quantized), each a
     one-token sequence, and the experts' inputs and routing captured (the experts themselves skipped): what
-    layer 0's experts see for any token alone. `layer_quant.quantize_experts` smooths each expert's Hessian
+    layer 0's experts see for any token alone. `expert_quant.quantize_experts` smooths each expert's Hessian
     toward its gate-weighted share of it."""
     if i != 0 or plan.expert_prior <= 0 or stream.vocab is None or plan.experts is None:
         return None

@@ -56,7 +56,8 @@ from moecompress.runtime.layer_passes import (
     skip_experts,
     vocab_prior,
 )
-from moecompress.runtime.layer_quant import quantize_experts, quantize_linears
+from moecompress.runtime.expert_quant import quantize_experts
+from moecompress.runtime.layer_quant import quantize_linears
 from moecompress.runtime.layer_smooth import quantize_router, smooth_layer
 from moecompress.runtime.rotate import ResidualRotation, check_rotatable, rotate_outside
 

@@ -10,7 +10,8 @@ from moecompress.models import find_arch
 from moecompress.runtime.calibration import collect
 from moecompress.runtime.paired import collect_pairs
 from moecompress.runtime.executor import LayerStream, ModelSource
-from moecompress.runtime.layer_quant import QuantOptions, quantize_experts
+from moecompress.runtime.expert_quant import quantize_experts
+from moecompress.runtime.layer_quant import QuantOptions
 from moecompress.stages.quantize import QuantizeConfig
 from moecompress.testing import FAMILY, tiny_moe
 

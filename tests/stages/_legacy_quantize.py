@@ -25,7 +25,8 @@ from moecompress.nn.act_quant import ActQuantHandle, install_layer_act_quant, ro
 from moecompress.progress import NullProgress, Progress
 from moecompress.runtime.calibration import collect
 from moecompress.runtime.hooks import capture_routing
-from moecompress.runtime.layer_quant import quantize_experts, quantize_linears
+from moecompress.runtime.expert_quant import quantize_experts
+from moecompress.runtime.layer_quant import quantize_linears
 from moecompress.runtime.layer_smooth import quantize_router, smooth_layer
 from moecompress.runtime.quant_plan import QuantPlan
 
