@@ -119,7 +119,8 @@ ROWS = [
     ("all + vocab prior", {"vocab_prior": 0.1}),  # stop 42: layer 0's q/k/v Hessian smoothed over the vocabulary
     ("all - vocab prior", {"vocab_prior": 0.0}),  # stop 43: the default at 3 bits; off
     ("all + expert prior", {"expert_prior": 0.1}),  # stop 44: layer 0's experts smoothed over the vocabulary too
-    ("all - expert prior", {"expert_prior": 0.0}),
+    ("all + expert prior 0.3", {"expert_prior": 0.3}),
+    ("all + expert prior 1", {"expert_prior": 1.0}),
 ]
 PAIRED = "all (default)"  # the row compared window by window with llm-compressor
 PEER = "llm-compressor GPTQ"
