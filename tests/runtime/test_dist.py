@@ -61,6 +61,9 @@ def _files(d: Path) -> dict[str, object]:
     ["quantize", "tiny:deepseek_v3", "--scheme", "w4a16", "--group-size", "8", "--fake-quant", "--tasks", "math", "--samples", "4",
      "--seq-len", "32"],
     ["ternary", "tiny:qwen3_moe", "--group-size", "8", "--tasks", "prose", "--samples", "4", "--seq-len", "32"],
+    # W3's sequential pairing with both vocabulary priors: each rank smooths its own experts' Hessians
+    ["quantize", "tiny:mixtral", "--scheme", "w3a16", "--group-size", "8", "--expert-prior", "0.3", "--tasks",
+     "prose", "--samples", "4", "--seq-len", "32"],
     # the trellis code: int16 states gathered across ranks
     ["quantize", "tiny:olmoe", "--scheme", "w3a16", "--group-size", "8", "--codec", "trellis", "--tasks", "prose",
      "--samples", "4", "--seq-len", "32"],
