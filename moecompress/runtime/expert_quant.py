@@ -108,8 +108,8 @@ def quantize_experts(view: MoEBlockView, stats: LayerStats, opt: QuantOptions, r
 
     err_gu: dict[str, float] = {}
     res = _gathered(lq._quantize(gate_up_chunk,  # gate, up: one input
-                              (gate.shape[0], 2 * I, gate.shape[2]), H, _blocks(opt, I, I), dtype,
-                              store=None if dist.active else store_gate_up, error=err_gu), dist, E)
+                                 (gate.shape[0], 2 * I, gate.shape[2]), H, _blocks(opt, I, I), dtype,
+                                 store=None if dist.active else store_gate_up, error=err_gu), dist, E)
     gate = up = None  # (a copy for experts stored as modules)
     if dist.active:
         store_gate_up(0, res.weight)
@@ -136,8 +136,8 @@ def quantize_experts(view: MoEBlockView, stats: LayerStats, opt: QuantOptions, r
 
     err_d: dict[str, float] = {}
     res = _gathered(lq._quantize(lambda a, b: down_chunk(a, b) if Q is None else down_chunk(a, b) @ Q,
-                              tuple(down.shape), Hd, opt, down.dtype, None if Q is None else (lambda w: w @ Q.T),
-                              None if dist.active else store_down, err_d), dist, E)
+                                 tuple(down.shape), Hd, opt, down.dtype, None if Q is None else (lambda w: w @ Q.T),
+                                 None if dist.active else store_down, err_d), dist, E)
     down = None
     if dist.active:
         store_down(0, res.weight)
