@@ -217,6 +217,11 @@ def quantize(
         "--expert-prior", help="The same for the first layer's routed experts: the vocabulary's tokens through "
         "layer 0, each expert's Hessian given this share of its gate-weighted Hessian over them; 0 turns it off "
         "(default: 0, off: a tie at 3 bits on four trained models).")] = None,
+    expert_chunk: Annotated[Optional[int], typer.Option(
+        "--expert-chunk", min=0, help="Quantize a layer's routed experts this many at a time: their Hessians and "
+        "pairing statistics (three [E, H, H] float32 tensors with the sequential targets: 158 GB for DeepSeek-V3) "
+        "are held for one chunk at a time; the same bytes whatever the chunk (default 0: as many as fit in 40 % "
+        "of the device's memory).")] = None,
     fake_quant: Annotated[bool, typer.Option("--fake-quant", help="Write dequantized bf16 weights and the record "
                                                                   "instead of the packed format.")] = False,
     codec: Annotated[str, typer.Option(help="auto: the scheme's int<b> (int<b>-fz where the zero points are "
@@ -250,7 +255,7 @@ def quantize(
                                      ("layer_bits", _layer_bits(layer_bits)),
                                      ("sequential_targets", sequential_targets),
                                      ("fractional_zeros", fractional_zeros), ("vocab_prior", vocab_prior),
-                                     ("expert_prior", expert_prior))
+                                     ("expert_prior", expert_prior), ("expert_chunk", expert_chunk))
                     if v is not None}}  # unset: the stage config's defaults
         recipe = validate_command("quantize", model, _calibration(tasks, data, samples, seq_len, seed), stage,
                                   {"save_format": "--fake-quant"}, _run(device, dtype, offload_hidden))

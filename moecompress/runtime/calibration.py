@@ -55,7 +55,7 @@ class ExpertStats:
     res_count: torch.Tensor  # [E]
     router_act_max: torch.Tensor  # [C] over all tokens
     owned: range = range(0)
-    routed: bool = True  # the base batches' routed Hessians (and ``h_max``) collected; else zeros, filled by the caller
+    routed: bool = True  # the base batches' routed Hessians (and ``h_max``) collected; else none: the caller's, per chunk
     near_H: dict[int, torch.Tensor] = field(default_factory=dict)  # near-miss tokens, weighted by routing probability
     near_H_down: dict[int, torch.Tensor] = field(default_factory=dict)
     res_H: dict[int, torch.Tensor] = field(default_factory=dict)  # reserve batches (routed)
@@ -69,16 +69,23 @@ class ExpertStats:
 
     @classmethod
     def empty(cls, E: int, C: int, I: int, device: torch.device | str = "cpu",
-              owned: range | None = None, hessians: bool = True) -> ExpertStats:
-        """``hessians=False``: no Hessians (``H``, ``H_down`` of size 0; round-to-nearest needs none)."""
+              owned: range | None = None, hessians: bool = True, routed: bool = True) -> ExpertStats:
+        """``hessians=False``: no Hessians (``H``, ``H_down`` of size 0; round-to-nearest needs none).
+        ``routed=False``: the routed Hessians come from a later pass, a chunk of experts at a time
+        (`runtime.expert_quant`): ``H``, ``H_down`` hold no expert (``[0, C, C]``, ``[0, I, I]``)."""
         owned = range(E) if owned is None else owned
 
         def z(*shape: int) -> torch.Tensor:
             return torch.zeros(*shape, device=device)
 
         C2, I2 = (C, I) if hessians else (0, 0)
-        return cls(z(len(owned), C2, C2), z(len(owned), I2, I2), z(E), z(E), z(E, C), z(E, I), z(E), z(E), z(C),
-                   owned)
+        n = len(owned) if routed else 0
+        return cls(z(n, C2, C2), z(n, I2, I2), z(E), z(E), z(E, C), z(E, I), z(E), z(E), z(C), owned, routed)
+
+    @property
+    def hessians(self) -> bool:
+        """Whether Hessians are collected (GPTQ; not round-to-nearest)."""
+        return self.H.shape[-1] > 0
 
     def row(self, e: int) -> int:
         """Index of expert ``e`` in ``H``/``H_down``."""
@@ -88,8 +95,9 @@ class ExpertStats:
         """Expert ``e``'s near-miss (``near``) or reserve (``res``) Hessians, allocated at first use."""
         Hs, Hds = getattr(self, f"{which}_H"), getattr(self, f"{which}_H_down")
         if e not in Hs:
-            Hs[e] = torch.zeros_like(self.H[0])
-            Hds[e] = torch.zeros_like(self.H_down[0])
+            C, I = self.H.shape[-1], self.H_down.shape[-1]
+            Hs[e] = torch.zeros(C, C, device=self.H.device)
+            Hds[e] = torch.zeros(I, I, device=self.H_down.device)
         return Hs[e], Hds[e]
 
     def rescale(self, s: torch.Tensor, down: bool = False) -> None:
@@ -260,8 +268,7 @@ def collect(layer: nn.Module, views: list[MoEBlockView], attn_norm: nn.Module | 
                 lambda m, a, g=v.shared_gate: shared_gate_value.__setitem__("w", torch.sigmoid(g(a[0])).detach())))
         C = v.router_weight.shape[1]
         E, I = v.num_experts, v.experts.stacked("down").shape[2]
-        stats.experts = ExpertStats.empty(E, C, I, v.router_weight.device, owned, hessians)
-        stats.experts.routed = routed_hessians
+        stats.experts = ExpertStats.empty(E, C, I, v.router_weight.device, owned, hessians, routed_hessians)
     handles += _norm_hooks(norm_out, attn_norm, views)
     for name, m in (dense_linears(layer, views) if linears else {}).items():
 

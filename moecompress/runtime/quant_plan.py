@@ -56,6 +56,8 @@ class QuantPlan:
     vocab_prior: float = 0.0
     # the first layer's routed experts: this share of each one's Hessian over the vocabulary's one-token sequences
     expert_prior: float = 0.0
+    # the routed experts this many at a time (`runtime.expert_quant`); 0: as many as fit (`memory.expert_chunk`)
+    expert_chunk: int = 0
 
     @classmethod
     def of(cls, settings: Any, **resolved: Any) -> QuantPlan:

@@ -282,23 +282,26 @@ def _experts_and_router(stream: LayerStream, i: int, v, plan: QuantPlan, stats: 
     if plan.experts is not None:
         q_inter = rotation_matrix(v.experts.stacked("down").shape[2], plan.rotation_seed) \
             if plan.rotate_intermediate else None
-        calls: list = []  # the gate/up pass's experts calls, replayed for the down projections
+        calls: list = []  # the first pass's experts calls, replayed for the later pairings
 
-        def pairs(which, gate, up):
-            """The calibration batches again (for the down projections: the gate/up pass's calls)."""
+        def pairs(which, gate, up, experts, last):
+            """The calibration batches again for the chunk ``experts``; once a pass has run, its experts' calls
+            replayed (the attention, hence the experts' inputs and routing, no longer change)."""
             if which == "gate_up" and fp is None:
                 return None  # the gate/up inputs are the statistics pass's own
-            if which == "down" and calls:
-                with collect_pairs(v, which, gate, up, owned, fp, replay=calls) as got:
-                    calls.clear()
+            if calls:
+                with collect_pairs(v, which, gate, up, experts, fp, replay=calls) as got:
+                    if which == "down" and last:
+                        calls.clear()
                     return got
-            with collect_pairs(v, which, gate, up, owned, fp, keep=calls if which == "gate_up" else None) as got, \
-                    skip_experts([v]), replaying(replay, stream.device):
+            with collect_pairs(v, which, gate, up, experts, fp, keep=calls if which == "gate_up" or not last else None) \
+                    as got, skip_experts([v]), replaying(replay, stream.device):
                 stream.run_layer(i, store=False, batches=base)
             return got
 
         entry["experts"] = quantize_experts(v, stats, plan.experts, record, f"{block}.{arch.experts}", balance, n_min,
-                                            plan.rare_experts, q_inter, dist, pairs if sequential else None, prior)
+                                            plan.rare_experts, q_inter, dist, pairs if sequential else None, prior,
+                                            plan.expert_chunk)
     if plan.router_bits:
         entry["router"] = quantize_router(v, stats, plan.router_bits, plan.align_router, record,
                                           f"{block}.{arch.router}", plan.align_objective)

@@ -154,7 +154,7 @@ def plan_of(cfg: QuantizeConfig) -> tuple[QuantPlan, dict[str, Any]]:
     plan = QuantPlan.of(cfg, experts=experts, linears=linears, act=aq, smooth=smooth,
                         rotate_intermediate=rotate_inter, sequential=sequential,
                         layers={i: both(b, b) for i, b in cfg.layer_bits.items()}, vocab_prior=cfg.prior(),
-                        expert_prior=cfg.expert_prior)
+                        expert_prior=cfg.expert_prior, expert_chunk=cfg.expert_chunk)
     meta = {"scheme": cfg.scheme,
             "weights": {"kind": "int", "bits": lbits, "group_size": cfg.groups(), "symmetric": cfg.symmetric,
                         "method": cfg.method},

@@ -47,6 +47,8 @@ class QuantizeConfig(StageConfig):
           vocab_prior: 0.1      # layer 0's query/key/value Hessian smoothed toward the whole vocabulary's, this
                                 # share (default: 0.1 where layer 0's linears take 3-bit scalar codes, else 0)
           expert_prior: 0.1     # the same for layer 0's routed experts (default: 0, off)
+          expert_chunk: 32      # routed experts' statistics and GPTQ this many experts at a time (default 0:
+                                # as many as fit in 40 % of the device's memory; the same bytes either way)
     """
 
     stage: Literal["quantize"] = "quantize"
@@ -81,6 +83,11 @@ class QuantizeConfig(StageConfig):
     # gate-weighted Hessian over the tokens routed to it; 0: off (the default: at 3 bits on four trained models x
     # three calibration seeds a tie, lower on the demo model only; docs/BENCHMARKS.md, stop 44)
     expert_prior: float = Field(0.0, ge=0.0, le=10.0)
+    # the routed experts' Hessians, pairing statistics and GPTQ, this many experts of a layer at a time (each chunk's
+    # freed before the next's are allocated: DeepSeek-V3's 256 experts at hidden 7168 need 53 GB per [E, H, H]
+    # float32 tensor, and the sequential pairing holds three); 0: as many as fit in 40 % of the device's memory
+    # (`runtime.memory.expert_chunk`). Every expert's numbers are the same whatever the chunk.
+    expert_chunk: int = Field(0, ge=0)
     block_size: int = Field(128, ge=1)
     act_clip: float | None = Field(None, gt=0.0, le=1.0)  # default: 1.0 for A8, 0.9 for A4
     act_symmetric: bool | None = None  # default: symmetric for A8, asymmetric for A4 (as EAQuant)

@@ -64,6 +64,9 @@ def _files(d: Path) -> dict[str, object]:
     # W3's sequential pairing with both vocabulary priors: each rank smooths its own experts' Hessians
     ["quantize", "tiny:mixtral", "--scheme", "w3a16", "--group-size", "8", "--expert-prior", "0.3", "--tasks",
      "prose", "--samples", "4", "--seq-len", "32"],
+    # W2's default a chunk of 3 experts at a time: each rank's chunks of its own experts, gathered once
+    ["quantize", "tiny:qwen3_moe", "--scheme", "w2a16", "--group-size", "8", "--expert-chunk", "3", "--tasks",
+     "prose", "--samples", "4", "--seq-len", "32"],
     # the trellis code: int16 states gathered across ranks
     ["quantize", "tiny:olmoe", "--scheme", "w3a16", "--group-size", "8", "--codec", "trellis", "--tasks", "prose",
      "--samples", "4", "--seq-len", "32"],

@@ -36,10 +36,10 @@ def _quantized_block(family: str, correct: bool):
         stream.run_layer(i, store=False)
     ref = out["y"]
 
-    def pairs(which, gate, up):
+    def pairs(which, gate, up, experts, last):
         if which == "gate_up":
             return None
-        with collect_pairs(view, which, gate, up) as got:
+        with collect_pairs(view, which, gate, up, experts) as got:
             stream.run_layer(i, store=False)
         return got
 
