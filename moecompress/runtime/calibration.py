@@ -27,7 +27,7 @@ from moecompress.models.base import MoEBlockView
 from moecompress.models.calls import experts_call_args
 from moecompress.runtime import token_weights
 
-__all__ = ["ExpertStats", "LayerStats", "LinearStats", "collect", "dense_linears", "norm_sources"]
+__all__ = ["ExpertStats", "LayerStats", "LinearStats", "collect", "dense_linears", "norm_sources", "routed_hessians"]
 
 
 @dataclass
@@ -66,6 +66,9 @@ class ExpertStats:
     sample_ids: list[torch.Tensor] = field(default_factory=list)  # their token numbers in call order [n]
     seen: int = 0  # tokens the sample has been drawn from
     sample_level: int = 0  # a token is kept when its hash is below 2^(32 - level)
+    # without routed Hessians, the base batches' experts calls ``(x, index, weights, token weights)`` kept for
+    # `routed_hessians` to compute them a chunk of experts at a time (None: not kept)
+    calls: list | None = None
 
     @classmethod
     def empty(cls, E: int, C: int, I: int, device: torch.device | str = "cpu",
@@ -186,6 +189,8 @@ def _expert_step(st: ExpertStats, view: MoEBlockView, x: torch.Tensor, logits: t
     if mode == "routed":
         st.router_act_max = torch.maximum(st.router_act_max, x.abs().amax(0))
         _add_sample(st, x, sample_tokens)
+        if not st.routed and st.calls is not None:
+            st.calls.append((x, index, weights, tw))
     if mode == "near":
         probs = logits.float().sigmoid() if view.routing.score == "sigmoid" else logits.float().softmax(-1)
         order = logits.float().argsort(dim=-1, descending=True)  # [T, E] experts by logit
@@ -210,10 +215,7 @@ def _expert_step(st: ExpertStats, view: MoEBlockView, x: torch.Tensor, logits: t
             st.gate_sum[e] += float(g.sum())
             st.act_max[e] = torch.maximum(st.act_max[e], xs.abs().amax(0))
             continue
-        xw = xs * g.sqrt()[:, None]
-        h = expert_intermediate(xs, w.gate[e], w.up[e], None if w.gate_bias is None else w.gate_bias[e],
-                                None if w.up_bias is None else w.up_bias[e], act, w.gate.dtype)
-        hw = h * g.sqrt()[:, None]
+        xw, h, hw = _terms(xs, g, w, e, act)
         if target in ("near", "reserve"):
             He, Hde = st.extra("near" if target == "near" else "res", e)
             He += gram(xw)
@@ -227,6 +229,38 @@ def _expert_step(st: ExpertStats, view: MoEBlockView, x: torch.Tensor, logits: t
             st.gate_sum[e] += float(g.sum())
             st.act_max[e] = torch.maximum(st.act_max[e], xs.abs().amax(0))
             st.h_max[e] = torch.maximum(st.h_max[e], h.abs().amax(0))
+
+
+def _terms(xs: torch.Tensor, g: torch.Tensor, w, e: int, act) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Expert ``e``'s gate-weighted Hessian factors of its tokens ``xs [n, C]`` with gates ``g [n]``: the inputs
+    ``x sqrt(g)``, the intermediates ``h`` and ``h sqrt(g)``."""
+    h = expert_intermediate(xs, w.gate[e], w.up[e], None if w.gate_bias is None else w.gate_bias[e],
+                            None if w.up_bias is None else w.up_bias[e], act, w.gate.dtype)
+    return xs * g.sqrt()[:, None], h, h * g.sqrt()[:, None]
+
+
+@torch.no_grad()
+def routed_hessians(st: ExpertStats, view: MoEBlockView, experts: range) -> tuple[torch.Tensor, torch.Tensor]:
+    """The routed Hessians ``[|experts|, C, C]``, ``[|experts|, I, I]`` of a chunk of experts from the calls the
+    statistics pass kept (``st.calls``), with the block's weights as they are now (full precision: before the
+    chunk is quantized): what that pass computes for them, call by call in the same order."""
+    C, I = st.H.shape[-1], st.H_down.shape[-1]
+    H = torch.zeros(len(experts), C, C, device=st.H.device)
+    Hd = torch.zeros(len(experts), I, I, device=st.H_down.device)
+    w, act = view.experts.weights(), view.activation
+    for x, index, weights, tw in st.calls or []:
+        for e in experts:
+            routed = (index == e)
+            sel = routed.any(1).nonzero().squeeze(-1)
+            if len(sel) == 0:
+                continue
+            xs, g = x[sel], (weights * routed).sum(1)[sel].float()
+            if tw is not None:
+                g = g * tw[sel]
+            xw, _, hw = _terms(xs, g, w, e, act)
+            H[e - experts.start] += gram(xw)
+            Hd[e - experts.start] += gram(hw)
+    return H, Hd
 
 
 def dense_linears(layer: nn.Module, views: list[MoEBlockView]) -> dict[str, nn.Linear]:
@@ -245,13 +279,14 @@ def dense_linears(layer: nn.Module, views: list[MoEBlockView]) -> dict[str, nn.L
 @contextlib.contextmanager
 def collect(layer: nn.Module, views: list[MoEBlockView], attn_norm: nn.Module | None, near_miss: int,
             sample_tokens: int = 8192, owned: range | None = None, hessians: bool = True,
-            routed_hessians: bool = True, linears: bool = True) -> Iterator[LayerStats]:
+            routed_hessians: bool = True, linears: bool = True, keep_calls: bool = False) -> Iterator[LayerStats]:
     """Hooks that fill a `LayerStats` while ``layer`` runs; removed on exit. Statistics live on the layer's device
     (float32). ``near_miss``: the routing ranks past top-k recorded for topping up rare experts (the ``near_miss``
     recipe key); ``owned``: the experts whose statistics this process computes (default all).
     ``routed_hessians=False``: the experts' Hessians over the base batches' routed tokens (and ``h_max``) are
     left at zero, for a caller that takes them from a later pass (`runtime.paired.collect_pairs`); the reserve
-    and near-miss top-ups are still collected. ``linears=False``: only the router's and experts' statistics (the
+    and near-miss top-ups are still collected; with ``keep_calls`` the base batches' experts calls are kept for
+    `routed_hessians` (plain GPTQ a chunk of experts at a time). ``linears=False``: only the router's and experts' statistics (the
     caller has the linears' from elsewhere: `runtime.paired.norm_reader_pairs`, `pair_linears`)."""
     stats = LayerStats(sample_tokens=sample_tokens)
     handles: list = []
@@ -269,6 +304,7 @@ def collect(layer: nn.Module, views: list[MoEBlockView], attn_norm: nn.Module | 
         C = v.router_weight.shape[1]
         E, I = v.num_experts, v.experts.stacked("down").shape[2]
         stats.experts = ExpertStats.empty(E, C, I, v.router_weight.device, owned, hessians, routed_hessians)
+        stats.experts.calls = [] if keep_calls and not routed_hessians else None
     handles += _norm_hooks(norm_out, attn_norm, views)
     for name, m in (dense_linears(layer, views) if linears else {}).items():
 

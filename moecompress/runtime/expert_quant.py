@@ -20,13 +20,13 @@ from moecompress.algorithms.rare_experts import pooled_hessians
 from moecompress.formats.quant_record import QuantRecord
 from moecompress.models.base import MoEBlockView
 from moecompress.runtime import layer_quant as lq  # lq._quantize looked up per call: benchmarks replace it
-from moecompress.runtime.calibration import LayerStats
+from moecompress.runtime.calibration import LayerStats, routed_hessians
 from moecompress.runtime.dist import Dist
 from moecompress.runtime.layer_quant import QuantOptions, _blocks, _record
 from moecompress.runtime.memory import expert_chunk
 from moecompress.runtime.paired import PairStats, paired_rows, target_rows
 
-__all__ = ["quantize_experts"]
+__all__ = ["chunk_size", "quantize_experts"]
 
 
 @torch.no_grad()
@@ -48,8 +48,8 @@ def quantize_experts(view: MoEBlockView, stats: LayerStats, opt: QuantOptions, r
     ``dist`` (torchrun): this process quantizes its own experts (``stats.experts.owned``) and the results are
     gathered, so every process ends with the whole quantized block (each expert computed as one process would).
 
-    ``chunk``: the experts are taken that many at a time (0: as many as fit, `memory.expert_chunk`), each chunk's
-    Hessians, pairs and GPTQ done before the next's are allocated; every expert's numbers are the same either way.
+    ``chunk``: the experts are taken that many at a time (0: all at once; `chunk_size`), each chunk's Hessians,
+    pairs and GPTQ done before the next's are allocated; every expert's numbers are the same either way.
 
     ``pairs(which, gate, up, experts, last)`` (GPTQ only; `runtime.paired.collect_pairs`, ``gate, up`` the
     full-precision weights of the chunk ``experts``, ``last`` whether it is the last chunk) runs the calibration
@@ -85,9 +85,9 @@ def quantize_experts(view: MoEBlockView, stats: LayerStats, opt: QuantOptions, r
     correct = pairs is not None and hessians
     skip = set(reserve_used) | set(near_used) | set(pooled) | set(fallback)
     gate_up_parts, down_parts, err_gu, err_d, done = [], [], {}, {}, {"gate_up": [], "down": []}
-    chunks = _chunks(ex.owned, chunk or _auto_chunk(view, ex, correct, dist))
+    chunks = _chunks(ex.owned, chunk)
     for k, R in enumerate(chunks):
-        rows = _Chunk(R, ex.routed)
+        rows = _Chunk(R, ex.routed or ex.calls is not None)
         H, Hd = _hessians(view, ex, R, reserve_used, near_used, deficit, fallback)
         corrected = [e for e in R if correct and e not in skip and ex.count[e] > 0]
         gate_up, down = _chunk(view, R, opt, H, Hd, rows, corrected, fallback, prior, down_rotation, dist,
@@ -179,16 +179,18 @@ class _Chunk:
         return e - self.owned.start
 
 
-def _auto_chunk(view: MoEBlockView, ex, correct: bool, dist: Dist) -> int:
-    """Experts per chunk: the float32 statistics one expert's chunk allocates (its Hessians unless the statistics
-    pass holds them, the pairs' ``H_q`` and cross moments, the full-precision gate/up copy) within the device's share
-    (`memory.expert_chunk`)."""
+def chunk_size(view: MoEBlockView, chunk: int, experts: int, dist: Dist, from_pairs: bool, sequential: bool) -> int:
+    """Experts per chunk: ``chunk`` when given, else as many as fit in the device's share (`memory.expert_chunk`)
+    with the float32 statistics one expert of a chunk allocates: its Hessians, with ``from_pairs`` the gate/up
+    pairing's quantized and cross moments, with ``sequential`` the down pairing's and the full-precision gate/up
+    copy."""
+    if chunk:
+        return chunk
     g = view.experts.stacked("gate")
     I, C = g.shape[1], g.shape[2]
-    pair_gu = correct and not ex.routed  # the gate/up pairing (model targets) fills the routed Hessians
-    per = 4 * ((0 if ex.routed else C * C + I * I) + (2 * C * C if pair_gu else 0) + (2 * I * I if correct else 0))
-    per += 2 * I * C * g.element_size() if correct else 0
-    return expert_chunk(per, len(ex.owned), ex.H.device, dist.world)
+    per = 4 * (C * C + I * I + (2 * C * C if from_pairs else 0) + (2 * I * I if sequential else 0))
+    per += 2 * I * C * g.element_size() if sequential else 0
+    return expert_chunk(per, experts, g.device, dist.world)
 
 
 def _chunks(owned: range, size: int | None) -> list[range]:
@@ -200,10 +202,13 @@ def _chunks(owned: range, size: int | None) -> list[range]:
 def _hessians(view: MoEBlockView, ex, R: range, reserve_used: list[int], near_used: list[int],
               deficit: dict[int, float], fallback: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Experts ``R``'s gate/up and down Hessians ``[|R|, H, H]``, ``[|R|, I, I]``: the statistics pass's routed
-    ones (a view: topped up in place, not used afterwards), or zeros for a pairing pass to fill, then the reserve,
+    ones (a view: topped up in place, not used afterwards), computed now from its kept calls, or zeros for a
+    pairing pass to fill, then the reserve,
     near-miss and pooled top-ups; all zero for an RTN fallback."""
     if ex.routed or not ex.hessians:
         H, Hd = ex.H[ex.row(R.start):ex.row(R.stop)], ex.H_down[ex.row(R.start):ex.row(R.stop)]
+    elif ex.calls is not None:  # plain GPTQ: the statistics pass's calls, replayed for this chunk
+        H, Hd = routed_hessians(ex, view, R)
     else:
         C, I = ex.act_max.shape[1], ex.h_max.shape[1]
         H = torch.zeros(len(R), C, C, device=ex.H.device)

@@ -56,7 +56,7 @@ from moecompress.runtime.layer_passes import (
     skip_experts,
     vocab_prior,
 )
-from moecompress.runtime.expert_quant import quantize_experts
+from moecompress.runtime.expert_quant import chunk_size, quantize_experts
 from moecompress.runtime.layer_quant import quantize_linears
 from moecompress.runtime.layer_smooth import quantize_router, smooth_layer
 from moecompress.runtime.rotate import ResidualRotation, check_rotatable, rotate_outside
@@ -149,14 +149,21 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
                     return capture_inputs(layer, dense, lv[0].experts.module if lv else None, park)
                 return contextlib.nullcontext()
             # with model targets the experts' routed Hessians come from the pairing passes (`_with_base`)
-            from_pairs = fp_hidden is not None and plan.experts is not None and plan.experts.method == "gptq"
+            gptq = plan.experts is not None and plan.experts.method == "gptq"
+            from_pairs = fp_hidden is not None and gptq
+            # the experts a chunk at a time (`expert_quant.chunk_size`); plain GPTQ's routed Hessians then come from
+            # the statistics pass's calls, a chunk at a time, unless every expert's fit at once
+            n_own = len(owned) if owned is not None else E
+            chunk = chunk_size(lv[0], plan.expert_chunk, n_own, dist, from_pairs, plan.sequential and not rtn_only) \
+                if lv and gptq else 0
+            lazy = from_pairs or (gptq and not plan.smooth and chunk < n_own)
 
             def statistics(run, linears=True, replay_of=lambda got: None):
                 """``run()`` under `collect` (the experts' statistics summed over processes), then the rare
                 experts' top-ups (reserve batches, near-miss tokens: the base batches again, their attention
                 output replayed where ``replay_of(run's result)`` recorded it)."""
                 with collect(layer, lv, attn_norm, plan.near_miss, owned=owned, hessians=not rtn_only,
-                             routed_hessians=not from_pairs, linears=linears) as stats, skip_experts(lv):
+                             routed_hessians=not lazy, linears=linears, keep_calls=lazy and not from_pairs) as stats, skip_experts(lv):
                     got = run(stats)
                     if lv:
                         stats.experts.sum_over(dist, ("count", "gate_sum", "act_max", "h_max"))
@@ -237,7 +244,7 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
             for v in lv:  # the routed experts, then the router
                 prior = expert_prior(stream, i, layer, v, plan)  # layer 0's experts: the vocabulary's inputs
                 entry.update(_experts_and_router(stream, i, v, plan, stats, record, f"{prefix}.{arch.moe_block}",
-                                                 balance, n_min, owned, dist, base, fp_experts, replay,
+                                                 balance, n_min, chunk, dist, base, fp_experts, replay,
                                                  plan.sequential and not rtn_only, prior))
                 prior = None
             del stats, fp_experts
@@ -272,12 +279,12 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
 
 
 def _experts_and_router(stream: LayerStream, i: int, v, plan: QuantPlan, stats: LayerStats, record: QuantRecord,
-                        block: str, balance: bool, n_min: float, owned: range | None, dist: Dist, base: Sequence[int],
+                        block: str, balance: bool, n_min: float, chunk: int, dist: Dist, base: Sequence[int],
                         fp: list | None, replay, sequential: bool, prior: tuple | None) -> dict[str, Any]:
     """Step 3's MoE block ``v`` of layer ``i``: its routed experts (with ``sequential``, each projection paired
     over the calibration batches ``base`` again: the gate/up pass's experts calls replayed for the down
-    projections; ``fp``: the experts' full-precision inputs per call; ``prior``: `layer_passes.expert_prior`'s),
-    then its router; their record entries."""
+    projections; ``fp``: the experts' full-precision inputs per call; ``prior``: `layer_passes.expert_prior`'s;
+    ``chunk`` experts at a time, 0: all), then its router; their record entries."""
     arch, entry = stream.arch, {}
     if plan.experts is not None:
         q_inter = rotation_matrix(v.experts.stacked("down").shape[2], plan.rotation_seed) \
@@ -301,7 +308,7 @@ def _experts_and_router(stream: LayerStream, i: int, v, plan: QuantPlan, stats: 
 
         entry["experts"] = quantize_experts(v, stats, plan.experts, record, f"{block}.{arch.experts}", balance, n_min,
                                             plan.rare_experts, q_inter, dist, pairs if sequential else None, prior,
-                                            plan.expert_chunk)
+                                            chunk)
     if plan.router_bits:
         entry["router"] = quantize_router(v, stats, plan.router_bits, plan.align_router, record,
                                           f"{block}.{arch.router}", plan.align_objective)

@@ -5,6 +5,7 @@ chunk sized to the device's memory (`runtime.memory.expert_chunk`)."""
 import pytest
 import torch
 
+import moecompress.runtime.expert_quant as expert_quant
 import moecompress.runtime.paired as paired
 import moecompress.runtime.quantize_run as quantize_run
 from moecompress.context import Context
@@ -53,13 +54,26 @@ def test_chunks_of_experts_give_the_weights_of_one(family, tmp_path, monkeypatch
             assert torch.equal(got[k], whole[k]), (chunk, k)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v3"])
-def test_chunks_without_pairing_give_the_weights_of_one(family, tmp_path):
-    """W4's default (plain GPTQ on the statistics pass's routed Hessians, calibration balance) and W3 with the
-    layer's own sequential targets (the down projections paired, the experts' calls replayed across chunks)."""
+@pytest.mark.parametrize("family", sorted(FAMILY))
+def test_chunks_without_pairing_give_the_weights_of_one(family, tmp_path, monkeypatch):
+    """W4's default (plain GPTQ, calibration balance) and W3 with the layer's own sequential targets (the down
+    projections paired, the experts' calls replayed across chunks): in chunks of 2 the statistics pass keeps no
+    routed Hessian and each chunk's are computed from its kept calls, the same weights as all at once."""
+    seen: list[int] = []
+    real = expert_quant.routed_hessians
+
+    def counting(st, view, experts):
+        assert st.H.shape[0] == 0  # no [E, H, H] tensor from the statistics pass
+        seen.append(len(experts))
+        return real(st, view, experts)
+
+    monkeypatch.setattr(expert_quant, "routed_hessians", counting)
     for kw in ({"scheme": "w4a16"}, {"scheme": "w3a16", "sequential_targets": "layer"}):
         whole = _quantized(family, tmp_path / kw["scheme"], 0, **kw)
+        assert not seen  # all experts fit: the statistics pass's own routed Hessians
         got = _quantized(family, tmp_path / kw["scheme"], 2, **kw)
+        assert seen and max(seen) <= 2
+        seen.clear()
         for k in whole:
             assert torch.equal(got[k], whole[k]), (kw, k)
 
