@@ -20,7 +20,8 @@ from moecompress.algorithms.rare_experts import pooled_hessians
 from moecompress.formats.quant_record import QuantRecord
 from moecompress.models.base import MoEBlockView
 from moecompress.runtime import layer_quant as lq  # lq._quantize looked up per call: benchmarks replace it
-from moecompress.runtime.calibration import LayerStats, routed_hessians
+from moecompress.runtime.calibration import LayerStats
+from moecompress.runtime.expert_stats import routed_hessians
 from moecompress.runtime.dist import Dist
 from moecompress.runtime.layer_quant import QuantOptions, _blocks, _record
 from moecompress.runtime.memory import expert_chunk

@@ -1,8 +1,8 @@
-"""The router-input sample of `runtime.calibration`: spread over every batch, bounded, the same every run."""
+"""The router-input sample of `runtime.expert_stats`: spread over every batch, bounded, the same every run."""
 
 import torch
 
-from moecompress.runtime.calibration import ExpertStats, _add_sample, _kept
+from moecompress.runtime.expert_stats import ExpertStats, _add_sample, _kept
 
 
 def _fill(calls: int, tokens: int, budget: int) -> ExpertStats:

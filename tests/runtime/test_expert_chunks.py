@@ -13,7 +13,7 @@ from moecompress.io.model import LoadedModel, tiny_tokenizer
 from moecompress.models import find_arch
 from moecompress.recipe import CalibrationConfig
 from moecompress.runtime import memory
-from moecompress.runtime.calibration import ExpertStats
+from moecompress.runtime.expert_stats import ExpertStats
 from moecompress.stages import STAGES
 from moecompress.stages.quantize import QuantizeConfig
 from moecompress.testing import FAMILY, tiny_moe
