@@ -36,7 +36,7 @@ def quantize_experts(view: MoEBlockView, stats: LayerStats, opt: QuantOptions, r
                      dist: Dist | None = None,
                      pairs: Callable[[str, torch.Tensor, torch.Tensor, range, bool], PairStats | None] | None = None,
                      prior: tuple | None = None, chunk: int = 0) -> dict[str, Any]:
-    """GPTQ all experts of the block at once ([E, O, C] with [E, C, C] Hessians), with calibration balance:
+    """GPTQ the block's experts batched ([E, O, C] with [E, C, C] Hessians), with calibration balance:
     an expert short of ``n_min`` routed tokens is topped up from reserve batches, then near-miss tokens; one
     still short (with balance; without it, one with no token at all) is then, with ``rare="pooled"``, topped up
     to ``n_min`` tokens' worth with the layer's other tokens (`algorithms.rare_experts`), or with ``"rtn"``
@@ -195,7 +195,7 @@ def chunk_size(view: MoEBlockView, chunk: int, experts: int, dist: Dist, from_pa
 
 
 def _chunks(owned: range, size: int | None) -> list[range]:
-    """``owned`` in consecutive ranges of at most ``size`` experts (None: one)."""
+    """``owned`` in consecutive ranges of at most ``size`` experts (0 or None: one range)."""
     size = len(owned) if not size else max(1, size)
     return [range(a, min(a + size, owned.stop)) for a in range(owned.start, owned.stop, size)] or [owned]
 
@@ -204,8 +204,7 @@ def _hessians(view: MoEBlockView, ex, R: range, reserve_used: list[int], near_us
               deficit: dict[int, float], fallback: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Experts ``R``'s gate/up and down Hessians ``[|R|, H, H]``, ``[|R|, I, I]``: the statistics pass's routed
     ones (a view: topped up in place, not used afterwards), computed now from its kept calls, or zeros for a
-    pairing pass to fill, then the reserve,
-    near-miss and pooled top-ups; all zero for an RTN fallback."""
+    pairing pass to fill; then the reserve, near-miss and pooled top-ups; all zero for an RTN fallback."""
     if ex.routed or not ex.hessians:
         H, Hd = ex.H[ex.row(R.start):ex.row(R.stop)], ex.H_down[ex.row(R.start):ex.row(R.stop)]
     elif ex.calls is not None:  # plain GPTQ: the statistics pass's calls, replayed for this chunk
