@@ -89,9 +89,10 @@ def collect(layer: nn.Module, views: list[MoEBlockView], attn_norm: nn.Module | 
     recipe key); ``owned``: the experts whose statistics this process computes (default all).
     ``routed_hessians=False``: the experts' Hessians over the base batches' routed tokens (and ``h_max``) are
     left at zero, for a caller that takes them from a later pass (`runtime.paired.collect_pairs`); the reserve
-    and near-miss top-ups are still collected; with ``keep_calls`` the base batches' experts calls are kept for
-    `routed_hessians` (plain GPTQ a chunk of experts at a time). ``linears=False``: only the router's and experts' statistics (the
-    caller has the linears' from elsewhere: `runtime.paired.norm_reader_pairs`, `pair_linears`)."""
+    and near-miss top-ups are still collected, and with ``keep_calls`` the base batches' experts calls are kept
+    for `expert_stats.routed_hessians` (plain GPTQ a chunk of experts at a time). ``linears=False``: only the
+    router's and experts' statistics (the caller has the linears' from elsewhere:
+    `runtime.paired.norm_reader_pairs`, `pair_linears`)."""
     stats = LayerStats(sample_tokens=sample_tokens)
     handles: list = []
     norm_out: dict[str, torch.Tensor] = {}
@@ -135,8 +136,7 @@ def collect(layer: nn.Module, views: list[MoEBlockView], attn_norm: nn.Module | 
             logits = last.pop("logits").reshape(-1, v.num_experts)
             with torch.no_grad():
                 expert_step(stats.experts, v, x.reshape(-1, x.shape[-1]), logits, index.reshape(-1, index.shape[-1]),
-                             weights.reshape(-1, weights.shape[-1]).float(), near_miss, stats.mode,
-                             stats.sample_tokens)
+                            weights.reshape(-1, weights.shape[-1]).float(), near_miss, stats.mode, stats.sample_tokens)
 
         handles.append(v.experts.module.register_forward_pre_hook(on_experts, with_kwargs=True))
     try:

@@ -120,7 +120,8 @@ def quantize_experts(view: MoEBlockView, stats: LayerStats, opt: QuantOptions, r
 
 def _chunk(view: MoEBlockView, R: range, opt: QuantOptions, H: torch.Tensor, Hd: torch.Tensor,
            rows, corrected: list[int], fallback: list[int], prior: tuple | None, down_rotation: torch.Tensor | None,
-           dist: Dist, pairs: Callable | None, err_gu: dict, err_d: dict, done: dict) -> tuple[QuantResult, QuantResult]:
+           dist: Dist, pairs: Callable | None, err_gu: dict, err_d: dict,
+           done: dict) -> tuple[QuantResult, QuantResult]:
     """Experts ``R``'s gate/up, then down projections: (pairing,) GPTQ, stored into the block (one process: as
     each workspace chunk is done; torchrun: the whole chunk, and its result kept for the gather)."""
     a0 = R.start
@@ -210,9 +211,7 @@ def _hessians(view: MoEBlockView, ex, R: range, reserve_used: list[int], near_us
     elif ex.calls is not None:  # plain GPTQ: the statistics pass's calls, replayed for this chunk
         H, Hd = routed_hessians(ex, view, R)
     else:
-        C, I = ex.act_max.shape[1], ex.h_max.shape[1]
-        H = torch.zeros(len(R), C, C, device=ex.H.device)
-        Hd = torch.zeros(len(R), I, I, device=ex.H_down.device)
+        H, Hd = ex.blank(len(R))
     if not ex.hessians:
         return H, Hd
     for e in R:

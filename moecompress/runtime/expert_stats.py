@@ -39,7 +39,7 @@ class ExpertStats:
     res_count: torch.Tensor  # [E]
     router_act_max: torch.Tensor  # [C] over all tokens
     owned: range = range(0)
-    routed: bool = True  # the base batches' routed Hessians (and ``h_max``) collected; else none: the caller's, per chunk
+    routed: bool = True  # the base batches' routed Hessians (and ``h_max``) collected; else none (the caller's)
     near_H: dict[int, torch.Tensor] = field(default_factory=dict)  # near-miss tokens, weighted by routing probability
     near_H_down: dict[int, torch.Tensor] = field(default_factory=dict)
     res_H: dict[int, torch.Tensor] = field(default_factory=dict)  # reserve batches (routed)
@@ -74,6 +74,11 @@ class ExpertStats:
         """Whether Hessians are collected (GPTQ; not round-to-nearest)."""
         return self.H.shape[-1] > 0
 
+    def blank(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero gate/up and down Hessians ``[n, C, C]``, ``[n, I, I]`` for ``n`` experts."""
+        C, I = self.H.shape[-1], self.H_down.shape[-1]
+        return torch.zeros(n, C, C, device=self.H.device), torch.zeros(n, I, I, device=self.H_down.device)
+
     def row(self, e: int) -> int:
         """Index of expert ``e`` in ``H``/``H_down``."""
         return e - self.owned.start
@@ -82,9 +87,8 @@ class ExpertStats:
         """Expert ``e``'s near-miss (``near``) or reserve (``res``) Hessians, allocated at first use."""
         Hs, Hds = getattr(self, f"{which}_H"), getattr(self, f"{which}_H_down")
         if e not in Hs:
-            C, I = self.H.shape[-1], self.H_down.shape[-1]
-            Hs[e] = torch.zeros(C, C, device=self.H.device)
-            Hds[e] = torch.zeros(I, I, device=self.H_down.device)
+            H, Hd = self.blank(1)
+            Hs[e], Hds[e] = H[0], Hd[0]
         return Hs[e], Hds[e]
 
     def rescale(self, s: torch.Tensor, down: bool = False) -> None:
@@ -134,7 +138,9 @@ def _add_sample(st: ExpertStats, x: torch.Tensor, sample_tokens: int) -> None:
 
 
 def expert_step(st: ExpertStats, view: MoEBlockView, x: torch.Tensor, logits: torch.Tensor, index: torch.Tensor,
-                 weights: torch.Tensor, near_miss: int, mode: str, sample_tokens: int) -> None:
+                weights: torch.Tensor, near_miss: int, mode: str, sample_tokens: int) -> None:
+    """One experts call ``x [T, C]``, router ``logits [T, E]``, top-k ``index, weights [T, K]`` into ``st`` by
+    ``mode``: "routed" (base batches), "reserve" or "near" (the short experts' top-ups)."""
     x = x.float()
     E = st.count.shape[0]
     K = index.shape[1]
@@ -144,7 +150,7 @@ def expert_step(st: ExpertStats, view: MoEBlockView, x: torch.Tensor, logits: to
     if mode == "routed":
         st.router_act_max = torch.maximum(st.router_act_max, x.abs().amax(0))
         _add_sample(st, x, sample_tokens)
-        if not st.routed and st.calls is not None:
+        if st.calls is not None:
             st.calls.append((x, index, weights, tw))
     if mode == "near":
         probs = logits.float().sigmoid() if view.routing.score == "sigmoid" else logits.float().softmax(-1)
@@ -199,9 +205,7 @@ def routed_hessians(st: ExpertStats, view: MoEBlockView, experts: range) -> tupl
     """The routed Hessians ``[|experts|, C, C]``, ``[|experts|, I, I]`` of a chunk of experts from the calls the
     statistics pass kept (``st.calls``), with the block's weights as they are now (full precision: before the
     chunk is quantized): what that pass computes for them, call by call in the same order."""
-    C, I = st.H.shape[-1], st.H_down.shape[-1]
-    H = torch.zeros(len(experts), C, C, device=st.H.device)
-    Hd = torch.zeros(len(experts), I, I, device=st.H_down.device)
+    H, Hd = st.blank(len(experts))
     w, act = view.experts.weights(), view.activation
     for x, index, weights, tw in st.calls or []:
         for e in experts:

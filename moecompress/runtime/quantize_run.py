@@ -152,7 +152,7 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
             gptq = plan.experts is not None and plan.experts.method == "gptq"
             from_pairs = fp_hidden is not None and gptq
             # the experts a chunk at a time (`expert_quant.chunk_size`); plain GPTQ's routed Hessians then come from
-            # the statistics pass's calls, a chunk at a time, unless every expert's fit at once
+            # the statistics pass's calls, a chunk at a time, unless every expert fits at once
             n_own = len(owned) if owned is not None else E
             chunk = chunk_size(lv[0], plan.expert_chunk, n_own, dist, from_pairs, plan.sequential and not rtn_only) \
                 if lv and gptq else 0
@@ -163,7 +163,8 @@ def quantize_stream(stream: LayerStream, sink, plan: QuantPlan, n_base: int, n_r
                 experts' top-ups (reserve batches, near-miss tokens: the base batches again, their attention
                 output replayed where ``replay_of(run's result)`` recorded it)."""
                 with collect(layer, lv, attn_norm, plan.near_miss, owned=owned, hessians=not rtn_only,
-                             routed_hessians=not lazy, linears=linears, keep_calls=lazy and not from_pairs) as stats, skip_experts(lv):
+                             routed_hessians=not lazy, linears=linears, keep_calls=not from_pairs) as stats, \
+                        skip_experts(lv):
                     got = run(stats)
                     if lv:
                         stats.experts.sum_over(dist, ("count", "gate_sum", "act_max", "h_max"))
@@ -301,8 +302,9 @@ def _experts_and_router(stream: LayerStream, i: int, v, plan: QuantPlan, stats: 
                     if which == "down" and last:
                         calls.clear()
                     return got
-            with collect_pairs(v, which, gate, up, experts, fp, keep=calls if which == "gate_up" or not last else None) \
-                    as got, skip_experts([v]), replaying(replay, stream.device):
+            keep = calls if which == "gate_up" or not last else None  # later chunks replay them
+            with collect_pairs(v, which, gate, up, experts, fp, keep=keep) as got, skip_experts([v]), \
+                    replaying(replay, stream.device):
                 stream.run_layer(i, store=False, batches=base)
             return got
 
