@@ -15,8 +15,8 @@ from transformers.activations import ACT2FN
 
 from moecompress.types import Activation
 
-__all__ = ["ExpertWeights", "expert_forward", "expert_intermediate", "glu", "moe_combine", "routed_output_stats",
-           "routed_outputs"]
+__all__ = ["ExpertWeights", "RoutedTokens", "expert_forward", "expert_intermediate", "glu", "moe_combine",
+           "routed_output_stats", "routed_outputs"]
 
 
 @dataclass
@@ -33,6 +33,32 @@ class ExpertWeights:
     @property
     def num_experts(self) -> int:
         return self.gate.shape[0]
+
+
+@dataclass
+class RoutedTokens:
+    """One call's routed (token, slot) pairs grouped by expert, from a single stable sort of the top-k choices
+    instead of a scan of ``index [T, K]`` per expert: expert ``e``'s tokens in increasing order and their routing
+    weights are ``tokens[b[e]:b[e+1]]``, ``gates[b[e]:b[e+1]]`` (`of`), the same as
+    ``(index == e).any(1).nonzero()`` and ``(weights * (index == e)).sum(1)`` at those tokens (a token chooses an
+    expert at most once)."""
+
+    tokens: torch.Tensor  # [T*K] token numbers, by expert
+    gates: torch.Tensor  # [T*K] their routing weights
+    bounds: list[int]  # [E + 1]
+
+    @classmethod
+    def group(cls, index: torch.Tensor, weights: torch.Tensor, num_experts: int) -> RoutedTokens:
+        """``index, weights [T, K]`` of a call with ``num_experts`` experts."""
+        flat = index.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=num_experts)[:num_experts]
+        return cls(order // index.shape[-1], weights.reshape(-1)[order], [0] + counts.cumsum(0).tolist())
+
+    def of(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert ``e``'s tokens ``[n]`` and gates ``[n]``."""
+        a, b = self.bounds[e], self.bounds[e + 1]
+        return self.tokens[a:b], self.gates[a:b]
 
 
 def expert_intermediate(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gate_bias: torch.Tensor | None,

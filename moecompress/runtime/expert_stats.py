@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moecompress.algorithms.gram import gram
-from moecompress.algorithms.moe_math import expert_intermediate
+from moecompress.algorithms.moe_math import RoutedTokens, expert_intermediate
 from moecompress.models.base import MoEBlockView
 from moecompress.runtime import token_weights
 
@@ -156,19 +156,18 @@ def expert_step(st: ExpertStats, view: MoEBlockView, x: torch.Tensor, logits: to
         probs = logits.float().sigmoid() if view.routing.score == "sigmoid" else logits.float().softmax(-1)
         order = logits.float().argsort(dim=-1, descending=True)  # [T, E] experts by logit
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(E, device=order.device).expand_as(order))  # [T, E] ranks
+    groups = None if mode == "near" else RoutedTokens.group(index, weights, E)
     for e in st.owned:
         if mode != "routed" and e not in st.short:
             continue
-        routed = (index == e)  # [T, K]
-        if mode == "near":
-            sel = ((rank[:, e] >= K) & (rank[:, e] < K + near_miss) & ~routed.any(1)).nonzero().squeeze(-1)
-            weight, target = probs[:, e], "near"
+        if groups is None:  # "near"
+            sel = ((rank[:, e] >= K) & (rank[:, e] < K + near_miss) & ~(index == e).any(1)).nonzero().squeeze(-1)
+            g, target = probs[sel, e], "near"
         else:
-            sel = routed.any(1).nonzero().squeeze(-1)
-            weight, target = (weights * routed).sum(1), ("reserve" if mode == "reserve" else "routed")
+            (sel, g), target = groups.of(e), ("reserve" if mode == "reserve" else "routed")
         if len(sel) == 0:
             continue
-        xs, g = x[sel], weight[sel].float()
+        xs, g = x[sel], g.float()
         if tw is not None:
             g = g * tw[sel]
         if target == "routed" and not st.routed:
@@ -208,12 +207,12 @@ def routed_hessians(st: ExpertStats, view: MoEBlockView, experts: range) -> tupl
     H, Hd = st.blank(len(experts))
     w, act = view.experts.weights(), view.activation
     for x, index, weights, tw in st.calls or []:
+        groups = RoutedTokens.group(index, weights, st.count.shape[0])
         for e in experts:
-            routed = (index == e)
-            sel = routed.any(1).nonzero().squeeze(-1)
+            sel, g = groups.of(e)
             if len(sel) == 0:
                 continue
-            xs, g = x[sel], (weights * routed).sum(1)[sel].float()
+            xs, g = x[sel], g.float()
             if tw is not None:
                 g = g * tw[sel]
             xw, _, hw = _terms(xs, g, w, e, act)

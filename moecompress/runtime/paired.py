@@ -24,7 +24,7 @@ from torch import nn
 
 from moecompress.algorithms.asym_calib import corrected_weight
 from moecompress.algorithms.gram import gram
-from moecompress.algorithms.moe_math import expert_intermediate
+from moecompress.algorithms.moe_math import RoutedTokens, expert_intermediate
 from moecompress.models.base import MoEBlockView
 from moecompress.models.calls import experts_call_args
 from moecompress.runtime import token_weights
@@ -203,12 +203,12 @@ def _accumulate_pairs(st: PairStats, view: MoEBlockView, which: str, gate: torch
     """One call's routed tokens into ``st`` (``x, xf_all [T, C]`` quantized / full-precision hidden states,
     ``index, weights [T, K]``)."""
     w = view.experts.weights()
+    groups = RoutedTokens.group(index, weights, view.num_experts)
     for j, e in enumerate(owned):
-        routed = index == e
-        sel = routed.any(1).nonzero().squeeze(-1)
+        sel, g = groups.of(e)
         if len(sel) == 0:
             continue
-        xs, xf, g = x[sel], xf_all[sel], (weights * routed).sum(1)[sel].sqrt()[:, None]
+        xs, xf, g = x[sel], xf_all[sel], g.sqrt()[:, None]
         if which == "down":
             gb = None if w.gate_bias is None else w.gate_bias[e]
             ub = None if w.up_bias is None else w.up_bias[e]

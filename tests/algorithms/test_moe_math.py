@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from moecompress.algorithms.moe_math import expert_intermediate
+from moecompress.algorithms.moe_math import RoutedTokens, expert_intermediate
 from moecompress.types import Activation
 
 ACTS = [Activation(), Activation(kind="clamped_swiglu", alpha=1.702, limit=7.0)]
@@ -39,3 +39,21 @@ def test_bfloat16_is_computed_in_bfloat16(act):
     zero = torch.zeros(24)
     torch.testing.assert_close(h.double(), _reference(x, gate, up, zero, zero, act), rtol=3e-2, atol=3e-2)
     assert not torch.equal(h, expert_intermediate(x, gate, up, None, None, act, torch.float32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_routed_tokens_match_a_scan_per_expert(dtype):
+    """One sort gives each expert the same tokens, in the same order, and the same gates as scanning ``index``
+    for it; experts no token chose (12..15 here) get none."""
+    g = torch.Generator().manual_seed(0)
+    T, K, E = 97, 3, 16
+    index = torch.rand(T, 12, generator=g).argsort(-1)[:, :K]  # distinct experts per token, all below 12
+    weights = torch.rand(T, K, generator=g).to(dtype)
+    groups = RoutedTokens.group(index, weights, E)
+    assert groups.bounds[-1] == T * K
+    for e in range(E):
+        routed = index == e
+        tokens, gates = groups.of(e)
+        assert torch.equal(tokens, routed.any(1).nonzero().squeeze(-1))
+        assert torch.equal(gates, (weights * routed).sum(1)[tokens])
+        assert (len(tokens) == 0) == (e >= 12)
