@@ -105,14 +105,23 @@ def refit_groups(W: torch.Tensor, H: torch.Tensor, res: QuantResult, symmetric: 
         args = (res.codes[es, rows], res.scales[es, rows].double(), res.zeros[es, rows].double(), symmetric, zero_max,
                 zero_frac)
         s, z, b, imp, ok, sure = _refit_rows(W[es, rows].detach().to(dt), He, damp, *args)
-        for j in (~sure).any(-1).nonzero().flatten().tolist():  # float64 where float32 may have decided wrong
-            idx = (~sure[j]).nonzero().flatten()
-            verified += len(idx)
-            got = _refit_rows(W[es, rows][j, idx][None].detach().double(), He[j:j + 1].double(), damp,
-                              args[0][j, idx][None], args[1][j, idx][None], args[2][j, idx][None], symmetric,
-                              zero_max, zero_frac)
+        unsure = ~sure
+        if bool(unsure.any()):  # float64 where float32 may have decided wrong: those rows of every expert at once
+            js = unsure.any(-1).nonzero().flatten()  # [J] experts with such rows
+            n = unsure[js].sum(-1)  # [J]
+            m = int(n.max())
+            verified += float(n.sum())
+            first = torch.argsort(sure[js].to(torch.uint8), dim=1, stable=True)[:, :m]  # [J, m] unsure rows first
+            valid = torch.arange(m, device=n.device)[None] < n[:, None]  # the rest pad with an unsure row
+            idx = torch.where(valid, first, first[:, :1])
+
+            def pick(t: torch.Tensor) -> torch.Tensor:  # [B, R, ...] -> [J, m, ...]
+                return t[js].gather(1, idx.view(*idx.shape, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:]))
+            got = _refit_rows(pick(W[es, rows].detach()).double(), He[js].double(), damp, pick(args[0]),
+                              pick(args[1]), pick(args[2]), symmetric, zero_max, zero_frac)
+            jj, ii = js[:, None].expand_as(idx)[valid], idx[valid]
             for t, g in zip((s, z, b, imp, ok), got):
-                t[j, idx] = g[0].to(t.dtype)
+                t[jj, ii] = g[valid].to(t.dtype)
         before += float(b.sum())
         after += float((b - imp).sum())
         changed += float(ok.sum())

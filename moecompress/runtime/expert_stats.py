@@ -152,6 +152,9 @@ def expert_step(st: ExpertStats, view: MoEBlockView, x: torch.Tensor, logits: to
         _add_sample(st, x, sample_tokens)
         if st.calls is not None:
             st.calls.append((x, index, weights, tw))
+        _routed_counts(st, x, index, weights, tw)
+        if not st.routed:  # no routed Hessians: the counts, gate sums and maxima are all
+            return
     if mode == "near":
         probs = logits.float().sigmoid() if view.routing.score == "sigmoid" else logits.float().softmax(-1)
         order = logits.float().argsort(dim=-1, descending=True)  # [T, E] experts by logit
@@ -170,11 +173,6 @@ def expert_step(st: ExpertStats, view: MoEBlockView, x: torch.Tensor, logits: to
         xs, g = x[sel], g.float()
         if tw is not None:
             g = g * tw[sel]
-        if target == "routed" and not st.routed:
-            st.count[e] += len(sel)
-            st.gate_sum[e] += float(g.sum())
-            st.act_max[e] = torch.maximum(st.act_max[e], xs.abs().amax(0))
-            continue
         xw, h, hw = _terms(xs, g, w, e, act)
         if target in ("near", "reserve"):
             He, Hde = st.extra("near" if target == "near" else "res", e)
@@ -185,10 +183,25 @@ def expert_step(st: ExpertStats, view: MoEBlockView, x: torch.Tensor, logits: to
             if st.H.numel():
                 st.H[st.row(e)] += gram(xw)
                 st.H_down[st.row(e)] += gram(hw)
-            st.count[e] += len(sel)
-            st.gate_sum[e] += float(g.sum())
-            st.act_max[e] = torch.maximum(st.act_max[e], xs.abs().amax(0))
             st.h_max[e] = torch.maximum(st.h_max[e], h.abs().amax(0))
+
+
+def _routed_counts(st: ExpertStats, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
+                   tw: torch.Tensor | None) -> None:
+    """`expert_step`'s counts, gate sums and input maxima of the owned experts for one base call (``x [T, C]``,
+    ``index, weights [T, K]``, token weights ``[T]`` or None), without a loop over experts (many narrow experts
+    get a few hundred tokens each per call, and a loop spends its time on the host); with or without routed
+    Hessians, so their sums are the same either way (a chunked run's and an unchunked one's bytes)."""
+    E = st.count.shape[0]
+    own = (index >= st.owned.start) & (index < st.owned.stop)  # [T, K]
+    g = weights.float() if tw is None else weights.float() * tw[:, None]
+    e = index[own]
+    st.count += torch.bincount(e, minlength=E)[:E].to(st.count.dtype)
+    st.gate_sum.index_add_(0, e, g[own].to(st.gate_sum.dtype))
+    a = x.abs()
+    for k in range(index.shape[1]):  # one top-k slot at a time: [T, C], not [T K, C]
+        src = a if bool(own[:, k].all()) else a * own[:, k, None]  # another process's expert: 0 changes no maximum
+        st.act_max.scatter_reduce_(0, index[:, k, None].expand_as(a), src, "amax")
 
 
 def _terms(xs: torch.Tensor, g: torch.Tensor, w, e: int, act) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -10,7 +10,7 @@ import torch
 from moecompress.algorithms.coord_descent import refine_codes
 from moecompress.algorithms.gptq import gptq_quantize
 from moecompress.algorithms.moe_math import glu
-from moecompress.algorithms.quant_grid import QuantGrid, dequantize, rtn_quantize
+from moecompress.algorithms.quant_grid import QuantGrid, QuantResult, dequantize, rtn_quantize
 from moecompress.algorithms.rare_experts import pooled_hessians
 from moecompress.algorithms.refit import alternate, refit_groups, row_errors
 from moecompress.types import Activation
@@ -270,3 +270,25 @@ def test_float32_refit_matches_the_float64_reference_and_redoes_close_rows_exact
         assert info["rows_verified"] == 1.0
         assert torch.equal(redone.weight, ref.weight) and torch.equal(redone.scales, ref.scales)
         assert torch.equal(redone.zeros, ref.zeros)
+
+
+def test_float64_redo_of_close_rows_batched_over_experts_equals_each_expert_alone(monkeypatch):
+    """The close rows of every expert are redone in float64 in one batch (padded to the expert with the most):
+    the result is each expert refit alone, bit for bit, with a different number of redone rows per expert."""
+    import moecompress.algorithms.refit as refit
+
+    W, H = _random(7, E=6, O=16, C=64)
+    H[1] = 0  # an expert without tokens
+    grid = QuantGrid(2, 16, zero_frac=5)
+    res = gptq_quantize(W, H, grid)
+    monkeypatch.setattr(refit, "VERIFY", 2e-3)
+    whole, info = refit_groups(W, H, res, False, zero_frac=grid.zero_frac)
+    assert 0 < info["rows_verified"] < 1
+    redone = []
+    for e in range(W.shape[0]):
+        sub = QuantResult(*(t[e:e + 1] for t in (res.weight, res.codes, res.scales, res.zeros)), None)
+        alone, i = refit_groups(W[e:e + 1], H[e:e + 1], sub, False, zero_frac=grid.zero_frac)
+        redone.append(i["rows_verified"])
+        for a, b in ((whole.weight, alone.weight), (whole.scales, alone.scales), (whole.zeros, alone.zeros)):
+            assert torch.equal(a[e:e + 1], b), e
+    assert len(set(redone)) > 1  # experts with different numbers of redone rows: the batch was padded

@@ -13,7 +13,8 @@ from moecompress.io.model import LoadedModel, tiny_tokenizer
 from moecompress.models import find_arch
 from moecompress.recipe import CalibrationConfig
 from moecompress.runtime import memory
-from moecompress.runtime.expert_stats import ExpertStats
+from moecompress.runtime import token_weights
+from moecompress.runtime.expert_stats import ExpertStats, expert_step
 from moecompress.stages import STAGES
 from moecompress.stages.quantize import QuantizeConfig
 from moecompress.testing import FAMILY, tiny_moe
@@ -86,6 +87,39 @@ def test_statistics_without_routed_hessians_hold_none():
     H, Hd = st.extra("res", 5)
     assert H.shape == (32, 32) and Hd.shape == (16, 16)
     assert not ExpertStats.empty(64, 32, 16, hessians=False).hessians
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY))
+@pytest.mark.parametrize("owned", [None, range(1, 3)])
+def test_counts_without_routed_hessians_equal_the_per_expert_ones(family, owned):
+    """Without routed Hessians a call's counts, gate sums and input maxima are taken for every expert at once: the
+    same as with them (computed expert by expert), for a process's share of the experts and with token weights."""
+    model = tiny_moe(family)
+    arch = find_arch(model.config)
+    view = arch.block(model, arch.moe_layer_indices(model.config)[0])
+    E, C = view.num_experts, view.router_weight.shape[1]
+    I = view.experts.stacked("down").shape[2]
+    got = []
+    for routed in (True, False):
+        g = torch.Generator().manual_seed(0)  # the same calls
+        st = ExpertStats.empty(E, C, I, owned=owned, routed=routed)
+        for call in range(3):
+            x = torch.randn(40, C, generator=g)
+            logits = torch.randn(40, E, generator=g)
+            weights, index = logits.softmax(-1).topk(min(2, E), -1)
+            tw = torch.rand(40, generator=g) if call == 1 else None
+            with token_weights.weighting(tw):
+                expert_step(st, view, x, logits, index, weights, 0, "routed", 1000)
+        got.append(st)
+    a, b = got
+    assert a.count.sum() > 0 and b.H.shape[0] == 0
+    assert torch.equal(a.count, b.count) and torch.equal(a.act_max, b.act_max)
+    torch.testing.assert_close(a.gate_sum, b.gate_sum)
+    if owned is not None:  # another process's experts: left at zero (summed over processes)
+        mask = torch.ones(E, dtype=torch.bool)
+        mask[owned.start:owned.stop] = False
+        assert not b.count[mask].any() and not b.act_max[mask].any() and not b.gate_sum[mask].any()
+    torch.testing.assert_close(a.router_act_max, b.router_act_max)
 
 
 def test_automatic_chunk_fits_the_share_of_the_device(monkeypatch):

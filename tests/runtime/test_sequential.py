@@ -196,3 +196,40 @@ def test_replay_is_refused_when_the_module_returns_more_than_its_linear():
         with record_output_replay(layer, {"attn.o": layer.attn.o}, set()) as box:  # q not final: no candidate
             layer.attn(torch.randn(2, 4))
         assert box[0] is None
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY))
+@pytest.mark.parametrize("which", ["gate_up", "down"])
+def test_experts_pairs_grouped_equal_per_call(family, which, monkeypatch):
+    """`collect_pairs` accumulates the experts' calls in groups of concatenated tokens (`GROUP_TOKENS`): the same
+    products and counts as one call at a time, on every adapter, through the hook and replayed; the replay list
+    holds every call."""
+    from moecompress.runtime import paired
+
+    model = tiny_moe(family)
+    arch = find_arch(model.config)
+    i = arch.moe_layer_indices(model.config)[0]
+    batches = [torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    stream = LayerStream(ModelSource(model.config, arch, model=model), batches)
+    for j in range(i):
+        stream.run_layer(j)
+    view = arch.block(model, i)
+    w = view.experts.weights()
+    gate, up = (t.float() + 0.01 * torch.randn(t.shape, generator=torch.Generator().manual_seed(1))
+                for t in (w.gate, w.up))  # "full precision" weights differing from the block's
+    got = {}
+    for group in (0, 1 << 30):  # one call at a time, every call at once
+        monkeypatch.setattr(paired, "GROUP_TOKENS", group)
+        monkeypatch.setattr(paired, "GROUP_BYTES", group)
+        calls: list = []
+        with torch.no_grad(), collect_pairs(view, which, gate, up, keep=calls) as hooked:
+            stream.run_layer(i, store=False)
+        with torch.no_grad(), collect_pairs(view, which, gate, up, replay=calls) as replayed:
+            pass
+        assert len(calls) == len(batches)
+        got[group] = (hooked, replayed)
+    for a, b in [(got[0][0], got[1 << 30][0]), (got[0][1], got[1 << 30][1]), (got[0][0], got[0][1])]:
+        assert torch.equal(a.count, b.count) and a.count.sum() > 0
+        for x, y in ((a.Hq, b.Hq), (a.C, b.C)):
+            assert x.abs().sum() > 0
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5 * float(y.abs().max()))
