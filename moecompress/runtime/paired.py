@@ -41,9 +41,9 @@ MIN_TOKENS_PER_INPUT = 4
 # `collect_pairs` accumulates the experts' calls a group at a time, their tokens concatenated: each expert's products
 # over the group at once, not per call (64-256 experts at top-8 get a few hundred tokens each per call: thin products
 # and host time per expert and call). A group closes once its experts average `GROUP_TOKENS` routed tokens or its
-# quantized and full-precision inputs take `GROUP_BYTES`. Pair products' time per run, demo (8 experts, top-2, 512
-# tokens each per call) / fine-grained (64, top-8, 256): one call at a time 2.45-2.88 / 7.2-8.1 s, 1024 tokens
-# 2.36-2.66 / 6.4-6.7 s, 2048 mixed on the demo, 8192 slower there (memory traffic); BENCHMARKS, stop 47
+# quantized and full-precision inputs take `GROUP_BYTES`. Pair products' seconds per W2 run, demo (8 experts, top-2,
+# 512 tokens each per call) / fine-grained (64, top-8, 256): one call at a time 2.37-2.53 / 6.8-7.7, 1024 tokens
+# 2.29-2.33 / 6.7, 2048 2.37-2.66 / 5.8-6.2, 8192 2.53-2.81 on the demo (`benchmarks/pair_groups.py`, stop 47)
 GROUP_TOKENS = 1024
 GROUP_BYTES = 256 << 20
 
