@@ -180,13 +180,18 @@ def collect_pairs(view: MoEBlockView, which: str, gate: torch.Tensor, up: torch.
     st = PairStats(torch.zeros(len(owned), D, D, device=dev), torch.zeros(len(owned), D, D, device=dev),
                    torch.zeros(len(owned), device=dev))
     calls = {"n": 0}
-    pending: list[tuple] = []  # calls not yet accumulated: (x, xf, index, weights)
+    pending: list[tuple] = []  # calls not yet accumulated: (x, xf or None without fp_inputs, index, weights)
 
     def flush() -> None:
         if pending:
-            x, xf, index, weights = (torch.cat(ts) if len(ts) > 1 else ts[0] for ts in zip(*pending))
+            xs, xfs, index, weights = zip(*pending)
             pending.clear()
-            _accumulate_pairs(st, view, which, gate, up, owned, x, xf, index, weights)
+
+            def cat(ts):
+                return torch.cat(ts) if len(ts) > 1 else ts[0]
+            x = cat(xs)
+            _accumulate_pairs(st, view, which, gate, up, owned, x, x if fp_inputs is None else cat(xfs), cat(index),
+                              cat(weights))
 
     def on_experts(mod, args, kwargs):
         x, index, weights = experts_call_args(args, kwargs)
@@ -197,7 +202,7 @@ def collect_pairs(view: MoEBlockView, which: str, gate: torch.Tensor, up: torch.
             weights = weights * tw[:, None]
         if keep is not None:
             keep.append((x, index, weights))
-        xf = x if fp_inputs is None else fp_inputs[calls["n"]].to(x.device)
+        xf = None if fp_inputs is None else fp_inputs[calls["n"]].to(x.device)  # None: this pass's own inputs
         calls["n"] += 1
         pending.append((x, xf, index, weights))
         tokens = sum(p[0].shape[0] for p in pending)
